@@ -1,0 +1,73 @@
+//! The crate's one error type. Library code returns these and never panics on user input.
+
+use std::path::PathBuf;
+
+/// Every failure the library reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An argument is out of range or inconsistent with another (shapes, lengths, block sizes).
+    #[error("{op}: {reason}")]
+    InvalidArgument { op: &'static str, reason: String },
+
+    /// A kernel run through the CPU emulation of CUDA reported a fault (out-of-bounds shared
+    /// memory, a data race on shared memory, a divergent barrier, ...).
+    #[error("emulated kernel `{kernel}` failed: {reason}")]
+    Emulation {
+        kernel: &'static str,
+        reason: String,
+    },
+
+    /// A CUDA driver, launch or copy failure.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
+    /// No usable CUDA device (feature off, no driver, or no GPU).
+    #[error("no CUDA device available: {0}")]
+    NoCudaDevice(String),
+
+    /// A checkpoint tensor is missing.
+    #[error("checkpoint: missing tensor `{key}`")]
+    MissingTensor { key: String },
+
+    /// A checkpoint tensor or its metadata is malformed.
+    #[error("checkpoint: tensor `{key}`: {reason}")]
+    BadTensor { key: String, reason: String },
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::SafeTensorError),
+
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

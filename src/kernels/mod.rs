@@ -1,0 +1,12 @@
+//! CUDA kernels, each with three backends side by side: a plain Rust reference, the same `.cu`
+//! source run on the CPU through the emulation in `kernels/emu/`, and (feature `cuda`) the PTX
+//! built by nvcc launched through cudarc.
+
+pub mod abi;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod emu;
+pub mod launch;
+pub mod nf4;
+
+pub use launch::{Kernel, LaunchConfig};

@@ -1,0 +1,456 @@
+//! Launchers for `kernels/nf4.cu`: NF4 blockwise quantize and dequantize (f32 or double-quantized
+//! scales), for the CPU emulation and CUDA. Shapes: a flat tensor of `n` elements, `(n + 1) / 2`
+//! packed bytes, `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
+
+use super::abi::{QlLaunchConfig, QlNf4DequantizeParams, QlNf4QuantizeParams};
+use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use crate::quant::nf4::SUPPORTED_BLOCKSIZES;
+use crate::{Error, Result};
+use std::ffi::{c_char, c_void};
+
+extern "C" {
+    fn qlemu_k_nf4_quantize(
+        cfg: *const QlLaunchConfig,
+        params: *const c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn qlemu_k_nf4_dequantize(
+        cfg: *const QlLaunchConfig,
+        params: *const c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// `k_nf4_quantize`: one warp per quantization block.
+pub const QUANTIZE: Kernel = Kernel {
+    name: "k_nf4_quantize",
+    module: "nf4",
+    emu: qlemu_k_nf4_quantize as EmuEntry,
+};
+
+/// `k_nf4_dequantize`: one thread per 4 packed bytes.
+pub const DEQUANTIZE: Kernel = Kernel {
+    name: "k_nf4_dequantize",
+    module: "nf4",
+    emu: qlemu_k_nf4_dequantize as EmuEntry,
+};
+
+const THREADS: u32 = 256;
+const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;
+const PACKED_BYTES_PER_THREAD: u64 = 4;
+/// Grid-x limit of every CUDA device we target.
+const MAX_GRID_X: u64 = (1 << 31) - 1;
+
+/// Validated sizes of one NF4 tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nf4Layout {
+    pub n: usize,
+    pub blocksize: usize,
+}
+
+impl Nf4Layout {
+    pub fn new(op: &'static str, n: usize, blocksize: usize) -> Result<Self> {
+        if !SUPPORTED_BLOCKSIZES.contains(&blocksize) {
+            return Err(Error::invalid(
+                op,
+                format!("blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES:?}"),
+            ));
+        }
+        if n == 0 {
+            return Err(Error::invalid(op, "empty tensor (kernels need n >= 1)"));
+        }
+        if n as u64 > i64::MAX as u64 / 2 {
+            return Err(Error::invalid(op, format!("{n} elements is too many")));
+        }
+        Ok(Nf4Layout { n, blocksize })
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.n.div_ceil(self.blocksize)
+    }
+
+    pub fn packed_bytes(&self) -> usize {
+        self.n.div_ceil(2)
+    }
+
+    fn check_len(&self, op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+        if got == want {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                format!(
+                    "{what} has {got} elements, expected {want} for n = {} and blocksize {}",
+                    self.n, self.blocksize
+                ),
+            ))
+        }
+    }
+}
+
+/// Launch geometry of `k_nf4_quantize` (shared by every backend, so the emulation runs the
+/// configuration the GPU runs).
+pub fn quantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
+    let blocks = (layout.blocks() as u64).div_ceil(WARPS_PER_BLOCK);
+    grid("nf4_quantize", blocks)
+}
+
+/// Launch geometry of `k_nf4_dequantize`.
+pub fn dequantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
+    let threads = (layout.packed_bytes() as u64).div_ceil(PACKED_BYTES_PER_THREAD);
+    grid("nf4_dequantize", threads.div_ceil(THREADS as u64))
+}
+
+fn grid(op: &'static str, blocks: u64) -> Result<LaunchConfig> {
+    if blocks > MAX_GRID_X {
+        return Err(Error::invalid(
+            op,
+            format!("{blocks} blocks exceed the grid limit"),
+        ));
+    }
+    Ok(LaunchConfig::linear(blocks.max(1) as u32, THREADS))
+}
+
+/// Block scales as the dequantize kernel takes them.
+#[derive(Clone, Copy, Debug)]
+pub enum Scales<'a> {
+    /// One f32 absmax per block.
+    F32(&'a [f32]),
+    /// Double quantization: `nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset`.
+    Double {
+        absmax_q: &'a [u8],
+        nested_absmax: &'a [f32],
+        nested_code: &'a [f32; 256],
+        offset: f32,
+        nested_blocksize: usize,
+    },
+}
+
+/// Buffer lengths and parameters of a set of block scales, host or device.
+enum ScaleLens {
+    F32 {
+        absmax: usize,
+    },
+    Double {
+        absmax_q: usize,
+        nested_absmax: usize,
+        nested_code: usize,
+        nested_blocksize: usize,
+        offset: f32,
+    },
+}
+
+fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result<()> {
+    match lens {
+        ScaleLens::F32 { absmax } => layout.check_len(op, "absmax", absmax, layout.blocks()),
+        ScaleLens::Double {
+            absmax_q,
+            nested_absmax,
+            nested_code,
+            nested_blocksize,
+            offset,
+        } => {
+            layout.check_len(op, "quantized absmax", absmax_q, layout.blocks())?;
+            layout.check_len(op, "nested code", nested_code, 256)?;
+            if nested_blocksize == 0 || nested_blocksize > i32::MAX as usize {
+                return Err(Error::invalid(
+                    op,
+                    format!("nested blocksize {nested_blocksize}"),
+                ));
+            }
+            if !offset.is_finite() {
+                return Err(Error::invalid(
+                    op,
+                    format!("nested offset {offset} is not finite"),
+                ));
+            }
+            let want = layout.blocks().div_ceil(nested_blocksize);
+            layout.check_len(op, "nested absmax", nested_absmax, want)
+        }
+    }
+}
+
+impl Scales<'_> {
+    fn lens(&self) -> ScaleLens {
+        match *self {
+            Scales::F32(absmax) => ScaleLens::F32 {
+                absmax: absmax.len(),
+            },
+            Scales::Double {
+                absmax_q,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => ScaleLens::Double {
+                absmax_q: absmax_q.len(),
+                nested_absmax: nested_absmax.len(),
+                nested_code: nested_code.len(),
+                nested_blocksize,
+                offset,
+            },
+        }
+    }
+}
+
+/// Quantizes `input` to NF4 with `code` through the CPU emulation of `k_nf4_quantize`.
+/// Returns `(packed, absmax)`.
+pub fn quantize_emulated<T: Element>(
+    input: &[T],
+    blocksize: usize,
+    code: &[f32; 16],
+) -> Result<(Vec<u8>, Vec<f32>)> {
+    const OP: &str = "nf4_quantize";
+    let layout = Nf4Layout::new(OP, input.len(), blocksize)?;
+    let mut packed = vec![0u8; layout.packed_bytes()];
+    let mut absmax = vec![0f32; layout.blocks()];
+    let params = QlNf4QuantizeParams {
+        input: input.as_ptr().cast(),
+        code: code.as_ptr(),
+        packed: packed.as_mut_ptr(),
+        absmax: absmax.as_mut_ptr(),
+        n: layout.n as i64,
+        blocksize: layout.blocksize as i32,
+        in_dtype: T::DTYPE as i32,
+    };
+    // SAFETY: every pointer in `params` points into a live buffer of exactly the length the kernel
+    // indexes for `layout` (checked above), and the buffers outlive the synchronous launch.
+    unsafe { super::emu::launch(&QUANTIZE, &quantize_launch(&layout)?, &params)? };
+    Ok((packed, absmax))
+}
+
+/// Dequantizes NF4 data through the CPU emulation of `k_nf4_dequantize`.
+pub fn dequantize_emulated<T: Element>(
+    packed: &[u8],
+    scales: Scales<'_>,
+    n: usize,
+    blocksize: usize,
+    code: &[f32; 16],
+) -> Result<Vec<T>> {
+    const OP: &str = "nf4_dequantize";
+    let layout = Nf4Layout::new(OP, n, blocksize)?;
+    layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
+    check_scales(OP, &layout, scales.lens())?;
+    let mut out = vec![T::default(); n];
+    let params = dequantize_params(
+        packed.as_ptr(),
+        code.as_ptr(),
+        &scales,
+        out.as_mut_ptr().cast(),
+        &layout,
+        T::DTYPE as i32,
+    );
+    // SAFETY: `packed`, the scale buffers and `out` have the lengths the kernel reads and writes
+    // for `layout` (validated above) and stay alive across the synchronous launch.
+    unsafe { super::emu::launch(&DEQUANTIZE, &dequantize_launch(&layout)?, &params)? };
+    Ok(out)
+}
+
+fn dequantize_params(
+    packed: *const u8,
+    code: *const f32,
+    scales: &Scales<'_>,
+    out: *mut c_void,
+    layout: &Nf4Layout,
+    out_dtype: i32,
+) -> QlNf4DequantizeParams {
+    let mut p = QlNf4DequantizeParams {
+        packed,
+        code,
+        out,
+        n: layout.n as i64,
+        blocksize: layout.blocksize as i32,
+        out_dtype,
+        ..Default::default()
+    };
+    match *scales {
+        Scales::F32(absmax) => p.absmax = absmax.as_ptr(),
+        Scales::Double {
+            absmax_q,
+            nested_absmax,
+            nested_code,
+            offset,
+            nested_blocksize,
+        } => {
+            p.absmax_q = absmax_q.as_ptr();
+            p.nested_absmax = nested_absmax.as_ptr();
+            p.nested_code = nested_code.as_ptr();
+            p.nested_offset = offset;
+            p.nested_blocksize = nested_blocksize as i32;
+        }
+    }
+    p
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda_impl::*;
+
+#[cfg(feature = "cuda")]
+mod cuda_impl {
+    use super::*;
+    use crate::kernels::cuda::{cuda_err, CudaDevice};
+    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+    /// Device-side block scales, mirroring [`Scales`].
+    pub enum DeviceScales<'a> {
+        F32(&'a CudaSlice<f32>),
+        Double {
+            absmax_q: &'a CudaSlice<u8>,
+            nested_absmax: &'a CudaSlice<f32>,
+            nested_code: &'a CudaSlice<f32>,
+            offset: f32,
+            nested_blocksize: usize,
+        },
+    }
+
+    impl DeviceScales<'_> {
+        fn lens(&self) -> ScaleLens {
+            match self {
+                DeviceScales::F32(absmax) => ScaleLens::F32 {
+                    absmax: absmax.len(),
+                },
+                DeviceScales::Double {
+                    absmax_q,
+                    nested_absmax,
+                    nested_code,
+                    offset,
+                    nested_blocksize,
+                } => ScaleLens::Double {
+                    absmax_q: absmax_q.len(),
+                    nested_absmax: nested_absmax.len(),
+                    nested_code: nested_code.len(),
+                    nested_blocksize: *nested_blocksize,
+                    offset: *offset,
+                },
+            }
+        }
+    }
+
+    /// Quantizes a device buffer to NF4 with `k_nf4_quantize`. Returns `(packed, absmax)`.
+    pub fn quantize_cuda<T: Element>(
+        dev: &CudaDevice,
+        input: &CudaSlice<T>,
+        blocksize: usize,
+        code: &CudaSlice<f32>,
+    ) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+        let layout = Nf4Layout::new("nf4_quantize", input.len(), blocksize)?;
+        let stream = dev.stream();
+        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
+        let mut packed = unsafe { stream.alloc::<u8>(layout.packed_bytes()) }.map_err(cuda_err)?;
+        // SAFETY: as above.
+        let mut absmax = unsafe { stream.alloc::<f32>(layout.blocks()) }.map_err(cuda_err)?;
+        quantize_cuda_into(dev, input, blocksize, code, &mut packed, &mut absmax)?;
+        Ok((packed, absmax))
+    }
+
+    /// [`quantize_cuda`] into caller-owned buffers of `(n + 1) / 2` bytes and `ceil(n / blocksize)` scales.
+    pub fn quantize_cuda_into<T: Element>(
+        dev: &CudaDevice,
+        input: &CudaSlice<T>,
+        blocksize: usize,
+        code: &CudaSlice<f32>,
+        packed: &mut CudaSlice<u8>,
+        absmax: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "nf4_quantize";
+        let layout = Nf4Layout::new(OP, input.len(), blocksize)?;
+        layout.check_len(OP, "code", code.len(), 16)?;
+        layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
+        layout.check_len(OP, "absmax", absmax.len(), layout.blocks())?;
+        let cfg = quantize_launch(&layout)?;
+        let stream = dev.stream();
+        let (input_ptr, _g0) = input.device_ptr(stream);
+        let (code_ptr, _g1) = code.device_ptr(stream);
+        let (packed_ptr, _g2) = packed.device_ptr_mut(stream);
+        let (absmax_ptr, _g3) = absmax.device_ptr_mut(stream);
+        let params = QlNf4QuantizeParams {
+            input: input_ptr as *const c_void,
+            code: code_ptr as *const f32,
+            packed: packed_ptr as *mut u8,
+            absmax: absmax_ptr as *mut f32,
+            n: layout.n as i64,
+            blocksize: layout.blocksize as i32,
+            in_dtype: T::DTYPE as i32,
+        };
+        // SAFETY: the device buffers have the lengths the kernel indexes for `layout` (validated
+        // above); the guards keep them ordered on `stream` until the launch is queued.
+        unsafe { dev.launch(&QUANTIZE, &cfg, &params) }
+    }
+
+    /// Dequantizes NF4 device data with `k_nf4_dequantize` into a new device buffer of `T`.
+    pub fn dequantize_cuda<T: Element>(
+        dev: &CudaDevice,
+        packed: &CudaSlice<u8>,
+        scales: DeviceScales<'_>,
+        n: usize,
+        blocksize: usize,
+        code: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<T>> {
+        Nf4Layout::new("nf4_dequantize", n, blocksize)?;
+        // SAFETY: every element is written by the kernel before anyone reads it.
+        let mut out = unsafe { dev.stream().alloc::<T>(n) }.map_err(cuda_err)?;
+        dequantize_cuda_into(dev, packed, scales, blocksize, code, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`dequantize_cuda`] into a caller-owned buffer of `n = out.len()` elements (e.g. one
+    /// dequantization buffer reused by every layer).
+    pub fn dequantize_cuda_into<T: Element>(
+        dev: &CudaDevice,
+        packed: &CudaSlice<u8>,
+        scales: DeviceScales<'_>,
+        blocksize: usize,
+        code: &CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        const OP: &str = "nf4_dequantize";
+        let layout = Nf4Layout::new(OP, out.len(), blocksize)?;
+        layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
+        layout.check_len(OP, "code", code.len(), 16)?;
+        check_scales(OP, &layout, scales.lens())?;
+        let cfg = dequantize_launch(&layout)?;
+        let stream = dev.stream();
+        let (packed_ptr, _g0) = packed.device_ptr(stream);
+        let (code_ptr, _g1) = code.device_ptr(stream);
+        let (out_ptr, _g2) = out.device_ptr_mut(stream);
+        let mut p = QlNf4DequantizeParams {
+            packed: packed_ptr as *const u8,
+            code: code_ptr as *const f32,
+            out: out_ptr as *mut c_void,
+            n: layout.n as i64,
+            blocksize: layout.blocksize as i32,
+            out_dtype: T::DTYPE as i32,
+            ..Default::default()
+        };
+        let mut guards = Vec::new();
+        match scales {
+            DeviceScales::F32(absmax) => {
+                let (ptr, g) = absmax.device_ptr(stream);
+                guards.push(g);
+                p.absmax = ptr as *const f32;
+            }
+            DeviceScales::Double {
+                absmax_q,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => {
+                let (q, g0) = absmax_q.device_ptr(stream);
+                let (na, g1) = nested_absmax.device_ptr(stream);
+                let (nc, g2) = nested_code.device_ptr(stream);
+                guards.extend([g0, g1, g2]);
+                p.absmax_q = q as *const u8;
+                p.nested_absmax = na as *const f32;
+                p.nested_code = nc as *const f32;
+                p.nested_offset = offset;
+                p.nested_blocksize = nested_blocksize as i32;
+            }
+        }
+        // SAFETY: every device buffer has the length the kernel reads or writes for `layout`
+        // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
+        unsafe { dev.launch(&DEQUANTIZE, &cfg, &p) }
+    }
+}

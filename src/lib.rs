@@ -1,0 +1,12 @@
+//! qlora: QLoRA and parameter-efficient fine-tuning of Llama-family models on custom CUDA kernels.
+//!
+//! Layers, bottom up: `quant` (NF4 format, bitsandbytes-compatible), `kernels` (CUDA kernels with
+//! their CPU reference and CPU emulation), then the model, PEFT methods and trainer.
+
+pub mod error;
+pub mod kernels;
+pub mod quant;
+pub mod testing;
+pub mod tolerance;
+
+pub use error::{Error, Result};

@@ -1,0 +1,226 @@
+//! The one table of numeric tolerances (atol + rtol per op and dtype) that every parity test
+//! uses: reference ≡ emulated kernel ≡ CUDA ≡ Hugging Face fixtures. A value `got` passes against
+//! `want` when `|got - want| <= atol + rtol * |want|` (NaN only matches NaN).
+
+use std::fmt;
+
+/// Element type a comparison is made in (the output dtype of the op).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    BF16,
+    F16,
+}
+
+/// Numeric operations with a tolerance entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// NF4 / 8-bit blockwise dequantization: a lookup and one or two f32 roundings in a fixed
+    /// order, so every backend must agree bit for bit.
+    Dequantize,
+    /// Sums whose association order differs between backends (tree vs sequential).
+    Reduction,
+    /// bf16 × bf16 products accumulated in f32 (tensor-core mma vs a sequential f32 loop): the
+    /// hardware accumulates with its own order and alignment, worth a few ulps per term.
+    MatmulBf16,
+}
+
+/// An absolute and a relative tolerance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+impl Tolerance {
+    /// Bit-for-bit equality (NaN payloads aside).
+    pub const EXACT: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 0.0,
+    };
+
+    /// Compares element-wise; on failure names the count of mismatches and the worst one.
+    pub fn check(&self, got: &[f32], want: &[f32]) -> Result<(), Mismatch> {
+        if got.len() != want.len() {
+            return Err(Mismatch {
+                len: (got.len(), want.len()),
+                ..Mismatch::default()
+            });
+        }
+        let mut bad = Mismatch::default();
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = if g.is_nan() || w.is_nan() {
+                g.is_nan() && w.is_nan()
+            } else if *self == Self::EXACT {
+                g.to_bits() == w.to_bits()
+            } else {
+                g == w || (g - w).abs() <= self.atol + self.rtol * w.abs()
+            };
+            if !ok {
+                bad.count += 1;
+                let excess = if g.is_finite() && w.is_finite() {
+                    (g - w).abs() - self.rtol * w.abs()
+                } else {
+                    f32::INFINITY
+                };
+                if bad.count == 1 || excess > bad.worst_excess {
+                    bad.worst_excess = excess;
+                    bad.worst = Some((i, g, w));
+                }
+            }
+        }
+        if bad.count == 0 {
+            Ok(())
+        } else {
+            bad.len = (got.len(), want.len());
+            bad.tol = *self;
+            Err(bad)
+        }
+    }
+}
+
+/// Why a comparison failed.
+#[derive(Clone, Debug, Default)]
+pub struct Mismatch {
+    pub len: (usize, usize),
+    pub count: usize,
+    pub worst: Option<(usize, f32, f32)>,
+    pub worst_excess: f32,
+    pub tol: Tolerance,
+}
+
+impl Default for Tolerance {
+    fn default() -> Self {
+        Tolerance::EXACT
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.len.0 != self.len.1 {
+            return write!(f, "length {} != expected {}", self.len.0, self.len.1);
+        }
+        write!(
+            f,
+            "{} of {} elements outside atol {:e} + rtol {:e}",
+            self.count, self.len.0, self.tol.atol, self.tol.rtol
+        )?;
+        if let Some((i, g, w)) = self.worst {
+            write!(f, "; worst at [{i}]: got {g:e}, want {w:e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// The table. Each entry states why its numbers are what they are.
+const TABLE: &[(Op, Dtype, Tolerance)] = &[
+    // Lookups and fixed-order f32 roundings: exact everywhere, bf16/f16 being one final RNE cast.
+    (Op::Dequantize, Dtype::F32, Tolerance::EXACT),
+    (Op::Dequantize, Dtype::BF16, Tolerance::EXACT),
+    (Op::Dequantize, Dtype::F16, Tolerance::EXACT),
+    // A reordered f32 sum of n terms is within ~n·eps·Σ|x|; tests keep n ≤ 1e5 with |x| ≤ 1.
+    (
+        Op::Reduction,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-5,
+        },
+    ),
+    // bf16 output: one rounding of 2^-8 relative on top of the f32 reordering.
+    (
+        Op::Reduction,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    (
+        Op::Reduction,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // Exact products, f32 accumulation in a different order: K ≤ 4096 terms of |x| ≤ ~4.
+    (
+        Op::MatmulBf16,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    (
+        Op::MatmulBf16,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    (
+        Op::MatmulBf16,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+];
+
+/// The tolerance for `op` compared in `dtype`.
+pub fn lookup(op: Op, dtype: Dtype) -> Tolerance {
+    TABLE
+        .iter()
+        .find(|(o, d, _)| *o == op && *d == dtype)
+        .map(|(_, _, t)| *t)
+        .expect("every (Op, Dtype) pair has a table entry; see tolerance::tests")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_and_dtype_has_an_entry() {
+        for op in [Op::Dequantize, Op::Reduction, Op::MatmulBf16] {
+            for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+                let n = TABLE
+                    .iter()
+                    .filter(|(o, d, _)| *o == op && *d == dt)
+                    .count();
+                assert_eq!(n, 1, "{op:?} {dt:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn exact_rejects_one_ulp_and_accepts_equal_nans() {
+        let t = Tolerance::EXACT;
+        assert!(t.check(&[1.0, f32::NAN], &[1.0, f32::NAN]).is_ok());
+        let e = t
+            .check(&[1.0], &[f32::from_bits(1.0f32.to_bits() + 1)])
+            .unwrap_err();
+        assert_eq!(e.count, 1);
+        assert!(
+            t.check(&[0.0], &[-0.0]).is_err(),
+            "signed zeros differ in bits"
+        );
+    }
+
+    #[test]
+    fn relative_tolerance_scales_with_magnitude() {
+        let t = Tolerance {
+            atol: 0.0,
+            rtol: 1e-3,
+        };
+        assert!(t.check(&[1000.5], &[1000.0]).is_ok());
+        assert!(t.check(&[1.5], &[1.0]).is_err());
+        assert!(t.check(&[1.0, 2.0], &[1.0]).is_err());
+    }
+}
