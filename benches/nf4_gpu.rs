@@ -48,7 +48,7 @@ fn main() {
         let mut d_qout = s.alloc_zeros::<u8>(packed.len()).unwrap();
         let mut d_qabsmax = s.alloc_zeros::<f32>(absmax.len()).unwrap();
 
-        let mut time = |label: &str, bytes: usize, f: &mut dyn FnMut()| {
+        let time = |label: &str, bytes: usize, f: &mut dyn FnMut()| {
             f();
             dev.synchronize().unwrap();
             let iters = 50;

@@ -12,15 +12,13 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // f32(1e-38): the floor bitsandbytes clamps a block's absmax to before taking its reciprocal.
 __device__ __forceinline__ float absmax_floor() { return __uint_as_float(0x006ce3eeu); }
 
-__device__ __forceinline__ float warp_reduce_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
-  return v;
-}
+// max(a, b) that propagates NaN from `a` as torch.max does (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
-__device__ __forceinline__ float warp_reduce_sum(float v) {
+// NaN-propagating max over the 32 lanes of a full warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce_nan_max(float v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(__shfl_xor_sync(kFullMask, v, off), v);
   return v;
 }
 

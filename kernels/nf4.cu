@@ -9,8 +9,10 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 // Index of the code a normalized value maps to, as torch.bucketize(x, midpoints) does: the number
-// of midpoints strictly below x, so a value exactly on a midpoint takes the lower code.
+// of midpoints strictly below x, so a value exactly on a midpoint takes the lower code; NaN sorts
+// after everything, to the last code.
 __device__ __forceinline__ uint32_t nf4_bucket(float x, const float (&mid)[15]) {
+  if (x != x) return 15u;
   uint32_t q = 0;
 #pragma unroll
   for (int i = 0; i < 15; ++i) q += x > mid[i] ? 1u : 0u;
@@ -18,10 +20,10 @@ __device__ __forceinline__ uint32_t nf4_bucket(float x, const float (&mid)[15]) 
 }
 
 // Scales a value into [-1, 1] exactly as bitsandbytes does: full blocks multiply by the f32
-// reciprocal of the absmax, the partial last block divides by it.
+// reciprocal of the absmax, the partial last block divides by it. NaN stays NaN (torch.clamp).
 __device__ __forceinline__ float nf4_normalize(float x, bool partial, float denom, float inv) {
   const float s = partial ? __fdiv_rn(x, denom) : __fmul_rn(x, inv);
-  return fminf(fmaxf(s, -1.0f), 1.0f);
+  return s != s ? s : fminf(fmaxf(s, -1.0f), 1.0f);
 }
 
 }  // namespace
@@ -37,12 +39,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_nf4_quantize(const QlNf
 
   float amax = 0.0f;
   for (int64_t i = start + lane; i < end; i += 32) {
-    amax = fmaxf(amax, fabsf(ql::load_as_f32(p.input, i, p.in_dtype)));
+    amax = ql::nan_max(fabsf(ql::load_as_f32(p.input, i, p.in_dtype)), amax);
   }
-  amax = ql::warp_reduce_max(amax);
+  amax = ql::warp_reduce_nan_max(amax);
 
   const bool partial = end - start < p.blocksize;
-  const float denom = fmaxf(amax, ql::absmax_floor());
+  const float denom = amax != amax ? amax : fmaxf(amax, ql::absmax_floor());
   const float inv = __frcp_rn(denom);
   // bitsandbytes stores the unclamped absmax of a full block but the clamped one of the tail.
   if (lane == 0) p.absmax[qblock] = partial ? denom : amax;

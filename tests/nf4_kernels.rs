@@ -2,6 +2,9 @@
 //! source run through the CPU emulation ≡ CUDA when a GPU is present, on odd sizes, every input
 //! dtype, every output dtype, f32 and double-quantized scales.
 
+mod common;
+
+use common::{assert_same_bits, fixture_bytes, Fixtures};
 use half::{bf16, f16};
 use qlora::kernels::launch::Element;
 use qlora::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
@@ -103,6 +106,66 @@ fn emulated_dequantize_handles_nested_blocks_beyond_the_first() {
 }
 
 #[test]
+fn emulated_kernels_reproduce_every_bitsandbytes_fixture() {
+    let buffer = fixture_bytes("cases.safetensors");
+    let fx = Fixtures::load(&buffer);
+    let nested_code = fx.nested_map();
+    for c in &fx.configs {
+        let cfg = &c.config;
+        let n = fx.input(c).len();
+        // Quantize from the stored dtype, as bitsandbytes did.
+        let (packed, absmax) = if c.dtype == "bfloat16" {
+            quantize_emulated(
+                &fx.bf16s(&format!("{}.input", c.case)),
+                c.blocksize,
+                &NF4_CODE,
+            )
+        } else {
+            quantize_emulated(&fx.input(c), c.blocksize, &NF4_CODE)
+        }
+        .unwrap();
+        assert_eq!(
+            packed,
+            fx.u8s(&format!("{cfg}.packed")),
+            "{cfg}: packed bytes"
+        );
+        let absmax_key = if c.double_quant {
+            format!("{cfg}.absmax_f32")
+        } else {
+            format!("{cfg}.absmax")
+        };
+        assert_same_bits(&absmax, &fx.f32s(&absmax_key), cfg);
+
+        let key = format!("{cfg}.dequant");
+        if !fx.has(&key) {
+            continue;
+        }
+        let t = fx.bnb_tensor(c);
+        let scales = match &t.scales {
+            qlora::quant::nf4::Nf4Scales::F32(a) => Scales::F32(a),
+            qlora::quant::nf4::Nf4Scales::Double(dq) => Scales::Double {
+                absmax_q: &dq.absmax_q,
+                nested_absmax: &dq.nested_absmax,
+                nested_code: &nested_code,
+                offset: dq.offset,
+                nested_blocksize: dq.nested_blocksize,
+            },
+        };
+        if c.dtype == "bfloat16" {
+            let got: Vec<bf16> =
+                dequantize_emulated(&t.packed, scales, n, c.blocksize, &t.code).unwrap();
+            let got: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
+            let want: Vec<u16> = fx.bf16s(&key).iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "{cfg}: bf16 dequant");
+        } else {
+            let got: Vec<f32> =
+                dequantize_emulated(&t.packed, scales, n, c.blocksize, &t.code).unwrap();
+            assert_same_bits(&got, &fx.f32s(&key), cfg);
+        }
+    }
+}
+
+#[test]
 fn launchers_reject_bad_arguments_before_launching() {
     let x = vec![0.5f32; 100];
     let err = quantize_emulated(&x, 100, &NF4_CODE).unwrap_err();
@@ -175,6 +238,40 @@ mod cuda {
                 quantize_on_gpu::<f32>(&dev, n, bs, i as u64);
                 quantize_on_gpu::<bf16>(&dev, n, bs, 100 + i as u64);
             }
+        }
+    }
+
+    #[test]
+    fn cuda_quantize_reproduces_every_bitsandbytes_fixture() {
+        let Some(dev) = CudaDevice::first_available() else {
+            return;
+        };
+        let buffer = fixture_bytes("cases.safetensors");
+        let fx = Fixtures::load(&buffer);
+        let s = dev.stream();
+        let d_code = s.clone_htod(&NF4_CODE).unwrap();
+        for c in &fx.configs {
+            let (d_packed, d_absmax) = if c.dtype == "bfloat16" {
+                let d_in = s
+                    .clone_htod(&fx.bf16s(&format!("{}.input", c.case)))
+                    .unwrap();
+                quantize_cuda(&dev, &d_in, c.blocksize, &d_code).unwrap()
+            } else {
+                let d_in = s.clone_htod(&fx.input(c)).unwrap();
+                quantize_cuda(&dev, &d_in, c.blocksize, &d_code).unwrap()
+            };
+            let cfg = &c.config;
+            assert_eq!(
+                s.clone_dtoh(&d_packed).unwrap(),
+                fx.u8s(&format!("{cfg}.packed")),
+                "{cfg}"
+            );
+            let key = if c.double_quant {
+                format!("{cfg}.absmax_f32")
+            } else {
+                format!("{cfg}.absmax")
+            };
+            assert_same_bits(&s.clone_dtoh(&d_absmax).unwrap(), &fx.f32s(&key), cfg);
         }
     }
 

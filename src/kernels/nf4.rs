@@ -128,7 +128,8 @@ pub enum Scales<'a> {
     },
 }
 
-/// Buffer lengths and parameters of a set of block scales, host or device.
+/// Buffer lengths of a set of block scales, host or device. (Any f32 offset is valid: bitsandbytes
+/// stores an infinite mean when the block maxima overflow, and dequantizes it as such.)
 enum ScaleLens {
     F32 {
         absmax: usize,
@@ -138,7 +139,6 @@ enum ScaleLens {
         nested_absmax: usize,
         nested_code: usize,
         nested_blocksize: usize,
-        offset: f32,
     },
 }
 
@@ -150,7 +150,6 @@ fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result
             nested_absmax,
             nested_code,
             nested_blocksize,
-            offset,
         } => {
             layout.check_len(op, "quantized absmax", absmax_q, layout.blocks())?;
             layout.check_len(op, "nested code", nested_code, 256)?;
@@ -158,12 +157,6 @@ fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result
                 return Err(Error::invalid(
                     op,
                     format!("nested blocksize {nested_blocksize}"),
-                ));
-            }
-            if !offset.is_finite() {
-                return Err(Error::invalid(
-                    op,
-                    format!("nested offset {offset} is not finite"),
                 ));
             }
             let want = layout.blocks().div_ceil(nested_blocksize);
@@ -182,14 +175,13 @@ impl Scales<'_> {
                 absmax_q,
                 nested_absmax,
                 nested_code,
-                offset,
                 nested_blocksize,
+                ..
             } => ScaleLens::Double {
                 absmax_q: absmax_q.len(),
                 nested_absmax: nested_absmax.len(),
                 nested_code: nested_code.len(),
                 nested_blocksize,
-                offset,
             },
         }
     }
@@ -315,14 +307,13 @@ mod cuda_impl {
                     absmax_q,
                     nested_absmax,
                     nested_code,
-                    offset,
                     nested_blocksize,
+                    ..
                 } => ScaleLens::Double {
                     absmax_q: absmax_q.len(),
                     nested_absmax: nested_absmax.len(),
                     nested_code: nested_code.len(),
                     nested_blocksize: *nested_blocksize,
-                    offset: *offset,
                 },
             }
         }

@@ -1,0 +1,232 @@
+"""Write the reference fixtures under tests/fixtures/ from the real Python stack (CPU only).
+
+Create the pinned environment once, then run this script from the repository root:
+
+    python3 -m venv ~/.cache/qlora/fixtures-venv
+    ~/.cache/qlora/fixtures-venv/bin/pip install -r scripts/requirements-fixtures.txt
+    ~/.cache/qlora/fixtures-venv/bin/python scripts/make_fixtures.py
+
+Every random input comes from a fixed seed, so a rerun with the same pins rewrites identical bytes.
+Each fixture family has its own `make_*_fixtures(outdir)` function called from `main()`; add new
+families (Llama, PEFT, ...) the same way.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+DEQUANT_F32_MAX_ELEMS = 8192
+
+
+def nf4_special_values() -> torch.Tensor:
+    """1000 f32 values whose blocks (of 64) pin the corner cases of bnb's NF4 quantizer."""
+    code = F.get_4bit_type("nf4", device="cpu")
+    mids = (code[:-1] + code[1:]) / 2  # bnb's f32 thresholds
+    blocks = []
+
+    # Block 0: absmax exactly 1.0, so x * (1 / absmax) == x: every code value and every
+    # threshold exactly (a tie goes to the lower code), and the f32 neighbours of each threshold.
+    b = torch.cat([code, mids, torch.nextafter(mids, torch.full_like(mids, 2.0))])
+    blocks.append(b)
+    # Block 1: the thresholds' lower neighbours, a negative zero, absmax 2.0 (a power of two keeps
+    # the scaled value exact) with doubled thresholds.
+    b = torch.cat(
+        [torch.nextafter(mids, torch.full_like(mids, -2.0)), torch.tensor([-0.0, 2.0]), 2 * mids]
+    )
+    blocks.append(b)
+    # Block 2: all zeros (absmax 0 is stored; bnb scales by 1 / 1e-38 instead).
+    blocks.append(torch.zeros(64))
+    # Block 3: negative only.
+    g = torch.Generator().manual_seed(11)
+    blocks.append(-torch.rand(64, generator=g) - 0.01)
+    # Block 4: one large outlier among small values.
+    b = torch.randn(64, generator=g) * 1e-3
+    b[17] = 3.0e4
+    blocks.append(b)
+    # Block 5: denormals only (absmax below bnb's 1e-38 clamp).
+    blocks.append(torch.randn(64, generator=g) * 1e-40)
+    # Block 6: denormals mixed with normals.
+    b = torch.randn(64, generator=g) * 1e-39
+    b[::5] = torch.randn(13, generator=g) * 1e-37
+    blocks.append(b)
+    # Block 7: huge magnitudes (no overflow in x * (1 / absmax)).
+    blocks.append(torch.randn(64, generator=g) * 3.0e38 / 4)
+    # Block 8: a single nonzero value and zeros.
+    b = torch.zeros(64)
+    b[40] = -0.125
+    blocks.append(b)
+    x = torch.cat([blk[:64] if blk.numel() >= 64 else torch.cat([blk, torch.zeros(64 - blk.numel())]) for blk in blocks])
+    # Remaining elements up to 1000: random normal, with a partial last block (1000 = 15*64 + 40)
+    # that holds exact thresholds again, so the partial-block division path sees ties too.
+    rest = torch.randn(1000 - x.numel(), generator=g)
+    rest[-40:-25] = mids
+    rest[-25] = 1.0
+    return torch.cat([x, rest]).to(torch.float32)
+
+
+def nf4_cases():
+    """(name, input tensor, shape, blocksizes, double-quant flags, f32 dequant wanted)."""
+    g = torch.Generator().manual_seed(1234)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.float32)
+
+    n65 = randn(65)
+    n65[3] = 0.0
+    n65[64] = 0.0
+    nonfinite = randn(128)
+    nonfinite[3] = float("nan")
+    nonfinite[70] = float("inf")
+    nonfinite[71] = float("-inf")
+    return [
+        ("n1", randn(1), [1], [64], [False, True]),
+        ("n63", randn(63), [63], [64], [False, True]),
+        ("n65", n65, [65], [64], [False, True]),
+        ("special1000", nf4_special_values(), [1000], [64, 128], [False, True]),
+        ("rand16421", randn(16421, scale=0.02), [16421], [64], [False, True]),
+        ("mat64x128", randn(64, 128, scale=0.05), [64, 128], [64], [True]),
+        ("bs4096_4133", randn(4133), [4133], [4096], [False, True]),
+        ("bf16_200x200", randn(200, 200, scale=0.02).to(torch.bfloat16), [200, 200], [64], [True]),
+        ("nonfinite128", nonfinite, [128], [64], [False]),
+    ]
+
+
+def one_key_metadata(fields: dict) -> dict:
+    """safetensors writes its metadata map in hash order, so several keys make the file bytes
+    differ between runs; one key holding sorted JSON keeps reruns byte-identical."""
+    return {"fixture": json.dumps(fields, sort_keys=True)}
+
+
+def quant_state_bytes(state) -> torch.Tensor:
+    packed = state.as_dict(packed=True)
+    (key,) = [k for k in packed if k.startswith("quant_state.")]
+    assert key == "quant_state.bitsandbytes__nf4", key
+    return packed[key]
+
+
+def make_nf4_fixtures(outdir: Path) -> None:
+    """tests/fixtures/nf4/cases.safetensors and module.safetensors (see the metadata in each)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    index = []
+    nf4_code = F.get_4bit_type("nf4", device="cpu")
+    tensors["nf4_quant_map"] = nf4_code.clone()
+    tensors["dynamic_map_signed"] = F.create_dynamic_map(signed=True).clone()
+
+    for name, x, shape, blocksizes, dq_flags in nf4_cases():
+        x = x.reshape(shape).contiguous()
+        tensors[f"{name}.input"] = x.clone()
+        for bs in blocksizes:
+            for dq in dq_flags:
+                cfg = f"{name}.bs{bs}.{'dq' if dq else 'f32'}"
+                packed, state = F.quantize_4bit(x, blocksize=bs, quant_type="nf4", compress_statistics=dq)
+                assert packed.dtype == torch.uint8 and packed.shape[1] == 1
+                tensors[f"{cfg}.packed"] = packed.reshape(-1).clone()
+                tensors[f"{cfg}.quant_state"] = quant_state_bytes(state).clone()
+                if dq:
+                    tensors[f"{cfg}.absmax_u8"] = state.absmax.clone()
+                    tensors[f"{cfg}.nested_absmax"] = state.state2.absmax.clone()
+                    tensors[f"{cfg}.offset"] = state.offset.reshape(1).clone()
+                    assert torch.equal(state.state2.code.view(torch.int32), tensors["dynamic_map_signed"].view(torch.int32))
+                    # The per-block scales as bnb's dequantize composes them.
+                    scales = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+                    tensors[f"{cfg}.scales"] = scales.clone()
+                    # The unquantized absmax, to pin double quant separately from the mean.
+                    _, plain = F.quantize_4bit(x, blocksize=bs, quant_type="nf4", compress_statistics=False)
+                    tensors[f"{cfg}.absmax_f32"] = plain.absmax.clone()
+                else:
+                    tensors[f"{cfg}.absmax"] = state.absmax.clone()
+                out = F.dequantize_4bit(packed, state)
+                # bnb CPU returns 1-D inputs of even length as [1, n]; only the values matter here.
+                assert out.dtype == x.dtype and out.numel() == x.numel(), (cfg, out.shape)
+                # Keep the files small: large f32-absmax cases skip the (4 B/elem) dequant output;
+                # their double-quant twin records it.
+                if dq or x.numel() <= DEQUANT_F32_MAX_ELEMS:
+                    tensors[f"{cfg}.dequant"] = out.reshape(-1).clone()
+                index.append(
+                    {
+                        "case": name,
+                        "config": cfg,
+                        "shape": shape,
+                        "dtype": str(x.dtype).removeprefix("torch."),
+                        "blocksize": bs,
+                        "double_quant": dq,
+                    }
+                )
+
+    # 8-bit blockwise with the signed dynamic map on its own (the nested quantizer), including
+    # an all-zero block, a negative-only block and a partial last block.
+    g = torch.Generator().manual_seed(99)
+    x8 = torch.randn(3000, generator=g)
+    x8[256:512] = 0.0
+    x8[512:768] = -x8[512:768].abs()
+    q8, st8 = F.quantize_blockwise(x8, code=F.create_dynamic_map(signed=True), blocksize=256)
+    tensors["dyn8.input"] = x8.clone()
+    tensors["dyn8.q"] = q8.clone()
+    tensors["dyn8.absmax"] = st8.absmax.clone()
+    tensors["dyn8.dequant"] = F.dequantize_blockwise(q8, st8).clone()
+
+    meta = {
+        "bitsandbytes": bnb.__version__,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cases": index,
+    }
+    save_file(tensors, str(outdir / "cases.safetensors"), metadata=one_key_metadata(meta))
+
+    make_nf4_module_fixture(outdir)
+
+
+def make_nf4_module_fixture(outdir: Path) -> None:
+    """A Linear4bit saved the way transformers saves a pre-quantized bnb model."""
+    prefix = "model.layers.0.mlp.down_proj"
+    g = torch.Generator().manual_seed(7)
+    weight = (torch.randn(48, 160, generator=g) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(48, generator=g) * 0.01).to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(
+        160, 48, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
+    )
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+    layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    layer = layer.to("cpu")  # Params4bit quantizes on its first move to a device
+    state = {f"{prefix}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+    save_file(state, str(outdir / "module.safetensors"), metadata={"format": "pt"})
+    qs = layer.weight.quant_state
+    # bnb's AVX-512 CPU kernel indexes a 2-D output's scales as row * (cols // blocksize) +
+    # col // blocksize, wrong when cols (160) is not a multiple of blocksize. Dequantizing the
+    # flat [n] shape takes the same kernel with one row, which is the format's true output.
+    bnb_2d = F.dequantize_4bit(layer.weight.data, qs)
+    flat_state = F.QuantState(
+        absmax=qs.absmax, shape=torch.Size([weight.numel()]), code=qs.code, blocksize=qs.blocksize,
+        quant_type=qs.quant_type, dtype=qs.dtype, offset=qs.offset, state2=qs.state2,
+    )
+    dequant = F.dequantize_4bit(layer.weight.data, flat_state).reshape(weight.shape)
+    save_file(
+        {"weight": weight, "dequant": dequant.contiguous(), "dequant_bnb_2d": bnb_2d.contiguous()},
+        str(outdir / "module_source.safetensors"),
+        metadata=one_key_metadata({"prefix": prefix, "cpu_capability": torch.backends.cpu.get_cpu_capability()}),
+    )
+
+
+def main() -> int:
+    torch.use_deterministic_algorithms(True)
+    fixtures = REPO / "tests" / "fixtures"
+    make_nf4_fixtures(fixtures / "nf4")
+    total = sum(p.stat().st_size for p in (fixtures / "nf4").iterdir())
+    print(f"wrote {fixtures / 'nf4'} ({total} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    sys.exit(main())

@@ -1,0 +1,685 @@
+//! The CPU emulation of CUDA, pinned through its self-test kernels (`kernels/emu_selftest.cu`):
+//! barriers, warp collectives, tensor-core fragment layouts, cp.async ordering, conversions and
+//! atomics against plain Rust references, and races / bounds / misuse reported as errors.
+
+use qlora::kernels::abi::QlEmuTestParams;
+use qlora::kernels::emu::{self, selftest, EmuOptions};
+use qlora::kernels::{Kernel, LaunchConfig};
+use qlora::tolerance::{self, Dtype, Op, Tolerance};
+use qlora::Error;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::ffi::c_void;
+use std::time::Duration;
+
+/// 16 bytes of `T`, 16-byte aligned: cp.async sources must be.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Align16<T: Copy, const N: usize>([T; N]);
+
+fn aligned<T: Copy + Default, const N: usize>(values: &[T]) -> Vec<Align16<T, N>> {
+    let mut v = vec![Align16([T::default(); N]); values.len().div_ceil(N)];
+    for (i, &x) in values.iter().enumerate() {
+        v[i / N].0[i % N] = x;
+    }
+    v
+}
+
+fn params() -> QlEmuTestParams {
+    QlEmuTestParams {
+        a: std::ptr::null(),
+        b: std::ptr::null(),
+        c: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        out_u32: std::ptr::null_mut(),
+        m: 0,
+        n: 0,
+        k: 0,
+        flags: 0,
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: smem,
+    }
+}
+
+fn run_with(
+    kernel: Kernel,
+    c: LaunchConfig,
+    p: &QlEmuTestParams,
+    o: &EmuOptions,
+) -> qlora::Result<()> {
+    // SAFETY: every test sizes the buffers behind `p` for its launch as the kernel's comment in
+    // kernels/emu_selftest.cu documents, and keeps them alive across this call.
+    unsafe { emu::launch_with(&kernel, &c, p, o) }
+}
+
+fn run(kernel: Kernel, c: LaunchConfig, p: &QlEmuTestParams) -> qlora::Result<()> {
+    run_with(kernel, c, p, &EmuOptions::default())
+}
+
+/// Default options with race checking on even under `QLORA_EMU_RACECHECK=0`.
+fn checked() -> EmuOptions {
+    EmuOptions {
+        race_check: true,
+        ..EmuOptions::default()
+    }
+}
+
+fn emulation_error<T: std::fmt::Debug>(r: qlora::Result<T>) -> String {
+    match r {
+        Err(Error::Emulation { reason, .. }) => reason,
+        other => panic!("expected an emulation error, got {other:?}"),
+    }
+}
+
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+#[test]
+fn block_reduce_matches_reference_for_block_shapes() {
+    let n = 10_007usize;
+    let a: Vec<f32> = {
+        let mut rng = StdRng::seed_from_u64(1);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    };
+    let slice = 157usize;
+    let blocks = n.div_ceil(slice);
+    let want: Vec<f32> = a.chunks(slice).map(|c| c.iter().sum()).collect();
+    for block in [
+        (32, 1, 1),
+        (96, 1, 1),
+        (256, 1, 1),
+        (48, 1, 1),
+        (16, 6, 1),
+        (1, 1, 1),
+    ] {
+        let mut out = vec![f32::NAN; blocks];
+        let mut p = params();
+        p.a = a.as_ptr().cast::<c_void>();
+        p.out = out.as_mut_ptr();
+        p.n = n as i32;
+        p.k = slice as i32;
+        run(
+            selftest::BLOCK_REDUCE,
+            cfg((blocks as u32, 1, 1), block, 128),
+            &p,
+        )
+        .unwrap();
+        tolerance::lookup(Op::Reduction, Dtype::F32)
+            .check(&out, &want)
+            .unwrap_or_else(|e| panic!("block {block:?}: {e}"));
+    }
+}
+
+#[test]
+fn large_grid_with_barriers_and_shuffles_runs() {
+    // 64 blocks of 256 threads, ten shuffle rounds and a barrier each: the launch the emulator is
+    // sized for (about half a second on 2 cores).
+    let blocks = 64;
+    let a = vec![1.0f32; blocks * 1000];
+    let mut out = vec![0.0f32; blocks];
+    let mut p = params();
+    p.a = a.as_ptr().cast::<c_void>();
+    p.out = out.as_mut_ptr();
+    p.n = a.len() as i32;
+    p.k = 1000;
+    run(
+        selftest::BLOCK_REDUCE,
+        cfg((blocks as u32, 1, 1), (256, 1, 1), 128),
+        &p,
+    )
+    .unwrap();
+    assert!(out.iter().all(|&s| s == 1000.0), "{out:?}");
+}
+
+#[test]
+fn warp_scan_gives_inclusive_prefix_sums_per_section() {
+    let n = 128;
+    let mut rng = StdRng::seed_from_u64(2);
+    let a: Vec<u32> = (0..n).map(|_| rng.random_range(0..1000)).collect();
+    for width in [32usize, 16, 8, 1] {
+        let mut out = vec![0u32; n];
+        let mut p = params();
+        p.a = a.as_ptr().cast::<c_void>();
+        p.out_u32 = out.as_mut_ptr();
+        p.k = width as i32;
+        run(selftest::WARP_SCAN, cfg((2, 1, 1), (64, 1, 1), 0), &p).unwrap();
+        let want: Vec<u32> = a
+            .chunks(width)
+            .flat_map(|c| {
+                c.iter().scan(0u32, |s, &x| {
+                    *s += x;
+                    Some(*s)
+                })
+            })
+            .collect();
+        assert_eq!(out, want, "width {width}");
+    }
+}
+
+/// Source lane of PTX `shfl.sync` for CUDA's clamp values (segment = `width` lanes).
+fn ptx_source(mode: &str, lane: i32, arg: i32, width: i32) -> i32 {
+    let start = lane & !(width - 1);
+    let end = start | (width - 1);
+    let j = match mode {
+        "idx" => return start | (arg & (width - 1)),
+        "up" => {
+            return if lane - arg >= start {
+                lane - arg
+            } else {
+                lane
+            }
+        }
+        "down" => lane + arg,
+        _ => lane ^ arg,
+    };
+    if j <= end {
+        j
+    } else {
+        lane
+    }
+}
+
+#[test]
+fn warp_shuffles_and_votes_follow_ptx_rules() {
+    let threads = 128usize;
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut x: Vec<u32> = (0..threads).map(|_| rng.random_range(1..1 << 20)).collect();
+    x[40] = 7; // warp 1 has a 7; warp 2 has a zero
+    x[70] = 0;
+    for width in [32i32, 8, 4] {
+        let mut out = vec![0u32; 12 * threads];
+        let mut p = params();
+        p.a = x.as_ptr().cast::<c_void>();
+        p.out_u32 = out.as_mut_ptr();
+        p.k = width;
+        run(selftest::WARP_OPS, cfg((2, 1, 1), (64, 1, 1), 0), &p).unwrap();
+        for i in 0..threads {
+            let (base, lane) = (i - i % 32, (i % 32) as i32);
+            let w = &x[base..base + 32];
+            let at = |l: i32| w[l as usize];
+            let o = &out[12 * i..12 * i + 12];
+            let ctx = format!("width {width} thread {i}");
+            assert_eq!(
+                o[0],
+                at(ptx_source("idx", lane, lane * 3 + 1, width)),
+                "{ctx} idx"
+            );
+            assert_eq!(o[1], at(ptx_source("up", lane, 3, width)), "{ctx} up");
+            assert_eq!(o[2], at(ptx_source("down", lane, 3, width)), "{ctx} down");
+            assert_eq!(o[3], at(ptx_source("xor", lane, 5, width)), "{ctx} xor");
+            let ballot = (0..32)
+                .filter(|&l| w[l] & 1 == 1)
+                .fold(0u32, |b, l| b | 1 << l);
+            assert_eq!(o[4], ballot, "{ctx} ballot");
+            assert_eq!(o[5], w.contains(&7) as u32, "{ctx} any");
+            assert_eq!(o[6], (!w.contains(&0)) as u32, "{ctx} all");
+            assert_eq!(o[7], 2 * at(lane ^ 1) + 1, "{ctx} f64 xor");
+            let down1 = if lane < 31 { lane + 1 } else { lane };
+            assert_eq!(o[8], at(down1) & 0xFFFF, "{ctx} bf16 down");
+            assert_eq!(o[9], w[0], "{ctx} u64 broadcast");
+            assert_eq!(o[10], u32::MAX, "{ctx} activemask");
+            assert_eq!(
+                o[11],
+                if lane < 16 { 0xAAAA } else { 0 },
+                "{ctx} half-warp ballot"
+            );
+        }
+        // Hand-picked cases of the segment rules: with width 4, lane 5 ^ 5 = lane 0 lies in an
+        // earlier segment and is read; lane 1 ^ 5 = lane 4 lies in a later one, so lane 1 keeps
+        // its own value.
+        if width == 4 {
+            assert_eq!(out[12 * 5 + 3], x[0]);
+            assert_eq!(out[12 + 3], x[1]);
+        }
+    }
+}
+
+/// A (m × k) and B (k × n) in bf16, rows padded to 8 elements with NaN the kernel must not read.
+fn padded_bf16(rows: usize, cols: usize, values: &[f32]) -> Vec<Align16<u16, 8>> {
+    let ld = cols.div_ceil(8) * 8;
+    let mut bits = vec![0x7FC0u16; rows * ld];
+    for r in 0..rows {
+        for c in 0..cols {
+            bits[r * ld + c] = half::bf16::from_f32(values[r * cols + c]).to_bits();
+        }
+    }
+    aligned(&bits)
+}
+
+#[test]
+fn mma_gemm_matches_f32_reference_on_odd_shapes() {
+    for &(m, n, k) in &[
+        (37usize, 29usize, 45usize),
+        (1, 1, 1),
+        (16, 8, 16),
+        (64, 40, 70),
+        (33, 17, 96),
+    ] {
+        let mut rng = StdRng::seed_from_u64((m * 10_000 + n * 100 + k) as u64);
+        let a: Vec<f32> = (0..m * k)
+            .map(|_| bf16_round(rng.random_range(-2.0f32..2.0)))
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|_| bf16_round(rng.random_range(-2.0f32..2.0)))
+            .collect();
+        let mut want = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).fold(0.0f32, |s, kk| s + a[i * k + kk] * b[kk * n + j]);
+            }
+        }
+        let (ab, bb) = (padded_bf16(m, k, &a), padded_bf16(k, n, &b));
+        let mut out = vec![f32::NAN; m * n];
+        let mut p = params();
+        p.a = ab.as_ptr().cast::<c_void>();
+        p.b = bb.as_ptr().cast::<c_void>();
+        p.out = out.as_mut_ptr();
+        (p.m, p.n, p.k) = (m as i32, n as i32, k as i32);
+        let grid = (n.div_ceil(16) as u32, m.div_ceil(32) as u32, 1);
+        run(selftest::MMA_GEMM, cfg(grid, (64, 1, 1), 0), &p).unwrap();
+        // The emulation accumulates in k order like the reference; tensor cores differ by ulps.
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-5,
+        }
+        .check(&out, &want)
+        .unwrap_or_else(|e| panic!("{m}x{n}x{k}: {e}"));
+    }
+}
+
+/// D = A·B + C through one mma whose fragments the kernel places by the PTX ISA formulas.
+fn run_mma_layout(a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+    let a16: Vec<u16> = a
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    let b16: Vec<u16> = b
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    let mut out = vec![f32::NAN; 16 * 8];
+    let mut p = params();
+    p.a = a16.as_ptr().cast::<c_void>();
+    p.b = b16.as_ptr().cast::<c_void>();
+    p.c = c.as_ptr().cast::<c_void>();
+    p.out = out.as_mut_ptr();
+    run(selftest::MMA_LAYOUT, cfg((1, 1, 1), (32, 1, 1), 0), &p).unwrap();
+    out
+}
+
+#[test]
+fn mma_fragment_layout_matches_ptx_isa() {
+    // A is a permutation (row r picks k = (5r + 3) mod 16), B[k][n] = 8k + n, C[r][n] = 1000 + 10r + n:
+    // D[r][n] = 8·perm(r) + n + C[r][n], so a misplaced fragment element shows at once.
+    let perm = |r: usize| (5 * r + 3) % 16;
+    let mut a = vec![0.0f32; 256];
+    for r in 0..16 {
+        a[r * 16 + perm(r)] = 1.0;
+    }
+    let b: Vec<f32> = (0..128).map(|i| i as f32).collect();
+    let c: Vec<f32> = (0..128)
+        .map(|i| (1000 + 10 * (i / 8) + i % 8) as f32)
+        .collect();
+    let d = run_mma_layout(&a, &b, &c);
+    for r in 0..16 {
+        for n in 0..8 {
+            assert_eq!(
+                d[r * 8 + n],
+                (8 * perm(r) + n) as f32 + c[r * 8 + n],
+                "D[{r}][{n}]"
+            );
+        }
+    }
+    // By hand: row 1 picks k = 8 (the upper half of A's columns), so D[1][2] = B[8][2] + C[1][2].
+    assert_eq!(d[8 + 2], 66.0 + 1012.0);
+    // Row 9 (the g + 8 half of D) picks k = 0: D[9][7] = B[0][7] + C[9][7] = 7 + 1097.
+    assert_eq!(d[9 * 8 + 7], 7.0 + 1097.0);
+
+    // Small integers: every product and sum is exact, so D must equal A·B + C exactly.
+    let mut rng = StdRng::seed_from_u64(4);
+    let a: Vec<f32> = (0..256)
+        .map(|_| rng.random_range(-8i32..8) as f32)
+        .collect();
+    let b: Vec<f32> = (0..128)
+        .map(|_| rng.random_range(-8i32..8) as f32)
+        .collect();
+    let c: Vec<f32> = (0..128)
+        .map(|_| rng.random_range(-100i32..100) as f32)
+        .collect();
+    let d = run_mma_layout(&a, &b, &c);
+    for r in 0..16 {
+        for n in 0..8 {
+            let want = c[r * 8 + n] + (0..16).map(|k| a[r * 16 + k] * b[k * 8 + n]).sum::<f32>();
+            assert_eq!(d[r * 8 + n], want, "D[{r}][{n}]");
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_layout_matches_ptx_isa() {
+    let mut out = vec![0u32; 4 * 32 * 4];
+    let mut p = params();
+    p.out_u32 = out.as_mut_ptr();
+    run(selftest::LDMATRIX_LAYOUT, cfg((1, 1, 1), (32, 1, 1), 0), &p).unwrap();
+    // Element (j, q, c) as ldmatrix sees it: row q of matrix j comes from lane 8j + q, which
+    // points at stored row 8j + 7 - q, holding 8 · (8j + 7 - q) + c.
+    let v = |j: usize, q: usize, c: usize| (8 * (8 * j + 7 - q) + c) as u32;
+    let reg = |variant: usize, lane: usize, j: usize| out[(variant * 32 + lane) * 4 + j];
+    for lane in 0..32 {
+        let (row, col) = (lane / 4, 2 * (lane % 4));
+        for j in 0..4 {
+            let plain = v(j, row, col) | v(j, row, col + 1) << 16;
+            let trans = v(j, col, row) | v(j, col + 1, row) << 16;
+            assert_eq!(reg(0, lane, j), plain, "x4 lane {lane} reg {j}");
+            assert_eq!(reg(1, lane, j), trans, "x4.trans lane {lane} reg {j}");
+            if j < 2 {
+                assert_eq!(reg(2, lane, j), plain, "x2 lane {lane} reg {j}");
+                assert_eq!(reg(3, lane, j), trans, "x2.trans lane {lane} reg {j}");
+            } else {
+                assert_eq!((reg(2, lane, j), reg(3, lane, j)), (0, 0));
+            }
+        }
+    }
+    // By hand: lane 5 gets row 1, columns 2-3 of matrix 0 (stored row 6: 50, 51); transposed,
+    // rows 2-3 of column 1 (stored rows 5 and 4: 41, 33); lane 31 register 3 gets row 7,
+    // columns 6-7 of matrix 3 (stored row 24: 198, 199).
+    assert_eq!(reg(0, 5, 0), 0x0033_0032);
+    assert_eq!(reg(1, 5, 0), 0x0021_0029);
+    assert_eq!(reg(0, 31, 3), 0x00C7_00C6);
+}
+
+fn neighbour_exchange(flags: i32, threads: u32, options: &EmuOptions) -> qlora::Result<Vec<f32>> {
+    let a: Vec<f32> = (0..2 * threads).map(|i| i as f32).collect();
+    let mut out = vec![0.0f32; a.len()];
+    let mut p = params();
+    p.a = a.as_ptr().cast::<c_void>();
+    p.out = out.as_mut_ptr();
+    p.flags = flags;
+    run_with(
+        selftest::NEIGHBOUR_EXCHANGE,
+        cfg((2, 1, 1), (threads, 1, 1), 0),
+        &p,
+        options,
+    )?;
+    Ok(out)
+}
+
+#[test]
+fn missing_syncthreads_is_reported_as_race() {
+    let reason = emulation_error(neighbour_exchange(0, 128, &checked()));
+    assert!(
+        reason.contains("data race") && reason.contains("`cells["),
+        "{reason}"
+    );
+}
+
+#[test]
+fn syncthreads_orders_shared_memory_across_warps() {
+    let out = neighbour_exchange(1, 128, &checked()).unwrap();
+    let want: Vec<f32> = (0..256u32)
+        .map(|i| (i - i % 128 + (i + 1) % 128) as f32)
+        .collect();
+    assert_eq!(out, want);
+}
+
+#[test]
+fn missing_syncwarp_within_a_warp_is_reported_as_race() {
+    let reason = emulation_error(neighbour_exchange(4, 64, &checked()));
+    assert!(reason.contains("data race"), "{reason}");
+}
+
+#[test]
+fn syncwarp_orders_shared_memory_within_a_warp() {
+    let out = neighbour_exchange(2 | 4, 64, &checked()).unwrap();
+    let want: Vec<f32> = (0..128u32)
+        .map(|i| (i - i % 32 + (i + 1) % 32) as f32)
+        .collect();
+    assert_eq!(out, want);
+}
+
+#[test]
+fn race_check_can_be_switched_off() {
+    let options = EmuOptions {
+        race_check: false,
+        ..EmuOptions::default()
+    };
+    neighbour_exchange(0, 128, &options).unwrap();
+}
+
+fn shared_oob(flags: i32, offset: i32) -> qlora::Result<Vec<f32>> {
+    let mut out = vec![0.0f32; 64];
+    let mut p = params();
+    p.out = out.as_mut_ptr();
+    p.flags = flags;
+    p.k = offset;
+    run(selftest::SHARED_OOB, cfg((1, 1, 1), (64, 1, 1), 256), &p)?;
+    Ok(out)
+}
+
+#[test]
+fn shared_out_of_bounds_is_reported_with_the_array_name() {
+    for (flags, needle) in [(0, "`tile[64]`"), (1, "`grid2["), (2, "`dyn[64]`")] {
+        let reason = emulation_error(shared_oob(flags, 1));
+        assert!(
+            reason.contains("out-of-bounds") && reason.contains(needle),
+            "{reason}"
+        );
+    }
+    let reason = emulation_error(shared_oob(0, -1));
+    assert!(
+        reason.contains("`tile[-1]`") && reason.contains("thread (0,0,0)"),
+        "{reason}"
+    );
+    // The process and the emulator survive: in-bounds launches still run.
+    for flags in 0..3 {
+        let out = shared_oob(flags, 0).unwrap();
+        assert_eq!(out, (0..64).map(|i| i as f32).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn bf16_and_f16_rounding_matches_half_crate() {
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2f32.powi(-8),       // bf16 tie, rounds down to even
+        1.0 + 3.0 * 2f32.powi(-8), // bf16 tie, rounds up to even
+        1.0 + 2f32.powi(-11),      // f16 tie
+        1.0 + 3.0 * 2f32.powi(-11),
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::from_bits(0x807F_FFFF),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7F80_0001), // signalling NaN
+        65504.0,
+        65519.996,
+        65520.0, // f16 overflow by rounding
+        -65520.0,
+        3.3961776e38, // bf16 rounds to inf
+        2f32.powi(-24),
+        2f32.powi(-25),       // f16 tie between 0 and the smallest subnormal
+        1.5 * 2f32.powi(-25), // rounds up to it
+        3.0 * 2f32.powi(-25), // tie between subnormals 1 and 2: even
+        2f32.powi(-14),
+        2f32.powi(-14) - 2f32.powi(-25), // subnormal rounding into the smallest normal
+        1e-40,
+    ];
+    let mut rng = StdRng::seed_from_u64(5);
+    x.extend((0..4000).map(|_| f32::from_bits(rng.random::<u32>())));
+    x.extend((0..1000).map(|_| rng.random_range(-70000.0f32..70000.0)));
+    let n = x.len();
+    let mut bits = vec![0u32; n];
+    let mut back = vec![0.0f32; 2 * n];
+    let mut p = params();
+    p.a = x.as_ptr().cast::<c_void>();
+    p.out = back.as_mut_ptr();
+    p.out_u32 = bits.as_mut_ptr();
+    p.n = n as i32;
+    run(
+        selftest::CONVERT,
+        cfg((n.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0),
+        &p,
+    )
+    .unwrap();
+    for i in 0..n {
+        let (bf, h) = ((bits[i] & 0xFFFF) as u16, (bits[i] >> 16) as u16);
+        let (want_bf, want_h) = (half::bf16::from_f32(x[i]), half::f16::from_f32(x[i]));
+        if x[i].is_nan() {
+            assert_eq!(
+                (bf, h),
+                (0x7FFF, 0x7FFF),
+                "canonical NaN for {:#x}",
+                x[i].to_bits()
+            );
+            assert!(back[2 * i].is_nan() && back[2 * i + 1].is_nan());
+            continue;
+        }
+        assert_eq!(
+            bf,
+            want_bf.to_bits(),
+            "bf16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            h,
+            want_h.to_bits(),
+            "f16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(back[2 * i].to_bits(), want_bf.to_f32().to_bits());
+        assert_eq!(back[2 * i + 1].to_bits(), want_h.to_f32().to_bits());
+    }
+}
+
+#[test]
+fn atomics_from_many_threads_and_blocks_are_exact() {
+    let n = 1000usize;
+    let a: Vec<f32> = (0..n).map(|i| (i % 17) as f32).collect();
+    let mut sum = vec![0.0f32];
+    let mut words = vec![0u32, 0, u32::MAX, i32::MIN as u32, 0, 0, 0];
+    let mut p = params();
+    p.a = a.as_ptr().cast::<c_void>();
+    p.out = sum.as_mut_ptr();
+    p.out_u32 = words.as_mut_ptr();
+    p.n = n as i32;
+    run(selftest::ATOMICS, cfg((4, 1, 1), (256, 1, 1), 0), &p).unwrap();
+    let h = |i: usize| (i as u32).wrapping_mul(2_654_435_761);
+    assert_eq!(sum[0], a.iter().sum::<f32>());
+    assert_eq!(words[0], n as u32);
+    assert_eq!(words[1], (0..n).map(h).max().unwrap());
+    assert_eq!(words[2], (0..n).map(h).min().unwrap());
+    assert_eq!(words[3] as i32, 16 - 1000);
+    assert_eq!(words[4], n as u32);
+    assert_eq!(words[5], 1);
+    assert_eq!(words[6], n as u32);
+}
+
+#[test]
+fn cp_async_reads_before_wait_see_stale_data() {
+    let threads = 64usize;
+    let values: Vec<f32> = (0..4 * threads).map(|i| 1.5 + i as f32).collect();
+    let a = aligned::<f32, 4>(&values);
+    let mut out = vec![0.0f32; 4 * threads];
+    let mut words = vec![0u32; 4 * threads];
+    let mut p = params();
+    p.a = a.as_ptr().cast::<c_void>();
+    p.out = out.as_mut_ptr();
+    p.out_u32 = words.as_mut_ptr();
+    p.k = 6; // zero-filled copy of 6 of the 16 bytes
+    run(
+        selftest::CP_ASYNC,
+        cfg((1, 1, 1), (threads as u32, 1, 1), 0),
+        &p,
+    )
+    .unwrap();
+    for t in 0..threads {
+        let x = &values[4 * t..4 * t + 4];
+        // The emulation lands a copy only when a wait retires its group: before that, the old
+        // contents (-1) are visible, which is what a kernel missing a wait would see at worst.
+        assert_eq!(out[4 * t], -1.0, "thread {t}: read before any wait");
+        assert_eq!(
+            out[4 * t + 1],
+            x[0],
+            "thread {t}: group 0 after wait_group 1"
+        );
+        assert_eq!(
+            out[4 * t + 2],
+            -1.0,
+            "thread {t}: group 1 still pending after wait_group 1"
+        );
+        assert_eq!(out[4 * t + 3], x[1]);
+        let zfill = [x[0].to_bits(), x[1].to_bits() & 0xFFFF, 0, 0];
+        assert_eq!(
+            &words[4 * t..4 * t + 4],
+            &zfill,
+            "thread {t}: zero-filled copy"
+        );
+    }
+}
+
+#[test]
+fn invalid_launch_configs_are_rejected() {
+    let p = params();
+    for bad in [
+        cfg((1, 1, 1), (1025, 1, 1), 0),
+        cfg((1, 1, 1), (32, 33, 1), 0),
+        cfg((0, 1, 1), (32, 1, 1), 0),
+        cfg((1, 1, 1), (1, 1, 65), 0),
+        cfg((1, 65536, 1), (32, 1, 1), 0),
+        cfg((1, 1, 1), (32, 1, 1), 227 * 1024 + 1),
+    ] {
+        match run(selftest::BLOCK_REDUCE, bad, &p) {
+            Err(Error::InvalidArgument { op, .. }) => assert_eq!(op, "k_emu_block_reduce"),
+            other => panic!("{bad:?}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+}
+
+fn bad_sync(flags: i32, options: &EmuOptions) -> String {
+    let mut out = vec![0.0f32; 32];
+    let mut p = params();
+    p.out = out.as_mut_ptr();
+    p.flags = flags;
+    emulation_error(run_with(
+        selftest::BAD_SYNC,
+        cfg((1, 1, 1), (32, 1, 1), 0),
+        &p,
+        options,
+    ))
+}
+
+#[test]
+fn warp_collective_with_an_exited_lane_fails() {
+    let reason = bad_sync(0, &EmuOptions::default());
+    assert!(reason.contains("exited"), "{reason}");
+}
+
+#[test]
+fn lanes_with_different_warp_masks_fail() {
+    let reason = bad_sync(2, &EmuOptions::default());
+    assert!(reason.contains("different masks"), "{reason}");
+}
+
+#[test]
+fn barrier_deadlock_is_reported_by_the_watchdog() {
+    let options = EmuOptions {
+        watchdog: Duration::from_millis(200),
+        ..EmuOptions::default()
+    };
+    let reason = bad_sync(1, &options);
+    assert!(reason.contains("deadlock"), "{reason}");
+}
