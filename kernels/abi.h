@@ -49,18 +49,6 @@ typedef struct QlNf4DequantizeParams {
   int32_t out_dtype;           /* QlDtype */
 } QlNf4DequantizeParams;
 
-/* 8-bit blockwise quantization against a 256-entry code map (bitsandbytes' dynamic map), used for
- * double quantization of the NF4 block scales: out[i] = nearest code index of (input[i] - offset) / absmax[block]. */
-typedef struct QlBlockwise8QuantizeParams {
-  const float* input;  /* [n] */
-  const float* code;   /* [256], ascending */
-  uint8_t* out;        /* [n] */
-  float* absmax;       /* [ceil(n / blocksize)] */
-  int64_t n;
-  float offset;
-  int32_t blocksize;
-} QlBlockwise8QuantizeParams;
-
 /* Self-test kernels of the CPU emulation (kernels/emu_selftest.cu); run on a GPU they check the
  * emulator's semantics against silicon. Element types and shapes are per kernel. */
 typedef struct QlEmuTestParams {

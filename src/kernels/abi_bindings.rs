@@ -124,47 +124,6 @@ impl Default for QlNf4DequantizeParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
-pub struct QlBlockwise8QuantizeParams {
-    pub input: *const f32,
-    pub code: *const f32,
-    pub out: *mut u8,
-    pub absmax: *mut f32,
-    pub n: i64,
-    pub offset: f32,
-    pub blocksize: i32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of QlBlockwise8QuantizeParams"]
-        [::std::mem::size_of::<QlBlockwise8QuantizeParams>() - 48usize];
-    ["Alignment of QlBlockwise8QuantizeParams"]
-        [::std::mem::align_of::<QlBlockwise8QuantizeParams>() - 8usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::input"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, input) - 0usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::code"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, code) - 8usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::out"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, out) - 16usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::absmax"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, absmax) - 24usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::n"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, n) - 32usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::offset"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, offset) - 40usize];
-    ["Offset of field: QlBlockwise8QuantizeParams::blocksize"]
-        [::std::mem::offset_of!(QlBlockwise8QuantizeParams, blocksize) - 44usize];
-};
-impl Default for QlBlockwise8QuantizeParams {
-    fn default() -> Self {
-        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[derive(Debug, Copy, Clone)]
 pub struct QlEmuTestParams {
     pub a: *const ::std::os::raw::c_void,
     pub b: *const ::std::os::raw::c_void,
