@@ -11,21 +11,8 @@ const ROWS: usize = 4096;
 const COLS: usize = 4096;
 const BLOCKSIZE: usize = 64;
 
-/// A deterministic weight-like input (small values with a few larger ones), no RNG needed.
-fn weight() -> Vec<f32> {
-    let mut state = 0x9e37_79b9_u32;
-    (0..ROWS * COLS)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as f32 / u32::MAX as f32 - 0.5) * 0.04
-        })
-        .collect()
-}
-
 fn bench_nf4(c: &mut Criterion) {
-    let data = weight();
+    let data = qlora::testing::normal_vector(ROWS * COLS, 0.02, 1);
     let bytes = (data.len() * std::mem::size_of::<f32>()) as u64;
     let mut group = c.benchmark_group("nf4_4096x4096");
     group
