@@ -4,7 +4,6 @@
 
 use super::abi::{QlLaunchConfig, QlNf4DequantizeParams, QlNf4QuantizeParams};
 use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
-use crate::quant::nf4::SUPPORTED_BLOCKSIZES;
 use crate::{Error, Result};
 use std::ffi::{c_char, c_void};
 
@@ -52,12 +51,7 @@ pub struct Nf4Layout {
 
 impl Nf4Layout {
     pub fn new(op: &'static str, n: usize, blocksize: usize) -> Result<Self> {
-        if !SUPPORTED_BLOCKSIZES.contains(&blocksize) {
-            return Err(Error::invalid(
-                op,
-                format!("blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES:?}"),
-            ));
-        }
+        crate::quant::nf4::check_blocksize(op, blocksize)?;
         if n == 0 {
             return Err(Error::invalid(op, "empty tensor (kernels need n >= 1)"));
         }

@@ -93,14 +93,7 @@ fn bin_of(normalized: f32) -> usize {
 }
 
 fn check_blocksize(op: &'static str, blocksize: usize) -> Result<()> {
-    if SUPPORTED_BLOCKSIZES.contains(&blocksize) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            format!("blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES:?}"),
-        ))
-    }
+    super::check_blocksize(op, blocksize, SUPPORTED_BLOCKSIZES)
 }
 
 /// Quantizes `input - offset` blockwise with `code` (sorted ascending, as bitsandbytes assumes):

@@ -8,3 +8,21 @@
 pub mod bnb;
 pub mod dynamic8;
 pub mod nf4;
+
+use crate::{Error, Result};
+
+/// `Ok` when `blocksize` is one of `supported`, else an [`Error::InvalidArgument`] naming them.
+pub(crate) fn check_blocksize(
+    op: &'static str,
+    blocksize: usize,
+    supported: &[usize],
+) -> Result<()> {
+    if supported.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("blocksize {blocksize} is not one of {supported:?}"),
+        ))
+    }
+}

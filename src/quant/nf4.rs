@@ -73,14 +73,7 @@ pub fn nf4_code_index(x_normalized: f32) -> u8 {
 }
 
 pub(crate) fn check_blocksize(op: &'static str, blocksize: usize) -> Result<()> {
-    if SUPPORTED_BLOCKSIZES.contains(&blocksize) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            op,
-            format!("blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES:?}"),
-        ))
-    }
+    super::check_blocksize(op, blocksize, SUPPORTED_BLOCKSIZES)
 }
 
 /// torch's `abs().max()`: NaN as soon as one value is NaN.
