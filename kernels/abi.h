@@ -63,4 +63,117 @@ typedef struct QlEmuTestParams {
   int32_t flags;       /* per-kernel switches */
 } QlEmuTestParams;
 
+/* ---- Llama hot ops (kernels/llama.cu): RMSNorm, RoPE, SwiGLU, forward and backward. ---- */
+
+/* RMSNorm forward over `rows` rows of width `h`: rstd = rsqrt(mean(x^2) + eps),
+ * y = w * dtype(x * rstd) (Hugging Face LlamaRMSNorm). x, w and y share `dtype`. */
+typedef struct QlRmsNormForwardParams {
+  const void* x;   /* [rows, h] */
+  const void* w;   /* [h] */
+  void* y;         /* [rows, h] */
+  float* rstd;     /* [rows], kept for the backward */
+  int64_t rows;
+  int32_t h;
+  float eps;
+  int32_t dtype;   /* QlDtype */
+} QlRmsNormForwardParams;
+
+/* RMSNorm backward, first pass: dx per row, and per row-block partial sums of dw = sum dy * x * rstd
+ * (one row of `dw_partial` per block of the grid, summed in a fixed order by k_rmsnorm_dw_reduce). */
+typedef struct QlRmsNormBackwardParams {
+  const void* dy;         /* [rows, h] */
+  const void* x;          /* [rows, h] */
+  const void* w;          /* [h] */
+  const float* rstd;      /* [rows] */
+  void* dx;               /* [rows, h] */
+  float* dw_partial;      /* [gridDim.x, h] */
+  int64_t rows;
+  int32_t h;
+  int32_t dtype;          /* QlDtype of dy, x, w and dx */
+} QlRmsNormBackwardParams;
+
+/* dw[c] = sum over b < partial_rows of dw_partial[b, c], in order of b. */
+typedef struct QlRmsNormDwReduceParams {
+  const float* dw_partial;  /* [partial_rows, h] */
+  float* dw;                /* [h] */
+  int32_t partial_rows;
+  int32_t h;
+} QlRmsNormDwReduceParams;
+
+/* Rotate-half RoPE in place on q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim]:
+ * for i < head_dim / 2, (a, b) = (v[i], v[i + head_dim / 2]) becomes (a c - b s, b c + a s) with
+ * c = cos[pos, i], s = sin[pos, i], pos = positions[token]; `inverse` = 1 rotates by -angle (the
+ * backward on dq / dk). A position outside [0, num_positions) writes NaN into that token's heads. */
+typedef struct QlRopeParams {
+  void* q;                 /* [tokens, q_heads, head_dim] */
+  void* k;                 /* [tokens, kv_heads, head_dim] */
+  const float* cos;        /* [num_positions, head_dim / 2] */
+  const float* sin;        /* [num_positions, head_dim / 2] */
+  const int32_t* positions; /* [tokens] */
+  int64_t tokens;
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t head_dim;
+  int32_t num_positions;
+  int32_t inverse;
+  int32_t dtype;           /* QlDtype of q and k */
+} QlRopeParams;
+
+/* SwiGLU on n elements: forward h = silu(g) * u; backward dg = dh * u * silu'(g), du = dh * silu(g).
+ * The forward reads g, u and writes h; the backward reads g, u, dh and writes dg, du. */
+typedef struct QlSwigluParams {
+  const void* g;   /* [n] */
+  const void* u;   /* [n] */
+  const void* dh;  /* [n], backward only */
+  void* h;         /* [n], forward only */
+  void* dg;        /* [n], backward only */
+  void* du;        /* [n], backward only */
+  int64_t n;
+  int32_t dtype;   /* QlDtype of every buffer */
+} QlSwigluParams;
+
+/* ---- Fused AdamW (kernels/adamw.cu) ---------------------------------------------------------- */
+
+/* The per-step scalars of torch.optim.AdamW, computed on the host in f64 and rounded to f32 once,
+ * as torch's CPU kernels round their Python-float arguments. */
+typedef struct QlAdamWScalars {
+  float decay;            /* 1 - lr * weight_decay */
+  float one_minus_beta1;  /* lerp weight of the first moment */
+  float beta2;
+  float one_minus_beta2;
+  float neg_step_size;    /* -lr / (1 - beta1^t) */
+  float bc2_sqrt;         /* (1 - beta2^t)^0.5 */
+  float eps;
+  float grad_scale;       /* multiplies the gradient first (clipping, loss scaling); 1 = none */
+} QlAdamWScalars;
+
+/* One AdamW step over `n` elements with f32 moments, everything updated in place. */
+typedef struct QlAdamWParams {
+  void* param;            /* [n] of param_dtype */
+  const void* grad;       /* [n] of grad_dtype */
+  float* m;               /* [n] first moment */
+  float* v;               /* [n] second moment */
+  int64_t n;
+  QlAdamWScalars s;
+  int32_t param_dtype;    /* QlDtype */
+  int32_t grad_dtype;     /* QlDtype */
+} QlAdamWParams;
+
+/* One AdamW step with 8-bit blockwise moments: blocks of 256 consecutive elements, one u8 code per
+ * element and one f32 absmax per block for each moment (m: signed dynamic map, v: unsigned). */
+typedef struct QlAdamW8bitParams {
+  void* param;            /* [n] of param_dtype */
+  const void* grad;       /* [n] of grad_dtype */
+  uint8_t* m_q;           /* [n] */
+  uint8_t* v_q;           /* [n] */
+  float* m_absmax;        /* [ceil(n / 256)] */
+  float* v_absmax;        /* [ceil(n / 256)] */
+  const float* m_code;    /* [256] signed dynamic map, ascending */
+  const float* v_code;    /* [256] unsigned dynamic map, ascending */
+  int64_t n;
+  QlAdamWScalars s;
+  int32_t param_dtype;    /* QlDtype */
+  int32_t grad_dtype;     /* QlDtype */
+} QlAdamW8bitParams;
+
 #endif /* QLORA_ABI_H */

@@ -217,6 +217,53 @@ def make_nf4_module_fixture(outdir: Path) -> None:
         metadata=one_key_metadata({"prefix": prefix, "cpu_capability": torch.backends.cpu.get_cpu_capability()}),
     )
 
+ADAMW_STEPS = 5
+ADAMW_CASES = {
+    # torch's defaults with decoupled decay: 1 - beta1 < 0.5 takes lerp's small-weight branch.
+    "default": dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+    # 1 - beta1 >= 0.5 takes lerp's other branch; no weight decay.
+    "low_beta1": dict(lr=3e-3, betas=(0.3, 0.99), eps=1e-6, weight_decay=0.0),
+}
+
+
+def adamw_grads(n: int, steps: int, gen: torch.Generator) -> list:
+    """Gradients spanning many magnitudes, with exact zeros, so eps and tiny second moments matter."""
+    grads = []
+    for _ in range(steps):
+        g = torch.randn(n, generator=gen) * torch.pow(10.0, torch.randint(-6, 2, (n,), generator=gen).float())
+        g[::11] = 0.0
+        grads.append(g.float())
+    return grads
+
+
+def make_adamw_fixtures(outdir: Path) -> None:
+    """tests/fixtures/adamw/adamw.safetensors: torch.optim.AdamW (CPU, foreach=False, the
+    single-tensor path) for ADAMW_STEPS steps on a 37-element f32 tensor (two vector iterations of
+    ATen's CPU loop plus a scalar tail), per case `{case}.param0`, `{case}.grad{k}` (k = 1..steps),
+    and the final `{case}.param`, `{case}.m`, `{case}.v`; plus bitsandbytes' unsigned dynamic map
+    (`udynamic`, the 8-bit second-moment code book). Hyperparameters are in the metadata."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    n = 37
+    tensors = {"udynamic": F.create_dynamic_map(signed=False).contiguous()}
+    gen = torch.Generator().manual_seed(1234)
+    for case, hp in ADAMW_CASES.items():
+        p0 = (torch.randn(n, generator=gen) * 0.5).float()
+        grads = adamw_grads(n, ADAMW_STEPS, gen)
+        param = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.AdamW([param], foreach=False, fused=False, **hp)
+        for g in grads:
+            param.grad = g.clone()
+            opt.step()
+        state = opt.state[param]
+        tensors[f"{case}.param0"] = p0
+        for k, g in enumerate(grads, start=1):
+            tensors[f"{case}.grad{k}"] = g
+        tensors[f"{case}.param"] = param.detach().clone()
+        tensors[f"{case}.m"] = state["exp_avg"].clone()
+        tensors[f"{case}.v"] = state["exp_avg_sq"].clone()
+    meta = {"torch": torch.__version__, "steps": ADAMW_STEPS, "cases": ADAMW_CASES}
+    save_file(tensors, str(outdir / "adamw.safetensors"), metadata=one_key_metadata(meta))
+
 
 def main() -> int:
     torch.use_deterministic_algorithms(True)
@@ -224,6 +271,8 @@ def main() -> int:
     make_nf4_fixtures(fixtures / "nf4")
     total = sum(p.stat().st_size for p in (fixtures / "nf4").iterdir())
     print(f"wrote {fixtures / 'nf4'} ({total} bytes)")
+    make_adamw_fixtures(fixtures / "adamw")
+    print(f"wrote {fixtures / 'adamw' / 'adamw.safetensors'}")
     return 0
 
 

@@ -23,6 +23,20 @@ pub enum Op {
     /// bf16 × bf16 products accumulated in f32 (tensor-core mma vs a sequential f32 loop): the
     /// hardware accumulates with its own order and alignment, worth a few ulps per term.
     MatmulBf16,
+    /// One AdamW step (f32 or 8-bit blockwise moments): element-wise f32 ops in one fixed order,
+    /// with fma exactly where torch's CPU kernels fuse, compared in the param dtype.
+    AdamW,
+    /// RMSNorm forward (y, rstd): a row sum of squares in tree vs sequential order and rsqrt
+    /// (2 ulp on the GPU), then y = w · dtype(x · rstd).
+    RmsNorm,
+    /// RMSNorm backward (dx, and dw in f32): two reordered row sums feeding a difference that can
+    /// cancel, and dw summed over rows in a different grouping.
+    RmsNormBackward,
+    /// RoPE rotation (forward and inverse): two products and a sum per element, fused into fma
+    /// by nvcc, rounded once to the output dtype.
+    Rope,
+    /// SwiGLU forward and backward: element-wise f32 with expf (≤ 2 ulp on the GPU), rounded once.
+    Swiglu,
 }
 
 /// An absolute and a relative tolerance.
@@ -171,6 +185,120 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // AdamW: correctly rounded f32 ops (and fma) in the same order in the reference, the kernel
+    // and torch's CPU single-tensor path (pinned by tests/fixtures/adamw), bf16/f16 params being
+    // one final RNE cast; 8-bit moments add a max and a nearest-code search, both order-free.
+    (Op::AdamW, Dtype::F32, Tolerance::EXACT),
+    (Op::AdamW, Dtype::BF16, Tolerance::EXACT),
+    (Op::AdamW, Dtype::F16, Tolerance::EXACT),
+    // Reordered sums of ≤ 8192 squares (|x| ≤ ~4) and a 2-ulp rsqrt: a few e-7 relative in f32.
+    (
+        Op::RmsNorm,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // x · rstd is rounded to bf16 before the multiply by w and again after: two bf16 ulps (2^-7 each).
+    (
+        Op::RmsNorm,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 1.6e-2,
+        },
+    ),
+    // The same two roundings at f16's 2^-10.
+    (
+        Op::RmsNorm,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 2e-3,
+        },
+    ),
+    // dx = rstd·dn − x·rstd³·Σ(dn·x)/h cancels: the reordered Σ's ~sqrt(h)·eps error lands on O(1) terms.
+    (
+        Op::RmsNormBackward,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // One bf16 rounding of dx on top of the f32 differences above.
+    (
+        Op::RmsNormBackward,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // One f16 rounding of dx on top of the f32 differences above.
+    (
+        Op::RmsNormBackward,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 2e-3,
+        },
+    ),
+    // a·c − b·s may cancel; fma vs separate roundings differ by ~eps·(|a·c| + |b·s|).
+    (
+        Op::Rope,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-5,
+        },
+    ),
+    // One bf16 rounding of nearly equal f32 values: at most one bf16 ulp apart.
+    (
+        Op::Rope,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 8e-3,
+        },
+    ),
+    // One f16 rounding of nearly equal f32 values: at most one f16 ulp apart.
+    (
+        Op::Rope,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-3,
+        },
+    ),
+    // expf within 2 ulp and a few products: a few e-7 relative; atol for outputs that cancel to ~0.
+    (
+        Op::Swiglu,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-5,
+        },
+    ),
+    // One bf16 rounding of nearly equal f32 values: at most one bf16 ulp apart.
+    (
+        Op::Swiglu,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 8e-3,
+        },
+    ),
+    // One f16 rounding of nearly equal f32 values: at most one f16 ulp apart.
+    (
+        Op::Swiglu,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -188,7 +316,16 @@ mod tests {
 
     #[test]
     fn every_op_and_dtype_has_an_entry() {
-        for op in [Op::Dequantize, Op::Reduction, Op::MatmulBf16] {
+        for op in [
+            Op::Dequantize,
+            Op::Reduction,
+            Op::MatmulBf16,
+            Op::AdamW,
+            Op::RmsNorm,
+            Op::RmsNormBackward,
+            Op::Rope,
+            Op::Swiglu,
+        ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE
                     .iter()

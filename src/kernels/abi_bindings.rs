@@ -161,3 +161,330 @@ impl Default for QlEmuTestParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlRmsNormForwardParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub w: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub rstd: *mut f32,
+    pub rows: i64,
+    pub h: i32,
+    pub eps: f32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlRmsNormForwardParams"][::std::mem::size_of::<QlRmsNormForwardParams>() - 56usize];
+    ["Alignment of QlRmsNormForwardParams"]
+        [::std::mem::align_of::<QlRmsNormForwardParams>() - 8usize];
+    ["Offset of field: QlRmsNormForwardParams::x"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, x) - 0usize];
+    ["Offset of field: QlRmsNormForwardParams::w"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, w) - 8usize];
+    ["Offset of field: QlRmsNormForwardParams::y"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, y) - 16usize];
+    ["Offset of field: QlRmsNormForwardParams::rstd"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, rstd) - 24usize];
+    ["Offset of field: QlRmsNormForwardParams::rows"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, rows) - 32usize];
+    ["Offset of field: QlRmsNormForwardParams::h"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, h) - 40usize];
+    ["Offset of field: QlRmsNormForwardParams::eps"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, eps) - 44usize];
+    ["Offset of field: QlRmsNormForwardParams::dtype"]
+        [::std::mem::offset_of!(QlRmsNormForwardParams, dtype) - 48usize];
+};
+impl Default for QlRmsNormForwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlRmsNormBackwardParams {
+    pub dy: *const ::std::os::raw::c_void,
+    pub x: *const ::std::os::raw::c_void,
+    pub w: *const ::std::os::raw::c_void,
+    pub rstd: *const f32,
+    pub dx: *mut ::std::os::raw::c_void,
+    pub dw_partial: *mut f32,
+    pub rows: i64,
+    pub h: i32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlRmsNormBackwardParams"][::std::mem::size_of::<QlRmsNormBackwardParams>() - 64usize];
+    ["Alignment of QlRmsNormBackwardParams"]
+        [::std::mem::align_of::<QlRmsNormBackwardParams>() - 8usize];
+    ["Offset of field: QlRmsNormBackwardParams::dy"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, dy) - 0usize];
+    ["Offset of field: QlRmsNormBackwardParams::x"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, x) - 8usize];
+    ["Offset of field: QlRmsNormBackwardParams::w"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, w) - 16usize];
+    ["Offset of field: QlRmsNormBackwardParams::rstd"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, rstd) - 24usize];
+    ["Offset of field: QlRmsNormBackwardParams::dx"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, dx) - 32usize];
+    ["Offset of field: QlRmsNormBackwardParams::dw_partial"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, dw_partial) - 40usize];
+    ["Offset of field: QlRmsNormBackwardParams::rows"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, rows) - 48usize];
+    ["Offset of field: QlRmsNormBackwardParams::h"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, h) - 56usize];
+    ["Offset of field: QlRmsNormBackwardParams::dtype"]
+        [::std::mem::offset_of!(QlRmsNormBackwardParams, dtype) - 60usize];
+};
+impl Default for QlRmsNormBackwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlRmsNormDwReduceParams {
+    pub dw_partial: *const f32,
+    pub dw: *mut f32,
+    pub partial_rows: i32,
+    pub h: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlRmsNormDwReduceParams"][::std::mem::size_of::<QlRmsNormDwReduceParams>() - 24usize];
+    ["Alignment of QlRmsNormDwReduceParams"]
+        [::std::mem::align_of::<QlRmsNormDwReduceParams>() - 8usize];
+    ["Offset of field: QlRmsNormDwReduceParams::dw_partial"]
+        [::std::mem::offset_of!(QlRmsNormDwReduceParams, dw_partial) - 0usize];
+    ["Offset of field: QlRmsNormDwReduceParams::dw"]
+        [::std::mem::offset_of!(QlRmsNormDwReduceParams, dw) - 8usize];
+    ["Offset of field: QlRmsNormDwReduceParams::partial_rows"]
+        [::std::mem::offset_of!(QlRmsNormDwReduceParams, partial_rows) - 16usize];
+    ["Offset of field: QlRmsNormDwReduceParams::h"]
+        [::std::mem::offset_of!(QlRmsNormDwReduceParams, h) - 20usize];
+};
+impl Default for QlRmsNormDwReduceParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlRopeParams {
+    pub q: *mut ::std::os::raw::c_void,
+    pub k: *mut ::std::os::raw::c_void,
+    pub cos: *const f32,
+    pub sin: *const f32,
+    pub positions: *const i32,
+    pub tokens: i64,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub num_positions: i32,
+    pub inverse: i32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlRopeParams"][::std::mem::size_of::<QlRopeParams>() - 72usize];
+    ["Alignment of QlRopeParams"][::std::mem::align_of::<QlRopeParams>() - 8usize];
+    ["Offset of field: QlRopeParams::q"][::std::mem::offset_of!(QlRopeParams, q) - 0usize];
+    ["Offset of field: QlRopeParams::k"][::std::mem::offset_of!(QlRopeParams, k) - 8usize];
+    ["Offset of field: QlRopeParams::cos"][::std::mem::offset_of!(QlRopeParams, cos) - 16usize];
+    ["Offset of field: QlRopeParams::sin"][::std::mem::offset_of!(QlRopeParams, sin) - 24usize];
+    ["Offset of field: QlRopeParams::positions"]
+        [::std::mem::offset_of!(QlRopeParams, positions) - 32usize];
+    ["Offset of field: QlRopeParams::tokens"]
+        [::std::mem::offset_of!(QlRopeParams, tokens) - 40usize];
+    ["Offset of field: QlRopeParams::q_heads"]
+        [::std::mem::offset_of!(QlRopeParams, q_heads) - 48usize];
+    ["Offset of field: QlRopeParams::kv_heads"]
+        [::std::mem::offset_of!(QlRopeParams, kv_heads) - 52usize];
+    ["Offset of field: QlRopeParams::head_dim"]
+        [::std::mem::offset_of!(QlRopeParams, head_dim) - 56usize];
+    ["Offset of field: QlRopeParams::num_positions"]
+        [::std::mem::offset_of!(QlRopeParams, num_positions) - 60usize];
+    ["Offset of field: QlRopeParams::inverse"]
+        [::std::mem::offset_of!(QlRopeParams, inverse) - 64usize];
+    ["Offset of field: QlRopeParams::dtype"][::std::mem::offset_of!(QlRopeParams, dtype) - 68usize];
+};
+impl Default for QlRopeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlSwigluParams {
+    pub g: *const ::std::os::raw::c_void,
+    pub u: *const ::std::os::raw::c_void,
+    pub dh: *const ::std::os::raw::c_void,
+    pub h: *mut ::std::os::raw::c_void,
+    pub dg: *mut ::std::os::raw::c_void,
+    pub du: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlSwigluParams"][::std::mem::size_of::<QlSwigluParams>() - 64usize];
+    ["Alignment of QlSwigluParams"][::std::mem::align_of::<QlSwigluParams>() - 8usize];
+    ["Offset of field: QlSwigluParams::g"][::std::mem::offset_of!(QlSwigluParams, g) - 0usize];
+    ["Offset of field: QlSwigluParams::u"][::std::mem::offset_of!(QlSwigluParams, u) - 8usize];
+    ["Offset of field: QlSwigluParams::dh"][::std::mem::offset_of!(QlSwigluParams, dh) - 16usize];
+    ["Offset of field: QlSwigluParams::h"][::std::mem::offset_of!(QlSwigluParams, h) - 24usize];
+    ["Offset of field: QlSwigluParams::dg"][::std::mem::offset_of!(QlSwigluParams, dg) - 32usize];
+    ["Offset of field: QlSwigluParams::du"][::std::mem::offset_of!(QlSwigluParams, du) - 40usize];
+    ["Offset of field: QlSwigluParams::n"][::std::mem::offset_of!(QlSwigluParams, n) - 48usize];
+    ["Offset of field: QlSwigluParams::dtype"]
+        [::std::mem::offset_of!(QlSwigluParams, dtype) - 56usize];
+};
+impl Default for QlSwigluParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct QlAdamWScalars {
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub neg_step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlAdamWScalars"][::std::mem::size_of::<QlAdamWScalars>() - 32usize];
+    ["Alignment of QlAdamWScalars"][::std::mem::align_of::<QlAdamWScalars>() - 4usize];
+    ["Offset of field: QlAdamWScalars::decay"]
+        [::std::mem::offset_of!(QlAdamWScalars, decay) - 0usize];
+    ["Offset of field: QlAdamWScalars::one_minus_beta1"]
+        [::std::mem::offset_of!(QlAdamWScalars, one_minus_beta1) - 4usize];
+    ["Offset of field: QlAdamWScalars::beta2"]
+        [::std::mem::offset_of!(QlAdamWScalars, beta2) - 8usize];
+    ["Offset of field: QlAdamWScalars::one_minus_beta2"]
+        [::std::mem::offset_of!(QlAdamWScalars, one_minus_beta2) - 12usize];
+    ["Offset of field: QlAdamWScalars::neg_step_size"]
+        [::std::mem::offset_of!(QlAdamWScalars, neg_step_size) - 16usize];
+    ["Offset of field: QlAdamWScalars::bc2_sqrt"]
+        [::std::mem::offset_of!(QlAdamWScalars, bc2_sqrt) - 20usize];
+    ["Offset of field: QlAdamWScalars::eps"][::std::mem::offset_of!(QlAdamWScalars, eps) - 24usize];
+    ["Offset of field: QlAdamWScalars::grad_scale"]
+        [::std::mem::offset_of!(QlAdamWScalars, grad_scale) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlAdamWParams {
+    pub param: *mut ::std::os::raw::c_void,
+    pub grad: *const ::std::os::raw::c_void,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub n: i64,
+    pub s: QlAdamWScalars,
+    pub param_dtype: i32,
+    pub grad_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlAdamWParams"][::std::mem::size_of::<QlAdamWParams>() - 80usize];
+    ["Alignment of QlAdamWParams"][::std::mem::align_of::<QlAdamWParams>() - 8usize];
+    ["Offset of field: QlAdamWParams::param"]
+        [::std::mem::offset_of!(QlAdamWParams, param) - 0usize];
+    ["Offset of field: QlAdamWParams::grad"][::std::mem::offset_of!(QlAdamWParams, grad) - 8usize];
+    ["Offset of field: QlAdamWParams::m"][::std::mem::offset_of!(QlAdamWParams, m) - 16usize];
+    ["Offset of field: QlAdamWParams::v"][::std::mem::offset_of!(QlAdamWParams, v) - 24usize];
+    ["Offset of field: QlAdamWParams::n"][::std::mem::offset_of!(QlAdamWParams, n) - 32usize];
+    ["Offset of field: QlAdamWParams::s"][::std::mem::offset_of!(QlAdamWParams, s) - 40usize];
+    ["Offset of field: QlAdamWParams::param_dtype"]
+        [::std::mem::offset_of!(QlAdamWParams, param_dtype) - 72usize];
+    ["Offset of field: QlAdamWParams::grad_dtype"]
+        [::std::mem::offset_of!(QlAdamWParams, grad_dtype) - 76usize];
+};
+impl Default for QlAdamWParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlAdamW8bitParams {
+    pub param: *mut ::std::os::raw::c_void,
+    pub grad: *const ::std::os::raw::c_void,
+    pub m_q: *mut u8,
+    pub v_q: *mut u8,
+    pub m_absmax: *mut f32,
+    pub v_absmax: *mut f32,
+    pub m_code: *const f32,
+    pub v_code: *const f32,
+    pub n: i64,
+    pub s: QlAdamWScalars,
+    pub param_dtype: i32,
+    pub grad_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlAdamW8bitParams"][::std::mem::size_of::<QlAdamW8bitParams>() - 112usize];
+    ["Alignment of QlAdamW8bitParams"][::std::mem::align_of::<QlAdamW8bitParams>() - 8usize];
+    ["Offset of field: QlAdamW8bitParams::param"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, param) - 0usize];
+    ["Offset of field: QlAdamW8bitParams::grad"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, grad) - 8usize];
+    ["Offset of field: QlAdamW8bitParams::m_q"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, m_q) - 16usize];
+    ["Offset of field: QlAdamW8bitParams::v_q"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, v_q) - 24usize];
+    ["Offset of field: QlAdamW8bitParams::m_absmax"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, m_absmax) - 32usize];
+    ["Offset of field: QlAdamW8bitParams::v_absmax"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, v_absmax) - 40usize];
+    ["Offset of field: QlAdamW8bitParams::m_code"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, m_code) - 48usize];
+    ["Offset of field: QlAdamW8bitParams::v_code"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, v_code) - 56usize];
+    ["Offset of field: QlAdamW8bitParams::n"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, n) - 64usize];
+    ["Offset of field: QlAdamW8bitParams::s"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, s) - 72usize];
+    ["Offset of field: QlAdamW8bitParams::param_dtype"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, param_dtype) - 104usize];
+    ["Offset of field: QlAdamW8bitParams::grad_dtype"]
+        [::std::mem::offset_of!(QlAdamW8bitParams, grad_dtype) - 108usize];
+};
+impl Default for QlAdamW8bitParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -21,11 +21,27 @@ unsafe impl DeviceRepr for QlNf4QuantizeParams {}
 unsafe impl DeviceRepr for QlNf4DequantizeParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for QlEmuTestParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlRmsNormForwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlRmsNormBackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlRmsNormDwReduceParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlRopeParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlSwigluParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlAdamWParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlAdamW8bitParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
         "nf4" => Some(ptx::NF4),
         "emu_selftest" => Some(ptx::EMU_SELFTEST),
+        "llama" => Some(ptx::LLAMA),
+        "adamw" => Some(ptx::ADAMW),
         _ => None,
     }
 }

@@ -3,10 +3,12 @@
 //! built by nvcc launched through cudarc.
 
 pub mod abi;
+pub mod adamw;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod emu;
 pub mod launch;
+pub mod llama;
 pub mod nf4;
 
 pub use launch::{Kernel, LaunchConfig};

@@ -39,7 +39,7 @@ pub fn dynamic_map_signed() -> [f32; 256] {
 }
 
 /// torch's CPU `linspace(start, end, steps)` for f32 (steps >= 2), as described above.
-fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
