@@ -265,6 +265,105 @@ def make_adamw_fixtures(outdir: Path) -> None:
     save_file(tensors, str(outdir / "adamw.safetensors"), metadata=one_key_metadata(meta))
 
 
+LLAMA_SHAPE = dict(
+    hidden_size=72, num_attention_heads=6, num_key_value_heads=2, intermediate_size=136,
+    vocab_size=200, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+def tiny_llama(seed: int, dtype: torch.dtype, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA_SHAPE, **overrides})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        # Random norms, so a loader that mixes up the two norms of a layer is caught.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape))
+    return model
+
+
+def write_llama_rope(model, outdir: Path) -> None:
+    """rope.safetensors: the f32 inverse frequencies of transformers' RoPE init function for the
+    config (the model's own buffer went through `.to(dtype)`, so it is bf16-rounded in a bf16 model)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = model.model.rotary_emb
+    init = rope.compute_default_rope_parameters if rope.rope_type == "default" else ROPE_INIT_FUNCTIONS[rope.rope_type]
+    inv_freq, _ = init(model.config)
+    assert inv_freq.dtype == torch.float32
+    inv_freq = inv_freq.contiguous()
+    save_file({"inv_freq": inv_freq}, str(outdir / "rope.safetensors"), metadata={"format": "pt"})
+
+
+def write_bnb_llama(model, outdir: Path) -> None:
+    """A bnb NF4 pre-quantized checkpoint built by hand: each of the seven linears of every layer
+    goes through bnb.nn.Linear4bit (double quant, blocksize 64) and its state dict is saved under
+    the module's name, as `save_pretrained` of a model loaded with BitsAndBytesConfig writes it
+    (transformers' own 4-bit loading needs accelerate and a bnb device; the tensors are the same)."""
+    from transformers import BitsAndBytesConfig
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, p in model.state_dict().items():
+        module = name[: -len(".weight")]
+        if any(module.endswith(lin) for lin in LLAMA_LINEARS):
+            w = p.detach().clone()
+            layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64)
+            layer = layer.to("cpu")
+            for k, v in layer.state_dict().items():
+                state[f"{module}.{k}"] = v.contiguous()
+        else:
+            state[name] = p.detach().contiguous()
+    save_file(state, str(outdir / "model.safetensors"), metadata={"format": "pt"})
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    config = model.config.to_dict()
+    config["quantization_config"] = qc.to_dict()
+    (outdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def make_llama_fixtures(outdir: Path) -> None:
+    """tests/fixtures/llama/<name>/: tiny random Llama checkpoints saved by transformers, each with
+    rope.safetensors (the model's RoPE inverse frequencies).
+    - base: bf16, default RoPE, untied lm_head, one model.safetensors
+    - llama3_tied_f32: f32, llama3 rope scaling, tie_word_embeddings
+    - sharded: base's weights (same seed) with linear rope scaling, saved in shards with
+      model.safetensors.index.json
+    - bnb_nf4: base's weights with the seven linears of every layer as bnb NF4 (see write_bnb_llama)"""
+    base = tiny_llama(11, torch.bfloat16)
+    cases = {
+        "base": (base, {}),
+        "llama3_tied_f32": (tiny_llama(12, torch.float32, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
+        "sharded": (tiny_llama(11, torch.bfloat16, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+                    {"max_shard_size": "60KB"}),
+    }
+    for name, (model, kwargs) in cases.items():
+        d = outdir / name
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+        model.save_pretrained(str(d), **kwargs)
+        (d / "generation_config.json").unlink(missing_ok=True)
+        write_llama_rope(model, d)
+    d = outdir / "bnb_nf4"
+    if d.exists():
+        for f in d.iterdir():
+            f.unlink()
+    write_bnb_llama(base, d)
+    write_llama_rope(base, d)
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -273,6 +372,9 @@ def main() -> int:
     print(f"wrote {fixtures / 'nf4'} ({total} bytes)")
     make_adamw_fixtures(fixtures / "adamw")
     print(f"wrote {fixtures / 'adamw' / 'adamw.safetensors'}")
+    make_llama_fixtures(fixtures / "llama")
+    total = sum(p.stat().st_size for p in (fixtures / "llama").rglob("*") if p.is_file())
+    print(f"wrote {fixtures / 'llama'} ({total} bytes)")
     return 0
 
 

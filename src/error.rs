@@ -25,6 +25,10 @@ pub enum Error {
     #[error("no CUDA device available: {0}")]
     NoCudaDevice(String),
 
+    /// A model `config.json` field is missing, malformed, inconsistent or unsupported.
+    #[error("config: `{field}`: {reason}")]
+    Config { field: &'static str, reason: String },
+
     /// A checkpoint tensor is missing.
     #[error("checkpoint: missing tensor `{key}`")]
     MissingTensor { key: String },

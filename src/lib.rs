@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod kernels;
+pub mod model;
 pub mod quant;
 pub mod testing;
 pub mod tolerance;

@@ -1,0 +1,8 @@
+//! The Llama model: `config.json` parsing and validation with the RoPE inverse frequencies
+//! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`).
+
+pub mod config;
+pub mod weights;
+
+pub use config::{BnbQuantConfig, LlamaConfig, RopeScaling, TorchDtype};
+pub use weights::{LayerWeights, Linear, LlamaWeights, LoadOptions};

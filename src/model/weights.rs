@@ -1,0 +1,335 @@
+//! Llama weights from a Hugging Face checkpoint directory: `model.safetensors`, or the shards
+//! named by `model.safetensors.index.json`, memory-mapped and read one tensor at a time by HF name
+//! (`model.layers.{i}.self_attn.q_proj.weight` `[heads·head_dim, hidden]`, ...).
+//!
+//! Memory: shards are mapped, not read, so their pages are file-backed and reclaimable. Each
+//! tensor is converted (and, with [`LoadOptions::quantize`], NF4-quantized) on its own, so the heap
+//! peak is the loaded result plus one tensor's converted copy — for a quantized model, the NF4
+//! linears, the dense embeddings/norms/lm_head and one linear in f32 — never the bf16 model.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+use crate::model::config::LlamaConfig;
+use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
+use crate::quant::nf4::Nf4Tensor;
+use crate::{Error, Result};
+
+/// Block size of quantize-on-load (bitsandbytes' default for `load_in_4bit`).
+pub const NF4_LOAD_BLOCKSIZE: usize = 64;
+
+/// The single-file checkpoint name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The shard index name.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A frozen linear weight `[out, in]`: dense, or NF4 as bitsandbytes stores it. Seven per layer,
+/// so the inline 1 KiB nested map of `Nf4Tensor` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Linear {
+    Dense(Tensor),
+    Nf4(Nf4Tensor),
+}
+
+/// One decoder layer's weights.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// Every weight of a Llama causal LM.
+#[derive(Clone, Debug)]
+pub struct LlamaWeights {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm `[hidden]`.
+    pub norm: Tensor,
+    /// `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+}
+
+/// How to load: dense tensors' dtype and device, and whether to quantize the seven linears.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Dtype of dense tensors (F32, F16 or BF16); quantize-on-load quantizes values in this dtype,
+    /// as bitsandbytes quantizes the weights `from_pretrained(torch_dtype=...)` loaded.
+    pub dtype: DType,
+    pub device: Device,
+    /// Quantize every layer's seven linears to NF4 (blocksize 64, double quant); embeddings,
+    /// norms and lm_head stay dense. Linears stored pre-quantized by bitsandbytes are NF4
+    /// whatever this says, and are never requantized.
+    pub quantize: bool,
+}
+
+impl LlamaWeights {
+    /// The output projection: `lm_head`, or the embeddings when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Loads the checkpoint in `dir` for `config`. A missing tensor gives
+    /// [`Error::MissingTensor`]; a wrong shape or dtype gives [`Error::BadTensor`], both naming it.
+    pub fn load(
+        dir: impl AsRef<Path>,
+        config: &LlamaConfig,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::invalid(
+                "LlamaWeights::load",
+                format!("dtype {:?} is not f32, f16 or bf16", options.dtype),
+            ));
+        }
+        let files = shard_files(dir.as_ref())?;
+        let maps = files
+            .iter()
+            .map(|path| map_file(path))
+            .collect::<Result<Vec<_>>>()?;
+        let checkpoint = Checkpoint::new(&maps)?;
+        Loader {
+            checkpoint,
+            config,
+            options,
+        }
+        .load()
+    }
+}
+
+/// The safetensors files of the checkpoint in `dir`, in index order.
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.exists() {
+        return Ok(vec![dir.join(SINGLE_FILE)]);
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+    let index: Index = serde_json::from_str(&text)?;
+    let mut names: Vec<&String> = index.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let plain = Path::new(name)
+                .file_name()
+                .is_some_and(|f| f == name.as_str());
+            if plain {
+                Ok(dir.join(name))
+            } else {
+                Err(Error::invalid(
+                    "LlamaWeights::load",
+                    format!(
+                        "{}: shard {name:?} is not a file name",
+                        index_path.display()
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and lives only while loading; like every safetensors reader
+    // that maps, we rely on nobody truncating or rewriting the checkpoint file meanwhile.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// The parsed headers of every shard and which shard holds each tensor.
+struct Checkpoint<'a> {
+    shards: Vec<SafeTensors<'a>>,
+    shard_of: HashMap<String, usize>,
+}
+
+impl<'a> Checkpoint<'a> {
+    fn new(maps: &'a [Mmap]) -> Result<Self> {
+        let shards = maps
+            .iter()
+            .map(|m| SafeTensors::deserialize(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut shard_of = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.names() {
+                shard_of.insert(name.to_string(), i);
+            }
+        }
+        Ok(Self { shards, shard_of })
+    }
+
+    fn shard(&self, key: &str) -> Option<&SafeTensors<'a>> {
+        self.shard_of.get(key).map(|&i| &self.shards[i])
+    }
+
+    fn view(&self, key: &str) -> Result<TensorView<'a>> {
+        self.shard(key)
+            .and_then(|st| st.tensor(key).ok())
+            .ok_or_else(|| Error::MissingTensor {
+                key: key.to_string(),
+            })
+    }
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> Error {
+    Error::BadTensor {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// One tensor's values converted to the load dtype.
+enum HostValues {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+fn widen(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    let width = dtype.bitsize() / 8;
+    bytes.chunks_exact(width).map(move |b| match dtype {
+        Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    })
+}
+
+/// Converts `view` (F32, F16 or BF16) to `dtype` with round-to-nearest-even, as torch's `.to()`.
+fn host_values(key: &str, view: &TensorView<'_>, dtype: DType) -> Result<HostValues> {
+    let src = view.dtype();
+    if !matches!(src, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        return Err(bad(key, format!("dtype {src:?} is not F32, F16 or BF16")));
+    }
+    let bytes = view.data();
+    Ok(match dtype {
+        DType::F16 => HostValues::F16(widen(src, bytes).map(f16::from_f32).collect()),
+        DType::BF16 => HostValues::BF16(widen(src, bytes).map(bf16::from_f32).collect()),
+        _ => HostValues::F32(widen(src, bytes).collect()),
+    })
+}
+
+struct Loader<'a, 'c> {
+    checkpoint: Checkpoint<'a>,
+    config: &'c LlamaConfig,
+    options: &'c LoadOptions,
+}
+
+impl Loader<'_, '_> {
+    fn load(&self) -> Result<LlamaWeights> {
+        let c = self.config;
+        let embed_tokens =
+            self.dense("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| self.layer(i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = self.dense("model.norm.weight", &[c.hidden_size])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.dense("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+        };
+        Ok(LlamaWeights {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    fn layer(&self, i: usize) -> Result<LayerWeights> {
+        let c = self.config;
+        let (h, m) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let p = format!("model.layers.{i}");
+        Ok(LayerWeights {
+            input_layernorm: self.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: self
+                .dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            q_proj: self.linear(&format!("{p}.self_attn.q_proj"), [q, h])?,
+            k_proj: self.linear(&format!("{p}.self_attn.k_proj"), [kv, h])?,
+            v_proj: self.linear(&format!("{p}.self_attn.v_proj"), [kv, h])?,
+            o_proj: self.linear(&format!("{p}.self_attn.o_proj"), [h, q])?,
+            gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), [m, h])?,
+            up_proj: self.linear(&format!("{p}.mlp.up_proj"), [m, h])?,
+            down_proj: self.linear(&format!("{p}.mlp.down_proj"), [h, m])?,
+        })
+    }
+
+    /// The view of `key`, checked to have `shape`.
+    fn checked_view(&self, key: &str, shape: &[usize]) -> Result<TensorView<'_>> {
+        let view = self.checkpoint.view(key)?;
+        if view.shape() != shape {
+            return Err(bad(
+                key,
+                format!("shape {:?}, expected {shape:?}", view.shape()),
+            ));
+        }
+        Ok(view)
+    }
+
+    fn dense(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let view = self.checked_view(key, shape)?;
+        let tensor = match host_values(key, &view, self.options.dtype)? {
+            HostValues::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            HostValues::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+            HostValues::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
+        };
+        Ok(tensor.to_device(&self.options.device)?)
+    }
+
+    fn linear(&self, prefix: &str, shape: [usize; 2]) -> Result<Linear> {
+        let key = format!("{prefix}.weight");
+        if let Some(st) = self
+            .checkpoint
+            .shard(&key)
+            .filter(|st| is_bnb_nf4(st, prefix))
+        {
+            let t = nf4_from_safetensors(st, prefix)?;
+            if t.shape != shape {
+                return Err(bad(
+                    &key,
+                    format!("NF4 shape {:?}, expected {shape:?}", t.shape),
+                ));
+            }
+            return Ok(Linear::Nf4(t));
+        }
+        if !self.options.quantize {
+            return Ok(Linear::Dense(self.dense(&key, &shape)?));
+        }
+        let view = self.checked_view(&key, &shape)?;
+        let (bs, dq) = (NF4_LOAD_BLOCKSIZE, true);
+        let t = match host_values(&key, &view, self.options.dtype)? {
+            HostValues::F32(v) => Nf4Tensor::quantize(&v, &shape, bs, dq)?,
+            HostValues::BF16(v) => Nf4Tensor::quantize_bf16(&v, &shape, bs, dq)?,
+            HostValues::F16(v) => {
+                // f16 widens to f32 exactly, so this is bitsandbytes quantizing the f16 tensor.
+                let widened: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                drop(v);
+                let mut t = Nf4Tensor::quantize(&widened, &shape, bs, dq)?;
+                t.dtype = "float16".to_string();
+                t
+            }
+        };
+        Ok(Linear::Nf4(t))
+    }
+}
