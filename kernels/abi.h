@@ -176,4 +176,29 @@ typedef struct QlAdamW8bitParams {
   int32_t grad_dtype;     /* QlDtype */
 } QlAdamW8bitParams;
 
+/* ---- NF4 small-M GEMV (kernels/nf4_gemv.cu) ------------------------------------------------- */
+
+/* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < M <= 16, with w the NF4 [N, K] weight:
+ * blocks of `blocksize` over the flattened [N, K] array, scales as in QlNf4DequantizeParams
+ * (`absmax` non-null: f32; else double quantized). f32 accumulation, one rounding to y_dtype. */
+typedef struct QlNf4GemvParams {
+  const void* x;               /* [m, k] of x_dtype */
+  const uint8_t* packed;       /* [ceil(n * k / 2)] */
+  const float* code;           /* [16] */
+  const float* absmax;         /* [nblocks] f32 scales, or null for double quant */
+  const uint8_t* absmax_q;     /* [nblocks] 8-bit scale codes (double quant) */
+  const float* nested_code;    /* [256] dynamic 8-bit code map (double quant) */
+  const float* nested_absmax;  /* [ceil(nblocks / nested_blocksize)] (double quant) */
+  const void* bias;            /* [n] of y_dtype, or null */
+  void* y;                     /* [m, n] of y_dtype */
+  int64_t n;
+  int64_t k;
+  float nested_offset;
+  int32_t m;
+  int32_t blocksize;
+  int32_t nested_blocksize;
+  int32_t x_dtype;             /* QlDtype: F32 or BF16 */
+  int32_t y_dtype;             /* QlDtype: F32 or BF16 */
+} QlNf4GemvParams;
+
 #endif /* QLORA_ABI_H */

@@ -37,6 +37,9 @@ pub enum Op {
     Rope,
     /// SwiGLU forward and backward: element-wise f32 with expf (≤ 2 ulp on the GPU), rounded once.
     Swiglu,
+    /// NF4 GEMV (decode): bit-exact dequantized weights, products of x and w accumulated in f32
+    /// with fma in lane-strided chunks and a shuffle tree vs a sequential loop, rounded once.
+    Nf4Gemv,
 }
 
 /// An absolute and a relative tolerance.
@@ -299,6 +302,34 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // Reordered f32 sums of K ≤ 16384 products |x·w| ≲ 0.1 (fma vs a rounded product): the error
+    // grows like sqrt(K)·eps·Σ|x·w|, a few e-6 on outputs of order 1; atol for outputs near 0.
+    (
+        Op::Nf4Gemv,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // One bf16 rounding of nearly equal f32 values: at most one bf16 ulp (2^-8 relative) apart.
+    (
+        Op::Nf4Gemv,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernel writes no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::Nf4Gemv,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -325,6 +356,7 @@ mod tests {
             Op::RmsNormBackward,
             Op::Rope,
             Op::Swiglu,
+            Op::Nf4Gemv,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -488,3 +488,67 @@ impl Default for QlAdamW8bitParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlNf4GemvParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub packed: *const u8,
+    pub code: *const f32,
+    pub absmax: *const f32,
+    pub absmax_q: *const u8,
+    pub nested_code: *const f32,
+    pub nested_absmax: *const f32,
+    pub bias: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub k: i64,
+    pub nested_offset: f32,
+    pub m: i32,
+    pub blocksize: i32,
+    pub nested_blocksize: i32,
+    pub x_dtype: i32,
+    pub y_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlNf4GemvParams"][::std::mem::size_of::<QlNf4GemvParams>() - 112usize];
+    ["Alignment of QlNf4GemvParams"][::std::mem::align_of::<QlNf4GemvParams>() - 8usize];
+    ["Offset of field: QlNf4GemvParams::x"][::std::mem::offset_of!(QlNf4GemvParams, x) - 0usize];
+    ["Offset of field: QlNf4GemvParams::packed"]
+        [::std::mem::offset_of!(QlNf4GemvParams, packed) - 8usize];
+    ["Offset of field: QlNf4GemvParams::code"]
+        [::std::mem::offset_of!(QlNf4GemvParams, code) - 16usize];
+    ["Offset of field: QlNf4GemvParams::absmax"]
+        [::std::mem::offset_of!(QlNf4GemvParams, absmax) - 24usize];
+    ["Offset of field: QlNf4GemvParams::absmax_q"]
+        [::std::mem::offset_of!(QlNf4GemvParams, absmax_q) - 32usize];
+    ["Offset of field: QlNf4GemvParams::nested_code"]
+        [::std::mem::offset_of!(QlNf4GemvParams, nested_code) - 40usize];
+    ["Offset of field: QlNf4GemvParams::nested_absmax"]
+        [::std::mem::offset_of!(QlNf4GemvParams, nested_absmax) - 48usize];
+    ["Offset of field: QlNf4GemvParams::bias"]
+        [::std::mem::offset_of!(QlNf4GemvParams, bias) - 56usize];
+    ["Offset of field: QlNf4GemvParams::y"][::std::mem::offset_of!(QlNf4GemvParams, y) - 64usize];
+    ["Offset of field: QlNf4GemvParams::n"][::std::mem::offset_of!(QlNf4GemvParams, n) - 72usize];
+    ["Offset of field: QlNf4GemvParams::k"][::std::mem::offset_of!(QlNf4GemvParams, k) - 80usize];
+    ["Offset of field: QlNf4GemvParams::nested_offset"]
+        [::std::mem::offset_of!(QlNf4GemvParams, nested_offset) - 88usize];
+    ["Offset of field: QlNf4GemvParams::m"][::std::mem::offset_of!(QlNf4GemvParams, m) - 92usize];
+    ["Offset of field: QlNf4GemvParams::blocksize"]
+        [::std::mem::offset_of!(QlNf4GemvParams, blocksize) - 96usize];
+    ["Offset of field: QlNf4GemvParams::nested_blocksize"]
+        [::std::mem::offset_of!(QlNf4GemvParams, nested_blocksize) - 100usize];
+    ["Offset of field: QlNf4GemvParams::x_dtype"]
+        [::std::mem::offset_of!(QlNf4GemvParams, x_dtype) - 104usize];
+    ["Offset of field: QlNf4GemvParams::y_dtype"]
+        [::std::mem::offset_of!(QlNf4GemvParams, y_dtype) - 108usize];
+};
+impl Default for QlNf4GemvParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

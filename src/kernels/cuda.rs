@@ -35,6 +35,8 @@ unsafe impl DeviceRepr for super::abi::QlSwigluParams {}
 unsafe impl DeviceRepr for super::abi::QlAdamWParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlAdamW8bitParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlNf4GemvParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
@@ -42,6 +44,7 @@ fn module_ptx(module: &str) -> Option<&'static str> {
         "emu_selftest" => Some(ptx::EMU_SELFTEST),
         "llama" => Some(ptx::LLAMA),
         "adamw" => Some(ptx::ADAMW),
+        "nf4_gemv" => Some(ptx::NF4_GEMV),
         _ => None,
     }
 }

@@ -10,5 +10,6 @@ pub mod emu;
 pub mod launch;
 pub mod llama;
 pub mod nf4;
+pub mod nf4_gemv;
 
 pub use launch::{Kernel, LaunchConfig};

@@ -124,7 +124,7 @@ pub enum Scales<'a> {
 
 /// Buffer lengths of a set of block scales, host or device. (Any f32 offset is valid: bitsandbytes
 /// stores an infinite mean when the block maxima overflow, and dequantizes it as such.)
-enum ScaleLens {
+pub(crate) enum ScaleLens {
     F32 {
         absmax: usize,
     },
@@ -136,7 +136,7 @@ enum ScaleLens {
     },
 }
 
-fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result<()> {
+pub(crate) fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result<()> {
     match lens {
         ScaleLens::F32 { absmax } => layout.check_len(op, "absmax", absmax, layout.blocks()),
         ScaleLens::Double {
@@ -160,7 +160,7 @@ fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens) -> Result
 }
 
 impl Scales<'_> {
-    fn lens(&self) -> ScaleLens {
+    pub(crate) fn lens(&self) -> ScaleLens {
         match *self {
             Scales::F32(absmax) => ScaleLens::F32 {
                 absmax: absmax.len(),
@@ -292,7 +292,7 @@ mod cuda_impl {
     }
 
     impl DeviceScales<'_> {
-        fn lens(&self) -> ScaleLens {
+        pub(crate) fn lens(&self) -> ScaleLens {
             match self {
                 DeviceScales::F32(absmax) => ScaleLens::F32 {
                     absmax: absmax.len(),
