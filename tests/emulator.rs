@@ -1,6 +1,11 @@
 //! The CPU emulation of CUDA, pinned through its self-test kernels (`kernels/emu_selftest.cu`):
 //! barriers, warp collectives, tensor-core fragment layouts, cp.async ordering, conversions and
 //! atomics against plain Rust references, and races / bounds / misuse reported as errors.
+//!
+//! Each semantic check is written once against a [`Backend`] and runs on the emulation and, with
+//! feature `cuda` and a GPU, on the device (`mod cuda`), so the emulation is checked against
+//! silicon. The misuse tests (races, out-of-bounds, bad synchronization, watchdog, stale cp.async
+//! reads) are undefined behaviour on a GPU and stay emulation-only.
 
 use qlora::kernels::abi::QlEmuTestParams;
 use qlora::kernels::emu::{self, selftest, EmuOptions};
@@ -12,30 +17,119 @@ use rand::{Rng, SeedableRng};
 use std::ffi::c_void;
 use std::time::Duration;
 
-/// 16 bytes of `T`, 16-byte aligned: cp.async sources must be.
-#[derive(Clone, Copy)]
-#[repr(C, align(16))]
-struct Align16<T: Copy, const N: usize>([T; N]);
+#[cfg(feature = "cuda")]
+use qlora::kernels::cuda::CudaDevice;
 
-fn aligned<T: Copy + Default, const N: usize>(values: &[T]) -> Vec<Align16<T, N>> {
-    let mut v = vec![Align16([T::default(); N]); values.len().div_ceil(N)];
-    for (i, &x) in values.iter().enumerate() {
-        v[i / N].0[i % N] = x;
-    }
-    v
+/// 16 bytes, 16-byte aligned: cp.async sources must be.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(16))]
+struct Chunk([u8; 16]);
+
+/// A kernel input: the native-endian bytes of its values, in 16-byte aligned storage.
+#[derive(Default)]
+struct Input {
+    chunks: Vec<Chunk>,
+    len: usize,
 }
 
-fn params() -> QlEmuTestParams {
-    QlEmuTestParams {
-        a: std::ptr::null(),
-        b: std::ptr::null(),
-        c: std::ptr::null(),
-        out: std::ptr::null_mut(),
-        out_u32: std::ptr::null_mut(),
-        m: 0,
-        n: 0,
-        k: 0,
-        flags: 0,
+impl Input {
+    fn new<T: Copy, const W: usize>(values: &[T], to_bytes: fn(T) -> [u8; W]) -> Self {
+        let len = values.len() * W;
+        let mut chunks = vec![Chunk::default(); len.div_ceil(16)];
+        for (i, byte) in values.iter().flat_map(|&x| to_bytes(x)).enumerate() {
+            chunks[i / 16].0[i % 16] = byte;
+        }
+        Input { chunks, len }
+    }
+
+    /// The host address of the bytes; null for an empty (unused) input.
+    fn host_ptr(&self) -> *const c_void {
+        if self.len == 0 {
+            std::ptr::null()
+        } else {
+            self.chunks.as_ptr().cast()
+        }
+    }
+}
+
+/// The host address of an output; null for an empty (unused) one.
+fn host_out_ptr<T>(v: &mut [T]) -> *mut T {
+    if v.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        v.as_mut_ptr()
+    }
+}
+
+/// One launch of a self-test kernel: the inputs behind `a`, `b`, `c`, the initial contents of the
+/// two outputs (the kernel may read them, and elements it leaves alone come back unchanged), and
+/// the scalar fields of [`QlEmuTestParams`]. Each check sizes the buffers as the kernel's comment
+/// in kernels/emu_selftest.cu documents for its launch configuration.
+#[derive(Default)]
+struct Launch {
+    a: Input,
+    b: Input,
+    c: Input,
+    out: Vec<f32>,
+    out_u32: Vec<u32>,
+    m: i32,
+    n: i32,
+    k: i32,
+    flags: i32,
+}
+
+/// The outputs after a launch.
+#[derive(Debug)]
+struct Outputs {
+    out: Vec<f32>,
+    out_u32: Vec<u32>,
+}
+
+/// Where a self-test kernel runs.
+enum Backend<'a> {
+    /// The CPU emulation with these options, on host memory.
+    Emulated(&'a EmuOptions),
+    /// The PTX on a GPU: inputs and outputs are copied to the device and back.
+    #[cfg(feature = "cuda")]
+    Cuda(&'a CudaDevice),
+}
+
+impl Backend<'_> {
+    /// Runs `kernel` over `cfg` and waits for it; returns what it left in the outputs.
+    fn run(&self, kernel: Kernel, cfg: LaunchConfig, launch: Launch) -> qlora::Result<Outputs> {
+        match self {
+            Backend::Emulated(options) => {
+                let Launch {
+                    a,
+                    b,
+                    c,
+                    mut out,
+                    mut out_u32,
+                    m,
+                    n,
+                    k,
+                    flags,
+                } = launch;
+                let p = QlEmuTestParams {
+                    a: a.host_ptr(),
+                    b: b.host_ptr(),
+                    c: c.host_ptr(),
+                    out: host_out_ptr(&mut out),
+                    out_u32: host_out_ptr(&mut out_u32),
+                    m,
+                    n,
+                    k,
+                    flags,
+                };
+                // SAFETY: the check sized every buffer behind `p` for this kernel and `cfg` (see
+                // `Launch`); they are owned here and outlive the call, which returns only once
+                // every emulated thread has finished.
+                unsafe { emu::launch_with(&kernel, &cfg, &p, options) }?;
+                Ok(Outputs { out, out_u32 })
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(dev) => cuda::run(dev, &kernel, &cfg, &launch),
+        }
     }
 }
 
@@ -45,21 +139,6 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> LaunchConfig
         block_dim: block,
         shared_mem_bytes: smem,
     }
-}
-
-fn run_with(
-    kernel: Kernel,
-    c: LaunchConfig,
-    p: &QlEmuTestParams,
-    o: &EmuOptions,
-) -> qlora::Result<()> {
-    // SAFETY: every test sizes the buffers behind `p` for its launch as the kernel's comment in
-    // kernels/emu_selftest.cu documents, and keeps them alive across this call.
-    unsafe { emu::launch_with(&kernel, &c, p, o) }
-}
-
-fn run(kernel: Kernel, c: LaunchConfig, p: &QlEmuTestParams) -> qlora::Result<()> {
-    run_with(kernel, c, p, &EmuOptions::default())
 }
 
 /// Default options with race checking on even under `QLORA_EMU_RACECHECK=0`.
@@ -81,8 +160,7 @@ fn bf16_round(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-#[test]
-fn block_reduce_matches_reference_for_block_shapes() {
+fn check_block_reduce(backend: &Backend) {
     let n = 10_007usize;
     let a: Vec<f32> = {
         let mut rng = StdRng::seed_from_u64(1);
@@ -99,18 +177,21 @@ fn block_reduce_matches_reference_for_block_shapes() {
         (16, 6, 1),
         (1, 1, 1),
     ] {
-        let mut out = vec![f32::NAN; blocks];
-        let mut p = params();
-        p.a = a.as_ptr().cast::<c_void>();
-        p.out = out.as_mut_ptr();
-        p.n = n as i32;
-        p.k = slice as i32;
-        run(
-            selftest::BLOCK_REDUCE,
-            cfg((blocks as u32, 1, 1), block, 128),
-            &p,
-        )
-        .unwrap();
+        let launch = Launch {
+            a: Input::new(&a, f32::to_ne_bytes),
+            out: vec![f32::NAN; blocks],
+            n: n as i32,
+            k: slice as i32,
+            ..Launch::default()
+        };
+        let out = backend
+            .run(
+                selftest::BLOCK_REDUCE,
+                cfg((blocks as u32, 1, 1), block, 128),
+                launch,
+            )
+            .unwrap()
+            .out;
         tolerance::lookup(Op::Reduction, Dtype::F32)
             .check(&out, &want)
             .unwrap_or_else(|e| panic!("block {block:?}: {e}"));
@@ -118,38 +199,53 @@ fn block_reduce_matches_reference_for_block_shapes() {
 }
 
 #[test]
-fn large_grid_with_barriers_and_shuffles_runs() {
+fn block_reduce_matches_reference_for_block_shapes() {
+    check_block_reduce(&Backend::Emulated(&EmuOptions::default()));
+}
+
+fn check_large_grid(backend: &Backend) {
     // 64 blocks of 256 threads, ten shuffle rounds and a barrier each: the launch the emulator is
     // sized for (about half a second on 2 cores).
     let blocks = 64;
     let a = vec![1.0f32; blocks * 1000];
-    let mut out = vec![0.0f32; blocks];
-    let mut p = params();
-    p.a = a.as_ptr().cast::<c_void>();
-    p.out = out.as_mut_ptr();
-    p.n = a.len() as i32;
-    p.k = 1000;
-    run(
-        selftest::BLOCK_REDUCE,
-        cfg((blocks as u32, 1, 1), (256, 1, 1), 128),
-        &p,
-    )
-    .unwrap();
+    let launch = Launch {
+        a: Input::new(&a, f32::to_ne_bytes),
+        out: vec![0.0; blocks],
+        n: a.len() as i32,
+        k: 1000,
+        ..Launch::default()
+    };
+    let out = backend
+        .run(
+            selftest::BLOCK_REDUCE,
+            cfg((blocks as u32, 1, 1), (256, 1, 1), 128),
+            launch,
+        )
+        .unwrap()
+        .out;
     assert!(out.iter().all(|&s| s == 1000.0), "{out:?}");
 }
 
 #[test]
-fn warp_scan_gives_inclusive_prefix_sums_per_section() {
+fn large_grid_with_barriers_and_shuffles_runs() {
+    check_large_grid(&Backend::Emulated(&EmuOptions::default()));
+}
+
+fn check_warp_scan(backend: &Backend) {
     let n = 128;
     let mut rng = StdRng::seed_from_u64(2);
     let a: Vec<u32> = (0..n).map(|_| rng.random_range(0..1000)).collect();
     for width in [32usize, 16, 8, 1] {
-        let mut out = vec![0u32; n];
-        let mut p = params();
-        p.a = a.as_ptr().cast::<c_void>();
-        p.out_u32 = out.as_mut_ptr();
-        p.k = width as i32;
-        run(selftest::WARP_SCAN, cfg((2, 1, 1), (64, 1, 1), 0), &p).unwrap();
+        let launch = Launch {
+            a: Input::new(&a, u32::to_ne_bytes),
+            out_u32: vec![0; n],
+            k: width as i32,
+            ..Launch::default()
+        };
+        let out = backend
+            .run(selftest::WARP_SCAN, cfg((2, 1, 1), (64, 1, 1), 0), launch)
+            .unwrap()
+            .out_u32;
         let want: Vec<u32> = a
             .chunks(width)
             .flat_map(|c| {
@@ -161,6 +257,11 @@ fn warp_scan_gives_inclusive_prefix_sums_per_section() {
             .collect();
         assert_eq!(out, want, "width {width}");
     }
+}
+
+#[test]
+fn warp_scan_gives_inclusive_prefix_sums_per_section() {
+    check_warp_scan(&Backend::Emulated(&EmuOptions::default()));
 }
 
 /// Source lane of PTX `shfl.sync` for CUDA's clamp values (segment = `width` lanes).
@@ -186,20 +287,23 @@ fn ptx_source(mode: &str, lane: i32, arg: i32, width: i32) -> i32 {
     }
 }
 
-#[test]
-fn warp_shuffles_and_votes_follow_ptx_rules() {
+fn check_warp_ops(backend: &Backend) {
     let threads = 128usize;
     let mut rng = StdRng::seed_from_u64(3);
     let mut x: Vec<u32> = (0..threads).map(|_| rng.random_range(1..1 << 20)).collect();
     x[40] = 7; // warp 1 has a 7; warp 2 has a zero
     x[70] = 0;
     for width in [32i32, 8, 4] {
-        let mut out = vec![0u32; 12 * threads];
-        let mut p = params();
-        p.a = x.as_ptr().cast::<c_void>();
-        p.out_u32 = out.as_mut_ptr();
-        p.k = width;
-        run(selftest::WARP_OPS, cfg((2, 1, 1), (64, 1, 1), 0), &p).unwrap();
+        let launch = Launch {
+            a: Input::new(&x, u32::to_ne_bytes),
+            out_u32: vec![0; 12 * threads],
+            k: width,
+            ..Launch::default()
+        };
+        let out = backend
+            .run(selftest::WARP_OPS, cfg((2, 1, 1), (64, 1, 1), 0), launch)
+            .unwrap()
+            .out_u32;
         for i in 0..threads {
             let (base, lane) = (i - i % 32, (i % 32) as i32);
             let w = &x[base..base + 32];
@@ -241,8 +345,13 @@ fn warp_shuffles_and_votes_follow_ptx_rules() {
     }
 }
 
-/// A (m × k) and B (k × n) in bf16, rows padded to 8 elements with NaN the kernel must not read.
-fn padded_bf16(rows: usize, cols: usize, values: &[f32]) -> Vec<Align16<u16, 8>> {
+#[test]
+fn warp_shuffles_and_votes_follow_ptx_rules() {
+    check_warp_ops(&Backend::Emulated(&EmuOptions::default()));
+}
+
+/// A (m × k) or B (k × n) in bf16, rows padded to 8 elements with NaN the kernel must not read.
+fn padded_bf16(rows: usize, cols: usize, values: &[f32]) -> Input {
     let ld = cols.div_ceil(8) * 8;
     let mut bits = vec![0x7FC0u16; rows * ld];
     for r in 0..rows {
@@ -250,11 +359,20 @@ fn padded_bf16(rows: usize, cols: usize, values: &[f32]) -> Vec<Align16<u16, 8>>
             bits[r * ld + c] = half::bf16::from_f32(values[r * cols + c]).to_bits();
         }
     }
-    aligned(&bits)
+    Input::new(&bits, u16::to_ne_bytes)
 }
 
-#[test]
-fn mma_gemm_matches_f32_reference_on_odd_shapes() {
+fn check_mma_gemm(backend: &Backend) {
+    // The emulation accumulates in k order like the reference; tensor cores accumulate in their
+    // own order and alignment, a few ulps per term.
+    let tol = match backend {
+        Backend::Emulated(_) => Tolerance {
+            atol: 1e-6,
+            rtol: 1e-5,
+        },
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => tolerance::lookup(Op::MatmulBf16, Dtype::F32),
+    };
     for &(m, n, k) in &[
         (37usize, 29usize, 45usize),
         (1, 1, 1),
@@ -275,47 +393,51 @@ fn mma_gemm_matches_f32_reference_on_odd_shapes() {
                 want[i * n + j] = (0..k).fold(0.0f32, |s, kk| s + a[i * k + kk] * b[kk * n + j]);
             }
         }
-        let (ab, bb) = (padded_bf16(m, k, &a), padded_bf16(k, n, &b));
-        let mut out = vec![f32::NAN; m * n];
-        let mut p = params();
-        p.a = ab.as_ptr().cast::<c_void>();
-        p.b = bb.as_ptr().cast::<c_void>();
-        p.out = out.as_mut_ptr();
-        (p.m, p.n, p.k) = (m as i32, n as i32, k as i32);
+        let launch = Launch {
+            a: padded_bf16(m, k, &a),
+            b: padded_bf16(k, n, &b),
+            out: vec![f32::NAN; m * n],
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            ..Launch::default()
+        };
         let grid = (n.div_ceil(16) as u32, m.div_ceil(32) as u32, 1);
-        run(selftest::MMA_GEMM, cfg(grid, (64, 1, 1), 0), &p).unwrap();
-        // The emulation accumulates in k order like the reference; tensor cores differ by ulps.
-        Tolerance {
-            atol: 1e-6,
-            rtol: 1e-5,
-        }
-        .check(&out, &want)
-        .unwrap_or_else(|e| panic!("{m}x{n}x{k}: {e}"));
+        let out = backend
+            .run(selftest::MMA_GEMM, cfg(grid, (64, 1, 1), 0), launch)
+            .unwrap()
+            .out;
+        tol.check(&out, &want)
+            .unwrap_or_else(|e| panic!("{m}x{n}x{k}: {e}"));
     }
 }
 
-/// D = A·B + C through one mma whose fragments the kernel places by the PTX ISA formulas.
-fn run_mma_layout(a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
-    let a16: Vec<u16> = a
-        .iter()
-        .map(|&x| half::bf16::from_f32(x).to_bits())
-        .collect();
-    let b16: Vec<u16> = b
-        .iter()
-        .map(|&x| half::bf16::from_f32(x).to_bits())
-        .collect();
-    let mut out = vec![f32::NAN; 16 * 8];
-    let mut p = params();
-    p.a = a16.as_ptr().cast::<c_void>();
-    p.b = b16.as_ptr().cast::<c_void>();
-    p.c = c.as_ptr().cast::<c_void>();
-    p.out = out.as_mut_ptr();
-    run(selftest::MMA_LAYOUT, cfg((1, 1, 1), (32, 1, 1), 0), &p).unwrap();
-    out
+#[test]
+fn mma_gemm_matches_f32_reference_on_odd_shapes() {
+    check_mma_gemm(&Backend::Emulated(&EmuOptions::default()));
 }
 
-#[test]
-fn mma_fragment_layout_matches_ptx_isa() {
+/// D = A·B + C through one mma whose fragments the kernel places by the PTX ISA formulas.
+fn run_mma_layout(backend: &Backend, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+    let bf16_bits = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect()
+    };
+    let launch = Launch {
+        a: Input::new(&bf16_bits(a), u16::to_ne_bytes),
+        b: Input::new(&bf16_bits(b), u16::to_ne_bytes),
+        c: Input::new(c, f32::to_ne_bytes),
+        out: vec![f32::NAN; 16 * 8],
+        ..Launch::default()
+    };
+    backend
+        .run(selftest::MMA_LAYOUT, cfg((1, 1, 1), (32, 1, 1), 0), launch)
+        .unwrap()
+        .out
+}
+
+fn check_mma_layout(backend: &Backend) {
     // A is a permutation (row r picks k = (5r + 3) mod 16), B[k][n] = 8k + n, C[r][n] = 1000 + 10r + n:
     // D[r][n] = 8·perm(r) + n + C[r][n], so a misplaced fragment element shows at once.
     let perm = |r: usize| (5 * r + 3) % 16;
@@ -327,7 +449,7 @@ fn mma_fragment_layout_matches_ptx_isa() {
     let c: Vec<f32> = (0..128)
         .map(|i| (1000 + 10 * (i / 8) + i % 8) as f32)
         .collect();
-    let d = run_mma_layout(&a, &b, &c);
+    let d = run_mma_layout(backend, &a, &b, &c);
     for r in 0..16 {
         for n in 0..8 {
             assert_eq!(
@@ -353,7 +475,7 @@ fn mma_fragment_layout_matches_ptx_isa() {
     let c: Vec<f32> = (0..128)
         .map(|_| rng.random_range(-100i32..100) as f32)
         .collect();
-    let d = run_mma_layout(&a, &b, &c);
+    let d = run_mma_layout(backend, &a, &b, &c);
     for r in 0..16 {
         for n in 0..8 {
             let want = c[r * 8 + n] + (0..16).map(|k| a[r * 16 + k] * b[k * 8 + n]).sum::<f32>();
@@ -363,11 +485,23 @@ fn mma_fragment_layout_matches_ptx_isa() {
 }
 
 #[test]
-fn ldmatrix_layout_matches_ptx_isa() {
-    let mut out = vec![0u32; 4 * 32 * 4];
-    let mut p = params();
-    p.out_u32 = out.as_mut_ptr();
-    run(selftest::LDMATRIX_LAYOUT, cfg((1, 1, 1), (32, 1, 1), 0), &p).unwrap();
+fn mma_fragment_layout_matches_ptx_isa() {
+    check_mma_layout(&Backend::Emulated(&EmuOptions::default()));
+}
+
+fn check_ldmatrix_layout(backend: &Backend) {
+    let launch = Launch {
+        out_u32: vec![0; 4 * 32 * 4],
+        ..Launch::default()
+    };
+    let out = backend
+        .run(
+            selftest::LDMATRIX_LAYOUT,
+            cfg((1, 1, 1), (32, 1, 1), 0),
+            launch,
+        )
+        .unwrap()
+        .out_u32;
     // Element (j, q, c) as ldmatrix sees it: row q of matrix j comes from lane 8j + q, which
     // points at stored row 8j + 7 - q, holding 8 · (8j + 7 - q) + c.
     let v = |j: usize, q: usize, c: usize| (8 * (8 * j + 7 - q) + c) as u32;
@@ -395,34 +529,35 @@ fn ldmatrix_layout_matches_ptx_isa() {
     assert_eq!(reg(0, 31, 3), 0x00C7_00C6);
 }
 
-fn neighbour_exchange(flags: i32, threads: u32, options: &EmuOptions) -> qlora::Result<Vec<f32>> {
+#[test]
+fn ldmatrix_layout_matches_ptx_isa() {
+    check_ldmatrix_layout(&Backend::Emulated(&EmuOptions::default()));
+}
+
+/// `k_emu_neighbour_exchange` over two blocks of `threads` (flags as the kernel documents).
+fn neighbour_exchange(backend: &Backend, flags: i32, threads: u32) -> qlora::Result<Vec<f32>> {
     let a: Vec<f32> = (0..2 * threads).map(|i| i as f32).collect();
-    let mut out = vec![0.0f32; a.len()];
-    let mut p = params();
-    p.a = a.as_ptr().cast::<c_void>();
-    p.out = out.as_mut_ptr();
-    p.flags = flags;
-    run_with(
-        selftest::NEIGHBOUR_EXCHANGE,
-        cfg((2, 1, 1), (threads, 1, 1), 0),
-        &p,
-        options,
-    )?;
-    Ok(out)
+    let launch = Launch {
+        a: Input::new(&a, f32::to_ne_bytes),
+        out: vec![0.0; a.len()],
+        flags,
+        ..Launch::default()
+    };
+    let cfg = cfg((2, 1, 1), (threads, 1, 1), 0);
+    Ok(backend.run(selftest::NEIGHBOUR_EXCHANGE, cfg, launch)?.out)
 }
 
 #[test]
 fn missing_syncthreads_is_reported_as_race() {
-    let reason = emulation_error(neighbour_exchange(0, 128, &checked()));
+    let reason = emulation_error(neighbour_exchange(&Backend::Emulated(&checked()), 0, 128));
     assert!(
         reason.contains("data race") && reason.contains("`cells["),
         "{reason}"
     );
 }
 
-#[test]
-fn syncthreads_orders_shared_memory_across_warps() {
-    let out = neighbour_exchange(1, 128, &checked()).unwrap();
+fn check_syncthreads_orders(backend: &Backend) {
+    let out = neighbour_exchange(backend, 1, 128).unwrap();
     let want: Vec<f32> = (0..256u32)
         .map(|i| (i - i % 128 + (i + 1) % 128) as f32)
         .collect();
@@ -430,18 +565,27 @@ fn syncthreads_orders_shared_memory_across_warps() {
 }
 
 #[test]
-fn missing_syncwarp_within_a_warp_is_reported_as_race() {
-    let reason = emulation_error(neighbour_exchange(4, 64, &checked()));
-    assert!(reason.contains("data race"), "{reason}");
+fn syncthreads_orders_shared_memory_across_warps() {
+    check_syncthreads_orders(&Backend::Emulated(&checked()));
 }
 
 #[test]
-fn syncwarp_orders_shared_memory_within_a_warp() {
-    let out = neighbour_exchange(2 | 4, 64, &checked()).unwrap();
+fn missing_syncwarp_within_a_warp_is_reported_as_race() {
+    let reason = emulation_error(neighbour_exchange(&Backend::Emulated(&checked()), 4, 64));
+    assert!(reason.contains("data race"), "{reason}");
+}
+
+fn check_syncwarp_orders(backend: &Backend) {
+    let out = neighbour_exchange(backend, 2 | 4, 64).unwrap();
     let want: Vec<f32> = (0..128u32)
         .map(|i| (i - i % 32 + (i + 1) % 32) as f32)
         .collect();
     assert_eq!(out, want);
+}
+
+#[test]
+fn syncwarp_orders_shared_memory_within_a_warp() {
+    check_syncwarp_orders(&Backend::Emulated(&checked()));
 }
 
 #[test]
@@ -450,17 +594,19 @@ fn race_check_can_be_switched_off() {
         race_check: false,
         ..EmuOptions::default()
     };
-    neighbour_exchange(0, 128, &options).unwrap();
+    neighbour_exchange(&Backend::Emulated(&options), 0, 128).unwrap();
 }
 
 fn shared_oob(flags: i32, offset: i32) -> qlora::Result<Vec<f32>> {
-    let mut out = vec![0.0f32; 64];
-    let mut p = params();
-    p.out = out.as_mut_ptr();
-    p.flags = flags;
-    p.k = offset;
-    run(selftest::SHARED_OOB, cfg((1, 1, 1), (64, 1, 1), 256), &p)?;
-    Ok(out)
+    let launch = Launch {
+        out: vec![0.0; 64],
+        flags,
+        k: offset,
+        ..Launch::default()
+    };
+    let cfg = cfg((1, 1, 1), (64, 1, 1), 256);
+    let backend = Backend::Emulated(&EmuOptions::default());
+    Ok(backend.run(selftest::SHARED_OOB, cfg, launch)?.out)
 }
 
 #[test]
@@ -484,8 +630,7 @@ fn shared_out_of_bounds_is_reported_with_the_array_name() {
     }
 }
 
-#[test]
-fn bf16_and_f16_rounding_matches_half_crate() {
+fn check_conversions(backend: &Backend) {
     let mut x: Vec<f32> = vec![
         0.0,
         -0.0,
@@ -520,19 +665,23 @@ fn bf16_and_f16_rounding_matches_half_crate() {
     x.extend((0..4000).map(|_| f32::from_bits(rng.random::<u32>())));
     x.extend((0..1000).map(|_| rng.random_range(-70000.0f32..70000.0)));
     let n = x.len();
-    let mut bits = vec![0u32; n];
-    let mut back = vec![0.0f32; 2 * n];
-    let mut p = params();
-    p.a = x.as_ptr().cast::<c_void>();
-    p.out = back.as_mut_ptr();
-    p.out_u32 = bits.as_mut_ptr();
-    p.n = n as i32;
-    run(
-        selftest::CONVERT,
-        cfg((n.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0),
-        &p,
-    )
-    .unwrap();
+    let launch = Launch {
+        a: Input::new(&x, f32::to_ne_bytes),
+        out: vec![0.0; 2 * n],
+        out_u32: vec![0; n],
+        n: n as i32,
+        ..Launch::default()
+    };
+    let Outputs {
+        out: back,
+        out_u32: bits,
+    } = backend
+        .run(
+            selftest::CONVERT,
+            cfg((n.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0),
+            launch,
+        )
+        .unwrap();
     for i in 0..n {
         let (bf, h) = ((bits[i] & 0xFFFF) as u16, (bits[i] >> 16) as u16);
         let (want_bf, want_h) = (half::bf16::from_f32(x[i]), half::f16::from_f32(x[i]));
@@ -566,17 +715,26 @@ fn bf16_and_f16_rounding_matches_half_crate() {
 }
 
 #[test]
-fn atomics_from_many_threads_and_blocks_are_exact() {
+fn bf16_and_f16_rounding_matches_half_crate() {
+    check_conversions(&Backend::Emulated(&EmuOptions::default()));
+}
+
+fn check_atomics(backend: &Backend) {
     let n = 1000usize;
     let a: Vec<f32> = (0..n).map(|i| (i % 17) as f32).collect();
-    let mut sum = vec![0.0f32];
-    let mut words = vec![0u32, 0, u32::MAX, i32::MIN as u32, 0, 0, 0];
-    let mut p = params();
-    p.a = a.as_ptr().cast::<c_void>();
-    p.out = sum.as_mut_ptr();
-    p.out_u32 = words.as_mut_ptr();
-    p.n = n as i32;
-    run(selftest::ATOMICS, cfg((4, 1, 1), (256, 1, 1), 0), &p).unwrap();
+    let launch = Launch {
+        a: Input::new(&a, f32::to_ne_bytes),
+        out: vec![0.0],
+        out_u32: vec![0, 0, u32::MAX, i32::MIN as u32, 0, 0, 0],
+        n: n as i32,
+        ..Launch::default()
+    };
+    let Outputs {
+        out: sum,
+        out_u32: words,
+    } = backend
+        .run(selftest::ATOMICS, cfg((4, 1, 1), (256, 1, 1), 0), launch)
+        .unwrap();
     let h = |i: usize| (i as u32).wrapping_mul(2_654_435_761);
     assert_eq!(sum[0], a.iter().sum::<f32>());
     assert_eq!(words[0], n as u32);
@@ -589,23 +747,34 @@ fn atomics_from_many_threads_and_blocks_are_exact() {
 }
 
 #[test]
+fn atomics_from_many_threads_and_blocks_are_exact() {
+    check_atomics(&Backend::Emulated(&EmuOptions::default()));
+}
+
+/// Emulation only: the read before any wait races with the copy in flight, which a GPU may or may
+/// not have landed. (Correct cp.async use — commit groups, waits, zero-fill — runs on the GPU
+/// too, in the mma GEMM's pipeline.)
+#[test]
 fn cp_async_reads_before_wait_see_stale_data() {
     let threads = 64usize;
     let values: Vec<f32> = (0..4 * threads).map(|i| 1.5 + i as f32).collect();
-    let a = aligned::<f32, 4>(&values);
-    let mut out = vec![0.0f32; 4 * threads];
-    let mut words = vec![0u32; 4 * threads];
-    let mut p = params();
-    p.a = a.as_ptr().cast::<c_void>();
-    p.out = out.as_mut_ptr();
-    p.out_u32 = words.as_mut_ptr();
-    p.k = 6; // zero-filled copy of 6 of the 16 bytes
-    run(
-        selftest::CP_ASYNC,
-        cfg((1, 1, 1), (threads as u32, 1, 1), 0),
-        &p,
-    )
-    .unwrap();
+    let launch = Launch {
+        a: Input::new(&values, f32::to_ne_bytes),
+        out: vec![0.0; 4 * threads],
+        out_u32: vec![0; 4 * threads],
+        k: 6, // zero-filled copy of 6 of the 16 bytes
+        ..Launch::default()
+    };
+    let Outputs {
+        out,
+        out_u32: words,
+    } = Backend::Emulated(&EmuOptions::default())
+        .run(
+            selftest::CP_ASYNC,
+            cfg((1, 1, 1), (threads as u32, 1, 1), 0),
+            launch,
+        )
+        .unwrap();
     for t in 0..threads {
         let x = &values[4 * t..4 * t + 4];
         // The emulation lands a copy only when a wait retires its group: before that, the old
@@ -633,7 +802,7 @@ fn cp_async_reads_before_wait_see_stale_data() {
 
 #[test]
 fn invalid_launch_configs_are_rejected() {
-    let p = params();
+    let backend = Backend::Emulated(&EmuOptions::default());
     for bad in [
         cfg((1, 1, 1), (1025, 1, 1), 0),
         cfg((1, 1, 1), (32, 33, 1), 0),
@@ -642,7 +811,7 @@ fn invalid_launch_configs_are_rejected() {
         cfg((1, 65536, 1), (32, 1, 1), 0),
         cfg((1, 1, 1), (32, 1, 1), 227 * 1024 + 1),
     ] {
-        match run(selftest::BLOCK_REDUCE, bad, &p) {
+        match backend.run(selftest::BLOCK_REDUCE, bad, Launch::default()) {
             Err(Error::InvalidArgument { op, .. }) => assert_eq!(op, "k_emu_block_reduce"),
             other => panic!("{bad:?}: expected InvalidArgument, got {other:?}"),
         }
@@ -650,15 +819,15 @@ fn invalid_launch_configs_are_rejected() {
 }
 
 fn bad_sync(flags: i32, options: &EmuOptions) -> String {
-    let mut out = vec![0.0f32; 32];
-    let mut p = params();
-    p.out = out.as_mut_ptr();
-    p.flags = flags;
-    emulation_error(run_with(
+    let launch = Launch {
+        out: vec![0.0; 32],
+        flags,
+        ..Launch::default()
+    };
+    emulation_error(Backend::Emulated(options).run(
         selftest::BAD_SYNC,
         cfg((1, 1, 1), (32, 1, 1), 0),
-        &p,
-        options,
+        launch,
     ))
 }
 
@@ -682,4 +851,118 @@ fn barrier_deadlock_is_reported_by_the_watchdog() {
     };
     let reason = bad_sync(1, &options);
     assert!(reason.contains("deadlock"), "{reason}");
+}
+
+/// The semantic checks on a GPU, when one exists (each test returns early otherwise).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use cudarc::driver::{
+        CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, SyncOnDrop,
+    };
+    use std::sync::Arc;
+
+    fn cuda_err(e: DriverError) -> Error {
+        Error::Cuda(e.to_string())
+    }
+
+    /// A copy of `host` on the device; `None` when empty (CUDA cannot allocate 0 bytes, and an
+    /// unused buffer stays a null pointer as on the host).
+    fn upload<T: DeviceRepr>(
+        s: &Arc<CudaStream>,
+        host: &[T],
+    ) -> qlora::Result<Option<CudaSlice<T>>> {
+        if host.is_empty() {
+            return Ok(None);
+        }
+        s.clone_htod(host).map(Some).map_err(cuda_err)
+    }
+
+    fn download<T: DeviceRepr>(
+        s: &Arc<CudaStream>,
+        device: &Option<CudaSlice<T>>,
+    ) -> qlora::Result<Vec<T>> {
+        device
+            .as_ref()
+            .map_or(Ok(Vec::new()), |d| s.clone_dtoh(d).map_err(cuda_err))
+    }
+
+    /// The device address held by a `device_ptr` guard pair; 0 (null) for no buffer.
+    fn addr(ptr: &Option<(u64, SyncOnDrop<'_>)>) -> u64 {
+        ptr.as_ref().map_or(0, |&(p, _)| p)
+    }
+
+    /// [`Backend::run`] on `dev`: uploads the inputs and the outputs' initial contents, launches,
+    /// synchronizes (so faults surface here) and downloads the outputs.
+    pub(super) fn run(
+        dev: &CudaDevice,
+        kernel: &Kernel,
+        cfg: &LaunchConfig,
+        launch: &Launch,
+    ) -> qlora::Result<Outputs> {
+        let s = dev.stream();
+        let bytes = |input: &Input| -> Vec<u8> {
+            let all = input.chunks.iter().flat_map(|c| c.0);
+            all.take(input.len).collect()
+        };
+        let a = upload(s, &bytes(&launch.a))?;
+        let b = upload(s, &bytes(&launch.b))?;
+        let c = upload(s, &bytes(&launch.c))?;
+        let mut out = upload(s, &launch.out)?;
+        let mut out_u32 = upload(s, &launch.out_u32)?;
+        {
+            // The guards order the buffers on `s` and must live until the launch is queued.
+            let a_ptr = a.as_ref().map(|d| d.device_ptr(s));
+            let b_ptr = b.as_ref().map(|d| d.device_ptr(s));
+            let c_ptr = c.as_ref().map(|d| d.device_ptr(s));
+            let out_ptr = out.as_mut().map(|d| d.device_ptr_mut(s));
+            let out_u32_ptr = out_u32.as_mut().map(|d| d.device_ptr_mut(s));
+            let p = QlEmuTestParams {
+                a: addr(&a_ptr) as *const c_void,
+                b: addr(&b_ptr) as *const c_void,
+                c: addr(&c_ptr) as *const c_void,
+                out: addr(&out_ptr) as *mut f32,
+                out_u32: addr(&out_u32_ptr) as *mut u32,
+                m: launch.m,
+                n: launch.n,
+                k: launch.k,
+                flags: launch.flags,
+            };
+            // SAFETY: the device buffers are copies of `launch`'s, which the check sized for this
+            // kernel and `cfg`; they live until after the synchronize below, and their guards
+            // until the launch is queued.
+            unsafe { dev.launch(kernel, cfg, &p) }?;
+        }
+        dev.synchronize()?;
+        Ok(Outputs {
+            out: download(s, &out)?,
+            out_u32: download(s, &out_u32)?,
+        })
+    }
+
+    macro_rules! on_gpu {
+        ($($test:ident => $check:ident;)*) => {$(
+            #[test]
+            fn $test() {
+                let Some(dev) = CudaDevice::first_available() else {
+                    return;
+                };
+                $check(&Backend::Cuda(&dev));
+            }
+        )*};
+    }
+
+    on_gpu! {
+        block_reduce_matches_reference_for_block_shapes => check_block_reduce;
+        large_grid_with_barriers_and_shuffles_runs => check_large_grid;
+        warp_scan_gives_inclusive_prefix_sums_per_section => check_warp_scan;
+        warp_shuffles_and_votes_follow_ptx_rules => check_warp_ops;
+        mma_gemm_matches_f32_reference_on_odd_shapes => check_mma_gemm;
+        mma_fragment_layout_matches_ptx_isa => check_mma_layout;
+        ldmatrix_layout_matches_ptx_isa => check_ldmatrix_layout;
+        syncthreads_orders_shared_memory_across_warps => check_syncthreads_orders;
+        syncwarp_orders_shared_memory_within_a_warp => check_syncwarp_orders;
+        bf16_and_f16_rounding_matches_half_crate => check_conversions;
+        atomics_from_many_threads_and_blocks_are_exact => check_atomics;
+    }
 }
