@@ -201,4 +201,32 @@ typedef struct QlNf4GemvParams {
   int32_t y_dtype;             /* QlDtype: F32 or BF16 */
 } QlNf4GemvParams;
 
+/* ---- Chunked cross-entropy (kernels/cross_entropy.cu) ---------------------------------------- */
+
+/* Cross-entropy forward over a chunk of `rows` logit rows: per row, lse = logsumexp(logits[row])
+ * and loss = lse - logits[row, label] in f32. Rows whose label is -100 are skipped (loss 0, lse 0);
+ * a label outside [0, vocab) otherwise gives a NaN loss. */
+typedef struct QlCrossEntropyForwardParams {
+  const void* logits;      /* [rows, vocab] of dtype */
+  const int32_t* labels;   /* [rows] */
+  float* lse;              /* [rows] */
+  float* losses;           /* [rows] */
+  int64_t rows;
+  int32_t vocab;
+  int32_t dtype;           /* QlDtype: F32 or BF16 */
+} QlCrossEntropyForwardParams;
+
+/* Cross-entropy backward in place: logits[row] becomes (exp(logits[row] - lse[row]) -
+ * onehot(label)) * grad_scale (grad_scale = dloss / label tokens of the batch); rows whose label is
+ * -100 become 0, and a label outside [0, vocab) otherwise fills its row with NaN. */
+typedef struct QlCrossEntropyBackwardParams {
+  void* logits;            /* [rows, vocab] of dtype, read then overwritten by dlogits */
+  const int32_t* labels;   /* [rows] */
+  const float* lse;        /* [rows], from the forward */
+  int64_t rows;
+  int32_t vocab;
+  float grad_scale;
+  int32_t dtype;           /* QlDtype: F32 or BF16 */
+} QlCrossEntropyBackwardParams;
+
 #endif /* QLORA_ABI_H */

@@ -364,6 +364,68 @@ def make_llama_fixtures(outdir: Path) -> None:
     write_llama_rope(base, d)
 
 
+def forward_batch():
+    """The padded batch every forward fixture runs: B=3, T=9, pad id 0. Row 0 is left-padded (3
+    pads), row 1 right-padded (2 pads), row 2 full. Labels are the ids with -100 on pads, on row 0's
+    first real token (HF's shift would have it predicted from a pad position) and on row 2's first
+    three tokens (a masked prompt)."""
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.randint(3, LLAMA_SHAPE["vocab_size"], (3, 9), generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.int64)
+    mask[0, :3] = 0
+    mask[1, 7:] = 0
+    ids = ids * mask
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 3] = -100
+    labels[2, :3] = -100
+    return ids, mask, labels
+
+
+def make_llama_forward_fixtures(outdir: Path) -> None:
+    """tests/fixtures/llama/forward.safetensors: transformers' LlamaForCausalLM (eager attention,
+    position ids arange(T) as transformers uses when only attention_mask is given) on
+    `forward_batch()`, keys `{case}.logits` ([B, T, V], in the compute dtype) and `{case}.loss`
+    (f32 scalar) besides input_ids, attention_mask and labels (i64):
+    - base.f32 / base.bf16: base loaded with dtype float32 / bfloat16
+    - llama3_tied_f32.f32: llama3 rope scaling, tied embeddings
+    - bnb_nf4.f32: base in f32 with each linear's weight replaced by bitsandbytes'
+      dequantize_4bit of bnb_nf4's stored state (bf16, as bnb's own forward uses it), cast to f32"""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    ids, mask, labels = forward_batch()
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def load(name, dtype):
+        return LlamaForCausalLM.from_pretrained(str(outdir / name), dtype=dtype,
+                                                attn_implementation="eager").eval()
+
+    nf4_base = load("base", torch.float32)
+    stored = load_file(str(outdir / "bnb_nf4" / "model.safetensors"))
+    with torch.no_grad():
+        for name, module in nf4_base.named_modules():
+            if not any(name.endswith(lin) for lin in LLAMA_LINEARS):
+                continue
+            prefix = f"{name}.weight."
+            qs = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+            state = F.QuantState.from_dict(qs, device=torch.device("cpu"))
+            w = F.dequantize_4bit(stored[f"{name}.weight"], state, quant_type="nf4")
+            assert w.dtype == torch.bfloat16 and w.shape == module.weight.shape
+            module.weight.copy_(w.float())
+    cases = {
+        "base.f32": load("base", torch.float32),
+        "base.bf16": load("base", torch.bfloat16),
+        "llama3_tied_f32.f32": load("llama3_tied_f32", torch.float32),
+        "bnb_nf4.f32": nf4_base,
+    }
+    for case, model in cases.items():
+        with torch.no_grad():
+            res = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out[f"{case}.logits"] = res.logits.contiguous()
+        out[f"{case}.loss"] = res.loss.float().reshape(())
+    save_file(out, str(outdir / "forward.safetensors"), metadata={"format": "pt"})
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -373,6 +435,7 @@ def main() -> int:
     make_adamw_fixtures(fixtures / "adamw")
     print(f"wrote {fixtures / 'adamw' / 'adamw.safetensors'}")
     make_llama_fixtures(fixtures / "llama")
+    make_llama_forward_fixtures(fixtures / "llama")
     total = sum(p.stat().st_size for p in (fixtures / "llama").rglob("*") if p.is_file())
     print(f"wrote {fixtures / 'llama'} ({total} bytes)")
     return 0

@@ -40,6 +40,15 @@ pub enum Op {
     /// NF4 GEMV (decode): bit-exact dequantized weights, products of x and w accumulated in f32
     /// with fma in lane-strided chunks and a shuffle tree vs a sequential loop, rounded once.
     Nf4Gemv,
+    /// Cross-entropy forward (per-row loss and logsumexp, f32 whatever the logits dtype): an
+    /// online f32 sum of expf over the row in tree order vs an f64 reference.
+    CrossEntropy,
+    /// Cross-entropy backward (dlogits in the logits dtype): expf(x − lse) − onehot, times
+    /// grad_scale, from the same f32 lse in every backend.
+    CrossEntropyBackward,
+    /// The whole Llama forward (logits, and the loss from them) against transformers: every op
+    /// rounded where torch rounds, but sums (GEMMs, norms, softmax) reordered.
+    LlamaLogits,
 }
 
 /// An absolute and a relative tolerance.
@@ -330,6 +339,92 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // loss = (max − x[label]) + ln(s): s is a sum of ≤ ~256 expf terms per thread (2 ulp on the
+    // GPU) merged in a tree, vs an f64 reference: ln(s) within ~1e-5 absolute; lse = max + ln(s)
+    // adds one rounding relative to |lse| (logits up to ±1e4 in tests).
+    (
+        Op::CrossEntropy,
+        Dtype::F32,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // Losses and lse are f32 whatever the logits dtype; the entry keeps the table total.
+    (
+        Op::CrossEntropy,
+        Dtype::BF16,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // The kernels take no f16 logits (the launchers reject them); the entry keeps the table total.
+    (
+        Op::CrossEntropy,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // One expf (2 ulp on the GPU) of the same f32 x − lse, minus 1 at the label (which cancels
+    // when p ≈ 1: atol), times grad_scale ≤ 1.
+    (
+        Op::CrossEntropyBackward,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-5,
+        },
+    ),
+    // One bf16 rounding of nearly equal f32 values: at most one bf16 ulp apart.
+    (
+        Op::CrossEntropyBackward,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 logits (the launchers reject them); the entry keeps the table total.
+    (
+        Op::CrossEntropyBackward,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-3,
+        },
+    ),
+    // Reordered f32 sums through a few layers of GEMMs (K ≤ 200), norms and softmax on logits
+    // |x| ≲ 1.2: measured ≤ 3e-7 on logits and one ulp on the loss (~5); atol for logits near 0.
+    (
+        Op::LlamaLogits,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // Rounded where torch rounds (measured bit-exact), but a reordered f32 sum that lands on the
+    // other side of a bf16 rounding boundary flips one ulp (2^-8 relative) and carries forward.
+    (
+        Op::LlamaLogits,
+        Dtype::BF16,
+        Tolerance {
+            atol: 4e-3,
+            rtol: 8e-3,
+        },
+    ),
+    // No f16 forward (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::LlamaLogits,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-3,
+            rtol: 2e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -357,6 +452,9 @@ mod tests {
             Op::Rope,
             Op::Swiglu,
             Op::Nf4Gemv,
+            Op::CrossEntropy,
+            Op::CrossEntropyBackward,
+            Op::LlamaLogits,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -552,3 +552,85 @@ impl Default for QlNf4GemvParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlCrossEntropyForwardParams {
+    pub logits: *const ::std::os::raw::c_void,
+    pub labels: *const i32,
+    pub lse: *mut f32,
+    pub losses: *mut f32,
+    pub rows: i64,
+    pub vocab: i32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlCrossEntropyForwardParams"]
+        [::std::mem::size_of::<QlCrossEntropyForwardParams>() - 48usize];
+    ["Alignment of QlCrossEntropyForwardParams"]
+        [::std::mem::align_of::<QlCrossEntropyForwardParams>() - 8usize];
+    ["Offset of field: QlCrossEntropyForwardParams::logits"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, logits) - 0usize];
+    ["Offset of field: QlCrossEntropyForwardParams::labels"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, labels) - 8usize];
+    ["Offset of field: QlCrossEntropyForwardParams::lse"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, lse) - 16usize];
+    ["Offset of field: QlCrossEntropyForwardParams::losses"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, losses) - 24usize];
+    ["Offset of field: QlCrossEntropyForwardParams::rows"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, rows) - 32usize];
+    ["Offset of field: QlCrossEntropyForwardParams::vocab"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, vocab) - 40usize];
+    ["Offset of field: QlCrossEntropyForwardParams::dtype"]
+        [::std::mem::offset_of!(QlCrossEntropyForwardParams, dtype) - 44usize];
+};
+impl Default for QlCrossEntropyForwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlCrossEntropyBackwardParams {
+    pub logits: *mut ::std::os::raw::c_void,
+    pub labels: *const i32,
+    pub lse: *const f32,
+    pub rows: i64,
+    pub vocab: i32,
+    pub grad_scale: f32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlCrossEntropyBackwardParams"]
+        [::std::mem::size_of::<QlCrossEntropyBackwardParams>() - 48usize];
+    ["Alignment of QlCrossEntropyBackwardParams"]
+        [::std::mem::align_of::<QlCrossEntropyBackwardParams>() - 8usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::logits"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, logits) - 0usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::labels"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, labels) - 8usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::lse"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, lse) - 16usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::rows"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, rows) - 24usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::vocab"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, vocab) - 32usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::grad_scale"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, grad_scale) - 36usize];
+    ["Offset of field: QlCrossEntropyBackwardParams::dtype"]
+        [::std::mem::offset_of!(QlCrossEntropyBackwardParams, dtype) - 40usize];
+};
+impl Default for QlCrossEntropyBackwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

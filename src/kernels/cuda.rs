@@ -37,6 +37,10 @@ unsafe impl DeviceRepr for super::abi::QlAdamWParams {}
 unsafe impl DeviceRepr for super::abi::QlAdamW8bitParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlNf4GemvParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlCrossEntropyForwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlCrossEntropyBackwardParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
@@ -45,6 +49,7 @@ fn module_ptx(module: &str) -> Option<&'static str> {
         "llama" => Some(ptx::LLAMA),
         "adamw" => Some(ptx::ADAMW),
         "nf4_gemv" => Some(ptx::NF4_GEMV),
+        "cross_entropy" => Some(ptx::CROSS_ENTROPY),
         _ => None,
     }
 }

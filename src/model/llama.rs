@@ -1,0 +1,457 @@
+//! The Llama causal LM forward pass as transformers' `LlamaForCausalLM` computes it (eager
+//! attention): input ids `[B, T]` (+ a 0/1 attention mask) → logits `[B, T, V]`, and the causal-LM
+//! loss with HF's shift. Every op runs in f32 and is rounded to the compute dtype (f32 or bf16)
+//! exactly where torch rounds, so the bf16 path reproduces HF's bf16 roundings, not just its math.
+
+use candle_core::{DType, Device, Tensor, D};
+use half::{bf16, f16};
+
+use crate::model::config::LlamaConfig;
+use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
+use crate::{Error, Result};
+
+/// The label value the loss skips (PyTorch's `ignore_index` default).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// A Llama causal LM ready to run: its config, weights and RoPE inverse frequencies.
+#[derive(Clone, Debug)]
+pub struct LlamaModel {
+    config: LlamaConfig,
+    weights: LlamaWeights,
+    /// The compute dtype: the dtype of the dense weights (F32 or BF16).
+    dtype: DType,
+    inv_freq: Vec<f32>,
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::invalid("LlamaModel", reason)
+}
+
+fn check_shape(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        return Err(invalid(format!(
+            "{what} has shape {:?}, expected {want:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+impl LlamaModel {
+    /// Checks that `weights` fit `config` (layer count, shapes) and share one dense dtype, F32 or
+    /// BF16, which becomes the compute dtype.
+    pub fn new(config: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
+        let dtype = weights.embed_tokens.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(invalid(format!(
+                "compute dtype {dtype:?} is not f32 or bf16"
+            )));
+        }
+        if weights.layers.len() != config.num_hidden_layers {
+            return Err(invalid(format!(
+                "{} layers of weights for num_hidden_layers {}",
+                weights.layers.len(),
+                config.num_hidden_layers
+            )));
+        }
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let mut dense = vec![
+            ("embed_tokens", &weights.embed_tokens, vec![v, h]),
+            ("norm", &weights.norm, vec![h]),
+            ("lm_head", weights.lm_head(), vec![v, h]),
+        ];
+        for layer in &weights.layers {
+            dense.push(("input_layernorm", &layer.input_layernorm, vec![h]));
+            dense.push((
+                "post_attention_layernorm",
+                &layer.post_attention_layernorm,
+                vec![h],
+            ));
+            for (name, linear) in linears(layer) {
+                if let Linear::Dense(w) = linear {
+                    dense.push((name, w, linear_shape(&config, name).to_vec()));
+                }
+            }
+        }
+        for (name, t, shape) in dense {
+            check_shape(name, t, &shape)?;
+            if t.dtype() != dtype {
+                return Err(invalid(format!(
+                    "{name} is {:?}, the embeddings {dtype:?}",
+                    t.dtype()
+                )));
+            }
+        }
+        for layer in &weights.layers {
+            for (name, linear) in linears(layer) {
+                if let Linear::Nf4(t) = linear {
+                    if t.shape != linear_shape(&config, name) {
+                        return Err(invalid(format!(
+                            "NF4 {name} has shape {:?}, expected {:?}",
+                            t.shape,
+                            linear_shape(&config, name)
+                        )));
+                    }
+                    t.validate()?;
+                }
+            }
+        }
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            config,
+            weights,
+            dtype,
+            inv_freq,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The compute dtype (and the dtype of the logits).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        self.weights.embed_tokens.device()
+    }
+
+    /// Logits `[B, T, V]` in the compute dtype for `input_ids` `[B, T]` (u32). `attention_mask`
+    /// `[B, T]` (u8, u32 or i64; 1 = token, 0 = pad, left or right padding) hides pad keys; logits
+    /// at pad positions are computed but meaningless. Position ids are `0..T` for every row, as
+    /// transformers uses when only `attention_mask` is given.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        let keep = match attention_mask {
+            Some(mask) => self.check_mask(mask, b, t)?,
+            None => vec![true; b * t],
+        };
+        let mask = self.additive_mask(&keep, b, t)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let h = self.config.hidden_size;
+        let ids = input_ids.flatten_all()?.to_device(self.device())?;
+        let mut x = self
+            .weights
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, t, h))?;
+        for layer in &self.weights.layers {
+            x = self.decoder_layer(&x, layer, &mask, &cos, &sin)?;
+        }
+        let x = self.rms_norm(&x, &self.weights.norm)?;
+        let logits = self.dense_linear(&x, self.weights.lm_head())?;
+        Ok(logits.to_dtype(self.dtype)?)
+    }
+
+    /// The causal-LM loss of `logits` `[B, T, V]` (f32 or bf16) against `labels` `[B, T]` (i64):
+    /// position t predicts label t + 1, labels equal to [`IGNORE_INDEX`] are skipped, and the
+    /// summed f32 cross-entropy is divided by the number of label tokens, which is returned too
+    /// (for normalizing accumulated micro-batches). With no label tokens the loss is NaN, as
+    /// PyTorch's mean over nothing.
+    pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+        let (b, t, v) = match *logits.dims() {
+            [b, t, v] if v > 0 => (b, t, v),
+            _ => {
+                return Err(invalid(format!(
+                    "logits have shape {:?}, expected [B, T, V > 0]",
+                    logits.dims()
+                )))
+            }
+        };
+        if !matches!(logits.dtype(), DType::F32 | DType::BF16) {
+            return Err(invalid(format!(
+                "logits are {:?}, not f32 or bf16",
+                logits.dtype()
+            )));
+        }
+        check_shape("labels", labels, &[b, t])?;
+        if labels.dtype() != DType::I64 {
+            return Err(invalid(format!("labels are {:?}, not i64", labels.dtype())));
+        }
+        let labels = labels.flatten_all()?.to_vec1::<i64>()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (i, &label) in labels.iter().enumerate() {
+            if label == IGNORE_INDEX {
+                continue;
+            }
+            if label < 0 || label as u64 >= v as u64 {
+                return Err(invalid(format!(
+                    "label {label} at {i} is neither {IGNORE_INDEX} nor below vocab {v}"
+                )));
+            }
+            if i % t != 0 {
+                rows.push((i - 1) as u32);
+                targets.push(label as u32);
+            }
+        }
+        let count = rows.len();
+        let device = logits.device();
+        if count == 0 {
+            return Ok((Tensor::new(f32::NAN, device)?, 0));
+        }
+        let rows = Tensor::from_vec(rows, count, device)?;
+        let targets = Tensor::from_vec(targets, (count, 1), device)?;
+        let x = logits
+            .to_dtype(DType::F32)?
+            .reshape((b * t, v))?
+            .index_select(&rows, 0)?;
+        let max = x.max_keepdim(D::Minus1)?;
+        let shifted = x.broadcast_sub(&max)?;
+        let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let picked = shifted.gather(&targets, 1)?;
+        let nll = (log_sum - picked)?.sum_all()?;
+        // A true f32 division, as torch's mean (candle's `/ f64` multiplies by the reciprocal).
+        let count_t = Tensor::new(count as f32, device)?;
+        Ok((nll.div(&count_t)?, count))
+    }
+
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = match *input_ids.dims() {
+            [b, t] if b > 0 && t > 0 => (b, t),
+            _ => {
+                return Err(invalid(format!(
+                    "input_ids have shape {:?}, expected non-empty [B, T]",
+                    input_ids.dims()
+                )))
+            }
+        };
+        if input_ids.dtype() != DType::U32 {
+            return Err(invalid(format!(
+                "input_ids are {:?}, not u32",
+                input_ids.dtype()
+            )));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = input_ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(invalid(format!("token id {id} is not below vocab {vocab}")));
+        }
+        Ok((b, t))
+    }
+
+    /// The mask as one bool per token (true = attend), checked to be 0/1 of an integer dtype.
+    fn check_mask(&self, mask: &Tensor, b: usize, t: usize) -> Result<Vec<bool>> {
+        check_shape("attention_mask", mask, &[b, t])?;
+        if !matches!(mask.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            return Err(invalid(format!(
+                "attention_mask is {:?}, not u8, u32 or i64",
+                mask.dtype()
+            )));
+        }
+        let values = mask.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        values
+            .into_iter()
+            .map(|m| match m {
+                0 => Ok(false),
+                1 => Ok(true),
+                other => Err(invalid(format!("attention_mask holds {other}, not 0 or 1"))),
+            })
+            .collect()
+    }
+
+    /// `[B, 1, T, T]` f32: 0 where query i may see key j (j ≤ i and j not a pad), else the compute
+    /// dtype's most negative finite value, as transformers' eager mask.
+    fn additive_mask(&self, keep: &[bool], b: usize, t: usize) -> Result<Tensor> {
+        let hidden = match self.dtype {
+            DType::BF16 => bf16::MIN.to_f32(),
+            _ => f32::MIN,
+        };
+        let mut mask = vec![hidden; b * t * t];
+        for row in 0..b {
+            for i in 0..t {
+                for j in 0..=i {
+                    if keep[row * t + j] {
+                        mask[(row * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(mask, (b, 1, t, t), self.device())?)
+    }
+
+    /// cos and sin `[1, 1, T, head_dim]` for positions `0..T`: `pos · inv_freq` in f32, duplicated
+    /// over both halves, rounded to the compute dtype as transformers' rotary embedding returns them.
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let d = self.config.head_dim;
+        let mut cos = Vec::with_capacity(t * d);
+        let mut sin = Vec::with_capacity(t * d);
+        for pos in 0..t {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|&f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let cos = Tensor::from_vec(cos, (1, 1, t, d), self.device())?;
+        let sin = Tensor::from_vec(sin, (1, 1, t, d), self.device())?;
+        Ok((self.round(cos)?, self.round(sin)?))
+    }
+
+    /// f32 values rounded to the compute dtype (and kept in f32): where torch stores a result.
+    fn round(&self, x: Tensor) -> Result<Tensor> {
+        if self.dtype == DType::F32 {
+            return Ok(x);
+        }
+        Ok(x.to_dtype(self.dtype)?.to_dtype(DType::F32)?)
+    }
+
+    /// RMSNorm: `w · dtype(x · rsqrt(mean(x²) + eps))`, the statistics in f32.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (variance + self.config.rms_norm_eps)?.sqrt()?.recip()?;
+        let normed = self.round(x.broadcast_mul(&rstd)?)?;
+        self.round(normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?)
+    }
+
+    /// `x · wᵀ` for a frozen linear `w` `[out, in]`, x `[.., in]` in f32 holding compute-dtype
+    /// values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights are dequantized
+    /// to their original dtype (as bitsandbytes' forward does) and then cast to the compute dtype.
+    fn linear(&self, x: &Tensor, weight: &Linear) -> Result<Tensor> {
+        match weight {
+            Linear::Dense(w) => self.dense_linear(x, w),
+            Linear::Nf4(t) => {
+                let mut values = t.dequantize()?;
+                match t.dtype.as_str() {
+                    "bfloat16" => values
+                        .iter_mut()
+                        .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+                    "float16" => values
+                        .iter_mut()
+                        .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+                    _ => {}
+                }
+                let w = Tensor::from_vec(values, t.shape.as_slice(), self.device())?;
+                let w = self.round(w)?;
+                self.dense_linear(x, &w)
+            }
+        }
+    }
+
+    /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs.
+    fn dense_linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (out_features, in_features) = w.dims2()?;
+        let dims = x.dims();
+        let rows = x.elem_count() / in_features;
+        let w = w.to_dtype(DType::F32)?;
+        let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = out_features;
+        }
+        self.round(y.reshape(out_dims)?)
+    }
+
+    fn decoder_layer(
+        &self,
+        x: &Tensor,
+        layer: &LayerWeights,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let normed = self.rms_norm(x, &layer.input_layernorm)?;
+        let attn = self.attention(&normed, layer, mask, cos, sin)?;
+        let x = self.round((x + attn)?)?;
+        let normed = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+        let gate = self.linear(&normed, &layer.gate_proj)?;
+        let up = self.linear(&normed, &layer.up_proj)?;
+        let act = self.round(self.round(gate.silu()?)?.mul(&up)?)?;
+        let mlp = self.linear(&act, &layer.down_proj)?;
+        self.round((x + mlp)?)
+    }
+
+    /// `[B, T, hidden]` → `[B, heads, T, head_dim]` for projection `w`.
+    fn heads(&self, x: &Tensor, w: &Linear, n_heads: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        Ok(self
+            .linear(x, w)?
+            .reshape((b, t, n_heads, self.config.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// `x · cos + rotate_half(x) · sin`, each product and the sum rounded.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = self.config.head_dim / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let a = self.round(x.broadcast_mul(cos)?)?;
+        let b = self.round(rotated.broadcast_mul(sin)?)?;
+        self.round((a + b)?)
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        layer: &LayerWeights,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (n_heads, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let q = self.rope(&self.heads(x, &layer.q_proj, n_heads)?, cos, sin)?;
+        let k = self.rope(&self.heads(x, &layer.k_proj, n_kv)?, cos, sin)?;
+        let v = self.heads(x, &layer.v_proj, n_kv)?;
+        let k = repeat_kv(&k, n_heads / n_kv)?;
+        let v = repeat_kv(&v, n_heads / n_kv)?;
+        let scores = self.round(q.matmul(&k.t()?.contiguous()?)?)?;
+        // transformers multiplies by the Python float `head_dim ** -0.5`, which torch applies in f32.
+        let scaling = (d as f64).powf(-0.5) as f32;
+        let scores = self.round((scores * f64::from(scaling))?)?;
+        let scores = self.round(scores.broadcast_add(mask)?)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let exp = scores.broadcast_sub(&max)?.exp()?;
+        let probs = self.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
+        let out = self.round(probs.matmul(&v)?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, n_heads * d))?;
+        self.linear(&out, &layer.o_proj)
+    }
+}
+
+/// `[B, kv, T, d]` → `[B, kv · n_rep, T, d]`, query head h reading kv head h / n_rep.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))?)
+}
+
+fn linears(layer: &LayerWeights) -> [(&'static str, &Linear); 7] {
+    [
+        ("q_proj", &layer.q_proj),
+        ("k_proj", &layer.k_proj),
+        ("v_proj", &layer.v_proj),
+        ("o_proj", &layer.o_proj),
+        ("gate_proj", &layer.gate_proj),
+        ("up_proj", &layer.up_proj),
+        ("down_proj", &layer.down_proj),
+    ]
+}
+
+/// `[out, in]` of the linear `name` (one of [`linears`]' names).
+fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
+    let (h, m) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    match name {
+        "q_proj" => [q, h],
+        "k_proj" | "v_proj" => [kv, h],
+        "o_proj" => [h, q],
+        "down_proj" => [h, m],
+        _ => [m, h],
+    }
+}
