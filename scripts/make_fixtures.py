@@ -426,6 +426,85 @@ def make_llama_forward_fixtures(outdir: Path) -> None:
     save_file(out, str(outdir / "forward.safetensors"), metadata={"format": "pt"})
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora_fixtures(outdir: Path) -> None:
+    """tests/fixtures/lora/: PEFT LoRA adapters on the f32 `base` tiny Llama, saved by PEFT's
+    `save_pretrained`, and their logits for `forward_batch()` in lora_logits.safetensors
+    (`{name}.logits` [B, T, V] f32, besides input_ids and attention_mask):
+    - r4_all: r=4, lora_alpha=8, all seven linears, dropout 0 (scaling alpha / r)
+    - r4_all_rslora: the same with use_rslora=True (scaling alpha / sqrt(r))
+    A keeps PEFT's Kaiming-uniform init (torch seeded); B is overwritten with seeded normal values,
+    so the adapter changes the logits. PEFT writes target_modules from a Python set (order depends
+    on the hash seed) and the absolute base path: both are normalized for byte-identical reruns."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    llama = outdir.parent / "llama" / "base"
+    ids, mask, _ = forward_batch()
+    out = {"input_ids": ids, "attention_mask": mask}
+    cases = {"r4_all": (31, False), "r4_all_rslora": (32, True)}
+    for name, (seed, rslora) in cases.items():
+        model = LlamaForCausalLM.from_pretrained(str(llama), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                            use_rslora=rslora, bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+        gen = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            for module_name, p in sorted(peft_model.named_parameters()):
+                if "lora_B" in module_name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        d = outdir / name
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+        peft_model.save_pretrained(str(d))
+        (d / "README.md").unlink(missing_ok=True)
+        cfg_path = d / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg["base_model_name_or_path"] = "tests/fixtures/llama/base"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        peft_model.eval()
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids, attention_mask=mask).logits
+        out[f"{name}.logits"] = logits.contiguous()
+    save_file(out, str(outdir / "lora_logits.safetensors"), metadata={"format": "pt"})
+
+
+def make_generation_fixtures(outdir: Path) -> None:
+    """tests/fixtures/llama/generate.safetensors: transformers' greedy `generate` (do_sample=False,
+    max_new_tokens=8, use_cache=True, eager attention, eos and pad ids from the config) in f32 on a
+    batch of three prompts of lengths 5, 2 and 7, left-padded with pad id 0: input_ids and
+    attention_mask ([3, 7] i64) and `{name}.tokens` (i64, the new tokens only, pad after a row's
+    eos) for the `base` and `llama3_tied_f32` checkpoints."""
+    from transformers import LlamaForCausalLM
+
+    lens = [5, 2, 7]
+    width = max(lens)
+    pad = LLAMA_SHAPE["pad_token_id"]
+    gen = torch.Generator().manual_seed(41)
+    ids = torch.full((len(lens), width), pad, dtype=torch.int64)
+    mask = torch.zeros(len(lens), width, dtype=torch.int64)
+    for row, n in enumerate(lens):
+        ids[row, width - n:] = torch.randint(3, LLAMA_SHAPE["vocab_size"], (n,), generator=gen)
+        mask[row, width - n:] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    for name in ["base", "llama3_tied_f32"]:
+        model = LlamaForCausalLM.from_pretrained(str(outdir / name), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                  use_cache=True, eos_token_id=model.config.eos_token_id,
+                                  pad_token_id=model.config.pad_token_id)
+        out[f"{name}.tokens"] = seqs[:, width:].contiguous()
+    save_file(out, str(outdir / "generate.safetensors"), metadata={"format": "pt"})
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -436,8 +515,12 @@ def main() -> int:
     print(f"wrote {fixtures / 'adamw' / 'adamw.safetensors'}")
     make_llama_fixtures(fixtures / "llama")
     make_llama_forward_fixtures(fixtures / "llama")
+    make_generation_fixtures(fixtures / "llama")
     total = sum(p.stat().st_size for p in (fixtures / "llama").rglob("*") if p.is_file())
     print(f"wrote {fixtures / 'llama'} ({total} bytes)")
+    make_lora_fixtures(fixtures / "lora")
+    total = sum(p.stat().st_size for p in (fixtures / "lora").rglob("*") if p.is_file())
+    print(f"wrote {fixtures / 'lora'} ({total} bytes)")
     return 0
 
 

@@ -29,6 +29,10 @@ pub enum Error {
     #[error("config: `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
 
+    /// A LoRA / PEFT adapter config field is missing, malformed, out of range or unsupported.
+    #[error("adapter config: `{field}`: {reason}")]
+    AdapterConfig { field: &'static str, reason: String },
+
     /// A checkpoint tensor is missing.
     #[error("checkpoint: missing tensor `{key}`")]
     MissingTensor { key: String },

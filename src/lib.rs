@@ -6,6 +6,7 @@
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod peft;
 pub mod quant;
 pub mod testing;
 pub mod tolerance;

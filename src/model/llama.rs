@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
 
 use crate::model::config::LlamaConfig;
+use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
+use crate::peft::{LoraAdapter, LoraMode, TargetModule};
 use crate::{Error, Result};
 
 /// The label value the loss skips (PyTorch's `ignore_index` default).
@@ -114,7 +116,7 @@ impl LlamaModel {
         self.dtype
     }
 
-    fn device(&self) -> &Device {
+    pub fn device(&self) -> &Device {
         self.weights.embed_tokens.device()
     }
 
@@ -123,13 +125,98 @@ impl LlamaModel {
     /// at pad positions are computed but meaningless. Position ids are `0..T` for every row, as
     /// transformers uses when only `attention_mask` is given.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_lora(input_ids, attention_mask, None)
+    }
+
+    /// [`Self::forward`] with `adapter`'s LoRA deltas added to the linears it targets, as PEFT's
+    /// `PeftModelForCausalLM` computes them; dropout runs only in [`LoraMode::Train`].
+    pub fn forward_with_adapter(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapter: &LoraAdapter,
+        mode: &LoraMode,
+    ) -> Result<Tensor> {
+        adapter.check_fits(&self.config)?;
+        self.forward_lora(input_ids, attention_mask, Some((adapter, mode)))
+    }
+
+    fn forward_lora(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        lora: Lora<'_>,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         let keep = match attention_mask {
             Some(mask) => self.check_mask(mask, b, t)?,
             None => vec![true; b * t],
         };
-        let mask = self.additive_mask(&keep, b, t)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let mask = self.additive_mask(&keep, b, 0, t)?;
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = self.rope_tables(1, &positions)?;
+        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, None, lora)?;
+        let x = self.rms_norm(&x, &self.weights.norm)?;
+        let logits = self.dense_linear(&x, self.weights.lm_head())?;
+        Ok(logits.to_dtype(self.dtype)?)
+    }
+
+    /// One incremental step with a KV cache: runs `input_ids` `[B, T]` (u32) at `positions`
+    /// (`B · T` RoPE positions, row-major) after the `S` tokens already in `cache`, appends this
+    /// step's keys and values to it, and returns the last position's logits `[B, V]` in the compute
+    /// dtype. `key_mask` holds `B · (S + T)` flags, row-major (true = a real token): query i sees key
+    /// j when j ≤ S + i and the key is real, as transformers' eager mask during `generate`.
+    pub fn forward_step(
+        &self,
+        input_ids: &Tensor,
+        positions: &[usize],
+        key_mask: &[bool],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        let past = cache.seq_len();
+        if cache.num_layers() != self.config.num_hidden_layers {
+            return Err(invalid(format!(
+                "KV cache has {} layers for num_hidden_layers {}",
+                cache.num_layers(),
+                self.config.num_hidden_layers
+            )));
+        }
+        if cache.batch_size().is_some_and(|cached| cached != b) {
+            return Err(invalid(format!(
+                "KV cache holds batch {:?}, input_ids batch {b}",
+                cache.batch_size()
+            )));
+        }
+        if positions.len() != b * t || key_mask.len() != b * (past + t) {
+            return Err(invalid(format!(
+                "{} positions and {} key mask flags for batch {b}, {t} new and {past} cached tokens",
+                positions.len(),
+                key_mask.len()
+            )));
+        }
+        let mask = self.additive_mask(key_mask, b, past, t)?;
+        let (cos, sin) = self.rope_tables(b, positions)?;
+        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, Some(cache), None)?;
+        let x = self.rms_norm(&x.narrow(1, t - 1, 1)?.contiguous()?, &self.weights.norm)?;
+        let logits = self.dense_linear(&x, self.weights.lm_head())?;
+        Ok(logits
+            .reshape((b, self.config.vocab_size))?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Embeddings and every decoder layer: ids `[B, T]` → hidden states `[B, T, hidden]` (f32
+    /// holding compute-dtype values), appending each layer's keys and values to `cache` if given.
+    fn decoder_stack(
+        &self,
+        input_ids: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+        lora: Lora<'_>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
         let h = self.config.hidden_size;
         let ids = input_ids.flatten_all()?.to_device(self.device())?;
         let mut x = self
@@ -138,12 +225,17 @@ impl LlamaModel {
             .index_select(&ids, 0)?
             .to_dtype(DType::F32)?
             .reshape((b, t, h))?;
-        for layer in &self.weights.layers {
-            x = self.decoder_layer(&x, layer, &mask, &cos, &sin)?;
+        let mut slots = cache.map(|c| c.layers_mut().iter_mut());
+        for (index, weights) in self.weights.layers.iter().enumerate() {
+            let layer = AdaptedLayer {
+                weights,
+                index,
+                lora,
+            };
+            let slot = slots.as_mut().and_then(|s| s.next());
+            x = self.decoder_layer(&x, layer, mask, cos, sin, slot)?;
         }
-        let x = self.rms_norm(&x, &self.weights.norm)?;
-        let logits = self.dense_linear(&x, self.weights.lm_head())?;
-        Ok(logits.to_dtype(self.dtype)?)
+        Ok(x)
     }
 
     /// The causal-LM loss of `logits` `[B, T, V]` (f32 or bf16) against `labels` `[B, T]` (i64):
@@ -257,41 +349,45 @@ impl LlamaModel {
             .collect()
     }
 
-    /// `[B, 1, T, T]` f32: 0 where query i may see key j (j ≤ i and j not a pad), else the compute
-    /// dtype's most negative finite value, as transformers' eager mask.
-    fn additive_mask(&self, keep: &[bool], b: usize, t: usize) -> Result<Tensor> {
+    /// `[B, 1, T, S]` f32 for T queries after `past` cached keys (S = past + T, `keep` `[B, S]`): 0
+    /// where query i may see key j (j ≤ past + i and j not a pad), else the compute dtype's most
+    /// negative finite value, as transformers' eager mask.
+    fn additive_mask(&self, keep: &[bool], b: usize, past: usize, t: usize) -> Result<Tensor> {
         let hidden = match self.dtype {
             DType::BF16 => bf16::MIN.to_f32(),
             _ => f32::MIN,
         };
-        let mut mask = vec![hidden; b * t * t];
+        let s = past + t;
+        let mut mask = vec![hidden; b * t * s];
         for row in 0..b {
             for i in 0..t {
-                for j in 0..=i {
-                    if keep[row * t + j] {
-                        mask[(row * t + i) * t + j] = 0.0;
+                for j in 0..=past + i {
+                    if keep[row * s + j] {
+                        mask[(row * t + i) * s + j] = 0.0;
                     }
                 }
             }
         }
-        Ok(Tensor::from_vec(mask, (b, 1, t, t), self.device())?)
+        Ok(Tensor::from_vec(mask, (b, 1, t, s), self.device())?)
     }
 
-    /// cos and sin `[1, 1, T, head_dim]` for positions `0..T`: `pos · inv_freq` in f32, duplicated
-    /// over both halves, rounded to the compute dtype as transformers' rotary embedding returns them.
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin `[rows, 1, T, head_dim]` for `positions` (`rows · T`, row-major): `pos · inv_freq`
+    /// in f32, duplicated over both halves, rounded to the compute dtype as transformers' rotary
+    /// embedding returns them.
+    fn rope_tables(&self, rows: usize, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let d = self.config.head_dim;
-        let mut cos = Vec::with_capacity(t * d);
-        let mut sin = Vec::with_capacity(t * d);
-        for pos in 0..t {
+        let t = positions.len() / rows;
+        let mut cos = Vec::with_capacity(positions.len() * d);
+        let mut sin = Vec::with_capacity(positions.len() * d);
+        for &pos in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|&f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let cos = Tensor::from_vec(cos, (1, 1, t, d), self.device())?;
-        let sin = Tensor::from_vec(sin, (1, 1, t, d), self.device())?;
+        let cos = Tensor::from_vec(cos, (rows, 1, t, d), self.device())?;
+        let sin = Tensor::from_vec(sin, (rows, 1, t, d), self.device())?;
         Ok((self.round(cos)?, self.round(sin)?))
     }
 
@@ -335,6 +431,31 @@ impl LlamaModel {
         }
     }
 
+    /// `module` of `layer` on `x`, plus the adapter's LoRA delta when it targets the module, the
+    /// sum rounded to the compute dtype as PEFT's `result.to(torch_result_dtype)`.
+    fn adapted_linear(
+        &self,
+        x: &Tensor,
+        layer: AdaptedLayer<'_>,
+        module: TargetModule,
+    ) -> Result<Tensor> {
+        let w = &layer.weights;
+        let weight = match module {
+            TargetModule::QProj => &w.q_proj,
+            TargetModule::KProj => &w.k_proj,
+            TargetModule::VProj => &w.v_proj,
+            TargetModule::OProj => &w.o_proj,
+            TargetModule::GateProj => &w.gate_proj,
+            TargetModule::UpProj => &w.up_proj,
+            TargetModule::DownProj => &w.down_proj,
+        };
+        let y = self.linear(x, weight)?;
+        match layer.lora {
+            Some((adapter, mode)) => self.round(adapter.apply(layer.index, module, x, &y, mode)?),
+            None => Ok(y),
+        }
+    }
+
     /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs.
     fn dense_linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = w.dims2()?;
@@ -352,27 +473,34 @@ impl LlamaModel {
     fn decoder_layer(
         &self,
         x: &Tensor,
-        layer: &LayerWeights,
+        layer: AdaptedLayer<'_>,
         mask: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
-        let normed = self.rms_norm(x, &layer.input_layernorm)?;
-        let attn = self.attention(&normed, layer, mask, cos, sin)?;
+        let normed = self.rms_norm(x, &layer.weights.input_layernorm)?;
+        let attn = self.attention(&normed, layer, mask, cos, sin, cache)?;
         let x = self.round((x + attn)?)?;
-        let normed = self.rms_norm(&x, &layer.post_attention_layernorm)?;
-        let gate = self.linear(&normed, &layer.gate_proj)?;
-        let up = self.linear(&normed, &layer.up_proj)?;
+        let normed = self.rms_norm(&x, &layer.weights.post_attention_layernorm)?;
+        let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj)?;
+        let up = self.adapted_linear(&normed, layer, TargetModule::UpProj)?;
         let act = self.round(self.round(gate.silu()?)?.mul(&up)?)?;
-        let mlp = self.linear(&act, &layer.down_proj)?;
+        let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj)?;
         self.round((x + mlp)?)
     }
 
-    /// `[B, T, hidden]` → `[B, heads, T, head_dim]` for projection `w`.
-    fn heads(&self, x: &Tensor, w: &Linear, n_heads: usize) -> Result<Tensor> {
+    /// `[B, T, hidden]` → `[B, heads, T, head_dim]` for projection `module`.
+    fn heads(
+        &self,
+        x: &Tensor,
+        layer: AdaptedLayer<'_>,
+        module: TargetModule,
+        n_heads: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         Ok(self
-            .linear(x, w)?
+            .adapted_linear(x, layer, module)?
             .reshape((b, t, n_heads, self.config.head_dim))?
             .transpose(1, 2)?
             .contiguous()?)
@@ -392,17 +520,26 @@ impl LlamaModel {
     fn attention(
         &self,
         x: &Tensor,
-        layer: &LayerWeights,
+        layer: AdaptedLayer<'_>,
         mask: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (n_heads, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let q = self.rope(&self.heads(x, &layer.q_proj, n_heads)?, cos, sin)?;
-        let k = self.rope(&self.heads(x, &layer.k_proj, n_kv)?, cos, sin)?;
-        let v = self.heads(x, &layer.v_proj, n_kv)?;
+        let q = self.rope(
+            &self.heads(x, layer, TargetModule::QProj, n_heads)?,
+            cos,
+            sin,
+        )?;
+        let k = self.rope(&self.heads(x, layer, TargetModule::KProj, n_kv)?, cos, sin)?;
+        let v = self.heads(x, layer, TargetModule::VProj, n_kv)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(&k, &v, self.dtype)?,
+            None => (k, v),
+        };
         let k = repeat_kv(&k, n_heads / n_kv)?;
         let v = repeat_kv(&v, n_heads / n_kv)?;
         let scores = self.round(q.matmul(&k.t()?.contiguous()?)?)?;
@@ -415,8 +552,19 @@ impl LlamaModel {
         let probs = self.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
         let out = self.round(probs.matmul(&v)?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, n_heads * d))?;
-        self.linear(&out, &layer.o_proj)
+        self.adapted_linear(&out, layer, TargetModule::OProj)
     }
+}
+
+/// A LoRA adapter and the mode it runs in, or none.
+type Lora<'a> = Option<(&'a LoraAdapter, &'a LoraMode)>;
+
+/// One decoder layer's weights, its index and the adapter (if any) on its linears.
+#[derive(Clone, Copy)]
+struct AdaptedLayer<'a> {
+    weights: &'a LayerWeights,
+    index: usize,
+    lora: Lora<'a>,
 }
 
 /// `[B, kv, T, d]` → `[B, kv · n_rep, T, d]`, query head h reading kv head h / n_rep.
@@ -443,7 +591,7 @@ fn linears(layer: &LayerWeights) -> [(&'static str, &Linear); 7] {
 }
 
 /// `[out, in]` of the linear `name` (one of [`linears`]' names).
-fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
+pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
     let (h, m) = (c.hidden_size, c.intermediate_size);
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;

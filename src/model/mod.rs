@@ -2,6 +2,7 @@
 //! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`).
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod weights;
 

@@ -1,0 +1,7 @@
+//! Parameter-efficient fine-tuning methods, file-compatible with Hugging Face PEFT: `lora` holds
+//! LoRA adapters (A `[r, in]`, B `[out, r]` per adapted linear), their PEFT initialisation, the
+//! forward delta and the PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+pub mod lora;
+
+pub use lora::{LoraAdapter, LoraConfig, LoraMode, LoraPair, TargetModule};
