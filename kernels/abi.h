@@ -229,4 +229,46 @@ typedef struct QlCrossEntropyBackwardParams {
   int32_t dtype;           /* QlDtype: F32 or BF16 */
 } QlCrossEntropyBackwardParams;
 
+/* ---- Fused LoRA (kernels/lora.cu): rank <= 64, f32 accumulation -------------------------- */
+
+/* out[m, j] = sum_c x[m, c] * W(j, c) for m < rows, j < rank, in f32: T = X·Aᵀ (k_lora_xa, W = A
+ * [rank, cols]) or U = dY·B (k_lora_dyb, W(j, c) = B[c, j], B [cols, rank]). */
+typedef struct QlLoraProjectParams {
+  const void* x;   /* [rows, cols] of x_dtype: X or dY */
+  const void* w;   /* A [rank, cols] or B [cols, rank], of w_dtype */
+  float* out;      /* [rows, rank] */
+  int64_t rows;
+  int32_t cols;
+  int32_t rank;
+  int32_t x_dtype; /* QlDtype: F32 or BF16 */
+  int32_t w_dtype; /* QlDtype: F32 or BF16 */
+} QlLoraProjectParams;
+
+/* y[m, c] += scale * sum_j t[m, j] * W(j, c) in place, one rounding to y_dtype: Y += s·T·Bᵀ
+ * (k_lora_add, W(j, c) = B[c, j]) or dX += s·U·A (k_lora_dx, W = A [rank, cols]). */
+typedef struct QlLoraExpandParams {
+  const float* t;  /* [rows, rank]: T or U */
+  const void* w;   /* B [cols, rank] or A [rank, cols], of w_dtype */
+  void* y;         /* [rows, cols] of y_dtype, read and written once */
+  int64_t rows;
+  int32_t cols;
+  int32_t rank;
+  float scale;
+  int32_t w_dtype; /* QlDtype: F32 or BF16 */
+  int32_t y_dtype; /* QlDtype: F32 or BF16 */
+} QlLoraExpandParams;
+
+/* out(j, c) = scale * sum_m p[m, c] * q[m, j], summed over m in order, overwriting out:
+ * dB = s·dYᵀ·T (k_lora_db, out [cols, rank]) or dA = s·Uᵀ·X (k_lora_da, out [rank, cols]). */
+typedef struct QlLoraGradWParams {
+  const void* p;   /* [rows, cols] of p_dtype: dY or X */
+  const float* q;  /* [rows, rank]: T or U */
+  float* out;      /* dB [cols, rank] or dA [rank, cols] */
+  int64_t rows;
+  int32_t cols;
+  int32_t rank;
+  float scale;
+  int32_t p_dtype; /* QlDtype: F32 or BF16 */
+} QlLoraGradWParams;
+
 #endif /* QLORA_ABI_H */

@@ -476,6 +476,35 @@ def make_lora_fixtures(outdir: Path) -> None:
     save_file(out, str(outdir / "lora_logits.safetensors"), metadata={"format": "pt"})
 
 
+def make_lora_grad_fixtures(outdir: Path) -> None:
+    """tests/fixtures/lora/lora_grads.safetensors: PEFT's LoRA gradients for `forward_batch()` with
+    its labels. Each adapter of `make_lora_fixtures` (r4_all, r4_all_rslora) is loaded by
+    `PeftModel.from_pretrained(is_trainable=True)` on the f32 `base` (eager attention, eval mode:
+    dropout is 0 anyway); the causal-LM loss transformers computes (mean over the label tokens)
+    goes through `loss.backward()`. Keys: `{name}.loss` (f32 scalar) and `{name}.{key}` for every
+    LoRA weight's gradient, `key` as in PEFT's adapter_model.safetensors (adapter name dropped,
+    e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), besides input_ids,
+    attention_mask and labels (i64)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    llama = outdir.parent / "llama" / "base"
+    ids, mask, labels = forward_batch()
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for name in ["r4_all", "r4_all_rslora"]:
+        model = LlamaForCausalLM.from_pretrained(str(llama), dtype=torch.float32,
+                                                 attn_implementation="eager")
+        peft_model = PeftModel.from_pretrained(model, str(outdir / name), is_trainable=True).eval()
+        res = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+        res.loss.backward()
+        out[f"{name}.loss"] = res.loss.detach().float().reshape(())
+        for key, p in sorted(peft_model.named_parameters()):
+            if p.requires_grad:
+                assert "lora_" in key and p.grad is not None, key
+                out[f"{name}.{key.replace('.default.', '.')}"] = p.grad.contiguous()
+    save_file(out, str(outdir / "lora_grads.safetensors"), metadata={"format": "pt"})
+
+
 def make_generation_fixtures(outdir: Path) -> None:
     """tests/fixtures/llama/generate.safetensors: transformers' greedy `generate` (do_sample=False,
     max_new_tokens=8, use_cache=True, eager attention, eos and pad ids from the config) in f32 on a
@@ -505,6 +534,112 @@ def make_generation_fixtures(outdir: Path) -> None:
     save_file(out, str(outdir / "generate.safetensors"), metadata={"format": "pt"})
 
 
+TOKENIZER_CORPUS_WORDS = (
+    "the a an of to in and is it that for on with as was by at be this from or are which you "
+    "question answer choices instruction input output response user assistant system hello world "
+    "model llama token train data loss learning rate batch please write short poem explain why sky "
+    "blue sum numbers list capital france paris berlin rome madrid one two three four five six "
+    "seven eight nine ten what how when where who yes no true false red green colour color"
+).split()
+
+# Llama-2-style template (the [INST] markers, a folded-in system prompt, role alternation enforced
+# through raise_exception, `.strip()` and `| trim`) with a generation-prompt branch; written under
+# the fixture's own special tokens.
+TOKENIZER_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] | trim %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}{% endif %}\n"
+    "{% for message in loop_messages %}\n"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}\n"
+    "{% if loop.index0 == 0 and system_message %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}\n"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
+)
+
+
+def make_tokenizer_fixtures(outdir: Path) -> None:
+    """tests/fixtures/tokenizer/: a byte-level BPE (vocab 300: 256 bytes, <s> </s> <pad>, merges
+    learned from a fixed corpus) with a `<s> $A` post-processor as tokenizer.json, a
+    tokenizer_config.json holding the special tokens and a Llama-2-style chat template, and
+    expected.json with what transformers' AutoTokenizer gives: `encode` ids with and without
+    special tokens and `decode` of them for a few strings, and `apply_chat_template` (rendered
+    string and ids) for fixed conversations, plus the exception message of a bad one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    gen = np.random.default_rng(53)
+    words = TOKENIZER_CORPUS_WORDS
+    corpus = [" ".join(words[i] for i in gen.integers(0, len(words), 12)) + "." for _ in range(400)]
+    specials = ["<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(outdir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True},
+        "pad_token": "<pad>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+        "chat_template": TOKENIZER_CHAT_TEMPLATE,
+    }
+    (outdir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    hf = AutoTokenizer.from_pretrained(str(outdir))
+    texts = ["hello world", "The sky is blue.", "  leading and  double  spaces\nnew line\ttab",
+             "café naïve 東京 🦙", "<s>special</s> inside <pad>", ""]
+    encode = []
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=True)
+        plain = hf.encode(text, add_special_tokens=False)
+        encode.append({"text": text, "ids": ids, "ids_no_special": plain,
+                       "decoded": hf.decode(ids), "decoded_skip_special": hf.decode(ids, skip_special_tokens=True)})
+    conversations = [
+        ([{"role": "user", "content": "What is the capital of France?"},
+          {"role": "assistant", "content": "  Paris. "}], False),
+        ([{"role": "system", "content": " Answer briefly. "},
+          {"role": "user", "content": "Sum one and two."},
+          {"role": "assistant", "content": "Three."},
+          {"role": "user", "content": "Why is the sky blue?\n"}], True),
+        ([{"role": "user", "content": "hello"}], False),
+    ]
+    chat = []
+    for messages, add_generation_prompt in conversations:
+        rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        chat.append({"messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "rendered": rendered, "ids": list(ids)})
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    try:
+        hf.apply_chat_template(bad, tokenize=False)
+        raise RuntimeError("the template accepted non-alternating roles")
+    except Exception as err:  # transformers raises jinja2's TemplateError
+        if isinstance(err, RuntimeError):
+            raise
+        error = {"messages": bad, "message": str(err)}
+    expected = {"bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id, "pad_id": hf.pad_token_id,
+                "unk_id": hf.unk_token_id, "vocab_size": len(hf), "encode": encode, "chat": chat,
+                "chat_error": error}
+    (outdir / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -521,6 +656,11 @@ def main() -> int:
     make_lora_fixtures(fixtures / "lora")
     total = sum(p.stat().st_size for p in (fixtures / "lora").rglob("*") if p.is_file())
     print(f"wrote {fixtures / 'lora'} ({total} bytes)")
+    make_tokenizer_fixtures(fixtures / "tokenizer")
+    total = sum(p.stat().st_size for p in (fixtures / "tokenizer").iterdir())
+    print(f"wrote {fixtures / 'tokenizer'} ({total} bytes)")
+    make_lora_grad_fixtures(fixtures / "lora")
+    print(f"wrote {fixtures / 'lora' / 'lora_grads.safetensors'}")
     return 0
 
 

@@ -49,6 +49,26 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// `tokenizer.json` or `tokenizer_config.json` is missing, unreadable or malformed.
+    #[error("tokenizer file {path}: {reason}")]
+    TokenizerFile { path: PathBuf, reason: String },
+
+    /// Encoding or decoding through the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A chat template is missing, does not compile, or raised an exception while rendering.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// A dataset line is malformed or does not fit its shape.
+    #[error("{path}:{line}: {reason}")]
+    Dataset {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+
     #[error(transparent)]
     Safetensors(#[from] safetensors::SafeTensorError),
 

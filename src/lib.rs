@@ -10,5 +10,6 @@ pub mod peft;
 pub mod quant;
 pub mod testing;
 pub mod tolerance;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -46,9 +46,18 @@ pub enum Op {
     /// Cross-entropy backward (dlogits in the logits dtype): expf(x − lse) − onehot, times
     /// grad_scale, from the same f32 lse in every backend.
     CrossEntropyBackward,
+    /// Fused LoRA kernels, forward (T = X·Aᵀ in f32, and Y + s·T·Bᵀ rounded once to Y's dtype):
+    /// f32 sums over K (lane-strided and shuffled vs sequential) and over r, in Y's dtype.
+    LoraFused,
+    /// Fused LoRA kernels, backward: U = dY·B, dA and dB in f32 (sums over M in the reference's
+    /// order, over N reordered) and dX + s·U·A rounded once to dX's dtype.
+    LoraFusedBackward,
     /// The whole Llama forward (logits, and the loss from them) against transformers: every op
     /// rounded where torch rounds, but sums (GEMMs, norms, softmax) reordered.
     LlamaLogits,
+    /// LoRA gradients (dA, dB) and the layer input gradient from the explicit backward against
+    /// an autograd oracle: the same math through differently ordered sums and transposed GEMMs.
+    LoraGrad,
 }
 
 /// An absolute and a relative tolerance.
@@ -396,6 +405,62 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // Sums of ≤ 200 products of |x| ≲ 4 and |w| ≲ 0.5 reordered in f32, then one more sum over
+    // r ≤ 64: a few e-6 absolute on values of order 1 (atol covers cancellation to ~0).
+    (
+        Op::LoraFused,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // The same f32 value rounded once to bf16 on both sides: at most one bf16 ulp (2^-8) apart.
+    (
+        Op::LoraFused,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::LoraFused,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // U is a reordered sum over N ≤ 136; dA sums ≤ 37 rows of X·U carrying U's error; dX one
+    // more sum over r: a few e-6 relative on values of order 1-10.
+    (
+        Op::LoraFusedBackward,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // dX rounded once to bf16 from nearly equal f32 values: one bf16 ulp.
+    (
+        Op::LoraFusedBackward,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::LoraFusedBackward,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
     // Reordered f32 sums through a few layers of GEMMs (K ≤ 200), norms and softmax on logits
     // |x| ≲ 1.2: measured ≤ 3e-7 on logits and one ulp on the loss (~5); atol for logits near 0.
     (
@@ -423,6 +488,35 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
         Tolerance {
             atol: 2e-3,
             rtol: 2e-3,
+        },
+    ),
+    // f32 sums over B·T ≤ 27 rows and K ≤ 136 reordered through two layers and the loss: measured
+    // ≤ 6e-6 on one layer's dA/dB (random dy), ≤ 2e-7 through the stack; atol for values near 0.
+    (
+        Op::LoraGrad,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        },
+    ),
+    // bf16 compute: the forward's roundings pass gradients unchanged (straight-through), so the
+    // recomputed activations carry bf16 ulps (2^-8 relative) into every product.
+    (
+        Op::LoraGrad,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 2e-2,
+        },
+    ),
+    // No f16 compute (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::LoraGrad,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-3,
+            rtol: 4e-3,
         },
     ),
 ];
@@ -454,7 +548,10 @@ mod tests {
             Op::Nf4Gemv,
             Op::CrossEntropy,
             Op::CrossEntropyBackward,
+            Op::LoraFused,
+            Op::LoraFusedBackward,
             Op::LlamaLogits,
+            Op::LoraGrad,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -634,3 +634,132 @@ impl Default for QlCrossEntropyBackwardParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlLoraProjectParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub w: *const ::std::os::raw::c_void,
+    pub out: *mut f32,
+    pub rows: i64,
+    pub cols: i32,
+    pub rank: i32,
+    pub x_dtype: i32,
+    pub w_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlLoraProjectParams"][::std::mem::size_of::<QlLoraProjectParams>() - 48usize];
+    ["Alignment of QlLoraProjectParams"][::std::mem::align_of::<QlLoraProjectParams>() - 8usize];
+    ["Offset of field: QlLoraProjectParams::x"]
+        [::std::mem::offset_of!(QlLoraProjectParams, x) - 0usize];
+    ["Offset of field: QlLoraProjectParams::w"]
+        [::std::mem::offset_of!(QlLoraProjectParams, w) - 8usize];
+    ["Offset of field: QlLoraProjectParams::out"]
+        [::std::mem::offset_of!(QlLoraProjectParams, out) - 16usize];
+    ["Offset of field: QlLoraProjectParams::rows"]
+        [::std::mem::offset_of!(QlLoraProjectParams, rows) - 24usize];
+    ["Offset of field: QlLoraProjectParams::cols"]
+        [::std::mem::offset_of!(QlLoraProjectParams, cols) - 32usize];
+    ["Offset of field: QlLoraProjectParams::rank"]
+        [::std::mem::offset_of!(QlLoraProjectParams, rank) - 36usize];
+    ["Offset of field: QlLoraProjectParams::x_dtype"]
+        [::std::mem::offset_of!(QlLoraProjectParams, x_dtype) - 40usize];
+    ["Offset of field: QlLoraProjectParams::w_dtype"]
+        [::std::mem::offset_of!(QlLoraProjectParams, w_dtype) - 44usize];
+};
+impl Default for QlLoraProjectParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlLoraExpandParams {
+    pub t: *const f32,
+    pub w: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub rows: i64,
+    pub cols: i32,
+    pub rank: i32,
+    pub scale: f32,
+    pub w_dtype: i32,
+    pub y_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlLoraExpandParams"][::std::mem::size_of::<QlLoraExpandParams>() - 56usize];
+    ["Alignment of QlLoraExpandParams"][::std::mem::align_of::<QlLoraExpandParams>() - 8usize];
+    ["Offset of field: QlLoraExpandParams::t"]
+        [::std::mem::offset_of!(QlLoraExpandParams, t) - 0usize];
+    ["Offset of field: QlLoraExpandParams::w"]
+        [::std::mem::offset_of!(QlLoraExpandParams, w) - 8usize];
+    ["Offset of field: QlLoraExpandParams::y"]
+        [::std::mem::offset_of!(QlLoraExpandParams, y) - 16usize];
+    ["Offset of field: QlLoraExpandParams::rows"]
+        [::std::mem::offset_of!(QlLoraExpandParams, rows) - 24usize];
+    ["Offset of field: QlLoraExpandParams::cols"]
+        [::std::mem::offset_of!(QlLoraExpandParams, cols) - 32usize];
+    ["Offset of field: QlLoraExpandParams::rank"]
+        [::std::mem::offset_of!(QlLoraExpandParams, rank) - 36usize];
+    ["Offset of field: QlLoraExpandParams::scale"]
+        [::std::mem::offset_of!(QlLoraExpandParams, scale) - 40usize];
+    ["Offset of field: QlLoraExpandParams::w_dtype"]
+        [::std::mem::offset_of!(QlLoraExpandParams, w_dtype) - 44usize];
+    ["Offset of field: QlLoraExpandParams::y_dtype"]
+        [::std::mem::offset_of!(QlLoraExpandParams, y_dtype) - 48usize];
+};
+impl Default for QlLoraExpandParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlLoraGradWParams {
+    pub p: *const ::std::os::raw::c_void,
+    pub q: *const f32,
+    pub out: *mut f32,
+    pub rows: i64,
+    pub cols: i32,
+    pub rank: i32,
+    pub scale: f32,
+    pub p_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlLoraGradWParams"][::std::mem::size_of::<QlLoraGradWParams>() - 48usize];
+    ["Alignment of QlLoraGradWParams"][::std::mem::align_of::<QlLoraGradWParams>() - 8usize];
+    ["Offset of field: QlLoraGradWParams::p"]
+        [::std::mem::offset_of!(QlLoraGradWParams, p) - 0usize];
+    ["Offset of field: QlLoraGradWParams::q"]
+        [::std::mem::offset_of!(QlLoraGradWParams, q) - 8usize];
+    ["Offset of field: QlLoraGradWParams::out"]
+        [::std::mem::offset_of!(QlLoraGradWParams, out) - 16usize];
+    ["Offset of field: QlLoraGradWParams::rows"]
+        [::std::mem::offset_of!(QlLoraGradWParams, rows) - 24usize];
+    ["Offset of field: QlLoraGradWParams::cols"]
+        [::std::mem::offset_of!(QlLoraGradWParams, cols) - 32usize];
+    ["Offset of field: QlLoraGradWParams::rank"]
+        [::std::mem::offset_of!(QlLoraGradWParams, rank) - 36usize];
+    ["Offset of field: QlLoraGradWParams::scale"]
+        [::std::mem::offset_of!(QlLoraGradWParams, scale) - 40usize];
+    ["Offset of field: QlLoraGradWParams::p_dtype"]
+        [::std::mem::offset_of!(QlLoraGradWParams, p_dtype) - 44usize];
+};
+impl Default for QlLoraGradWParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

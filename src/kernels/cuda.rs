@@ -41,6 +41,12 @@ unsafe impl DeviceRepr for super::abi::QlNf4GemvParams {}
 unsafe impl DeviceRepr for super::abi::QlCrossEntropyForwardParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlCrossEntropyBackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlLoraProjectParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlLoraExpandParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlLoraGradWParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
@@ -50,6 +56,7 @@ fn module_ptx(module: &str) -> Option<&'static str> {
         "adamw" => Some(ptx::ADAMW),
         "nf4_gemv" => Some(ptx::NF4_GEMV),
         "cross_entropy" => Some(ptx::CROSS_ENTROPY),
+        "lora" => Some(ptx::LORA),
         _ => None,
     }
 }

@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod emu;
 pub mod launch;
 pub mod llama;
+pub mod lora;
 pub mod nf4;
 pub mod nf4_gemv;
 

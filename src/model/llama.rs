@@ -120,6 +120,11 @@ impl LlamaModel {
         self.weights.embed_tokens.device()
     }
 
+    /// The weights, for the explicit backward (`model::backward`).
+    pub(crate) fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
     /// Logits `[B, T, V]` in the compute dtype for `input_ids` `[B, T]` (u32). `attention_mask`
     /// `[B, T]` (u8, u32 or i64; 1 = token, 0 = pad, left or right padding) hides pad keys; logits
     /// at pad positions are computed but meaningless. Position ids are `0..T` for every row, as
@@ -301,7 +306,7 @@ impl LlamaModel {
         Ok((nll.div(&count_t)?, count))
     }
 
-    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+    pub(crate) fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
         let (b, t) = match *input_ids.dims() {
             [b, t] if b > 0 && t > 0 => (b, t),
             _ => {
@@ -330,7 +335,7 @@ impl LlamaModel {
     }
 
     /// The mask as one bool per token (true = attend), checked to be 0/1 of an integer dtype.
-    fn check_mask(&self, mask: &Tensor, b: usize, t: usize) -> Result<Vec<bool>> {
+    pub(crate) fn check_mask(&self, mask: &Tensor, b: usize, t: usize) -> Result<Vec<bool>> {
         check_shape("attention_mask", mask, &[b, t])?;
         if !matches!(mask.dtype(), DType::U8 | DType::U32 | DType::I64) {
             return Err(invalid(format!(
@@ -352,7 +357,13 @@ impl LlamaModel {
     /// `[B, 1, T, S]` f32 for T queries after `past` cached keys (S = past + T, `keep` `[B, S]`): 0
     /// where query i may see key j (j ≤ past + i and j not a pad), else the compute dtype's most
     /// negative finite value, as transformers' eager mask.
-    fn additive_mask(&self, keep: &[bool], b: usize, past: usize, t: usize) -> Result<Tensor> {
+    pub(crate) fn additive_mask(
+        &self,
+        keep: &[bool],
+        b: usize,
+        past: usize,
+        t: usize,
+    ) -> Result<Tensor> {
         let hidden = match self.dtype {
             DType::BF16 => bf16::MIN.to_f32(),
             _ => f32::MIN,
@@ -374,7 +385,7 @@ impl LlamaModel {
     /// cos and sin `[rows, 1, T, head_dim]` for `positions` (`rows · T`, row-major): `pos · inv_freq`
     /// in f32, duplicated over both halves, rounded to the compute dtype as transformers' rotary
     /// embedding returns them.
-    fn rope_tables(&self, rows: usize, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, rows: usize, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let d = self.config.head_dim;
         let t = positions.len() / rows;
         let mut cos = Vec::with_capacity(positions.len() * d);
@@ -392,7 +403,7 @@ impl LlamaModel {
     }
 
     /// f32 values rounded to the compute dtype (and kept in f32): where torch stores a result.
-    fn round(&self, x: Tensor) -> Result<Tensor> {
+    pub(crate) fn round(&self, x: Tensor) -> Result<Tensor> {
         if self.dtype == DType::F32 {
             return Ok(x);
         }
@@ -400,7 +411,7 @@ impl LlamaModel {
     }
 
     /// RMSNorm: `w · dtype(x · rsqrt(mean(x²) + eps))`, the statistics in f32.
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    pub(crate) fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let rstd = (variance + self.config.rms_norm_eps)?.sqrt()?.recip()?;
         let normed = self.round(x.broadcast_mul(&rstd)?)?;
@@ -411,8 +422,14 @@ impl LlamaModel {
     /// values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights are dequantized
     /// to their original dtype (as bitsandbytes' forward does) and then cast to the compute dtype.
     fn linear(&self, x: &Tensor, weight: &Linear) -> Result<Tensor> {
+        self.dense_linear(x, &self.frozen_weight(weight)?)
+    }
+
+    /// The frozen weight `[out, in]` as [`Self::linear`] multiplies by it: dense as stored, NF4
+    /// dequantized to its original dtype and rounded to the compute dtype (f32 holding those).
+    pub(crate) fn frozen_weight(&self, weight: &Linear) -> Result<Tensor> {
         match weight {
-            Linear::Dense(w) => self.dense_linear(x, w),
+            Linear::Dense(w) => Ok(w.clone()),
             Linear::Nf4(t) => {
                 let mut values = t.dequantize()?;
                 match t.dtype.as_str() {
@@ -425,8 +442,7 @@ impl LlamaModel {
                     _ => {}
                 }
                 let w = Tensor::from_vec(values, t.shape.as_slice(), self.device())?;
-                let w = self.round(w)?;
-                self.dense_linear(x, &w)
+                self.round(w)
             }
         }
     }
@@ -457,7 +473,7 @@ impl LlamaModel {
     }
 
     /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs.
-    fn dense_linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    pub(crate) fn dense_linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = w.dims2()?;
         let dims = x.dims();
         let rows = x.elem_count() / in_features;
@@ -507,7 +523,7 @@ impl LlamaModel {
     }
 
     /// `x · cos + rotate_half(x) · sin`, each product and the sum rounded.
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub(crate) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let half = self.config.head_dim / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
@@ -568,7 +584,7 @@ struct AdaptedLayer<'a> {
 }
 
 /// `[B, kv, T, d]` → `[B, kv · n_rep, T, d]`, query head h reading kv head h / n_rep.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x.clone());
     }

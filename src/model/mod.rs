@@ -1,9 +1,11 @@
 //! The Llama model: `config.json` parsing and validation with the RoPE inverse frequencies
 //! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`).
 
+pub mod backward;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{BnbQuantConfig, LlamaConfig, RopeScaling, TorchDtype};

@@ -1,0 +1,552 @@
+//! The explicit backward of the Llama decoder stack for LoRA training (DESIGN.md, "Training without
+//! an autograd tape"): a layer's forward is recomputed from its saved input `[B, T, hidden]`, keeping
+//! the intermediates, and hand-written gradients give dL/dx `[B, T, hidden]` and, for every adapted
+//! linear, dA `[r, in]` and dB `[out, r]` in f32. Frozen weights get no gradients; no autograd runs.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, D};
+
+use crate::model::llama::{repeat_kv, LlamaModel};
+use crate::model::weights::{LayerWeights, Linear};
+use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
+use crate::{Error, Result};
+
+/// LoRA gradients by (layer, module): `a` holds dL/dA `[r, in]`, `b` holds dL/dB `[out, r]`, f32.
+pub type LoraGrads = BTreeMap<(usize, TargetModule), LoraPair>;
+
+/// One decoder layer's backward: the input gradient and the gradients of its adapter pairs.
+#[derive(Clone, Debug)]
+pub struct LayerGradients {
+    /// dL/dx `[B, T, hidden]`, f32.
+    pub dx: Tensor,
+    pub lora: LoraGrads,
+}
+
+/// What the checkpointed forward kept alive for the backward: one input per decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointStats {
+    pub saved_tensors: usize,
+    pub saved_bytes: usize,
+}
+
+/// The whole stack's backward for a causal-LM batch.
+#[derive(Clone, Debug)]
+pub struct StackGradients {
+    /// The mean causal-LM loss over the label tokens, as [`LlamaModel::loss`].
+    pub loss: f32,
+    /// How many label tokens the loss averages over.
+    pub label_tokens: usize,
+    pub lora: LoraGrads,
+    pub checkpoints: CheckpointStats,
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::invalid("backward", reason)
+}
+
+/// The loss and every LoRA gradient of `adapter` for a causal-LM batch: `input_ids` `[B, T]` (u32),
+/// `attention_mask` `[B, T]` (0/1, as [`LlamaModel::forward`]), `labels` `[B, T]` (i64, shifted
+/// inside, [`crate::model::llama::IGNORE_INDEX`] skipped). The adapter runs as in
+/// [`LoraMode::Eval`] (no dropout); lm_head, the norms and the base linears are frozen.
+pub fn lora_gradients(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    labels: &Tensor,
+) -> Result<StackGradients> {
+    adapter.check_fits(model.config())?;
+    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
+    let (b, t) = input_ids.dims2()?;
+    let logits = final_logits(model, &forward.hidden)?;
+    let (loss, count) = LlamaModel::loss(&logits.reshape((b, t, ()))?, labels)?;
+    if count == 0 {
+        return Err(invalid("the labels hold no token to predict"));
+    }
+    let dlogits = causal_lm_loss_grad(&logits, labels, count)?;
+    let checkpoints = forward.stats();
+    let lora = backward_from_logits(model, adapter, forward, &dlogits)?;
+    Ok(StackGradients {
+        loss: loss.to_scalar::<f32>()?,
+        label_tokens: count,
+        lora,
+        checkpoints,
+    })
+}
+
+/// Every LoRA gradient of `adapter` given dL/dlogits `[B, T, V]` (f32) for the batch
+/// `input_ids` / `attention_mask`, with the checkpoint stats of the forward.
+pub fn lora_gradients_from_dlogits(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    dlogits: &Tensor,
+) -> Result<(LoraGrads, CheckpointStats)> {
+    adapter.check_fits(model.config())?;
+    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
+    let (b, t) = input_ids.dims2()?;
+    let v = model.config().vocab_size;
+    if dlogits.dims() != [b, t, v] || dlogits.dtype() != DType::F32 {
+        return Err(invalid(format!(
+            "dlogits are {:?} {:?}, expected [{b}, {t}, {v}] F32",
+            dlogits.dims(),
+            dlogits.dtype()
+        )));
+    }
+    let checkpoints = forward.stats();
+    let grads = backward_from_logits(model, adapter, forward, &dlogits.reshape((b * t, v))?)?;
+    Ok((grads, checkpoints))
+}
+
+/// One decoder layer's backward: recomputes layer `layer`'s forward from its input `x`
+/// `[B, T, hidden]` (f32 holding compute-dtype values) under `attention_mask` `[B, T]` (positions
+/// `0..T`), then pulls `dy` = dL/d(layer output) back to dL/dx and the LoRA gradients of `adapter`
+/// (if any) in that layer.
+pub fn decoder_layer_backward(
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    layer: usize,
+    x: &Tensor,
+    attention_mask: Option<&Tensor>,
+    dy: &Tensor,
+) -> Result<LayerGradients> {
+    let c = model.config();
+    if layer >= c.num_hidden_layers {
+        return Err(invalid(format!(
+            "layer {layer} of a {}-layer model",
+            c.num_hidden_layers
+        )));
+    }
+    if let Some(adapter) = adapter {
+        adapter.check_fits(c)?;
+    }
+    let (b, t, h) = x.dims3()?;
+    if h != c.hidden_size || x.dtype() != DType::F32 {
+        return Err(invalid(format!(
+            "x is {:?} {:?}, expected [B, T, {}] F32",
+            x.dims(),
+            x.dtype(),
+            c.hidden_size
+        )));
+    }
+    if dy.dims() != x.dims() || dy.dtype() != DType::F32 {
+        return Err(invalid(format!(
+            "dy is {:?} {:?}, x {:?} F32",
+            dy.dims(),
+            dy.dtype(),
+            x.dims()
+        )));
+    }
+    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
+    let pass = LayerPass::new(model, adapter, layer)?;
+    let mut lora = LoraGrads::new();
+    let dx = pass.backward(x, &rope, dy, &mut lora)?;
+    Ok(LayerGradients { dx, lora })
+}
+
+/// The additive attention mask `[B, 1, T, T]` and RoPE tables `[1, 1, T, head_dim]` of a batch.
+struct AttentionInputs {
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl AttentionInputs {
+    fn new(
+        model: &LlamaModel,
+        attention_mask: Option<&Tensor>,
+        b: usize,
+        t: usize,
+    ) -> Result<Self> {
+        let keep = match attention_mask {
+            Some(mask) => model.check_mask(mask, b, t)?,
+            None => vec![true; b * t],
+        };
+        let mask = model.additive_mask(&keep, b, 0, t)?;
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = model.rope_tables(1, &positions)?;
+        Ok(Self { mask, cos, sin })
+    }
+}
+
+/// The stack's forward with only each layer's input kept (gradient checkpointing).
+struct CheckpointedForward {
+    rope: AttentionInputs,
+    /// Layer i's input `[B, T, hidden]`, f32.
+    inputs: Vec<Tensor>,
+    /// The last layer's output `[B, T, hidden]`, before the final norm.
+    hidden: Tensor,
+}
+
+impl CheckpointedForward {
+    fn stats(&self) -> CheckpointStats {
+        CheckpointStats {
+            saved_tensors: self.inputs.len(),
+            saved_bytes: self
+                .inputs
+                .iter()
+                .map(|x| x.elem_count() * x.dtype().size_in_bytes())
+                .sum(),
+        }
+    }
+}
+
+fn checkpointed_forward(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+) -> Result<CheckpointedForward> {
+    let (b, t) = model.check_ids(input_ids)?;
+    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
+    let h = model.config().hidden_size;
+    let ids = input_ids.flatten_all()?.to_device(model.device())?;
+    let mut x = model
+        .weights()
+        .embed_tokens
+        .index_select(&ids, 0)?
+        .to_dtype(DType::F32)?
+        .reshape((b, t, h))?;
+    let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
+    for layer in 0..model.config().num_hidden_layers {
+        let pass = LayerPass::new(model, Some(adapter), layer)?;
+        let next = pass.forward(&x, &rope)?.output;
+        inputs.push(x);
+        x = next;
+    }
+    Ok(CheckpointedForward {
+        rope,
+        inputs,
+        hidden: x,
+    })
+}
+
+/// f32 logits `[B · T, V]` of the final hidden states (final norm, lm_head).
+fn final_logits(model: &LlamaModel, hidden: &Tensor) -> Result<Tensor> {
+    let w = model.weights();
+    let normed = model.rms_norm(hidden, &w.norm)?;
+    let v = model.config().vocab_size;
+    Ok(model.dense_linear(&normed, w.lm_head())?.reshape(((), v))?)
+}
+
+/// dL/dlogits `[B · T, V]` of the mean causal-LM loss over `count` label tokens: row `i − 1`
+/// predicts label `i` (same sequence), `(softmax − onehot) / count` there and zero elsewhere.
+fn causal_lm_loss_grad(logits: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
+    let (rows, v) = logits.dims2()?;
+    let t = labels.dim(1)?;
+    let labels = labels.flatten_all()?.to_vec1::<i64>()?;
+    let mut grad = vec![0f32; rows * v];
+    let logits_rows = logits.to_vec2::<f32>()?;
+    let inv_count = 1.0 / count as f32;
+    for (i, &label) in labels.iter().enumerate() {
+        if i % t == 0 || label < 0 {
+            continue;
+        }
+        let row = &logits_rows[i - 1];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+        let out = &mut grad[(i - 1) * v..i * v];
+        for (g, &z) in out.iter_mut().zip(row) {
+            *g = (z - max).exp() / sum * inv_count;
+        }
+        out[label as usize] -= inv_count;
+    }
+    Ok(Tensor::from_vec(grad, (rows, v), logits.device())?)
+}
+
+/// Final norm and lm_head backward, then every layer from the last, recomputing each from its
+/// saved input and dropping that input once used.
+fn backward_from_logits(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    forward: CheckpointedForward,
+    dlogits: &Tensor,
+) -> Result<LoraGrads> {
+    let w = model.weights();
+    let lm_head = w.lm_head().to_dtype(DType::F32)?;
+    let dnormed = dlogits.matmul(&lm_head)?.reshape(forward.hidden.dims())?;
+    let mut dx = rms_norm_backward(model, &forward.hidden, &w.norm, &dnormed)?;
+    let mut lora = LoraGrads::new();
+    let CheckpointedForward {
+        rope, mut inputs, ..
+    } = forward;
+    for layer in (0..inputs.len()).rev() {
+        let x = inputs
+            .pop()
+            .ok_or_else(|| invalid(format!("no saved input for layer {layer}")))?;
+        let pass = LayerPass::new(model, Some(adapter), layer)?;
+        dx = pass.backward(&x, &rope, &dx, &mut lora)?;
+    }
+    Ok(lora)
+}
+
+/// `x · rsqrt(mean(x²) + eps)` times the frozen `weight`, pulled back: with g = dn ⊙ w,
+/// dx = rstd · g − x · rstd³ · Σ(g ⊙ x) / hidden. The bf16 roundings pass gradients unchanged.
+fn rms_norm_backward(
+    model: &LlamaModel,
+    x: &Tensor,
+    weight: &Tensor,
+    dnormed: &Tensor,
+) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)? as f64;
+    let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (variance + model.config().rms_norm_eps)?.sqrt()?.recip()?;
+    let g = dnormed.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let dot = (&g * x)?.sum_keepdim(D::Minus1)?;
+    let coef = ((rstd.powf(3.0)? * dot)? / h)?;
+    Ok((g.broadcast_mul(&rstd)? - x.broadcast_mul(&coef)?)?)
+}
+
+/// The transpose of the RoPE rotation `y = x · cos + rotate_half(x) · sin`:
+/// dx = dy · cos + [ (dy · sin)₂, −(dy · sin)₁ ] over the two halves of head_dim.
+fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = dy.dim(D::Minus1)? / 2;
+    let z = dy.broadcast_mul(sin)?;
+    let z1 = z.narrow(D::Minus1, 0, half)?;
+    let z2 = z.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)?;
+    Ok((dy.broadcast_mul(cos)? + rotated)?)
+}
+
+/// One decoder layer's frozen weights (dequantized once, f32) and its adapter, for the recomputed
+/// forward and the backward.
+struct LayerPass<'a> {
+    model: &'a LlamaModel,
+    adapter: Option<&'a LoraAdapter>,
+    layer: usize,
+    weights: &'a LayerWeights,
+    /// The seven linears' weights `[out, in]`, in [`TargetModule::ALL`] order.
+    linears: Vec<Tensor>,
+}
+
+/// The intermediates of one layer's forward that its backward reads.
+struct LayerActivations {
+    output: Tensor,
+    normed_attn: Tensor,
+    /// Rotated queries `[B, heads, T, d]`, keys and values repeated to `heads`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    attn_out: Tensor,
+    residual: Tensor,
+    normed_mlp: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+impl<'a> LayerPass<'a> {
+    fn new(model: &'a LlamaModel, adapter: Option<&'a LoraAdapter>, layer: usize) -> Result<Self> {
+        let weights = model
+            .weights()
+            .layers
+            .get(layer)
+            .ok_or_else(|| invalid(format!("no weights for layer {layer}")))?;
+        let linears = TargetModule::ALL
+            .into_iter()
+            .map(|m| {
+                model
+                    .frozen_weight(linear_of(weights, m))?
+                    .to_dtype(DType::F32)
+                    .map_err(Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model,
+            adapter,
+            layer,
+            weights,
+            linears,
+        })
+    }
+
+    fn weight(&self, module: TargetModule) -> &Tensor {
+        &self.linears[module as usize]
+    }
+
+    /// `module` on `x`, with the adapter's LoRA delta, rounded as `LlamaModel`'s forward rounds.
+    fn linear(&self, x: &Tensor, module: TargetModule) -> Result<Tensor> {
+        let y = self.model.dense_linear(x, self.weight(module))?;
+        match self.adapter {
+            Some(adapter) => {
+                self.model
+                    .round(adapter.apply(self.layer, module, x, &y, &LoraMode::Eval)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// The pullback of `module` on `x`: dx = dy·W + s·(dy·B)·A, and with u = x·Aᵀ,
+    /// dB = s·dyᵀ·u and dA = s·(dy·B)ᵀ·x, stored in `grads`.
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        module: TargetModule,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let w = self.weight(module);
+        let (out_features, in_features) = w.dims2()?;
+        let rows = x.elem_count() / in_features;
+        let x2 = x.reshape((rows, in_features))?;
+        let dy2 = dy.reshape((rows, out_features))?;
+        let mut dx = dy2.matmul(w)?;
+        if let Some((adapter, pair)) = self
+            .adapter
+            .and_then(|a| a.pair(self.layer, module).map(|p| (a, p)))
+        {
+            let s = adapter.config().scaling();
+            let a = pair.a.to_dtype(DType::F32)?;
+            let b = pair.b.to_dtype(DType::F32)?;
+            let u = x2.matmul(&a.t()?)?;
+            let du = (dy2.matmul(&b)? * s)?;
+            let db = (dy2.t()?.matmul(&u)? * s)?;
+            let da = du.t()?.matmul(&x2)?;
+            dx = (dx + du.matmul(&a)?)?;
+            grads.insert((self.layer, module), LoraPair { a: da, b: db });
+        }
+        Ok(dx.reshape(x.dims())?)
+    }
+
+    /// `[B, T, n · d]` → `[B, n, T, d]`.
+    fn split_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.model.config().head_dim;
+        Ok(x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// `[B, n, T, d]` → `[B, T, n · d]`.
+    fn merge_heads(x: &Tensor) -> Result<Tensor> {
+        let (b, n, t, d) = x.dims4()?;
+        Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * d))?)
+    }
+
+    /// The layer's forward as `LlamaModel`'s `decoder_layer` computes it, keeping what the
+    /// backward reads.
+    fn forward(&self, x: &Tensor, rope: &AttentionInputs) -> Result<LayerActivations> {
+        let m = self.model;
+        let c = m.config();
+        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let normed_attn = m.rms_norm(x, &self.weights.input_layernorm)?;
+        let q = self.split_heads(&self.linear(&normed_attn, TargetModule::QProj)?, n_heads)?;
+        let k = self.split_heads(&self.linear(&normed_attn, TargetModule::KProj)?, n_kv)?;
+        let v = self.split_heads(&self.linear(&normed_attn, TargetModule::VProj)?, n_kv)?;
+        let q = m.rope(&q, &rope.cos, &rope.sin)?;
+        let k = repeat_kv(&m.rope(&k, &rope.cos, &rope.sin)?, n_heads / n_kv)?;
+        let v = repeat_kv(&v, n_heads / n_kv)?;
+        let scores = m.round(q.matmul(&k.t()?.contiguous()?)?)?;
+        let scores = m.round((scores * f64::from(attention_scaling(c.head_dim)))?)?;
+        let scores = m.round(scores.broadcast_add(&rope.mask)?)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let exp = scores.broadcast_sub(&max)?.exp()?;
+        let probs = m.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
+        let attn_out = Self::merge_heads(&m.round(probs.matmul(&v)?)?)?;
+        let attn = self.linear(&attn_out, TargetModule::OProj)?;
+        let residual = m.round((x + attn)?)?;
+        let normed_mlp = m.rms_norm(&residual, &self.weights.post_attention_layernorm)?;
+        let gate = self.linear(&normed_mlp, TargetModule::GateProj)?;
+        let up = self.linear(&normed_mlp, TargetModule::UpProj)?;
+        let act = m.round(m.round(gate.silu()?)?.mul(&up)?)?;
+        let mlp = self.linear(&act, TargetModule::DownProj)?;
+        let output = m.round((&residual + mlp)?)?;
+        Ok(LayerActivations {
+            output,
+            normed_attn,
+            q,
+            k,
+            v,
+            probs,
+            attn_out,
+            residual,
+            normed_mlp,
+            gate,
+            up,
+            act,
+        })
+    }
+
+    /// Recomputes the forward from `x` and pulls `dy` back to dL/dx, adding this layer's LoRA
+    /// gradients to `grads`.
+    fn backward(
+        &self,
+        x: &Tensor,
+        rope: &AttentionInputs,
+        dy: &Tensor,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let c = self.model.config();
+        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let s = self.forward(x, rope)?;
+
+        // MLP: output = residual + down(silu(gate) ⊙ up).
+        let dact = self.linear_backward(&s.act, dy, TargetModule::DownProj, grads)?;
+        let sig = (s.gate.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (&s.gate * &sig)?;
+        let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let dgate = ((&dact * &s.up)? * dsilu)?;
+        let dup = (&dact * silu)?;
+        let dnormed =
+            (self.linear_backward(&s.normed_mlp, &dgate, TargetModule::GateProj, grads)?
+                + self.linear_backward(&s.normed_mlp, &dup, TargetModule::UpProj, grads)?)?;
+        let post_norm = &self.weights.post_attention_layernorm;
+        let dresidual = (dy + rms_norm_backward(self.model, &s.residual, post_norm, &dnormed)?)?;
+
+        // Attention: residual = x + o(softmax(q·kᵀ·scale + mask)·v).
+        let dattn_out =
+            self.linear_backward(&s.attn_out, &dresidual, TargetModule::OProj, grads)?;
+        let dout = self.split_heads(&dattn_out, n_heads)?;
+        let dprobs = dout.matmul(&s.v.t()?)?;
+        let dv = s.probs.t()?.matmul(&dout)?;
+        let row_dot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
+        let dscores = (s.probs.mul(&dprobs.broadcast_sub(&row_dot)?)?
+            * f64::from(attention_scaling(c.head_dim)))?;
+        let dq = dscores.matmul(&s.k)?;
+        let dk = dscores.t()?.matmul(&s.q)?;
+        let dq = rope_backward(&dq, &rope.cos, &rope.sin)?;
+        let dk = rope_backward(&sum_repeated_kv(&dk, n_kv)?, &rope.cos, &rope.sin)?;
+        let dv = sum_repeated_kv(&dv, n_kv)?;
+        let mut dnormed = self.linear_backward(
+            &s.normed_attn,
+            &Self::merge_heads(&dq)?,
+            TargetModule::QProj,
+            grads,
+        )?;
+        for (d, module) in [(dk, TargetModule::KProj), (dv, TargetModule::VProj)] {
+            let dm =
+                self.linear_backward(&s.normed_attn, &Self::merge_heads(&d)?, module, grads)?;
+            dnormed = (dnormed + dm)?;
+        }
+        let input_norm = &self.weights.input_layernorm;
+        Ok((dresidual + rms_norm_backward(self.model, x, input_norm, &dnormed)?)?)
+    }
+}
+
+/// The transpose of `repeat_kv`: `[B, kv · n_rep, T, d]` → `[B, kv, T, d]`, summing the
+/// gradients of the query heads that read each kv head.
+fn sum_repeated_kv(x: &Tensor, n_kv: usize) -> Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    if heads == n_kv {
+        return Ok(x.clone());
+    }
+    Ok(x.reshape((b, n_kv, heads / n_kv, t, d))?.sum(2)?)
+}
+
+/// transformers' `head_dim ** -0.5`, applied in f32.
+fn attention_scaling(head_dim: usize) -> f32 {
+    (head_dim as f64).powf(-0.5) as f32
+}
+
+fn linear_of(weights: &LayerWeights, module: TargetModule) -> &Linear {
+    match module {
+        TargetModule::QProj => &weights.q_proj,
+        TargetModule::KProj => &weights.k_proj,
+        TargetModule::VProj => &weights.v_proj,
+        TargetModule::OProj => &weights.o_proj,
+        TargetModule::GateProj => &weights.gate_proj,
+        TargetModule::UpProj => &weights.up_proj,
+        TargetModule::DownProj => &weights.down_proj,
+    }
+}

@@ -1,0 +1,298 @@
+//! Parity of the fused LoRA kernels in kernels/lora.cu (forward: T = X·Aᵀ, Y += s·T·Bᵀ in place;
+//! backward: U = dY·B, dA, dB, dX += s·U·A in place): the Rust reference ≡ the same CUDA source run
+//! through the CPU emulation ≡ CUDA when a GPU is present, on odd shapes, f32 and bf16; the
+//! reference's gradients against candle's autograd.
+
+use candle_core::{Device, Tensor, Var};
+use half::{bf16, f16};
+use qlora::kernels::launch::Element;
+use qlora::kernels::lora::*;
+use qlora::testing::normal_vector;
+use qlora::tolerance::{lookup, Dtype, Op};
+use qlora::Error;
+
+/// (tokens M, in K, out N, rank r): every M ∈ {1, 5, 37}, K ∈ {8, 96, 200}, N ∈ {7, 72, 136} and
+/// r ∈ {1, 4, 16} at least once, none a multiple of every tile, plus r = 64 (the other
+/// instantiation of the projection) and r = 17 (just past the small one).
+const SHAPES: &[(usize, usize, usize, usize)] = &[
+    (1, 8, 7, 1),
+    (5, 96, 72, 4),
+    (37, 200, 136, 16),
+    (37, 8, 72, 1),
+    (5, 200, 7, 16),
+    (1, 96, 136, 4),
+    (5, 96, 136, 64),
+    (37, 96, 7, 17),
+];
+
+fn dtype<T: Element>() -> Dtype {
+    match T::DTYPE as i32 {
+        0 => Dtype::F32,
+        1 => Dtype::BF16,
+        _ => Dtype::F16,
+    }
+}
+
+fn cast<T: Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+fn widen<T: Element>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+fn check_f32(what: &str, op: Op, got: &[f32], want: &[f32]) {
+    if let Err(e) = lookup(op, Dtype::F32).check(got, want) {
+        panic!("{what}: {e}");
+    }
+}
+
+/// `got` (already in T) against the f32 reference rounded once to T.
+fn check<T: Element>(what: &str, op: Op, got: &[T], want: &[f32]) {
+    let want: Vec<f32> = want.iter().map(|&x| T::from_f32(x).to_f32()).collect();
+    if let Err(e) = lookup(op, dtype::<T>()).check(&widen(got), &want) {
+        panic!("{what} {:?}: {e}", dtype::<T>());
+    }
+}
+
+struct Case<T, W> {
+    dims: LoraDims,
+    x: Vec<T>,
+    a: Vec<W>,
+    b: Vec<W>,
+    y_base: Vec<T>,
+    dy: Vec<T>,
+    dx_base: Vec<T>,
+    scale: f32,
+}
+
+impl<T: Element, W: Element> Case<T, W> {
+    fn new((m, k, n, r): (usize, usize, usize, usize), seed: u64) -> Self {
+        Case {
+            dims: LoraDims::new("test", m, k, n, r).unwrap(),
+            x: cast(&normal_vector(m * k, 1.0, seed)),
+            a: cast(&normal_vector(r * k, 1.0 / (k as f32).sqrt(), seed + 1)),
+            b: cast(&normal_vector(n * r, 0.5, seed + 2)),
+            y_base: cast(&normal_vector(m * n, 2.0, seed + 3)),
+            dy: cast(&normal_vector(m * n, 1.0, seed + 4)),
+            dx_base: cast(&normal_vector(m * k, 2.0, seed + 5)),
+            scale: 16.0 / r as f32,
+        }
+    }
+
+    fn lora(&self) -> LoraOperands<'_, [W]> {
+        LoraOperands {
+            dims: self.dims,
+            a: &self.a,
+            b: &self.b,
+            scale: self.scale,
+        }
+    }
+}
+
+fn parity<T: Element, W: Element>(shape: (usize, usize, usize, usize), seed: u64) {
+    let c = Case::<T, W>::new(shape, seed);
+    let what = format!("{shape:?} x {:?} w {:?}", dtype::<T>(), dtype::<W>());
+    let (want_y, want_t) = lora_forward_ref(&c.lora(), &c.x, &c.y_base).unwrap();
+    let mut y = c.y_base.clone();
+    let t = lora_forward_emulated(&c.lora(), &c.x, &mut y).unwrap();
+    check_f32(&format!("{what} T"), Op::LoraFused, &t, &want_t);
+    check(&format!("{what} Y"), Op::LoraFused, &y, &want_y);
+
+    // The backward of both starts from the reference T, so they differ only in their arithmetic.
+    let (want_g, want_dx) = lora_backward_ref(&c.lora(), &c.x, &want_t, &c.dy, &c.dx_base).unwrap();
+    let mut dx = c.dx_base.clone();
+    let g = lora_backward_emulated(&c.lora(), &c.x, &want_t, &c.dy, &mut dx).unwrap();
+    check_f32(
+        &format!("{what} dA"),
+        Op::LoraFusedBackward,
+        &g.da,
+        &want_g.da,
+    );
+    check_f32(
+        &format!("{what} dB"),
+        Op::LoraFusedBackward,
+        &g.db,
+        &want_g.db,
+    );
+    check(&format!("{what} dX"), Op::LoraFusedBackward, &dx, &want_dx);
+}
+
+#[test]
+fn emulated_lora_matches_reference_forward_and_backward() {
+    for (i, &shape) in SHAPES.iter().enumerate() {
+        let seed = 10 * i as u64;
+        parity::<f32, f32>(shape, seed);
+        parity::<bf16, bf16>(shape, seed + 1);
+    }
+    // bf16 activations with f32 adapter weights.
+    parity::<bf16, f32>((5, 96, 72, 4), 200);
+}
+
+#[test]
+fn emulated_lora_backward_is_deterministic() {
+    let c = Case::<f32, f32>::new((37, 200, 136, 16), 300);
+    let (_, t) = lora_forward_ref(&c.lora(), &c.x, &c.y_base).unwrap();
+    let run = || {
+        let mut dx = c.dx_base.clone();
+        let g = lora_backward_emulated(&c.lora(), &c.x, &t, &c.dy, &mut dx).unwrap();
+        (g, dx)
+    };
+    let (g1, dx1) = run();
+    let (g2, dx2) = run();
+    assert_eq!(g1, g2);
+    assert_eq!(dx1, dx2);
+}
+
+fn var(v: &[f32], shape: &[usize]) -> Var {
+    Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn reference_matches_candle_autograd() {
+    for (i, &(m, k, n, r)) in SHAPES.iter().enumerate() {
+        let c = Case::<f32, f32>::new((m, k, n, r), 400 + 10 * i as u64);
+        let (x, a, b) = (var(&c.x, &[m, k]), var(&c.a, &[r, k]), var(&c.b, &[n, r]));
+        let base = Tensor::from_slice(&c.y_base, (m, n), &Device::Cpu).unwrap();
+        let dy = Tensor::from_slice(&c.dy, (m, n), &Device::Cpu).unwrap();
+        let xa = x.as_tensor().matmul(&a.as_tensor().t().unwrap()).unwrap();
+        let lora_out = (xa.matmul(&b.as_tensor().t().unwrap()).unwrap() * c.scale as f64).unwrap();
+        let y = (&base + &lora_out).unwrap();
+        // Σ y ⊙ dY has gradient dY with respect to y.
+        let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let what = format!("candle {:?}", (m, k, n, r));
+        let (ref_y, ref_t) = lora_forward_ref(&c.lora(), &c.x, &c.y_base).unwrap();
+        check_f32(&what, Op::LoraFused, &ref_y, &flat(&y));
+        check_f32(&what, Op::LoraFused, &ref_t, &flat(&xa));
+        let zeros = vec![0f32; m * k];
+        let (g, dx) = lora_backward_ref(&c.lora(), &c.x, &ref_t, &c.dy, &zeros).unwrap();
+        let grad = |v: &Var| flat(grads.get(v.as_tensor()).unwrap());
+        check_f32(&what, Op::LoraFusedBackward, &g.da, &grad(&a));
+        check_f32(&what, Op::LoraFusedBackward, &g.db, &grad(&b));
+        check_f32(&what, Op::LoraFusedBackward, &dx, &grad(&x));
+    }
+}
+
+fn is_invalid<T: std::fmt::Debug>(r: qlora::Result<T>) -> bool {
+    matches!(r, Err(Error::InvalidArgument { .. }))
+}
+
+#[test]
+fn invalid_arguments_are_rejected() {
+    assert!(is_invalid(LoraDims::new("t", 5, 8, 7, 65)));
+    assert!(is_invalid(LoraDims::new("t", 5, 8, 7, 0)));
+    assert!(is_invalid(LoraDims::new("t", 0, 8, 7, 4)));
+    assert!(is_invalid(LoraDims::new("t", 5, 0, 7, 4)));
+    assert!(is_invalid(LoraDims::new("t", 5, 8, 0, 4)));
+
+    let c = Case::<f32, f32>::new((5, 8, 7, 4), 500);
+    let t = vec![0f32; 5 * 4];
+    let mut y = c.y_base.clone();
+    let mut dx = c.dx_base.clone();
+    let short = LoraOperands {
+        a: &c.a[1..],
+        ..c.lora()
+    };
+    assert!(is_invalid(lora_forward_emulated(&short, &c.x, &mut y)));
+    assert!(is_invalid(lora_forward_ref(&short, &c.x, &c.y_base)));
+    let short_b = LoraOperands {
+        b: &c.b[..6],
+        ..c.lora()
+    };
+    assert!(is_invalid(lora_forward_emulated(&short_b, &c.x, &mut y)));
+    assert!(is_invalid(lora_forward_emulated(
+        &c.lora(),
+        &c.x[1..],
+        &mut y
+    )));
+    assert!(is_invalid(lora_forward_emulated(
+        &c.lora(),
+        &c.x,
+        &mut y[1..]
+    )));
+    let nan_scale = LoraOperands {
+        scale: f32::NAN,
+        ..c.lora()
+    };
+    assert!(is_invalid(lora_forward_emulated(&nan_scale, &c.x, &mut y)));
+    let x16: Vec<f16> = cast(&c.x);
+    let mut y16: Vec<f16> = cast(&c.y_base);
+    assert!(is_invalid(lora_forward_emulated(&c.lora(), &x16, &mut y16)));
+
+    let bwd =
+        |t: &[f32], dy: &[f32], dx: &mut [f32]| lora_backward_emulated(&c.lora(), &c.x, t, dy, dx);
+    assert!(is_invalid(bwd(&t[1..], &c.dy, &mut dx)));
+    assert!(is_invalid(bwd(&t, &c.dy[1..], &mut dx)));
+    assert!(is_invalid(bwd(&t, &c.dy, &mut dx[1..])));
+    assert!(is_invalid(lora_backward_ref(
+        &short, &c.x, &t, &c.dy, &c.dx_base
+    )));
+    assert_eq!(y, c.y_base, "rejected forwards wrote nothing");
+    assert_eq!(dx, c.dx_base, "rejected backwards wrote nothing");
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use qlora::kernels::cuda::CudaDevice;
+
+    fn on_gpu<T: Element, W: Element>(dev: &CudaDevice, shape: (usize, usize, usize, usize)) {
+        let c = Case::<T, W>::new(shape, 600);
+        let what = format!("cuda {shape:?} {:?}", dtype::<T>());
+        let s = dev.stream();
+        let (want_y, want_t) = lora_forward_ref(&c.lora(), &c.x, &c.y_base).unwrap();
+        let (a, b) = (s.clone_htod(&c.a).unwrap(), s.clone_htod(&c.b).unwrap());
+        let lora = LoraOperands {
+            dims: c.dims,
+            a: &a,
+            b: &b,
+            scale: c.scale,
+        };
+        let x = s.clone_htod(&c.x).unwrap();
+        let mut y = s.clone_htod(&c.y_base).unwrap();
+        let (m, k, n, r) = shape;
+        let mut t = s.alloc_zeros::<f32>(m * r).unwrap();
+        lora_forward_cuda(dev, &lora, &x, &mut y, &mut t).unwrap();
+        check_f32(&what, Op::LoraFused, &s.clone_dtoh(&t).unwrap(), &want_t);
+        check(&what, Op::LoraFused, &s.clone_dtoh(&y).unwrap(), &want_y);
+
+        let (want_g, want_dx) =
+            lora_backward_ref(&c.lora(), &c.x, &want_t, &c.dy, &c.dx_base).unwrap();
+        let ref_t = s.clone_htod(&want_t).unwrap();
+        let dy = s.clone_htod(&c.dy).unwrap();
+        let mut dx = s.clone_htod(&c.dx_base).unwrap();
+        let mut da = s.alloc_zeros::<f32>(r * k).unwrap();
+        let mut db = s.alloc_zeros::<f32>(n * r).unwrap();
+        let mut u = s.alloc_zeros::<f32>(m * r).unwrap();
+        let grads = LoraGradBuffers {
+            da: &mut da,
+            db: &mut db,
+            u: &mut u,
+        };
+        lora_backward_cuda(dev, &lora, &x, &ref_t, &dy, &mut dx, grads).unwrap();
+        let op = Op::LoraFusedBackward;
+        check_f32(&what, op, &s.clone_dtoh(&da).unwrap(), &want_g.da);
+        check_f32(&what, op, &s.clone_dtoh(&db).unwrap(), &want_g.db);
+        check(&what, op, &s.clone_dtoh(&dx).unwrap(), &want_dx);
+    }
+
+    #[test]
+    fn cuda_lora_matches_reference() {
+        let Some(dev) = CudaDevice::first_available() else {
+            return;
+        };
+        for &shape in SHAPES
+            .iter()
+            .chain(&[(300, 512, 1024, 64), (257, 1000, 333, 8)])
+        {
+            on_gpu::<f32, f32>(&dev, shape);
+            on_gpu::<bf16, bf16>(&dev, shape);
+        }
+        on_gpu::<bf16, f32>(&dev, (37, 200, 136, 16));
+    }
+}
