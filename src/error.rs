@@ -69,6 +69,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// NaN or ±Inf in a training step's loss or in one of its gradients.
+    #[error("training step {step}: {tensor} is not finite ({value})")]
+    NonFinite {
+        /// The optimizer update (1-based) the step would have made.
+        step: u64,
+        /// The decoder layer of the tensor (`None` for the loss).
+        layer: Option<usize>,
+        /// `loss` or `gradient of layers.{i}.{block}.{module}.lora_{A|B}`.
+        tensor: String,
+        value: f32,
+    },
+
     #[error(transparent)]
     Safetensors(#[from] safetensors::SafeTensorError),
 

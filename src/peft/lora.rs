@@ -82,7 +82,7 @@ impl TargetModule {
     }
 
     /// The parent module in HF's module path (`model.layers.{i}.{block}.{name}`).
-    fn block(self) -> &'static str {
+    pub fn block(self) -> &'static str {
         match self {
             TargetModule::QProj
             | TargetModule::KProj
