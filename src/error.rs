@@ -41,6 +41,11 @@ pub enum Error {
     #[error("checkpoint: tensor `{key}`: {reason}")]
     BadTensor { key: String, reason: String },
 
+    /// A training checkpoint directory is incomplete, malformed, from another format version, or
+    /// does not fit the model it is loaded onto.
+    #[error("training checkpoint {path}: {reason}")]
+    TrainingCheckpoint { path: PathBuf, reason: String },
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -1,5 +1,9 @@
-//! The `qlora` binary. `qlora quantize` turns a weight (a built-in Llama-shaped example, or every
-//! linear weight of a safetensors file) into bitsandbytes-format NF4 and reports sizes and error.
+//! The `qlora` binary. With no arguments (or `qlora train --demo`) it runs the built-in demo: QLoRA
+//! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora
+//! quantize` turns a weight (a built-in Llama-shaped example, or every linear weight of a
+//! safetensors file) into bitsandbytes-format NF4 and reports sizes and error.
+
+mod demo;
 
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
@@ -15,15 +19,28 @@ use std::time::Instant;
 #[command(
     name = "qlora",
     version,
-    about = "QLoRA fine-tuning of Llama-family models on custom CUDA kernels"
+    about = "QLoRA fine-tuning of Llama-family models on custom CUDA kernels",
+    long_about = "QLoRA fine-tuning of Llama-family models on custom CUDA kernels.\n\n\
+        With no subcommand, runs the built-in demo (the same as `qlora train --demo`): a tiny \
+        random Llama with NF4 linears learns a synthetic multiple-choice task with LoRA on the \
+        CPU in about a minute, and the adapter is saved in the Hugging Face PEFT format."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA adapter. Today only the built-in demo (`--demo`) is available.
+    Train {
+        /// Run the built-in demo: a tiny random NF4 Llama, a synthetic multiple-choice task and
+        /// held-out accuracy before and after training, all on the CPU.
+        #[arg(long)]
+        demo: bool,
+        #[command(flatten)]
+        options: demo::DemoOptions,
+    },
     /// Quantize weights to NF4 exactly as bitsandbytes stores them, and report sizes and error.
     ///
     /// With no --input, quantizes a built-in 4096×4096 Llama-shaped weight and checks the emulated
@@ -50,13 +67,22 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Quantize {
+        None => demo::run(&demo::DemoOptions::default()),
+        Some(Command::Train { demo, options }) => match demo {
+            true => demo::run(&options),
+            false => Err(Error::invalid(
+                "train",
+                "training from a model folder and a dataset is not built yet; \
+                 run `qlora train --demo` for the built-in demo",
+            )),
+        },
+        Some(Command::Quantize {
             input,
             output,
             blocksize,
             no_double_quant,
             kernel_rows,
-        } => match input {
+        }) => match input {
             Some(path) => quantize_file(&path, output.as_deref(), blocksize, !no_double_quant),
             None => quantize_demo(output.as_deref(), blocksize, !no_double_quant, kernel_rows),
         },

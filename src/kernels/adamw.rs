@@ -3,41 +3,19 @@
 //! and `ceil(n / 256)` absmax per moment, as bitsandbytes' 8-bit optimizers store them). The plain
 //! Rust reference, the emulated launchers and the CUDA launchers, side by side.
 
-use super::abi::{QlAdamW8bitParams, QlAdamWParams, QlAdamWScalars, QlLaunchConfig};
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::abi::{QlAdamW8bitParams, QlAdamWParams, QlAdamWScalars};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::quant::dynamic8::{dynamic_map_signed_ref, torch_linspace_f32};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
 use std::sync::OnceLock;
 
-extern "C" {
-    fn qlemu_k_adamw_f32(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_adamw_8bit(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "adamw";
+    /// `k_adamw_f32`: grid-stride, one element per thread per iteration.
+    ADAMW_F32 = k_adamw_f32 / qlemu_k_adamw_f32;
+    /// `k_adamw_8bit`: one CUDA block of 256 threads per state block of 256 elements.
+    ADAMW_8BIT = k_adamw_8bit / qlemu_k_adamw_8bit;
 }
-
-/// `k_adamw_f32`: grid-stride, one element per thread per iteration.
-pub const ADAMW_F32: Kernel = Kernel {
-    name: "k_adamw_f32",
-    module: "adamw",
-    emu: qlemu_k_adamw_f32 as EmuEntry,
-};
-
-/// `k_adamw_8bit`: one CUDA block of 256 threads per state block of 256 elements.
-pub const ADAMW_8BIT: Kernel = Kernel {
-    name: "k_adamw_8bit",
-    module: "adamw",
-    emu: qlemu_k_adamw_8bit as EmuEntry,
-};
 
 /// Elements per 8-bit state block (one absmax per block and moment), as bitsandbytes uses.
 pub const STATE_BLOCK_ELEMS: usize = 256;
@@ -458,6 +436,7 @@ mod cuda_impl {
     use super::*;
     use crate::kernels::cuda::{cuda_err, CudaDevice};
     use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use std::ffi::c_void;
 
     /// 8-bit moments on the device, with the two code maps the kernel reads.
     pub struct DeviceAdamW8bitState {

@@ -8,41 +8,17 @@
 //! row order, so it is deterministic) divided by the number of label tokens of the whole
 //! accumulated batch ([`label_tokens`]); the backward's `grad_scale` is `dloss` over that count.
 
-use super::abi::{
-    QlCrossEntropyBackwardParams, QlCrossEntropyForwardParams, QlDtype, QlLaunchConfig,
-};
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::abi::{QlCrossEntropyBackwardParams, QlCrossEntropyForwardParams, QlDtype};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
 
-extern "C" {
-    fn qlemu_k_cross_entropy_fwd(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_cross_entropy_bwd(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "cross_entropy";
+    /// `k_cross_entropy_fwd`: a block per row, online (max, sum-exp) reduced across the block.
+    CROSS_ENTROPY_FORWARD = k_cross_entropy_fwd / qlemu_k_cross_entropy_fwd;
+    /// `k_cross_entropy_bwd`: a block per row, dlogits written over the logits.
+    CROSS_ENTROPY_BACKWARD = k_cross_entropy_bwd / qlemu_k_cross_entropy_bwd;
 }
-
-/// `k_cross_entropy_fwd`: a block per row, online (max, sum-exp) reduced across the block.
-pub const CROSS_ENTROPY_FORWARD: Kernel = Kernel {
-    name: "k_cross_entropy_fwd",
-    module: "cross_entropy",
-    emu: qlemu_k_cross_entropy_fwd as EmuEntry,
-};
-
-/// `k_cross_entropy_bwd`: a block per row, dlogits written over the logits.
-pub const CROSS_ENTROPY_BACKWARD: Kernel = Kernel {
-    name: "k_cross_entropy_bwd",
-    module: "cross_entropy",
-    emu: qlemu_k_cross_entropy_bwd as EmuEntry,
-};
 
 /// The label of a position that has no target (prompt, padding), as in PyTorch and Hugging Face.
 pub const IGNORE_INDEX: i32 = -100;
@@ -287,6 +263,7 @@ mod cuda_impl {
     use super::*;
     use crate::kernels::cuda::{cuda_err, CudaDevice};
     use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use std::ffi::c_void;
 
     /// Forward on the device. Returns `(losses, lse)`, both `[rows]` f32. Labels are not checked on
     /// the host: a label outside `0..vocab` other than -100 gives that row a NaN loss.

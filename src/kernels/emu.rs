@@ -121,30 +121,10 @@ pub unsafe fn launch_with<P>(
 /// [`QlEmuTestParams`](super::abi::QlEmuTestParams); the .cu file documents each one's inputs,
 /// outputs and launch shape.
 pub mod selftest {
-    use super::super::abi::QlLaunchConfig;
-    use super::super::launch::{EmuEntry, Kernel};
-    use std::ffi::{c_char, c_void};
+    use super::super::launch::declare_kernels;
 
-    macro_rules! selftest_kernels {
-        ($($(#[$doc:meta])* $konst:ident = $name:ident / $entry:ident;)*) => {
-            extern "C" {
-                $(fn $entry(
-                    cfg: *const QlLaunchConfig,
-                    params: *const c_void,
-                    err: *mut c_char,
-                    err_len: usize,
-                ) -> i32;)*
-            }
-            $($(#[$doc])*
-            pub const $konst: Kernel = Kernel {
-                name: stringify!($name),
-                module: "emu_selftest",
-                emu: $entry as EmuEntry,
-            };)*
-        };
-    }
-
-    selftest_kernels! {
+    declare_kernels! {
+        module "emu_selftest";
         /// Per-block sums with warp shuffles, dynamic shared memory and a barrier.
         BLOCK_REDUCE = k_emu_block_reduce / qlemu_k_emu_block_reduce;
         /// Inclusive prefix sums within shuffle sections (`__shfl_up_sync` with a width).

@@ -112,3 +112,32 @@ impl Element for half::f16 {
         half::f16::from_f32(v)
     }
 }
+
+/// Declares kernels of one `.cu` module: the `extern "C"` emulated entry point of each (generated
+/// by `QL_EMU_ENTRY`) and a `pub const` [`Kernel`] naming it and its PTX function.
+///
+/// `declare_kernels! { module "nf4"; /// doc
+///     QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize; }`
+macro_rules! declare_kernels {
+    (module $module:literal; $( $(#[$doc:meta])* $konst:ident = $name:ident / $emu:ident; )+) => {
+        extern "C" {
+            $(
+                fn $emu(
+                    cfg: *const $crate::kernels::abi::QlLaunchConfig,
+                    params: *const ::std::ffi::c_void,
+                    err: *mut ::std::ffi::c_char,
+                    err_len: usize,
+                ) -> i32;
+            )+
+        }
+        $(
+            $(#[$doc])*
+            pub const $konst: $crate::kernels::launch::Kernel = $crate::kernels::launch::Kernel {
+                name: stringify!($name),
+                module: $module,
+                emu: $emu as $crate::kernels::launch::EmuEntry,
+            };
+        )+
+    };
+}
+pub(crate) use declare_kernels;

@@ -4,93 +4,28 @@
 //! and outputs are f32, bf16 or f16.
 
 use super::abi::{
-    QlLaunchConfig, QlRmsNormBackwardParams, QlRmsNormDwReduceParams, QlRmsNormForwardParams,
-    QlRopeParams, QlSwigluParams,
+    QlRmsNormBackwardParams, QlRmsNormDwReduceParams, QlRmsNormForwardParams, QlRopeParams,
+    QlSwigluParams,
 };
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 
-extern "C" {
-    fn qlemu_k_rmsnorm_forward(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_rmsnorm_backward(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_rmsnorm_dw_reduce(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_rope(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_swiglu_forward(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_swiglu_backward(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "llama";
+    /// `k_rmsnorm_forward`: a warp per row (h ≤ 1024, four rows per block) or a block per row.
+    RMSNORM_FORWARD = k_rmsnorm_forward / qlemu_k_rmsnorm_forward;
+    /// `k_rmsnorm_backward`: dx and per-block dw partial sums, same block shape as the forward.
+    RMSNORM_BACKWARD = k_rmsnorm_backward / qlemu_k_rmsnorm_backward;
+    /// `k_rmsnorm_dw_reduce`: the dw partials summed in a fixed order, one thread per column.
+    RMSNORM_DW_REDUCE = k_rmsnorm_dw_reduce / qlemu_k_rmsnorm_dw_reduce;
+    /// `k_rope`: one thread per rotated pair, forward or inverse, in place.
+    ROPE = k_rope / qlemu_k_rope;
+    /// `k_swiglu_forward`: one thread per element.
+    SWIGLU_FORWARD = k_swiglu_forward / qlemu_k_swiglu_forward;
+    /// `k_swiglu_backward`: one thread per element.
+    SWIGLU_BACKWARD = k_swiglu_backward / qlemu_k_swiglu_backward;
 }
-
-/// `k_rmsnorm_forward`: a warp per row (h ≤ 1024, four rows per block) or a block per row.
-pub const RMSNORM_FORWARD: Kernel = Kernel {
-    name: "k_rmsnorm_forward",
-    module: "llama",
-    emu: qlemu_k_rmsnorm_forward as EmuEntry,
-};
-
-/// `k_rmsnorm_backward`: dx and per-block dw partial sums, same block shape as the forward.
-pub const RMSNORM_BACKWARD: Kernel = Kernel {
-    name: "k_rmsnorm_backward",
-    module: "llama",
-    emu: qlemu_k_rmsnorm_backward as EmuEntry,
-};
-
-/// `k_rmsnorm_dw_reduce`: the dw partials summed in a fixed order, one thread per column.
-pub const RMSNORM_DW_REDUCE: Kernel = Kernel {
-    name: "k_rmsnorm_dw_reduce",
-    module: "llama",
-    emu: qlemu_k_rmsnorm_dw_reduce as EmuEntry,
-};
-
-/// `k_rope`: one thread per rotated pair, forward or inverse, in place.
-pub const ROPE: Kernel = Kernel {
-    name: "k_rope",
-    module: "llama",
-    emu: qlemu_k_rope as EmuEntry,
-};
-
-/// `k_swiglu_forward`: one thread per element.
-pub const SWIGLU_FORWARD: Kernel = Kernel {
-    name: "k_swiglu_forward",
-    module: "llama",
-    emu: qlemu_k_swiglu_forward as EmuEntry,
-};
-
-/// `k_swiglu_backward`: one thread per element.
-pub const SWIGLU_BACKWARD: Kernel = Kernel {
-    name: "k_swiglu_backward",
-    module: "llama",
-    emu: qlemu_k_swiglu_backward as EmuEntry,
-};
 
 /// Widest RMSNorm row: the backward keeps `h` f32 dw sums per row group in shared memory, within
 /// the 48 KiB a block gets without opting in.

@@ -8,93 +8,26 @@
 //! dA = s·Uᵀ·X (f32, overwritten, deterministic) and adds s·U·A into dX in place. Dropout, when
 //! used, is applied by the caller: X is the dropped-out input in both passes.
 
-use super::abi::{
-    QlDtype, QlLaunchConfig, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams,
-};
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::abi::{QlDtype, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 
-extern "C" {
-    fn qlemu_k_lora_xa(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_lora_add(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_lora_dyb(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_lora_db(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_lora_da(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_lora_dx(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "lora";
+    /// `k_lora_xa`: T = X·Aᵀ, a block per 8 rows of X, A staged in shared memory per 32 columns.
+    LORA_XA = k_lora_xa / qlemu_k_lora_xa;
+    /// `k_lora_add`: Y += s·T·Bᵀ in place, a block per 16 × 64 tile of Y.
+    LORA_ADD = k_lora_add / qlemu_k_lora_add;
+    /// `k_lora_dyb`: U = dY·B, a block per 8 rows of dY.
+    LORA_DYB = k_lora_dyb / qlemu_k_lora_dyb;
+    /// `k_lora_db`: dB = s·dYᵀ·T, a block per 64 columns of dY looping over all rows.
+    LORA_DB = k_lora_db / qlemu_k_lora_db;
+    /// `k_lora_da`: dA = s·Uᵀ·X, a block per 64 columns of X looping over all rows.
+    LORA_DA = k_lora_da / qlemu_k_lora_da;
+    /// `k_lora_dx`: dX += s·U·A in place, a block per 16 × 64 tile of dX.
+    LORA_DX = k_lora_dx / qlemu_k_lora_dx;
 }
-
-/// `k_lora_xa`: T = X·Aᵀ, a block per 8 rows of X, A staged in shared memory per 32 columns.
-pub const LORA_XA: Kernel = Kernel {
-    name: "k_lora_xa",
-    module: "lora",
-    emu: qlemu_k_lora_xa as EmuEntry,
-};
-
-/// `k_lora_add`: Y += s·T·Bᵀ in place, a block per 16 × 64 tile of Y.
-pub const LORA_ADD: Kernel = Kernel {
-    name: "k_lora_add",
-    module: "lora",
-    emu: qlemu_k_lora_add as EmuEntry,
-};
-
-/// `k_lora_dyb`: U = dY·B, a block per 8 rows of dY.
-pub const LORA_DYB: Kernel = Kernel {
-    name: "k_lora_dyb",
-    module: "lora",
-    emu: qlemu_k_lora_dyb as EmuEntry,
-};
-
-/// `k_lora_db`: dB = s·dYᵀ·T, a block per 64 columns of dY looping over all rows.
-pub const LORA_DB: Kernel = Kernel {
-    name: "k_lora_db",
-    module: "lora",
-    emu: qlemu_k_lora_db as EmuEntry,
-};
-
-/// `k_lora_da`: dA = s·Uᵀ·X, a block per 64 columns of X looping over all rows.
-pub const LORA_DA: Kernel = Kernel {
-    name: "k_lora_da",
-    module: "lora",
-    emu: qlemu_k_lora_da as EmuEntry,
-};
-
-/// `k_lora_dx`: dX += s·U·A in place, a block per 16 × 64 tile of dX.
-pub const LORA_DX: Kernel = Kernel {
-    name: "k_lora_dx",
-    module: "lora",
-    emu: qlemu_k_lora_dx as EmuEntry,
-};
 
 /// Largest rank the kernels take (their shared-memory tiles and accumulators are sized by it).
 pub const MAX_LORA_RANK: usize = 64;

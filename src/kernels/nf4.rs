@@ -2,39 +2,18 @@
 //! scales), for the CPU emulation and CUDA. Shapes: a flat tensor of `n` elements, `(n + 1) / 2`
 //! packed bytes, `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
 
-use super::abi::{QlLaunchConfig, QlNf4DequantizeParams, QlNf4QuantizeParams};
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::abi::{QlNf4DequantizeParams, QlNf4QuantizeParams};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 
-extern "C" {
-    fn qlemu_k_nf4_quantize(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn qlemu_k_nf4_dequantize(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "nf4";
+    /// `k_nf4_quantize`: one warp per quantization block.
+    QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize;
+    /// `k_nf4_dequantize`: one thread per 4 packed bytes.
+    DEQUANTIZE = k_nf4_dequantize / qlemu_k_nf4_dequantize;
 }
-
-/// `k_nf4_quantize`: one warp per quantization block.
-pub const QUANTIZE: Kernel = Kernel {
-    name: "k_nf4_quantize",
-    module: "nf4",
-    emu: qlemu_k_nf4_quantize as EmuEntry,
-};
-
-/// `k_nf4_dequantize`: one thread per 4 packed bytes.
-pub const DEQUANTIZE: Kernel = Kernel {
-    name: "k_nf4_dequantize",
-    module: "nf4",
-    emu: qlemu_k_nf4_dequantize as EmuEntry,
-};
 
 const THREADS: u32 = 256;
 const WARPS_PER_BLOCK: u64 = THREADS as u64 / 32;

@@ -3,28 +3,17 @@
 //! double-quantized scales over the flattened `[N, K]` weight, x and y f32 or bf16 (bias in y's
 //! dtype), f32 accumulation and one rounding per output.
 
-use super::abi::{QlDtype, QlLaunchConfig, QlNf4GemvParams};
-use super::launch::{Element, EmuEntry, Kernel, LaunchConfig};
+use super::abi::{QlDtype, QlNf4GemvParams};
+use super::launch::{declare_kernels, Element, LaunchConfig};
 use super::nf4::{check_scales, Nf4Layout, ScaleLens, Scales};
 use crate::quant::nf4::{dequantize_absmax, dequantize_nf4, DoubleQuant};
 use crate::{Error, Result};
-use std::ffi::{c_char, c_void};
 
-extern "C" {
-    fn qlemu_k_nf4_gemv(
-        cfg: *const QlLaunchConfig,
-        params: *const c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
+declare_kernels! {
+    module "nf4_gemv";
+    /// `k_nf4_gemv`: one warp per output row, four rows per block.
+    GEMV = k_nf4_gemv / qlemu_k_nf4_gemv;
 }
-
-/// `k_nf4_gemv`: one warp per output row, four rows per block.
-pub const GEMV: Kernel = Kernel {
-    name: "k_nf4_gemv",
-    module: "nf4_gemv",
-    emu: qlemu_k_nf4_gemv as EmuEntry,
-};
 
 /// Most rows of x (tokens) one launch takes; larger batches belong to the dequant-GEMM.
 pub const MAX_M: usize = 16;
@@ -281,6 +270,7 @@ mod cuda_impl {
     use crate::kernels::cuda::{cuda_err, CudaDevice};
     use crate::kernels::nf4::DeviceScales;
     use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use std::ffi::c_void;
 
     /// An NF4 weight `[n, k]` in device memory, mirroring [`Nf4Weight`].
     pub struct DeviceNf4Weight<'a> {

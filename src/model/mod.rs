@@ -4,6 +4,7 @@
 pub mod backward;
 pub mod config;
 pub mod generate;
+pub mod init;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;

@@ -118,6 +118,39 @@ impl Tokenizer {
         })
     }
 
+    /// Wraps a tokenizer built in code (no files, no chat template); the special tokens are named
+    /// by their text and must be in its vocabulary.
+    pub fn from_tokenizer(
+        inner: tokenizers::Tokenizer,
+        bos: Option<&str>,
+        eos: Option<&str>,
+        pad: Option<&str>,
+        unk: Option<&str>,
+    ) -> Result<Self> {
+        let special = |content: Option<&str>| -> Result<Option<SpecialToken>> {
+            let Some(content) = content else {
+                return Ok(None);
+            };
+            let id = inner.token_to_id(content).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "special token `{content}` is not in the vocabulary"
+                ))
+            })?;
+            Ok(Some(SpecialToken {
+                content: content.to_string(),
+                id,
+            }))
+        };
+        Ok(Tokenizer {
+            bos: special(bos)?,
+            eos: special(eos)?,
+            pad: special(pad)?,
+            unk: special(unk)?,
+            chat_templates: BTreeMap::new(),
+            inner,
+        })
+    }
+
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (e.g. prepends BOS), as
     /// transformers' `encode` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -780,7 +780,7 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 
 /// Writes `dir/name` through `dir/name.tmp`, synced before the rename, so a crash leaves either
 /// the old file or the new one.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;

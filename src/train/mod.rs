@@ -2,6 +2,7 @@
 //! and optional packing (`data`); learning-rate schedules (`schedule`); the training step
 //! (`trainer`).
 
+pub mod checkpoint;
 pub mod data;
 pub mod schedule;
 pub mod trainer;

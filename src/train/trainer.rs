@@ -54,11 +54,12 @@ pub trait Optimizer {
     ) -> Result<()>;
 }
 
-/// f32 first and second moments of one parameter tensor, `[n]` each.
+/// f32 first and second moments of one parameter tensor, `[n]` each (torch's `exp_avg` and
+/// `exp_avg_sq`).
 #[derive(Clone, Debug, PartialEq)]
-struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
 }
 
 impl Moments {
@@ -92,8 +93,40 @@ impl CpuAdamW {
         })
     }
 
+    /// An optimizer that has made `steps` updates and holds `moments` (`[A, B]` per adapted
+    /// linear), as restored from a checkpoint. Each m and v pair must have one length.
+    pub fn from_state(
+        config: AdamWConfig,
+        steps: u64,
+        moments: BTreeMap<(usize, TargetModule), [Moments; 2]>,
+    ) -> Result<Self> {
+        config.validate()?;
+        for (&(layer, module), pair) in &moments {
+            for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
+                if state.m.len() != state.v.len() {
+                    return Err(invalid(format!(
+                        "moments of {} hold {} m and {} v values",
+                        lora_tensor_name(layer, module, matrix),
+                        state.m.len(),
+                        state.v.len()
+                    )));
+                }
+            }
+        }
+        Ok(CpuAdamW {
+            config,
+            steps,
+            moments,
+        })
+    }
+
     pub fn config(&self) -> &AdamWConfig {
         &self.config
+    }
+
+    /// `[A, B]` moments per adapted linear; empty until the first update.
+    pub fn moments(&self) -> &BTreeMap<(usize, TargetModule), [Moments; 2]> {
+        &self.moments
     }
 }
 
@@ -417,6 +450,16 @@ impl<'m, O: Optimizer> Trainer<'m, O> {
 
     pub fn optimizer(&self) -> &O {
         &self.optimizer
+    }
+
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The same trainer with `skipped` batches already skipped, as restored from a checkpoint.
+    pub fn with_skipped_batches(mut self, skipped: u64) -> Self {
+        self.skipped_batches = skipped;
+        self
     }
 
     /// Optimizer updates made so far (skipped batches not counted).

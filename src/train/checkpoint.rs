@@ -1,0 +1,461 @@
+//! Training checkpoints: `dir/checkpoint-{step}/` holds the PEFT adapter, the AdamW moments
+//! (`[n]` f32 m and v per LoRA tensor) with the update count, and `trainer_state.json` (schedule,
+//! hyperparameters, data position, RNG state), so that a resumed CPU run is bit-identical.
+//!
+//! Every file is written to a temporary name, synced and renamed; the directory is filled as
+//! `checkpoint-{step}.tmp`, synced, and renamed to its final name, so a crash at any point leaves
+//! either a complete checkpoint or a `.tmp` directory that loading ignores and saving removes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::adamw::AdamWConfig;
+use crate::model::llama::LlamaModel;
+use crate::peft::lora::{write_atomic, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::peft::{LoraAdapter, TargetModule};
+use crate::train::schedule::{LrSchedule, ScheduleKind};
+use crate::train::trainer::{
+    lora_tensor_name, CpuAdamW, Moments, NonFinitePolicy, Optimizer, Trainer, TrainerConfig,
+};
+use crate::{Error, Result};
+
+/// The version of this layout; loading refuses any other.
+pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+/// AdamW moments: `{name}.exp_avg` and `{name}.exp_avg_sq` (f32 `[n]`) per LoRA tensor, named
+/// by [`lora_tensor_name`]; the update count is the `step` metadata entry.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Everything but tensors, as JSON.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Where the data loader stands: the next example is `index` of epoch `epoch`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub index: u64,
+}
+
+/// The run's random streams: every draw (shuffling, dropout masks) derives from `seed` and the
+/// number of draws `counter` taken so far, so these two numbers resume them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    pub counter: u64,
+}
+
+/// The loop's state beside the trainer's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainState {
+    /// The loop's step (names the directory `checkpoint-{step}`).
+    pub step: u64,
+    pub data_position: DataPosition,
+    pub rng_state: RngState,
+}
+
+/// `trainer_state.json`. f64 values are strings in Rust's shortest round-trip form: serde_json
+/// (without `float_roundtrip`) may parse a number one ulp off, and resume must be bit-identical.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    format_version: u32,
+    step: u64,
+    optimizer_steps: u64,
+    skipped_batches: u64,
+    base_lr: String,
+    betas: [String; 2],
+    eps: String,
+    weight_decay: String,
+    schedule: ScheduleFile,
+    max_grad_norm: Option<String>,
+    non_finite: NonFiniteFile,
+    data_position: DataPosition,
+    rng_state: RngState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleFile {
+    kind: ScheduleKindFile,
+    /// Cosine only.
+    num_cycles: Option<String>,
+    warmup_steps: u64,
+    total_steps: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ScheduleKindFile {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum NonFiniteFile {
+    Error,
+    SkipBatch,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::TrainingCheckpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn float(x: f64) -> String {
+    format!("{x:?}")
+}
+
+fn parse_float(path: &Path, field: &str, text: &str) -> Result<f64> {
+    text.parse()
+        .map_err(|e| bad(path, format!("`{field}` = {text:?}: {e}")))
+}
+
+fn checkpoint_name(step: u64) -> String {
+    format!("{CHECKPOINT_PREFIX}{step}")
+}
+
+/// The step of a final (not `.tmp`) checkpoint directory name.
+fn checkpoint_step(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(CHECKPOINT_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// `(name, path)` of every entry of `dir` whose name starts with `checkpoint-`.
+fn checkpoint_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if let Some(name) = entry.file_name().to_str() {
+            if name.starts_with(CHECKPOINT_PREFIX) {
+                found.push((name.to_string(), entry.path()));
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes `dir/checkpoint-{state.step}/` for `trainer` and `state`, then removes all but the
+/// newest `keep_last` checkpoints of `dir` (created if missing). Stale `.tmp` directories of
+/// interrupted saves are removed first; a checkpoint of the same step is replaced.
+pub fn save_checkpoint(
+    dir: impl AsRef<Path>,
+    trainer: &Trainer<'_, CpuAdamW>,
+    state: &TrainState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let dir = dir.as_ref();
+    if keep_last == 0 {
+        return Err(Error::invalid(
+            "save_checkpoint",
+            "keep_last must be at least 1 (the checkpoint being written)",
+        ));
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (name, path) in checkpoint_entries(dir)? {
+        if name.ends_with(TMP_SUFFIX) {
+            fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+
+    let name = checkpoint_name(state.step);
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    trainer.adapter().save_pretrained(&tmp)?;
+    write_atomic(&tmp, OPTIMIZER_FILE, &optimizer_bytes(trainer.optimizer())?)?;
+    let json = serde_json::to_string_pretty(&state_file(trainer, state))?;
+    write_atomic(&tmp, TRAINER_STATE_FILE, json.as_bytes())?;
+    sync_dir(&tmp)?;
+
+    let path = dir.join(&name);
+    if path.exists() {
+        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    sync_dir(dir)?;
+    prune(dir, keep_last)?;
+    Ok(path)
+}
+
+/// Removes all but the newest `keep_last` final checkpoints, each renamed to `.tmp` first so
+/// that a crash part-way leaves a directory loading ignores, never a half-deleted checkpoint.
+fn prune(dir: &Path, keep_last: usize) -> Result<()> {
+    let mut steps: Vec<(u64, PathBuf)> = checkpoint_entries(dir)?
+        .into_iter()
+        .filter_map(|(name, path)| checkpoint_step(&name).map(|step| (step, path)))
+        .collect();
+    steps.sort_unstable_by_key(|&(step, _)| step);
+    let excess = steps.len().saturating_sub(keep_last);
+    for (step, path) in steps.into_iter().take(excess) {
+        let doomed = dir.join(format!("{}{TMP_SUFFIX}", checkpoint_name(step)));
+        fs::rename(&path, &doomed).map_err(|e| Error::io(&path, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+    }
+    if excess > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn state_file(trainer: &Trainer<'_, CpuAdamW>, state: &TrainState) -> StateFile {
+    let adamw = trainer.optimizer().config();
+    let config = trainer.config();
+    let (kind, num_cycles) = match config.schedule.kind {
+        ScheduleKind::Constant => (ScheduleKindFile::Constant, None),
+        ScheduleKind::Linear => (ScheduleKindFile::Linear, None),
+        ScheduleKind::Cosine { num_cycles } => (ScheduleKindFile::Cosine, Some(float(num_cycles))),
+    };
+    StateFile {
+        format_version: CHECKPOINT_FORMAT_VERSION,
+        step: state.step,
+        optimizer_steps: trainer.steps(),
+        skipped_batches: trainer.skipped_batches(),
+        base_lr: float(adamw.lr),
+        betas: [float(adamw.betas.0), float(adamw.betas.1)],
+        eps: float(adamw.eps),
+        weight_decay: float(adamw.weight_decay),
+        schedule: ScheduleFile {
+            kind,
+            num_cycles,
+            warmup_steps: config.schedule.warmup_steps,
+            total_steps: config.schedule.total_steps,
+        },
+        max_grad_norm: config.max_grad_norm.map(float),
+        non_finite: match config.non_finite {
+            NonFinitePolicy::Error => NonFiniteFile::Error,
+            NonFinitePolicy::SkipBatch => NonFiniteFile::SkipBatch,
+        },
+        data_position: state.data_position,
+        rng_state: state.rng_state,
+    }
+}
+
+fn moment_keys(layer: usize, module: TargetModule, matrix: &str) -> [String; 2] {
+    let name = lora_tensor_name(layer, module, matrix);
+    [format!("{name}.exp_avg"), format!("{name}.exp_avg_sq")]
+}
+
+fn optimizer_bytes(optimizer: &CpuAdamW) -> Result<Vec<u8>> {
+    let mut tensors = Vec::new();
+    for (&(layer, module), pair) in optimizer.moments() {
+        for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
+            let [m_key, v_key] = moment_keys(layer, module, matrix);
+            for (key, values) in [(m_key, &state.m), (v_key, &state.v)] {
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((key, values.len(), bytes));
+            }
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(key, n, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)?;
+            Ok((key.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("step".to_string(), optimizer.steps().to_string()),
+    ]);
+    Ok(safetensors::serialize(views, Some(metadata))?)
+}
+
+/// The newest complete checkpoint in `dir`: a final `checkpoint-{step}` directory holding every
+/// file, whose `trainer_state.json` parses and names the same step. `.tmp` directories, other
+/// entries and a missing `dir` are ignored.
+pub fn latest_checkpoint(dir: impl AsRef<Path>) -> Option<PathBuf> {
+    let mut found: Vec<(u64, PathBuf)> = checkpoint_entries(dir.as_ref())
+        .ok()?
+        .into_iter()
+        .filter_map(|(name, path)| checkpoint_step(&name).map(|step| (step, path)))
+        .collect();
+    found.sort_unstable_by_key(|&(step, _)| std::cmp::Reverse(step));
+    found
+        .into_iter()
+        .find(|(step, path)| is_complete(path, *step))
+        .map(|(_, path)| path)
+}
+
+fn is_complete(path: &Path, step: u64) -> bool {
+    let files = [
+        ADAPTER_CONFIG_FILE,
+        ADAPTER_WEIGHTS_FILE,
+        OPTIMIZER_FILE,
+        TRAINER_STATE_FILE,
+    ];
+    files.iter().all(|f| path.join(f).is_file())
+        && read_state_file(path).is_ok_and(|state| state.step == step)
+}
+
+fn read_state_file(path: &Path) -> Result<StateFile> {
+    let file = path.join(TRAINER_STATE_FILE);
+    let text = fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let state: StateFile =
+        serde_json::from_str(&text).map_err(|e| bad(&file, format!("malformed: {e}")))?;
+    if state.format_version != CHECKPOINT_FORMAT_VERSION {
+        return Err(bad(
+            &file,
+            format!(
+                "format version {} (this build reads {CHECKPOINT_FORMAT_VERSION})",
+                state.format_version
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+/// Restores the trainer (adapter, AdamW moments and update count, schedule position, settings)
+/// and the loop's state from the checkpoint directory `path`, on `model`'s device.
+pub fn load_checkpoint<'m>(
+    path: impl AsRef<Path>,
+    model: &'m LlamaModel,
+) -> Result<(Trainer<'m, CpuAdamW>, TrainState)> {
+    let path = path.as_ref();
+    let file = read_state_file(path)?;
+    let state_path = path.join(TRAINER_STATE_FILE);
+    let f = |field: &str, text: &str| parse_float(&state_path, field, text);
+
+    let adamw = AdamWConfig {
+        lr: f("base_lr", &file.base_lr)?,
+        betas: (f("betas", &file.betas[0])?, f("betas", &file.betas[1])?),
+        eps: f("eps", &file.eps)?,
+        weight_decay: f("weight_decay", &file.weight_decay)?,
+    };
+    let kind = match (file.schedule.kind, &file.schedule.num_cycles) {
+        (ScheduleKindFile::Constant, None) => ScheduleKind::Constant,
+        (ScheduleKindFile::Linear, None) => ScheduleKind::Linear,
+        (ScheduleKindFile::Cosine, Some(cycles)) => ScheduleKind::Cosine {
+            num_cycles: f("num_cycles", cycles)?,
+        },
+        (kind, cycles) => {
+            return Err(bad(
+                &state_path,
+                format!("schedule {kind:?} with num_cycles {cycles:?}"),
+            ))
+        }
+    };
+    let config = TrainerConfig {
+        schedule: LrSchedule {
+            kind,
+            warmup_steps: file.schedule.warmup_steps,
+            total_steps: file.schedule.total_steps,
+        },
+        max_grad_norm: file
+            .max_grad_norm
+            .as_deref()
+            .map(|text| f("max_grad_norm", text))
+            .transpose()?,
+        non_finite: match file.non_finite {
+            NonFiniteFile::Error => NonFinitePolicy::Error,
+            NonFiniteFile::SkipBatch => NonFinitePolicy::SkipBatch,
+        },
+    };
+
+    let adapter = LoraAdapter::load_pretrained(path, model.device())?;
+    let optimizer = read_optimizer(path, &adapter, adamw, file.optimizer_steps)?;
+    let trainer =
+        Trainer::new(model, adapter, optimizer, config)?.with_skipped_batches(file.skipped_batches);
+    let state = TrainState {
+        step: file.step,
+        data_position: file.data_position,
+        rng_state: file.rng_state,
+    };
+    Ok((trainer, state))
+}
+
+/// The optimizer of `optimizer.safetensors`: its `step` must equal `steps`, and it holds m and v
+/// for every tensor of `adapter`, shaped as it (or none at all before the first update).
+fn read_optimizer(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    config: AdamWConfig,
+    steps: u64,
+) -> Result<CpuAdamW> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let file_steps = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| bad(&path, "no integer `step` in the metadata"))?;
+    if file_steps != steps {
+        return Err(bad(
+            &path,
+            format!("step {file_steps}, but {TRAINER_STATE_FILE} says {steps}"),
+        ));
+    }
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)?;
+    let expected = 4 * adapter.pairs().count();
+    if tensors.len() != expected && !(tensors.is_empty() && steps == 0) {
+        return Err(bad(
+            &path,
+            format!(
+                "{} tensors, expected {expected} (m and v of each A and B)",
+                tensors.len()
+            ),
+        ));
+    }
+    let mut moments = BTreeMap::new();
+    if !tensors.is_empty() {
+        for ((layer, module), pair) in adapter.pairs() {
+            let read = |matrix: &str, n: usize| -> Result<Moments> {
+                let [m_key, v_key] = moment_keys(layer, module, matrix);
+                Ok(Moments {
+                    m: read_f32(&path, &tensors, &m_key, n)?,
+                    v: read_f32(&path, &tensors, &v_key, n)?,
+                })
+            };
+            let a = read("A", pair.a.elem_count())?;
+            let b = read("B", pair.b.elem_count())?;
+            moments.insert((layer, module), [a, b]);
+        }
+    }
+    CpuAdamW::from_state(config, steps, moments)
+}
+
+/// The f32 `[n]` tensor `key`.
+fn read_f32(
+    path: &Path,
+    tensors: &safetensors::SafeTensors<'_>,
+    key: &str,
+    n: usize,
+) -> Result<Vec<f32>> {
+    let view = tensors
+        .tensor(key)
+        .map_err(|_| bad(path, format!("no tensor `{key}`")))?;
+    if view.dtype() != safetensors::Dtype::F32 || view.shape() != [n] {
+        return Err(bad(
+            path,
+            format!(
+                "`{key}` is {:?} {:?}, expected F32 [{n}]",
+                view.dtype(),
+                view.shape()
+            ),
+        ));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
