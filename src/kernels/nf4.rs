@@ -256,7 +256,8 @@ pub use cuda_impl::*;
 mod cuda_impl {
     use super::*;
     use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+    use std::sync::Arc;
 
     /// Device-side block scales, mirroring [`Scales`].
     pub enum DeviceScales<'a> {
@@ -268,6 +269,60 @@ mod cuda_impl {
             offset: f32,
             nested_blocksize: usize,
         },
+    }
+
+    /// Device pointers of a set of scales, as the NF4 kernels' parameter structs take them.
+    pub(crate) struct ScalePtrs {
+        pub absmax: *const f32,
+        pub absmax_q: *const u8,
+        pub nested_absmax: *const f32,
+        pub nested_code: *const f32,
+        pub nested_offset: f32,
+        pub nested_blocksize: i32,
+    }
+
+    impl<'a> DeviceScales<'a> {
+        /// The scales' device pointers, with the guards that keep their buffers ordered on
+        /// `stream` until the launch that reads them is queued.
+        pub(crate) fn device_ptrs<'s>(
+            &'s self,
+            stream: &'s Arc<CudaStream>,
+        ) -> (ScalePtrs, Vec<SyncOnDrop<'s>>) {
+            let mut p = ScalePtrs {
+                absmax: std::ptr::null(),
+                absmax_q: std::ptr::null(),
+                nested_absmax: std::ptr::null(),
+                nested_code: std::ptr::null(),
+                nested_offset: 0.0,
+                nested_blocksize: 0,
+            };
+            let mut guards = Vec::new();
+            match self {
+                DeviceScales::F32(absmax) => {
+                    let (ptr, g) = absmax.device_ptr(stream);
+                    guards.push(g);
+                    p.absmax = ptr as *const f32;
+                }
+                DeviceScales::Double {
+                    absmax_q,
+                    nested_absmax,
+                    nested_code,
+                    offset,
+                    nested_blocksize,
+                } => {
+                    let (q, g0) = absmax_q.device_ptr(stream);
+                    let (na, g1) = nested_absmax.device_ptr(stream);
+                    let (nc, g2) = nested_code.device_ptr(stream);
+                    guards.extend([g0, g1, g2]);
+                    p.absmax_q = q as *const u8;
+                    p.nested_absmax = na as *const f32;
+                    p.nested_code = nc as *const f32;
+                    p.nested_offset = *offset;
+                    p.nested_blocksize = *nested_blocksize as i32;
+                }
+            }
+            (p, guards)
+        }
     }
 
     impl DeviceScales<'_> {
@@ -388,31 +443,13 @@ mod cuda_impl {
             out_dtype: T::DTYPE as i32,
             ..Default::default()
         };
-        let mut guards = Vec::new();
-        match scales {
-            DeviceScales::F32(absmax) => {
-                let (ptr, g) = absmax.device_ptr(stream);
-                guards.push(g);
-                p.absmax = ptr as *const f32;
-            }
-            DeviceScales::Double {
-                absmax_q,
-                nested_absmax,
-                nested_code,
-                offset,
-                nested_blocksize,
-            } => {
-                let (q, g0) = absmax_q.device_ptr(stream);
-                let (na, g1) = nested_absmax.device_ptr(stream);
-                let (nc, g2) = nested_code.device_ptr(stream);
-                guards.extend([g0, g1, g2]);
-                p.absmax_q = q as *const u8;
-                p.nested_absmax = na as *const f32;
-                p.nested_code = nc as *const f32;
-                p.nested_offset = offset;
-                p.nested_blocksize = nested_blocksize as i32;
-            }
-        }
+        let (sp, _scale_guards) = scales.device_ptrs(stream);
+        p.absmax = sp.absmax;
+        p.absmax_q = sp.absmax_q;
+        p.nested_absmax = sp.nested_absmax;
+        p.nested_code = sp.nested_code;
+        p.nested_offset = sp.nested_offset;
+        p.nested_blocksize = sp.nested_blocksize;
         // SAFETY: every device buffer has the length the kernel reads or writes for `layout`
         // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
         unsafe { dev.launch(&DEQUANTIZE, &cfg, &p) }

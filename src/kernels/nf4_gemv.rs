@@ -341,30 +341,14 @@ mod cuda_impl {
             guards.push(g);
             p.bias = ptr as *const c_void;
         }
-        match &w.scales {
-            DeviceScales::F32(absmax) => {
-                let (ptr, g) = absmax.device_ptr(stream);
-                guards.push(g);
-                p.absmax = ptr as *const f32;
-            }
-            DeviceScales::Double {
-                absmax_q,
-                nested_absmax,
-                nested_code,
-                offset,
-                nested_blocksize,
-            } => {
-                let (q, g0) = absmax_q.device_ptr(stream);
-                let (na, g1) = nested_absmax.device_ptr(stream);
-                let (nc, g2) = nested_code.device_ptr(stream);
-                guards.extend([g0, g1, g2]);
-                p.absmax_q = q as *const u8;
-                p.nested_absmax = na as *const f32;
-                p.nested_code = nc as *const f32;
-                p.nested_offset = *offset;
-                p.nested_blocksize = *nested_blocksize as i32;
-            }
-        }
+        let (sp, scale_guards) = w.scales.device_ptrs(stream);
+        guards.extend(scale_guards);
+        p.absmax = sp.absmax;
+        p.absmax_q = sp.absmax_q;
+        p.nested_absmax = sp.nested_absmax;
+        p.nested_code = sp.nested_code;
+        p.nested_offset = sp.nested_offset;
+        p.nested_blocksize = sp.nested_blocksize;
         let (y_ptr, _gy) = y.device_ptr_mut(stream);
         p.y = y_ptr as *mut c_void;
         // SAFETY: every device buffer has the length the kernel reads or writes for `shape`
