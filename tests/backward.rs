@@ -3,8 +3,10 @@
 //! the tiny f32 fixtures (tests/fixtures/llama/{base, llama3_tied_f32}) and the padded batch of
 //! tests/fixtures/llama/forward.safetensors (left-padded, right-padded and full rows).
 
+mod common;
+
+use common::llama::{fixture_dir, load_weights, max_abs_diff};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -12,16 +14,10 @@ use qlora::model::backward::{
     decoder_layer_backward, lora_gradients, lora_gradients_from_dlogits, LoraGrads,
 };
 use qlora::model::llama::LlamaModel;
-use qlora::model::{Linear, LlamaConfig, LlamaWeights, LoadOptions};
+use qlora::model::{Linear, LlamaConfig, LlamaWeights};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraMode, LoraPair, TargetModule};
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(name)
-}
 
 struct Batch {
     input_ids: Tensor,
@@ -37,18 +33,6 @@ fn padded_batch() -> Batch {
         attention_mask: f["attention_mask"].clone(),
         labels: f["labels"].clone(),
     }
-}
-
-fn load(name: &str) -> (LlamaModel, LlamaWeights) {
-    let dir = fixture_dir(name);
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    (LlamaModel::new(config, weights.clone()).unwrap(), weights)
 }
 
 /// Deterministic values in ±`scale`, distinct per `seed`.
@@ -309,13 +293,6 @@ impl<'a> Oracle<'a> {
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Every (layer, module) of `want` is in `got` (and nothing else), within `Op::LoraGrad` F32;
@@ -585,4 +562,10 @@ fn lora_a_gradient_matches_finite_differences() {
             );
         }
     }
+}
+
+/// Fixture model `name` in f32 with its weights (the oracle rebuilds the layers from them).
+fn load(name: &str) -> (LlamaModel, LlamaWeights) {
+    let (config, weights) = load_weights(name, DType::F32, false);
+    (LlamaModel::new(config, weights.clone()).unwrap(), weights)
 }

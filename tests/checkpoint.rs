@@ -2,6 +2,8 @@
 //! (tests/fixtures/llama/base) with an r = 4 adapter: bit-identical resume, pruning, torn writes
 //! ignored, and a writer killed with SIGKILL leaving a loadable checkpoint.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,7 +12,6 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use qlora::kernels::adamw::AdamWConfig;
 use qlora::model::llama::{LlamaModel, IGNORE_INDEX};
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
 use qlora::peft::{LoraAdapter, LoraConfig, TargetModule};
 use qlora::train::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, DataPosition, RngState, TrainState,
@@ -24,18 +25,6 @@ use qlora::Error;
 /// Set on the child process of [`sigkill_mid_write_leaves_the_last_checkpoint_loadable`]: the
 /// directory [`sigkill_child_saves_checkpoints_until_killed`] writes into.
 const CHILD_DIR_ENV: &str = "QLORA_CHECKPOINT_SIGKILL_DIR";
-
-fn load_base() -> LlamaModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/base");
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    LlamaModel::new(config, weights).unwrap()
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qlora-checkpoint-{}-{name}", std::process::id()));
@@ -164,7 +153,7 @@ fn checkpoint_steps(dir: &Path) -> Vec<String> {
 #[test]
 fn resume_after_half_the_steps_is_bit_identical() {
     let started = Instant::now();
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let mut straight = fresh_trainer(&model);
     let straight_metrics = train(&mut straight, 0..6);
 
@@ -203,7 +192,7 @@ fn resume_after_half_the_steps_is_bit_identical() {
 
 #[test]
 fn optimizer_file_names_the_moments_of_every_lora_tensor() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let mut trainer = fresh_trainer(&model);
     train(&mut trainer, 0..1);
     let dir = temp_dir("names");
@@ -228,7 +217,7 @@ fn optimizer_file_names_the_moments_of_every_lora_tensor() {
 
 #[test]
 fn keep_last_prunes_older_checkpoints() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let trainer = fresh_trainer(&model);
     let dir = temp_dir("prune");
     for step in 1..=5 {
@@ -253,7 +242,7 @@ fn keep_last_prunes_older_checkpoints() {
 
 #[test]
 fn torn_write_is_ignored_and_the_previous_checkpoint_loads() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let mut trainer = fresh_trainer(&model);
     train(&mut trainer, 0..2);
     let dir = temp_dir("torn");
@@ -310,7 +299,7 @@ fn sigkill_child_saves_checkpoints_until_killed() {
     let Some(dir) = std::env::var_os(CHILD_DIR_ENV).map(PathBuf::from) else {
         return;
     };
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let (mut trainer, mut state) = match latest_checkpoint(&dir) {
         Some(path) => load_checkpoint(path, &model).unwrap(),
         None => (fresh_trainer(&model), TrainState::default()),
@@ -324,7 +313,7 @@ fn sigkill_child_saves_checkpoints_until_killed() {
 
 #[test]
 fn sigkill_mid_write_leaves_the_last_checkpoint_loadable() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let dir = temp_dir("sigkill");
     fs::create_dir_all(&dir).unwrap();
     let mut last_step = 0;

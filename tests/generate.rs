@@ -2,33 +2,16 @@
 //! (tests/fixtures/llama/generate.safetensors: a left-padded batch of 3 prompts, 8 new tokens),
 //! the cached step against the full forward, stop tokens, and the sampling warpers.
 
+mod common;
+
+use common::llama::fixture_dir;
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use qlora::model::generate::{generate, warp_logits, GenerationConfig, KvCache, Sampler};
 use qlora::model::llama::LlamaModel;
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(name)
-}
-
-fn load(name: &str, dtype: DType) -> LlamaModel {
-    let dir = fixture_dir(name);
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    LlamaModel::new(config, weights).unwrap()
-}
 
 fn fixtures() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir("generate.safetensors"), &Device::Cpu).unwrap()
@@ -68,7 +51,7 @@ fn mixed_prompts() -> Vec<Vec<u32>> {
 
 fn check_greedy_matches_transformers(name: &str) {
     let f = fixtures();
-    let model = load(name, DType::F32);
+    let model = common::llama::load(name, DType::F32, false);
     let eos = model.config().eos_token_ids.clone();
     let got = generate(&model, &fixture_prompts(&f), &greedy(8)).unwrap();
     let want: Vec<Vec<u32>> = f[&format!("{name}.tokens")]
@@ -152,19 +135,28 @@ fn check_cached_steps_match_full_forward(model: &LlamaModel, dtype: Dtype) {
 
 #[test]
 fn cached_steps_match_full_forward_f32() {
-    check_cached_steps_match_full_forward(&load("base", DType::F32), Dtype::F32);
-    check_cached_steps_match_full_forward(&load("llama3_tied_f32", DType::F32), Dtype::F32);
+    check_cached_steps_match_full_forward(
+        &common::llama::load("base", DType::F32, false),
+        Dtype::F32,
+    );
+    check_cached_steps_match_full_forward(
+        &common::llama::load("llama3_tied_f32", DType::F32, false),
+        Dtype::F32,
+    );
 }
 
 #[test]
 fn cached_steps_match_full_forward_bf16() {
-    check_cached_steps_match_full_forward(&load("base", DType::BF16), Dtype::BF16);
+    check_cached_steps_match_full_forward(
+        &common::llama::load("base", DType::BF16, false),
+        Dtype::BF16,
+    );
 }
 
 #[test]
 fn left_padded_batch_equals_each_prompt_alone() {
     for dtype in [DType::F32, DType::BF16] {
-        let model = load("base", dtype);
+        let model = common::llama::load("base", dtype, false);
         let prompts = mixed_prompts();
         let batch = generate(&model, &prompts, &greedy(6)).unwrap();
         for (prompt, got) in prompts.iter().zip(&batch) {
@@ -176,7 +168,7 @@ fn left_padded_batch_equals_each_prompt_alone() {
 
 #[test]
 fn stop_tokens_end_a_row() {
-    let model = load("base", DType::F32);
+    let model = common::llama::load("base", DType::F32, false);
     let prompts = mixed_prompts();
     let no_stop = GenerationConfig {
         stop_token_ids: Some(Vec::new()),
@@ -214,7 +206,7 @@ fn stop_tokens_end_a_row() {
 
 #[test]
 fn top_k_one_sampling_equals_greedy() {
-    let model = load("base", DType::F32);
+    let model = common::llama::load("base", DType::F32, false);
     let prompts = mixed_prompts();
     let want = generate(&model, &prompts, &greedy(6)).unwrap();
     let sampled = GenerationConfig {
@@ -228,7 +220,7 @@ fn top_k_one_sampling_equals_greedy() {
 
 #[test]
 fn sampling_is_deterministic_for_a_seed() {
-    let model = load("base", DType::F32);
+    let model = common::llama::load("base", DType::F32, false);
     let prompts = mixed_prompts();
     let config = |seed| GenerationConfig {
         temperature: 1.3,
@@ -327,7 +319,7 @@ fn greedy_ties_pick_the_lowest_index() {
 
 #[test]
 fn invalid_configs_and_prompts_are_rejected() {
-    let model = load("llama3_tied_f32", DType::F32);
+    let model = common::llama::load("llama3_tied_f32", DType::F32, false);
     let prompt = vec![vec![5u32, 6]];
     let bad = [
         GenerationConfig {

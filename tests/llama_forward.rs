@@ -2,40 +2,19 @@
 //! checkpoints of tests/fixtures/llama/ (tests/fixtures/llama/forward.safetensors, written by
 //! scripts/make_fixtures.py): a padded batch [3, 9] in f32 and bf16, dense, tied and NF4.
 
+mod common;
+
+use common::llama::{fixture_dir, kept_rows, load, load_weights, max_abs_diff};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use qlora::model::llama::LlamaModel;
-use qlora::model::{Linear, LlamaConfig, LlamaWeights, LoadOptions};
+use qlora::model::Linear;
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
 
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(name)
-}
-
 fn fixtures() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir("forward.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn load_weights(name: &str, dtype: DType, quantize: bool) -> (LlamaConfig, LlamaWeights) {
-    let dir = fixture_dir(name);
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype,
-        device: Device::Cpu,
-        quantize,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    (config, weights)
-}
-
-fn load(name: &str, dtype: DType, quantize: bool) -> LlamaModel {
-    let (config, weights) = load_weights(name, dtype, quantize);
-    LlamaModel::new(config, weights).unwrap()
 }
 
 struct Batch {
@@ -50,33 +29,6 @@ fn batch(f: &HashMap<String, Tensor>) -> Batch {
         attention_mask: f["attention_mask"].clone(),
         labels: f["labels"].clone(),
     }
-}
-
-/// The f32 values of `logits` `[B, T, V]` at the positions the mask keeps. Pad positions are
-/// skipped: a left pad's query sees no key at all, so transformers' softmax there runs over
-/// nothing but masked scores and its output is arbitrary (it never reaches a real token).
-fn kept_rows(logits: &Tensor, mask: &Tensor) -> Vec<f32> {
-    let (b, t, v) = logits.dims3().unwrap();
-    let keep = mask.flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    let all = logits
-        .to_dtype(DType::F32)
-        .unwrap()
-        .reshape((b * t, v))
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    all.into_iter()
-        .zip(keep)
-        .filter(|(_, k)| *k == 1)
-        .flat_map(|(row, _)| row)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Runs `model` on the fixture batch and checks logits (non-pad positions) and loss against

@@ -3,12 +3,14 @@
 //! rsLoRA off and on, seeded non-zero B) and PEFT's logits for the padded forward batch
 //! (tests/fixtures/lora/lora_logits.safetensors), all written by scripts/make_fixtures.py.
 
+mod common;
+
+use common::llama::{kept_rows, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use qlora::model::llama::LlamaModel;
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
 use qlora::peft::lora::{
     kaiming_uniform_bound, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_FORMAT_VERSION,
 };
@@ -23,18 +25,6 @@ fn fixtures() -> PathBuf {
 
 fn adapter_dir(name: &str) -> PathBuf {
     fixtures().join("lora").join(name)
-}
-
-fn base_model() -> LlamaModel {
-    let dir = fixtures().join("llama/base");
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    LlamaModel::new(config, weights).unwrap()
 }
 
 fn peft_logits() -> HashMap<String, Tensor> {
@@ -52,34 +42,8 @@ fn batch(f: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
     )
 }
 
-/// The logits `[B, T, V]` at the positions the mask keeps (a left pad's query sees no key, so
-/// its output is arbitrary in transformers).
-fn kept_rows(logits: &Tensor, mask: &Tensor) -> Vec<f32> {
-    let (b, t, v) = logits.dims3().unwrap();
-    let keep = mask.flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    let all = logits
-        .to_dtype(DType::F32)
-        .unwrap()
-        .reshape((b * t, v))
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    all.into_iter()
-        .zip(keep)
-        .filter(|(_, k)| *k == 1)
-        .flat_map(|(row, _)| row)
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn check_peft_logits(name: &str, rslora: bool) {
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let adapter = LoraAdapter::load_pretrained(adapter_dir(name), &Device::Cpu).unwrap();
     assert_eq!(adapter.config().use_rslora, rslora);
     assert_eq!(adapter.config().r, 4);
@@ -170,7 +134,7 @@ fn save_pretrained_reproduces_peft_files() {
 
 #[test]
 fn saved_adapter_loads_back_to_same_logits() {
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let mut adapter = LoraAdapter::init(
         LoraConfig {
             r: 3,
@@ -233,7 +197,7 @@ fn run_base(model: &LlamaModel, ids: &Tensor, mask: &Tensor) -> Vec<f32> {
 
 #[test]
 fn fresh_adapter_leaves_base_logits_unchanged() {
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let f = peft_logits();
     let (ids, mask) = batch(&f);
     let base = run_base(&model, &ids, &mask);
@@ -266,7 +230,7 @@ fn init_draws_a_from_kaiming_uniform() {
             "{fan_in}"
         );
     }
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let config = LoraConfig {
         r: 8,
         ..LoraConfig::default()
@@ -310,7 +274,7 @@ fn init_draws_a_from_kaiming_uniform() {
 
 #[test]
 fn dropout_runs_only_in_training_and_is_seeded() {
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let f = peft_logits();
     let (ids, mask) = batch(&f);
     let eval_plain = LoraAdapter::load_pretrained(adapter_dir("r4_all"), &Device::Cpu).unwrap();
@@ -369,7 +333,7 @@ fn edited_adapter(name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
 
 #[test]
 fn bad_configs_give_named_errors() {
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let init = |config: LoraConfig| {
         LoraAdapter::init(config, model.config(), DType::F32, &Device::Cpu, 0).unwrap_err()
     };

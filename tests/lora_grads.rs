@@ -3,30 +3,19 @@
 //! and on) on the f32 `base` tiny Llama, and PEFT's causal-LM loss and dA `[r, in]` / dB
 //! `[out, r]` for the padded batch in tests/fixtures/lora/lora_grads.safetensors.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use qlora::model::backward::lora_gradients;
-use qlora::model::llama::{LlamaModel, IGNORE_INDEX};
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
+use qlora::model::llama::IGNORE_INDEX;
 use qlora::peft::{LoraAdapter, TargetModule};
 use qlora::tolerance::{lookup, Dtype, Op, Tolerance};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn base_model() -> LlamaModel {
-    let dir = fixtures().join("llama/base");
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    LlamaModel::new(config, weights).unwrap()
 }
 
 /// The name PEFT gives the gradient's parameter in adapter_model.safetensors, spelled out here
@@ -81,7 +70,7 @@ fn check_against_peft(name: &str, rslora: bool) {
     let ids = f["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = &f["attention_mask"];
     let labels = &f["labels"];
-    let model = base_model();
+    let model = common::llama::load("base", DType::F32, false);
     let adapter =
         LoraAdapter::load_pretrained(fixtures().join("lora").join(name), &Device::Cpu).unwrap();
     assert_eq!(adapter.config().use_rslora, rslora);

@@ -3,14 +3,14 @@
 //! accumulation over the total label-token count, clipping, the NaN/Inf check, determinism and a
 //! short overfit run.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use qlora::kernels::adamw::{reference_step, AdamWConfig};
 use qlora::model::backward::LoraGrads;
 use qlora::model::llama::{LlamaModel, IGNORE_INDEX};
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::train::data::{collate, Example};
@@ -20,18 +20,6 @@ use qlora::train::trainer::{
     TrainerConfig,
 };
 use qlora::Error;
-
-fn load_base() -> LlamaModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/base");
-    let config = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let options = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        quantize: false,
-    };
-    let weights = LlamaWeights::load(&dir, &config, &options).unwrap();
-    LlamaModel::new(config, weights).unwrap()
-}
 
 /// Deterministic values in ±`scale`, distinct per `seed`.
 fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
@@ -217,7 +205,7 @@ fn schedules_match_transformers_lambdas() {
 /// all three rows; the mean of the per-micro-batch means (the pre-2024 transformers bug) does not.
 #[test]
 fn accumulation_normalises_by_total_label_tokens() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let adapter = adapter(&model, 3, true);
     let (e1, e2, e3) = (example(1, 6, 3), example(2, 9, 6), example(3, 12, 3));
     let micro = [
@@ -262,7 +250,7 @@ fn accumulation_normalises_by_total_label_tokens() {
 /// global norm to at most max_norm without turning them; below max_norm the scale is 1.
 #[test]
 fn clipping_scales_to_max_norm_and_keeps_direction() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let batch = collate(&[example(4, 10, 7), example(5, 8, 5)], 0).unwrap();
     let adapter = adapter(&model, 5, true);
     let acc = accumulate_gradients(&model, &adapter, std::slice::from_ref(&batch)).unwrap();
@@ -316,7 +304,7 @@ fn clipping_scales_to_max_norm_and_keeps_direction() {
 /// A NaN gradient is reported with the step, the layer and the tensor's PEFT-style name.
 #[test]
 fn non_finite_gradient_names_step_layer_and_tensor() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let adapter = adapter(&model, 1, false);
     let mut grads = LoraGrads::new();
     for ((layer, module), pair) in adapter.pairs() {
@@ -368,7 +356,7 @@ fn non_finite_gradient_names_step_layer_and_tensor() {
 /// adapter and the optimizer untouched under `SkipBatch`.
 #[test]
 fn non_finite_loss_errors_or_skips_the_batch() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let mut poisoned = adapter(&model, 2, false);
     let pair = poisoned.pair(0, TargetModule::VProj).unwrap().clone();
     let mut b = flat(&pair.b);
@@ -420,7 +408,7 @@ fn run_losses(model: &LlamaModel, steps: usize) -> (Vec<f32>, LoraAdapter) {
 /// Same seeds, same data: the same loss at every step and the same final weights, bit for bit.
 #[test]
 fn fixed_seeds_give_identical_runs() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let (first, adapter_1) = run_losses(&model, 5);
     let (second, adapter_2) = run_losses(&model, 5);
     assert_eq!(
@@ -438,7 +426,7 @@ fn fixed_seeds_give_identical_runs() {
 /// steps (lm_head and the norms stay frozen, so r = 4 on this tiny model plateaus near 3.9).
 #[test]
 fn overfits_one_batch() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let batch = collate(&[example(10, 12, 8)], 0).unwrap();
     let mut trainer = Trainer::new(
         &model,
@@ -470,7 +458,7 @@ fn overfits_one_batch() {
 /// the same moments, lr and grad scale (bf16 params, f32 moments).
 #[test]
 fn cpu_adamw_is_reference_step_per_tensor() {
-    let model = load_base();
+    let model = common::llama::load("base", DType::F32, false);
     let f32_adapter = adapter(&model, 9, true);
     let mut bf16_adapter = LoraAdapter::init(
         f32_adapter.config().clone(),

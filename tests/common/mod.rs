@@ -142,3 +142,4 @@ pub fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
         want[bad[0]]
     );
 }
+pub mod llama;
