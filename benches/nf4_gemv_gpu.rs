@@ -15,17 +15,13 @@ fn main() {
     use qlora::kernels::nf4::DeviceScales;
     use qlora::kernels::nf4_gemv::{nf4_gemv_cuda_into, DeviceNf4Weight};
     use qlora::quant::nf4::{double_quantize, quantize_nf4, NF4_CODE};
-    use std::time::Instant;
 
     let Some(dev) = CudaDevice::first_available() else {
         println!("nf4_gemv_gpu: no CUDA device; skipped");
         return;
     };
     let info = dev.describe().expect("device attributes");
-    println!(
-        "{} (sm_{}{}), theoretical DRAM bandwidth {:.0} GB/s",
-        info.name, info.compute_capability.0, info.compute_capability.1, info.peak_bandwidth_gbs
-    );
+    println!("{info}");
     let s = dev.stream().clone();
     // Llama-2-13B [out, in]: q/k/v/o 5120×5120, gate/up 13824×5120, down 5120×13824.
     let shapes = [(5120usize, 5120usize), (13824, 5120), (5120, 13824)];
@@ -65,18 +61,11 @@ fn main() {
             let mut d_y = s.alloc_zeros::<bf16>(m * n).unwrap();
             let bytes =
                 packed.len() + dq.absmax_q.len() + dq.nested_absmax.len() * 4 + (m * k + m * n) * 2;
-            let mut call = || {
-                nf4_gemv_cuda_into(&dev, &d_x, m, &weight, None::<&_>, &mut d_y).unwrap();
-            };
-            call();
-            dev.synchronize().unwrap();
-            let iters = 200;
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                call();
-            }
-            dev.synchronize().unwrap();
-            let secs = t0.elapsed().as_secs_f64() / iters as f64;
+            let secs = dev
+                .seconds_per_call(200, || {
+                    nf4_gemv_cuda_into(&dev, &d_x, m, &weight, None::<&_>, &mut d_y).unwrap();
+                })
+                .unwrap();
             let gbs = bytes as f64 / secs / 1e9;
             println!(
                 "{:<34} {:>10.1} {:>10.1} {:>7.1}%",

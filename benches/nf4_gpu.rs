@@ -14,17 +14,13 @@ fn main() {
     use qlora::kernels::nf4::{dequantize_cuda_into, quantize_cuda_into, DeviceScales};
     use qlora::quant::dynamic8::dynamic_map_signed;
     use qlora::quant::nf4::{double_quantize, quantize_nf4, NF4_CODE};
-    use std::time::Instant;
 
     let Some(dev) = CudaDevice::first_available() else {
         println!("nf4_gpu: no CUDA device; skipped");
         return;
     };
     let info = dev.describe().expect("device attributes");
-    println!(
-        "{} (sm_{}{}), theoretical DRAM bandwidth {:.0} GB/s",
-        info.name, info.compute_capability.0, info.compute_capability.1, info.peak_bandwidth_gbs
-    );
+    println!("{info}");
     let s = dev.stream().clone();
     // Llama-2-13B: q/k/v/o are 5120×5120, gate/up 13824×5120, down 5120×13824.
     let shapes = [(5120usize, 5120usize), (13824, 5120)];
@@ -49,15 +45,7 @@ fn main() {
         let mut d_qabsmax = s.alloc_zeros::<f32>(absmax.len()).unwrap();
 
         let time = |label: &str, bytes: usize, f: &mut dyn FnMut()| {
-            f();
-            dev.synchronize().unwrap();
-            let iters = 50;
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            dev.synchronize().unwrap();
-            let secs = t0.elapsed().as_secs_f64() / iters as f64;
+            let secs = dev.seconds_per_call(50, f).unwrap();
             let gbs = bytes as f64 / secs / 1e9;
             println!(
                 "{:<22} {:>10.1} {:>10.1} {:>7.1}%",

@@ -175,6 +175,32 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err)
     }
+
+    /// Mean seconds per call of `launch` (which queues work on this device's stream): one warm-up
+    /// call, then `iters` calls between two synchronizations, as the GPU benches time kernels.
+    pub fn seconds_per_call(&self, iters: u32, mut launch: impl FnMut()) -> Result<f64> {
+        launch();
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            launch();
+        }
+        self.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() / f64::from(iters.max(1)))
+    }
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (sm_{}{}), theoretical DRAM bandwidth {:.0} GB/s",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.peak_bandwidth_gbs
+        )
+    }
 }
 
 /// What benches print about a device.
