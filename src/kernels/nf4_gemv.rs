@@ -152,6 +152,32 @@ fn base_params(shape: &GemvShape, x_dtype: QlDtype, y_dtype: QlDtype) -> QlNf4Ge
     }
 }
 
+/// [`validate`] for host buffers, the output being `m · n` elements the caller allocates.
+fn validate_host<X: Element, Y: Element>(
+    op: &'static str,
+    x: &[X],
+    m: usize,
+    w: &Nf4Weight<'_>,
+    bias: Option<&[Y]>,
+) -> Result<GemvShape> {
+    let lens = Lens {
+        x: x.len(),
+        packed: w.packed.len(),
+        code: w.code.len(),
+        bias: bias.map(<[Y]>::len),
+        y: m.saturating_mul(w.n),
+    };
+    validate(
+        op,
+        X::DTYPE,
+        Y::DTYPE,
+        m,
+        (w.n, w.k, w.blocksize),
+        w.scales.lens(),
+        lens,
+    )
+}
+
 /// The reference: W dequantized with `crate::quant::nf4`, then a sequential f32 dot product per
 /// output (plus the bias), unrounded: `[m, n]` f32.
 pub fn nf4_gemv_ref<X: Element, Y: Element>(
@@ -161,22 +187,7 @@ pub fn nf4_gemv_ref<X: Element, Y: Element>(
     bias: Option<&[Y]>,
 ) -> Result<Vec<f32>> {
     const OP: &str = "nf4_gemv_ref";
-    let lens = Lens {
-        x: x.len(),
-        packed: w.packed.len(),
-        code: w.code.len(),
-        bias: bias.map(<[Y]>::len),
-        y: m * w.n,
-    };
-    let shape = validate(
-        OP,
-        X::DTYPE,
-        Y::DTYPE,
-        m,
-        (w.n, w.k, w.blocksize),
-        w.scales.lens(),
-        lens,
-    )?;
+    let shape = validate_host(OP, x, m, w, bias)?;
     let absmax = match w.scales {
         Scales::F32(absmax) => absmax.to_vec(),
         Scales::Double {
@@ -216,22 +227,7 @@ pub fn nf4_gemv_emulated<X: Element, Y: Element>(
     bias: Option<&[Y]>,
 ) -> Result<Vec<Y>> {
     const OP: &str = "nf4_gemv";
-    let lens = Lens {
-        x: x.len(),
-        packed: w.packed.len(),
-        code: w.code.len(),
-        bias: bias.map(<[Y]>::len),
-        y: m * w.n,
-    };
-    let shape = validate(
-        OP,
-        X::DTYPE,
-        Y::DTYPE,
-        m,
-        (w.n, w.k, w.blocksize),
-        w.scales.lens(),
-        lens,
-    )?;
+    let shape = validate_host(OP, x, m, w, bias)?;
     let mut y = vec![Y::default(); m * w.n];
     let mut p = base_params(&shape, X::DTYPE, Y::DTYPE);
     p.x = x.as_ptr().cast();
