@@ -201,6 +201,31 @@ typedef struct QlNf4GemvParams {
   int32_t y_dtype;             /* QlDtype: F32 or BF16 */
 } QlNf4GemvParams;
 
+/* ---- NF4 dequant-GEMM on tensor cores (kernels/nf4_gemm.cu) ------------------------------ */
+
+/* k_nf4_gemm: out[m, n] = sum_k a[m, k] * w[n, k] (a = x [m, k]);
+ * k_nf4_gemm_dx: out[m, k] = sum_n a[m, n] * w[n, k] (a = dy [m, n]).
+ * w is the NF4 [n, k] weight (blocks of `blocksize` over the flattened array, scales as in
+ * QlNf4DequantizeParams), each element rounded to bf16 after dequantization; a is bf16; products
+ * summed in f32 and rounded once to out_dtype; out is overwritten. */
+typedef struct QlNf4GemmParams {
+  const void* a;               /* bf16: x [m, k] or dy [m, n] */
+  const uint8_t* packed;       /* [ceil(n * k / 2)] */
+  const float* code;           /* [16] */
+  const float* absmax;         /* [nblocks] f32 scales, or null for double quant */
+  const uint8_t* absmax_q;     /* [nblocks] 8-bit scale codes (double quant) */
+  const float* nested_code;    /* [256] dynamic 8-bit code map (double quant) */
+  const float* nested_absmax;  /* [ceil(nblocks / nested_blocksize)] (double quant) */
+  void* out;                   /* y [m, n] or dx [m, k] of out_dtype */
+  int64_t m;
+  int64_t n;
+  int64_t k;
+  float nested_offset;
+  int32_t blocksize;           /* a power of two >= 16 */
+  int32_t nested_blocksize;    /* a power of two */
+  int32_t out_dtype;           /* QlDtype: F32 or BF16 */
+} QlNf4GemmParams;
+
 /* ---- Chunked cross-entropy (kernels/cross_entropy.cu) ---------------------------------------- */
 
 /* Cross-entropy forward over a chunk of `rows` logit rows: per row, lse = logsumexp(logits[row])

@@ -40,6 +40,10 @@ pub enum Op {
     /// NF4 GEMV (decode): bit-exact dequantized weights, products of x and w accumulated in f32
     /// with fma in lane-strided chunks and a shuffle tree vs a sequential loop, rounded once.
     Nf4Gemv,
+    /// NF4 dequant-GEMM on tensor cores (forward and input gradient): bit-exact bf16 weights,
+    /// exact bf16 × bf16 products summed in f32 by mma.sync in its own order and alignment vs a
+    /// sequential loop, rounded once to the output dtype.
+    Nf4Gemm,
     /// Cross-entropy forward (per-row loss and logsumexp, f32 whatever the logits dtype): an
     /// online f32 sum of expf over the row in tree order vs an f64 reference.
     CrossEntropy,
@@ -348,6 +352,35 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // Reductions over ≤ 200 (K or N) exact products of |x| ≲ 4 and |w| ≲ 0.1, reordered in f32
+    // (the tensor cores add in 16-wide chunks): a few e-6 on outputs of order 0.1-1; atol covers
+    // outputs that cancel to ~0.
+    (
+        Op::Nf4Gemm,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // One bf16 rounding of nearly equal f32 values: at most one bf16 ulp (2^-8 relative) apart.
+    (
+        Op::Nf4Gemm,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels write no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::Nf4Gemm,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-3,
+        },
+    ),
     // loss = (max − x[label]) + ln(s): s is a sum of ≤ ~256 expf terms per thread (2 ulp on the
     // GPU) merged in a tree, vs an f64 reference: ln(s) within ~1e-5 absolute; lse = max + ln(s)
     // adds one rounding relative to |lse| (logits up to ±1e4 in tests).
@@ -546,6 +579,7 @@ mod tests {
             Op::Rope,
             Op::Swiglu,
             Op::Nf4Gemv,
+            Op::Nf4Gemm,
             Op::CrossEntropy,
             Op::CrossEntropyBackward,
             Op::LoraFused,

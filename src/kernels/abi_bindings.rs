@@ -554,6 +554,65 @@ impl Default for QlNf4GemvParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct QlNf4GemmParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub packed: *const u8,
+    pub code: *const f32,
+    pub absmax: *const f32,
+    pub absmax_q: *const u8,
+    pub nested_code: *const f32,
+    pub nested_absmax: *const f32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub nested_offset: f32,
+    pub blocksize: i32,
+    pub nested_blocksize: i32,
+    pub out_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlNf4GemmParams"][::std::mem::size_of::<QlNf4GemmParams>() - 104usize];
+    ["Alignment of QlNf4GemmParams"][::std::mem::align_of::<QlNf4GemmParams>() - 8usize];
+    ["Offset of field: QlNf4GemmParams::a"][::std::mem::offset_of!(QlNf4GemmParams, a) - 0usize];
+    ["Offset of field: QlNf4GemmParams::packed"]
+        [::std::mem::offset_of!(QlNf4GemmParams, packed) - 8usize];
+    ["Offset of field: QlNf4GemmParams::code"]
+        [::std::mem::offset_of!(QlNf4GemmParams, code) - 16usize];
+    ["Offset of field: QlNf4GemmParams::absmax"]
+        [::std::mem::offset_of!(QlNf4GemmParams, absmax) - 24usize];
+    ["Offset of field: QlNf4GemmParams::absmax_q"]
+        [::std::mem::offset_of!(QlNf4GemmParams, absmax_q) - 32usize];
+    ["Offset of field: QlNf4GemmParams::nested_code"]
+        [::std::mem::offset_of!(QlNf4GemmParams, nested_code) - 40usize];
+    ["Offset of field: QlNf4GemmParams::nested_absmax"]
+        [::std::mem::offset_of!(QlNf4GemmParams, nested_absmax) - 48usize];
+    ["Offset of field: QlNf4GemmParams::out"]
+        [::std::mem::offset_of!(QlNf4GemmParams, out) - 56usize];
+    ["Offset of field: QlNf4GemmParams::m"][::std::mem::offset_of!(QlNf4GemmParams, m) - 64usize];
+    ["Offset of field: QlNf4GemmParams::n"][::std::mem::offset_of!(QlNf4GemmParams, n) - 72usize];
+    ["Offset of field: QlNf4GemmParams::k"][::std::mem::offset_of!(QlNf4GemmParams, k) - 80usize];
+    ["Offset of field: QlNf4GemmParams::nested_offset"]
+        [::std::mem::offset_of!(QlNf4GemmParams, nested_offset) - 88usize];
+    ["Offset of field: QlNf4GemmParams::blocksize"]
+        [::std::mem::offset_of!(QlNf4GemmParams, blocksize) - 92usize];
+    ["Offset of field: QlNf4GemmParams::nested_blocksize"]
+        [::std::mem::offset_of!(QlNf4GemmParams, nested_blocksize) - 96usize];
+    ["Offset of field: QlNf4GemmParams::out_dtype"]
+        [::std::mem::offset_of!(QlNf4GemmParams, out_dtype) - 100usize];
+};
+impl Default for QlNf4GemmParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct QlCrossEntropyForwardParams {
     pub logits: *const ::std::os::raw::c_void,
     pub labels: *const i32,

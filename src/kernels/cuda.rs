@@ -38,6 +38,8 @@ unsafe impl DeviceRepr for super::abi::QlAdamW8bitParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlNf4GemvParams {}
 // SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlNf4GemmParams {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlCrossEntropyForwardParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlCrossEntropyBackwardParams {}
@@ -55,6 +57,7 @@ fn module_ptx(module: &str) -> Option<&'static str> {
         "llama" => Some(ptx::LLAMA),
         "adamw" => Some(ptx::ADAMW),
         "nf4_gemv" => Some(ptx::NF4_GEMV),
+        "nf4_gemm" => Some(ptx::NF4_GEMM),
         "cross_entropy" => Some(ptx::CROSS_ENTROPY),
         "lora" => Some(ptx::LORA),
         _ => None,

@@ -12,6 +12,7 @@ pub mod launch;
 pub mod llama;
 pub mod lora;
 pub mod nf4;
+pub mod nf4_gemm;
 pub mod nf4_gemv;
 
 pub use launch::{Kernel, LaunchConfig};
