@@ -161,7 +161,9 @@ fn emulated_gemm_matches_reference_for_blocksizes() {
 
 #[test]
 fn emulated_gemm_takes_the_per_element_paths_on_misaligned_inputs() {
-    let w = Weight::new(16, 64, 64, 5);
+    // Three reduction steps in both kernels, so a step's activation stores meet the previous
+    // step's reads of the same buffer (the race detector checks the barrier between them).
+    let w = Weight::new(72, 96, 64, 5);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
         // Activations one element into a buffer: rows are no longer 16-byte aligned.
         let a = activations(op, 3, &w, 6);
