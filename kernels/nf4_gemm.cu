@@ -1,6 +1,7 @@
 // NF4 dequant-GEMM on tensor cores, for training shapes (M = tokens, typically ≥ 256):
 //   k_nf4_gemm     y[M, N]  = x[M, K] · dequant(W)[N, K]^T    (forward)
 //   k_nf4_gemm_dx  dx[M, K] = dy[M, N] · dequant(W)[N, K]     (input gradient)
+// and their *_general twins for shapes or alignments the fast path does not take (see the end).
 // x / dy bf16, output f32 or bf16 (overwritten, one rounding), W in bitsandbytes NF4 exactly as
 // kernels/nf4.cu reads it (blocks of `blocksize` over the flattened [N, K] weight, first code of a
 // byte in the high nibble, f32 or double-quantized scales). Any M, N, K ≥ 1.
@@ -24,8 +25,10 @@
 // eight distinct bank quads. The forward keeps the weight tile as [n][k] (k contiguous), which is
 // already the mma "col" B operand (plain ldmatrix); the dx kernel keeps it as [n][k] too, with n
 // now the reduction, so it reads it with ldmatrix.trans. When K % 16 != 0 (rows of W start
-// mid-block or mid-byte) or the codes are not 8-byte aligned, the weight tile is built element by
-// element with the same arithmetic: correct everywhere, fast where Llama shapes are.
+// mid-block or mid-byte), the reduction length is not a multiple of 8, or a base is misaligned,
+// the general kernels build both tiles element by element with the same arithmetic: correct
+// everywhere, fast where Llama shapes are. Registers: ≤ 128 (two 8-warp blocks per SM, 84 KB of
+// static shared memory), 0 spills on sm_80 and sm_90 (scripts/ptxas-report.sh).
 #include "common.cuh"
 
 namespace {
@@ -76,6 +79,12 @@ struct Ctx {
 
 __device__ __forceinline__ uint32_t bf16_bits(float v) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
+}
+
+// Two values rounded to bf16 in one conversion, `first` in the low half (the lower index).
+__device__ __forceinline__ uint32_t bf16x2_bits(float first, float second) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(first, second);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | (static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16);
 }
 
 // Scale of block b from its words: f32, or nested_code[q] · nested_absmax + offset with the two
@@ -140,7 +149,7 @@ __device__ __forceinline__ void store_w(const QlNf4GemmParams& p, const Ctx& c, 
       const uint32_t byte = (raw[i / 4] >> (8 * (i % 4))) & 0xffu;  // little-endian: byte i in memory
       const float hi = s_code[byte >> 4];                            // first element of the byte
       const float lo = s_code[byte & 0xfu];
-      words[i] = bf16_bits(__fmul_rn(hi, scale)) | (bf16_bits(__fmul_rn(lo, scale)) << 16);
+      words[i] = bf16x2_bits(__fmul_rn(hi, scale), __fmul_rn(lo, scale));
     }
   } else {
 #pragma unroll
@@ -223,35 +232,19 @@ __device__ __forceinline__ void load_a(const QlNf4GemmParams& p, const Ctx& c, A
   }
 }
 
-template <bool kDx>
-__device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p) {
-  using W = WTile<kDx>;
-  QL_SHARED_ARRAY2(uint4, s_a, 2 * kBM, kAStride);
-  QL_SHARED_ARRAY2(uint4, s_w, 2 * W::kRows, W::kStride);
-  QL_SHARED_ARRAY(float, s_code, 16);
-  QL_SHARED_ARRAY(float, s_nested, 256);
-
+// The main loop and epilogue. kFast: activation rows 16-byte aligned with a reduction length that
+// is a multiple of 8 (cp.async chunks), and the fast weight path (K % 16 == 0, codes 8-byte
+// aligned); otherwise both tiles are built element by element.
+template <bool kDx, bool kFast, class SA, class SW, class Code, class Nested>
+__device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p, const Ctx& c, SA& s_a, SW& s_w, Code& s_code,
+                                          Nested& s_nested) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
-  Ctx c;
-  c.n = p.n;
-  c.k = p.k;
-  c.rows = p.m;
-  c.red = kDx ? p.n : p.k;
-  c.out_cols = kDx ? p.k : p.n;
-  c.bs_shift = __ffs(p.blocksize) - 1;
-  c.double_quant = p.absmax == nullptr;
-  c.nested_shift = c.double_quant ? __ffs(p.nested_blocksize) - 1 : 0;
-
-  if (tid < 16) s_code[tid] = __ldg(&p.code[tid]);
-  if (c.double_quant) s_nested[tid] = __ldg(&p.nested_code[tid]);
-  __syncthreads();
-
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kBN;  // first output column
   const int ktiles = static_cast<int>((c.red + kBK - 1) / kBK);
-  const bool vec_a = c.red % 8 == 0 && (reinterpret_cast<uintptr_t>(p.a) & 15) == 0;
-  const bool vec_w = c.k % kCodesPerThread == 0 && (reinterpret_cast<uintptr_t>(p.packed) & 7) == 0;
+  constexpr bool vec_a = kFast, vec_w = kFast;
+  using W = WTile<kDx>;
   // W tile origin (row n, column k) of reduction step t.
   auto w_n = [&](int t) -> int64_t { return kDx ? static_cast<int64_t>(t) * kBK : o0; };
   auto w_k = [&](int t) -> int64_t { return kDx ? o0 : static_cast<int64_t>(t) * kBK; };
@@ -267,7 +260,7 @@ __device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p) {
 
   load_a(p, c, s_a, 0, tid, m0, 0, vec_a);
   cp_async_commit();
-  if (vec_w) {
+  if constexpr (vec_w) {
     store_w<kDx>(p, c, s_w, s_code, s_nested, 0, tid, fetch_w<kDx>(p, c, tid, w_n(0), w_k(0)));
   } else {
     build_w_general<kDx>(p, c, s_w, s_code, s_nested, 0, tid, w_n(0), w_k(0));
@@ -281,7 +274,7 @@ __device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p) {
     if (has_next) {
       load_a(p, c, s_a, stage ^ 1, tid, m0, static_cast<int64_t>(kt + 1) * kBK, vec_a);
       cp_async_commit();
-      if (vec_w) next = fetch_w<kDx>(p, c, tid, w_n(kt + 1), w_k(kt + 1));
+      if constexpr (vec_w) next = fetch_w<kDx>(p, c, tid, w_n(kt + 1), w_k(kt + 1));
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -319,7 +312,7 @@ __device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p) {
 
     if (has_next) {
       // The other buffer was last read in step kt - 1, before this step's barrier.
-      if (vec_w) {
+      if constexpr (vec_w) {
         store_w<kDx>(p, c, s_w, s_code, s_nested, stage ^ 1, tid, next);
       } else {
         build_w_general<kDx>(p, c, s_w, s_code, s_nested, stage ^ 1, tid, w_n(kt + 1), w_k(kt + 1));
@@ -344,12 +337,54 @@ __device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p) {
   }
 }
 
+template <bool kDx, bool kFast>
+__device__ __forceinline__ void gemm_entry(const QlNf4GemmParams& p) {
+  using W = WTile<kDx>;
+  QL_SHARED_ARRAY2(uint4, s_a, 2 * kBM, kAStride);
+  QL_SHARED_ARRAY2(uint4, s_w, 2 * W::kRows, W::kStride);
+  QL_SHARED_ARRAY(float, s_code, 16);
+  QL_SHARED_ARRAY(float, s_nested, 256);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  Ctx c;
+  c.n = p.n;
+  c.k = p.k;
+  c.rows = p.m;
+  c.red = kDx ? p.n : p.k;
+  c.out_cols = kDx ? p.k : p.n;
+  c.bs_shift = __ffs(p.blocksize) - 1;
+  c.double_quant = p.absmax == nullptr;
+  c.nested_shift = c.double_quant ? __ffs(p.nested_blocksize) - 1 : 0;
+
+  if (tid < 16) s_code[tid] = __ldg(&p.code[tid]);
+  if (c.double_quant) s_nested[tid] = __ldg(&p.nested_code[tid]);
+  __syncthreads();
+  gemm_body<kDx, kFast>(p, c, s_a, s_w, s_code, s_nested);
+}
+
 }  // namespace
 
-// y = x · dequant(W)^T; grid (ceil(n / 128), ceil(m / 128)), 256 threads.
-extern "C" __global__ void __launch_bounds__(kThreads, 1) k_nf4_gemm(const QlNf4GemmParams p) { gemm_body<false>(p); }
+// Fast kernels: the launcher takes them only when the reduction length is a multiple of 8 and
+// K of 16, the activations are 16-byte aligned and the codes 8-byte aligned (see kFast); the
+// *_general kernels take any shape and alignment. Separate kernels rather than a runtime switch:
+// together the two paths need more than the 128 registers two resident blocks per SM allow.
+// Grid (ceil(out / 128), ceil(m / 128)), 256 threads, out = n (y) or k (dx).
+extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm(const QlNf4GemmParams p) {
+  gemm_entry<false, true>(p);
+}
 QL_EMU_ENTRY(k_nf4_gemm, QlNf4GemmParams)
 
-// dx = dy · dequant(W); grid (ceil(k / 128), ceil(m / 128)), 256 threads.
-extern "C" __global__ void __launch_bounds__(kThreads, 1) k_nf4_gemm_dx(const QlNf4GemmParams p) { gemm_body<true>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_dx(const QlNf4GemmParams p) {
+  gemm_entry<true, true>(p);
+}
 QL_EMU_ENTRY(k_nf4_gemm_dx, QlNf4GemmParams)
+
+extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_general(const QlNf4GemmParams p) {
+  gemm_entry<false, false>(p);
+}
+QL_EMU_ENTRY(k_nf4_gemm_general, QlNf4GemmParams)
+
+extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_dx_general(const QlNf4GemmParams p) {
+  gemm_entry<true, false>(p);
+}
+QL_EMU_ENTRY(k_nf4_gemm_dx_general, QlNf4GemmParams)

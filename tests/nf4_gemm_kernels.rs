@@ -9,17 +9,18 @@ use candle_core::{Device, Tensor};
 use half::bf16;
 use qlora::kernels::launch::Element;
 use qlora::kernels::nf4::{dequantize_emulated, Scales};
-use qlora::kernels::nf4_gemm::{dequantize_weight_bf16, nf4_gemm_emulated, nf4_gemm_ref, GemmOp};
+use qlora::kernels::nf4_gemm::{
+    dequantize_weight_bf16, fast_path, nf4_gemm_emulated, nf4_gemm_ref, GemmOp, GemmShape,
+};
 use qlora::kernels::nf4_gemv::Nf4Weight;
 use qlora::quant::nf4::{double_quantize, quantize_nf4, DoubleQuant, NF4_CODE};
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
 
-/// (N, K): K = 64 (the fast weight path, one block per row); K = 160 (fast path, blocks of 64
-/// straddling rows); K = 200 (K % 16 = 8: per-element weight path; two output tiles of dx and two
-/// of y at N = 136); N = 37, K = 33 (rows starting mid-byte, and reductions of odd length: the
-/// per-element activation path in both kernels).
+/// (N, K): K = 64 (the fast kernels, one block per row); K = 160 (fast kernels, blocks of 64
+/// straddling rows); K = 200 (K % 16 = 8: the general kernels; two output tiles of dx and two of y
+/// at N = 136); N = 37, K = 33 (rows starting mid-byte, reductions of odd length: general).
 const SHAPES: &[(usize, usize)] = &[(8, 64), (72, 160), (136, 200), (37, 33)];
 const MS: &[usize] = &[1, 17, 70];
 
@@ -122,6 +123,10 @@ fn emulated_gemm_matches_reference_on_odd_shapes() {
         for (j, &m) in MS.iter().enumerate() {
             for op in [GemmOp::Forward, GemmOp::InputGrad] {
                 let a = activations(op, m, &w, 10 + (i * 3 + j) as u64);
+                // The first two shapes must reach the fast kernels (malloc's 16-byte alignment).
+                let shape = GemmShape::new(op, m, n, k, 64).unwrap();
+                let fast = fast_path(&shape, a.as_ptr() as u64, w.packed.as_ptr() as u64);
+                assert_eq!(fast, i < 2, "{op:?} n={n} k={k}: fast kernels {fast}");
                 // Every (scales, output dtype) pair across the M values of a shape and op.
                 let double = (i + j) % 2 == 0;
                 if j % 2 == 0 {
@@ -160,7 +165,7 @@ fn emulated_gemm_matches_reference_for_blocksizes() {
 }
 
 #[test]
-fn emulated_gemm_takes_the_per_element_paths_on_misaligned_inputs() {
+fn emulated_gemm_takes_the_general_kernels_on_misaligned_inputs() {
     // Three reduction steps in both kernels, so a step's activation stores meet the previous
     // step's reads of the same buffer (the race detector checks the barrier between them).
     let w = Weight::new(72, 96, 64, 5);

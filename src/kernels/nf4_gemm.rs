@@ -23,10 +23,15 @@ use std::path::Path;
 
 declare_kernels! {
     module "nf4_gemm";
-    /// `k_nf4_gemm`: y = x · dequant(W)^T, 128 × 128 output tiles, 256 threads.
+    /// `k_nf4_gemm`: y = x · dequant(W)^T, 128 × 128 output tiles, 256 threads; aligned
+    /// shapes only (see [`fast_path`]).
     GEMM = k_nf4_gemm / qlemu_k_nf4_gemm;
-    /// `k_nf4_gemm_dx`: dx = dy · dequant(W), 128 × 128 output tiles, 256 threads.
+    /// `k_nf4_gemm_dx`: dx = dy · dequant(W), as [`GEMM`].
     GEMM_DX = k_nf4_gemm_dx / qlemu_k_nf4_gemm_dx;
+    /// `k_nf4_gemm_general`: [`GEMM`] for any shape and alignment (tiles built per element).
+    GEMM_GENERAL = k_nf4_gemm_general / qlemu_k_nf4_gemm_general;
+    /// `k_nf4_gemm_dx_general`: [`GEMM_DX`] for any shape and alignment.
+    GEMM_DX_GENERAL = k_nf4_gemm_dx_general / qlemu_k_nf4_gemm_dx_general;
 }
 
 const THREADS: u32 = 256;
@@ -209,10 +214,20 @@ fn base_params(shape: &GemmShape, out_dtype: QlDtype) -> QlNf4GemmParams {
     }
 }
 
-fn kernel(op: GemmOp) -> &'static super::launch::Kernel {
-    match op {
-        GemmOp::Forward => &GEMM,
-        GemmOp::InputGrad => &GEMM_DX,
+/// Whether the fast kernels can run a product: activation rows in whole 16-byte cp.async chunks
+/// (reduction length a multiple of 8, base 16-byte aligned) and weight rows in whole 16-code chunks
+/// of one quantization block (K a multiple of 16, codes 8-byte aligned). Llama shapes always are.
+pub fn fast_path(shape: &GemmShape, a_addr: u64, packed_addr: u64) -> bool {
+    let (red, _) = shape.op.dims(shape.n, shape.k);
+    red % 8 == 0 && shape.k % 16 == 0 && a_addr % 16 == 0 && packed_addr % 8 == 0
+}
+
+fn kernel(op: GemmOp, fast: bool) -> &'static super::launch::Kernel {
+    match (op, fast) {
+        (GemmOp::Forward, true) => &GEMM,
+        (GemmOp::InputGrad, true) => &GEMM_DX,
+        (GemmOp::Forward, false) => &GEMM_GENERAL,
+        (GemmOp::InputGrad, false) => &GEMM_DX_GENERAL,
     }
 }
 
@@ -324,9 +339,11 @@ pub fn nf4_gemm_emulated<Y: Element>(
             p.nested_blocksize = nested_blocksize as i32;
         }
     }
+    let fast = fast_path(&shape, a.as_ptr() as u64, w.packed.as_ptr() as u64);
     // SAFETY: the activations, the weight's buffers and the output have exactly the lengths the
-    // kernel indexes for `shape` (validated above) and outlive the synchronous launch.
-    unsafe { super::emu::launch(kernel(op), &gemm_launch(&shape), &p)? };
+    // kernel indexes for `shape` (validated above) and outlive the synchronous launch; the fast
+    // kernel is taken only where its alignment and divisibility assumptions hold.
+    unsafe { super::emu::launch(kernel(op, fast), &gemm_launch(&shape), &p)? };
     Ok(out)
 }
 
@@ -538,9 +555,11 @@ mod cuda_impl {
         p.nested_offset = sp.nested_offset;
         p.nested_blocksize = sp.nested_blocksize;
         p.out = out_ptr as *mut c_void;
+        let fast = fast_path(&shape, a_ptr, packed_ptr);
         // SAFETY: every device buffer has the length the kernel reads or writes for `shape`
-        // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
-        unsafe { dev.launch(kernel(op), &gemm_launch(&shape), &p) }
+        // (validated above) and is kept ordered on `stream` by its guard until the launch is
+        // queued; the fast kernel is taken only where its assumptions hold.
+        unsafe { dev.launch(kernel(op, fast), &gemm_launch(&shape), &p) }
     }
 
     fn cuda_dtype(dtype: QlDtype) -> cublas_sys::cudaDataType {
@@ -934,6 +953,31 @@ mod tests {
         assert!(matches!(
             Nf4MatmulTable::from_json(&zero),
             Err(Error::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn fast_path_needs_whole_chunks_and_aligned_bases() {
+        let s = GemmShape::new(GemmOp::Forward, 3, 8, 64, 64).unwrap();
+        assert!(fast_path(&s, 256, 8));
+        assert!(!fast_path(&s, 258, 8), "activations misaligned");
+        assert!(!fast_path(&s, 256, 9), "codes misaligned");
+        // K = 72: cp.async chunks fit the forward rows, but 16-code chunks straddle W's rows.
+        assert!(!fast_path(
+            &GemmShape::new(GemmOp::Forward, 3, 8, 72, 64).unwrap(),
+            256,
+            8
+        ));
+        // dx reduces over n: n = 12 is no multiple of 8.
+        assert!(fast_path(
+            &GemmShape::new(GemmOp::InputGrad, 3, 16, 64, 64).unwrap(),
+            256,
+            8
+        ));
+        assert!(!fast_path(
+            &GemmShape::new(GemmOp::InputGrad, 3, 12, 64, 64).unwrap(),
+            256,
+            8
         ));
     }
 
