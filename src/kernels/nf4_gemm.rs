@@ -353,7 +353,8 @@ pub fn nf4_gemm_emulated<Y: Element>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Nf4MatmulPath {
-    /// `k_nf4_gemv` (forward only, m ≤ 16).
+    /// `k_nf4_gemv` (forward only, m ≤ 16). It multiplies the f32 dequantized weight, not its
+    /// bf16 rounding: results differ from the other paths by that rounding (`Op::Nf4Gemv`).
     Gemv,
     /// `k_nf4_gemm` / `k_nf4_gemm_dx`.
     TensorCore,
