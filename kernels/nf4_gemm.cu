@@ -14,13 +14,13 @@
 // Tiling: a 256-thread block (8 warps as 2 × 4) computes a 128 × 128 output tile, each warp 64 × 32
 // (4 × 4 mma tiles, 64 f32 accumulators per thread), stepping the reduction by 32. Per step:
 //  - the activation tile (128 rows × 32 bf16) comes in by cp.async, double-buffered, zero-filled
-//    past the edges (a per-element path when rows are not 16-byte aligned);
+//    past the edges;
 //  - the weight tile (4096 codes, 2 KB) is read by one 8-byte load per thread (16 codes of one
 //    quantization block, since every block size is a multiple of 16) issued a step ahead into
 //    registers, together with that block's scale words; after the step's MMAs the thread
 //    dequantizes its 16 codes (code book and nested map in shared memory) and stores them as bf16
-//    into the other shared buffer. Codes therefore cross DRAM once per block row of the output,
-//    4 bits each, and never round-trip through a bf16 copy in global memory.
+//    into the other shared buffer. Each block row of the grid reads the codes once, 4 bits each
+//    (mostly from L2); no bf16 copy of W ever exists in global memory.
 // Shared rows are padded by 16 bytes (80 or 272-byte strides), so ldmatrix reads eight rows from
 // eight distinct bank quads. The forward keeps the weight tile as [n][k] (k contiguous), which is
 // already the mma "col" B operand (plain ldmatrix); the dx kernel keeps it as [n][k] too, with n

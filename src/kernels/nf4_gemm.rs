@@ -958,6 +958,27 @@ mod tests {
     }
 
     #[test]
+    fn table_file_round_trips_and_a_missing_file_is_an_io_error() {
+        let table = Nf4MatmulTable {
+            device: "test".into(),
+            entries: vec![timing(
+                GemmOp::Forward,
+                16,
+                64,
+                64,
+                &[(Nf4MatmulPath::Gemv, 1e-5)],
+            )],
+        };
+        let path =
+            std::env::temp_dir().join(format!("qlora-nf4-gemm-table-{}.json", std::process::id()));
+        table.save(&path).unwrap();
+        let loaded = Nf4MatmulTable::load(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(loaded.unwrap(), table);
+        assert!(matches!(Nf4MatmulTable::load(&path), Err(Error::Io { .. })));
+    }
+
+    #[test]
     fn fast_path_needs_whole_chunks_and_aligned_bases() {
         let s = GemmShape::new(GemmOp::Forward, 3, 8, 64, 64).unwrap();
         assert!(fast_path(&s, 256, 8));
