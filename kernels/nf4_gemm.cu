@@ -27,8 +27,8 @@
 // now the reduction, so it reads it with ldmatrix.trans. When K % 16 != 0 (rows of W start
 // mid-block or mid-byte), the reduction length is not a multiple of 8, or a base is misaligned,
 // the general kernels build both tiles element by element with the same arithmetic: correct
-// everywhere, fast where Llama shapes are. Registers: ≤ 128 (two 8-warp blocks per SM, 84 KB of
-// static shared memory), 0 spills on sm_80 and sm_90 (scripts/ptxas-report.sh).
+// everywhere, fast where Llama shapes are. Registers of the fast kernels: ≤ 128 (two 8-warp blocks
+// per SM, 84 KB of static shared memory), 0 spills on sm_80 and sm_90 (scripts/ptxas-report.sh).
 #include "common.cuh"
 
 namespace {
@@ -44,6 +44,7 @@ constexpr int kMT = kWM / 16;
 constexpr int kNT = kWN / 8;
 constexpr int kAStride = kBK / 8 + 1;  // uint4 per padded activation row
 constexpr int kCodesPerThread = 16;
+constexpr uint32_t kGroupM = 8;  // row tiles per rasterization group
 
 static_assert(kBM * kBN == kThreads * kWM * kWN / 32, "8 warps cover the block tile");
 static_assert(kBN * kBK == kThreads * kCodesPerThread, "one 16-code chunk of W per thread");
@@ -240,8 +241,17 @@ __device__ __forceinline__ void gemm_body(const QlNf4GemmParams& p, const Ctx& c
                                           Nested& s_nested) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kBN;  // first output column
+  // Grouped rasterization: consecutive blocks walk down kGroupM row tiles before moving one column
+  // tile on, so a group's activation rows stay in L2 while each weight tile is read by kGroupM
+  // consecutive blocks (instead of W streaming from DRAM once per row tile). The launcher keeps
+  // the grid under 2^31 blocks, so 32-bit arithmetic suffices.
+  const uint32_t grid_x = gridDim.x, grid_y = gridDim.y;
+  const uint32_t block = blockIdx.y * grid_x + blockIdx.x;
+  const uint32_t per_group = kGroupM * grid_x;
+  const uint32_t first_tile_m = block / per_group * kGroupM;
+  const uint32_t group_rows = min(grid_y - first_tile_m, static_cast<uint32_t>(kGroupM));
+  const int64_t m0 = static_cast<int64_t>(first_tile_m + block % per_group % group_rows) * kBM;
+  const int64_t o0 = static_cast<int64_t>(block % per_group / group_rows) * kBN;  // first output column
   const int ktiles = static_cast<int>((c.red + kBK - 1) / kBK);
   constexpr bool vec_a = kFast, vec_w = kFast;
   using W = WTile<kDx>;
@@ -367,7 +377,8 @@ __device__ __forceinline__ void gemm_entry(const QlNf4GemmParams& p) {
 // Fast kernels: the launcher takes them only when the reduction length is a multiple of 8 and
 // K of 16, the activations are 16-byte aligned and the codes 8-byte aligned (see kFast); the
 // *_general kernels take any shape and alignment. Separate kernels rather than a runtime switch:
-// together the two paths need more than the 128 registers two resident blocks per SM allow.
+// together the two paths need more than the 128 registers two resident blocks per SM allow. The
+// general kernels (the slow path anyway) may use more registers, one block per SM, to not spill.
 // Grid (ceil(out / 128), ceil(m / 128)), 256 threads, out = n (y) or k (dx).
 extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm(const QlNf4GemmParams p) {
   gemm_entry<false, true>(p);
@@ -379,12 +390,12 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_dx(const Ql
 }
 QL_EMU_ENTRY(k_nf4_gemm_dx, QlNf4GemmParams)
 
-extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_general(const QlNf4GemmParams p) {
+extern "C" __global__ void __launch_bounds__(kThreads, 1) k_nf4_gemm_general(const QlNf4GemmParams p) {
   gemm_entry<false, false>(p);
 }
 QL_EMU_ENTRY(k_nf4_gemm_general, QlNf4GemmParams)
 
-extern "C" __global__ void __launch_bounds__(kThreads, 2) k_nf4_gemm_dx_general(const QlNf4GemmParams p) {
+extern "C" __global__ void __launch_bounds__(kThreads, 1) k_nf4_gemm_dx_general(const QlNf4GemmParams p) {
   gemm_entry<true, false>(p);
 }
 QL_EMU_ENTRY(k_nf4_gemm_dx_general, QlNf4GemmParams)

@@ -144,7 +144,7 @@ fn emulated_gemm_matches_reference_on_odd_shapes() {
 }
 
 #[test]
-fn emulated_gemm_covers_two_row_tiles() {
+fn emulated_gemm_covers_row_tiles_and_rasterization_groups() {
     // m = 130: a second block row holding two rows, both kernels, both output dtypes.
     let w = Weight::new(24, 48, 64, 3);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
@@ -152,6 +152,14 @@ fn emulated_gemm_covers_two_row_tiles() {
         parity::<bf16>(op, &w, 130, true, &a);
         parity::<f32>(op, &w, 130, false, &a);
     }
+    // m = 1030: nine row tiles by two column tiles, so the blocks are remapped across a full
+    // group of eight row tiles and a partial one.
+    let w = Weight::new(136, 64, 64, 8);
+    let x = activations(GemmOp::Forward, 1030, &w, 9);
+    parity::<bf16>(GemmOp::Forward, &w, 1030, true, &x);
+    let w = Weight::new(64, 144, 64, 9);
+    let dy = activations(GemmOp::InputGrad, 1030, &w, 10);
+    parity::<f32>(GemmOp::InputGrad, &w, 1030, false, &dy);
 }
 
 #[test]

@@ -106,10 +106,11 @@ impl GemmShape {
             ));
         }
         let (gx, gy) = ((out as u64).div_ceil(TILE_N), (m as u64).div_ceil(TILE_M));
-        if gx > MAX_GRID_X || gy > MAX_GRID_Y {
+        // The kernels number blocks in 32 bits for their grouped rasterization.
+        if gx > MAX_GRID_X || gy > MAX_GRID_Y || gx * gy > MAX_GRID_X {
             return Err(Error::invalid(
                 name,
-                format!("grid ({gx}, {gy}) exceeds the device limits"),
+                format!("grid ({gx}, {gy}) exceeds the device limits or 2^31 - 1 blocks"),
             ));
         }
         Ok(GemmShape {
