@@ -105,6 +105,13 @@ impl GemmShape {
                 format!("m = {m} with [{n}, {k}] is too large"),
             ));
         }
+        // The kernels count reduction steps in 32 bits.
+        if red > i32::MAX as usize {
+            return Err(Error::invalid(
+                name,
+                format!("reduction length {red} exceeds 2^31 - 1"),
+            ));
+        }
         let (gx, gy) = ((out as u64).div_ceil(TILE_N), (m as u64).div_ceil(TILE_M));
         // The kernels number blocks in 32 bits for their grouped rasterization.
         if gx > MAX_GRID_X || gy > MAX_GRID_Y || gx * gy > MAX_GRID_X {
@@ -1011,5 +1018,7 @@ mod tests {
         let s = GemmShape::new(GemmOp::InputGrad, 1, 136, 300, 64).unwrap();
         assert_eq!(gemm_launch(&s).grid_dim, (3, 1, 1));
         assert!(GemmShape::new(GemmOp::Forward, 128 * 65536, 8, 8, 64).is_err());
+        assert!(GemmShape::new(GemmOp::Forward, 1, 1, 1 << 31, 64).is_err());
+        assert!(GemmShape::new(GemmOp::Forward, 1, 1, (1 << 31) - 64, 64).is_ok());
     }
 }
