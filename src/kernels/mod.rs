@@ -13,5 +13,6 @@ pub mod llama;
 pub mod lora;
 pub mod nf4;
 pub mod nf4_gemv;
+pub mod paged;
 
 pub use launch::{Kernel, LaunchConfig};
