@@ -2,10 +2,13 @@
 //! concurrent-managed-access attribute; and, with a GPU, paged (managed and pinned-staging) vs
 //! unpaged states vs the CPU reference bit for bit over several steps, and `CudaAdamW` ≡ `CpuAdamW`.
 
+use candle_core::{DType, Device};
 use qlora::kernels::paged::{
     plan_paging, PagingMode, PagingPolicy, Placement, Transport, MIN_PAGED_ELEMS,
     STATE_BYTES_PER_ELEM,
 };
+use qlora::model::config::LlamaConfig;
+use qlora::peft::{LoraAdapter, LoraConfig, TargetModule};
 
 const B: u64 = STATE_BYTES_PER_ELEM;
 
@@ -149,17 +152,61 @@ fn overflowing_sizes_are_rejected() {
     assert!(plan_paging(&p, &[usize::MAX / 9, usize::MAX / 9], true).is_err());
 }
 
+/// One layer, hidden 1600, the model `CudaAdamW` is tested on with r 64: q_proj's A `[64, 1600]`
+/// and B `[1600, 64]` and down_proj's B `[1600, 64]` hold 102 400 elements (pageable), down_proj's
+/// A `[64, 48]` 3 072 (always on the device).
+fn model_config() -> LlamaConfig {
+    LlamaConfig::from_json_str(
+        r#"{"model_type": "llama", "hidden_size": 1600, "intermediate_size": 48,
+            "num_hidden_layers": 1, "num_attention_heads": 25, "num_key_value_heads": 5,
+            "rms_norm_eps": 1e-5, "vocab_size": 32, "max_position_embeddings": 64}"#,
+    )
+    .unwrap()
+}
+
+fn optimizer_test_lora() -> LoraConfig {
+    LoraConfig {
+        r: 64,
+        alpha: 16.0,
+        target_modules: vec![TargetModule::QProj, TargetModule::DownProj],
+        ..LoraConfig::default()
+    }
+}
+
+/// The premise of `cuda_adamw_matches_cpu_adamw_with_paged_states`: its adapter has states on
+/// both sides of the paging threshold.
+#[test]
+fn the_optimizer_test_adapter_straddles_the_paging_threshold() {
+    let adapter = LoraAdapter::init(
+        optimizer_test_lora(),
+        &model_config(),
+        DType::F32,
+        &Device::Cpu,
+        5,
+    )
+    .unwrap();
+    let elems: Vec<usize> = adapter
+        .pairs()
+        .flat_map(|(_, p)| [p.a.elem_count(), p.b.elem_count()])
+        .collect();
+    assert_eq!(elems, vec![102_400, 102_400, 3_072, 102_400]);
+    let plan = plan_paging(&policy(PagingMode::All, 0), &elems, true).unwrap();
+    assert_eq!(
+        plan.placements,
+        vec![EVICTED, EVICTED, Placement::Device, EVICTED]
+    );
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::Tensor;
     use half::bf16;
     use qlora::kernels::adamw::{reference_step, AdamWConfig};
     use qlora::kernels::cuda::CudaDevice;
     use qlora::kernels::launch::Element;
     use qlora::kernels::paged::PagedAdamWStates;
-    use qlora::model::config::LlamaConfig;
-    use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
+    use qlora::peft::LoraPair;
     use qlora::testing::normal_vector;
     use qlora::tolerance::{lookup, Dtype, Op};
     use qlora::train::cuda_adamw::CudaAdamW;
@@ -323,17 +370,6 @@ mod cuda {
         assert!(states.step(&dev, &step, 1, &mut p, &g).is_err());
     }
 
-    /// One layer, hidden 1600 and r 64: q_proj's A and B hold 102 400 elements (paged), down_proj's
-    /// A `[64, 48]` stays on the device.
-    fn model_config() -> LlamaConfig {
-        LlamaConfig::from_json_str(
-            r#"{"model_type": "llama", "hidden_size": 1600, "intermediate_size": 48,
-                "num_hidden_layers": 1, "num_attention_heads": 25, "num_key_value_heads": 5,
-                "rms_norm_eps": 1e-5, "vocab_size": 32, "max_position_embeddings": 64}"#,
-        )
-        .unwrap()
-    }
-
     fn seeded(dims: &[usize], seed: u64, device: &Device) -> Tensor {
         let n = dims.iter().product();
         Tensor::from_vec(normal_vector(n, 1e-2, seed), dims, device).unwrap()
@@ -345,12 +381,7 @@ mod cuda {
             return;
         };
         let gpu = Device::new_cuda(0).unwrap();
-        let lora = LoraConfig {
-            r: 64,
-            alpha: 16.0,
-            target_modules: vec![TargetModule::QProj, TargetModule::DownProj],
-            ..LoraConfig::default()
-        };
+        let lora = optimizer_test_lora();
         let model = model_config();
         for dtype in [DType::F32, DType::BF16] {
             let mut cpu_adapter =
