@@ -26,9 +26,9 @@ step() {
   local t0=$SECONDS status=0
   echo "=== $name" >&2
   "$@" >"$log" 2>&1 || status=$?
-  if [ "$status" -eq 0 ] && grep -q '^skipping CUDA' "$log"; then
+  if [ "$status" -eq 0 ] && grep -q 'skipping CUDA: ' "$log"; then
     status=125
-    echo "a test skipped its GPU path: $(grep -m1 '^skipping CUDA' "$log")" >>"$log"
+    echo "a test skipped its GPU path: $(grep -m1 -o 'skipping CUDA: .*' "$log")" >>"$log"
   fi
   {
     echo
