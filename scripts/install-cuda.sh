@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotently installs the pinned CUDA 13.0 compiler set (nvcc, ptxas, cuobjdump), the CUDA
+# Idempotently installs the pinned CUDA 13.0 compiler set (nvcc, ptxas; cuobjdump 13.2), the CUDA
 # libraries a `cuda` build links against, and libclang for bindgen, all from PyPI, into a venv
 # under $HOME/.cache/qlora/. Also generates a stub libcuda.so (every cu* entry point returns
 # CUDA_ERROR_STUB_LIBRARY) so `cuda` binaries link and run on machines without a driver.
@@ -21,6 +21,16 @@ if [ ! -f "$stamp" ]; then
   python3 -m venv "$venv" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pkgs[@]}" >&2
   touch "$stamp"
+fi
+
+# The disassembler for scripts/kernel-report.sh (cuobjdump -sass runs nvdisasm): PyPI has no 13.0
+# build of either, and 13.2 reads 13.0 cubins. A stamp of its own, so venvs made before it was
+# added gain it without reinstalling the pinned set above.
+disasm=(nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86)
+disasm_stamp="$venv/.qlora-disasm-13.2.86"
+if [ ! -f "$disasm_stamp" ]; then
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "${disasm[@]}" >&2
+  touch "$disasm_stamp"
 fi
 
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

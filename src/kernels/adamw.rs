@@ -474,14 +474,15 @@ mod cuda_impl {
         }
     }
 
-    /// One AdamW step with f32 moments with `k_adamw_f32`, in place on the device.
+    /// One AdamW step with f32 moments with `k_adamw_f32`, in place on the device. Any device
+    /// buffer works: a `CudaSlice`, a view of one, or managed memory (the paged states).
     pub fn step_cuda<T: Element, G: Element>(
         dev: &CudaDevice,
         step: &AdamWStep,
-        param: &mut CudaSlice<T>,
-        grad: &CudaSlice<G>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        param: &mut impl DevicePtrMut<T>,
+        grad: &impl DevicePtr<G>,
+        m: &mut impl DevicePtrMut<f32>,
+        v: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         let n = check_lens(
             "adamw",

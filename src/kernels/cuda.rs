@@ -191,6 +191,27 @@ impl CudaDevice {
         self.synchronize()?;
         Ok(start.elapsed().as_secs_f64() / f64::from(iters.max(1)))
     }
+
+    /// `CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS`: whether managed memory can be prefetched
+    /// to this device and touched by the host while kernels run (0 on Windows and WSL).
+    pub fn concurrent_managed_access(&self) -> Result<bool> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let v = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)
+            .map_err(cuda_err)?;
+        Ok(v != 0)
+    }
+
+    /// `(free, total)` device memory in bytes, as `cuMemGetInfo` reports it now.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda_err)
+    }
+
+    /// The device's ordinal (its `CUmemLocation` id).
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
 }
 
 impl std::fmt::Display for DeviceInfo {

@@ -14,5 +14,6 @@ pub mod lora;
 pub mod nf4;
 pub mod nf4_gemm;
 pub mod nf4_gemv;
+pub mod paged;
 
 pub use launch::{Kernel, LaunchConfig};

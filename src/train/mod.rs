@@ -1,8 +1,10 @@
 //! Training: JSONL datasets turned into token ids with response-only labels, padding into batches
 //! and optional packing (`data`); learning-rate schedules (`schedule`); the training step
-//! (`trainer`).
+//! (`trainer`) and, under `cuda`, its device optimizer (`cuda_adamw`).
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda_adamw;
 pub mod data;
 pub mod schedule;
 pub mod trainer;

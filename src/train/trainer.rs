@@ -179,7 +179,7 @@ impl Optimizer for CpuAdamW {
 }
 
 /// `grads` holds exactly the adapter's pairs, each f32 and shaped as its parameter.
-fn check_grads_match(adapter: &LoraAdapter, grads: &LoraGrads) -> Result<()> {
+pub(crate) fn check_grads_match(adapter: &LoraAdapter, grads: &LoraGrads) -> Result<()> {
     if grads.len() != adapter.pairs().count() {
         return Err(invalid(format!(
             "{} gradient pairs for {} adapter pairs",
