@@ -38,6 +38,8 @@ struct Cli {
     command: Option<Command>,
 }
 
+// One value, parsed once at startup: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune a LoRA adapter on a Hugging Face Llama folder and a JSONL dataset (QLoRA: the

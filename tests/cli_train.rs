@@ -193,6 +193,13 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
     let data = dir.join("train.jsonl");
     let mut lines = instruction_lines(6);
     lines.extend(mcqa_lines(4));
+    lines.push(
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "name a color"},
+            {"role": "assistant", "content": "green"},
+        ]})
+        .to_string(),
+    );
     write_lines(&data, &lines);
     let config = dir.join("run.toml");
     std::fs::write(
@@ -211,6 +218,10 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
             "4",
             "--compute-dtype",
             "f32",
+            "--eval-split",
+            "0.2",
+            "--eval-steps",
+            "2",
         ],
         &[
             ("--config", &config),
@@ -220,7 +231,8 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
         ],
     );
     let stdout = assert_success(&out);
-    assert!(stdout.contains("10 examples (0 truncated)"), "{stdout}");
+    assert!(stdout.contains("11 examples (0 truncated)"), "{stdout}");
+    assert!(stdout.contains("2 examples held out, 9 left"), "{stdout}");
 
     // Flags beat the file, the file beats the defaults, the rest are defaults.
     let saved = std::fs::read_to_string(output.join("train_config.toml")).unwrap();
@@ -278,11 +290,19 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
     let json_losses: Vec<(u64, f32)> = records.iter().map(|r| (r.step, r.loss)).collect();
     assert_eq!(csv_losses, json_losses);
     assert!(records.iter().all(|r| r.loss.is_finite() && r.loss > 0.0));
+    // Evaluated on the held-out split at steps 2 and 4 only.
+    let evaluated: Vec<u64> = records
+        .iter()
+        .filter(|r| r.eval_loss.is_some_and(f64::is_finite))
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(evaluated, vec![2, 4]);
     let svg = std::fs::read_to_string(output.join("loss.svg")).unwrap();
     assert!(
-        svg.starts_with("<svg") && svg.contains("<polyline"),
+        svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
         "{svg}"
     );
+    assert_eq!(svg.matches("<polyline").count(), 2, "train and eval curves");
 
     // save_steps 2, keep_last 1: only the final checkpoint is left.
     assert!(output
@@ -324,6 +344,21 @@ fn a_bad_jsonl_line_is_an_error_naming_file_and_line() {
     let stderr = assert_clean_failure(&out);
     assert!(
         stderr.contains(&format!("{}:3:", data.display())),
+        "{stderr}"
+    );
+    // A line of another shape than --format names is refused the same way.
+    write_lines(&data, &instruction_lines(2));
+    let out = qlora(
+        &["train", "--steps", "1", "--format", "mcqa"],
+        &[
+            ("--model", &model),
+            ("--data", &data),
+            ("--output", &dir.join("out")),
+        ],
+    );
+    let stderr = assert_clean_failure(&out);
+    assert!(
+        stderr.contains(&format!("{}:1:", data.display())),
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
