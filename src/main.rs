@@ -79,14 +79,11 @@ fn train(args: &TrainArgs) -> Result<()> {
     if !args.demo {
         return qlora::cli::train::run(args);
     }
-    let extra = args.non_demo_flags();
-    if !extra.is_empty() {
+    if args.has_non_demo_flags() {
         return Err(Error::invalid(
             "train --demo",
-            format!(
-                "the demo takes only --steps, --output and --seed, not {}",
-                extra.join(", ")
-            ),
+            "the demo takes only --steps, --output and --seed; drop --demo to train on your own \
+             --model and --data",
         ));
     }
     let defaults = demo::DemoOptions::default();

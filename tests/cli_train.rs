@@ -13,6 +13,7 @@ use qlora::cli::config::TrainConfig;
 use qlora::cli::{load_model, ComputeDtype, DeviceName, Quantize};
 use qlora::model::generate::{generate, generate_with_adapter, GenerationConfig};
 use qlora::model::llama::LlamaModel;
+use qlora::model::tokenizer::ChatMessage;
 use qlora::model::{Linear, LlamaConfig, LlamaWeights, RopeScaling};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraMode, LoraPair, TargetModule};
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -651,6 +652,43 @@ fn greedy_generate_matches_the_library_in_a_left_padded_batch() {
     assert_eq!(run(false), base);
     assert_eq!(run(true), adapted);
     assert_ne!(base, adapted, "the adapter should change the greedy tokens");
+
+    // --prompts FILE with --chat: each line is a user message rendered by the chat template.
+    let prompts_file = dir.join("prompts.txt");
+    std::fs::write(&prompts_file, format!("{}\n\n{}\n", prompts[0], prompts[1])).unwrap();
+    let stdout = assert_success(&qlora(
+        &[
+            "generate",
+            "--json",
+            "--chat",
+            "--max-new-tokens",
+            "6",
+            "--compute-dtype",
+            "f32",
+        ],
+        &[("--model", &model_dir), ("--prompts", &prompts_file)],
+    ));
+    let from_file: Vec<Vec<u32>> = stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["token_ids"].clone()).unwrap()
+        })
+        .collect();
+    let chat_ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let text = loaded
+                .tokenizer
+                .apply_chat_template(&[ChatMessage::new("user", *p)], true)
+                .unwrap();
+            loaded.tokenizer.encode(&text, false).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        from_file,
+        generate(&loaded.model, &chat_ids, &config).unwrap()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -699,4 +737,14 @@ fn cached_generation_with_an_adapter_equals_full_forward_argmax() {
     }
     assert_eq!(cached[0], seq[prompt.len()..].to_vec());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_demo_refuses_flags_it_does_not_take() {
+    let out = qlora(&["train", "--demo", "--steps", "1", "--pack"], &[]);
+    let stderr = assert_clean_failure(&out);
+    assert!(
+        stderr.contains("takes only --steps, --output and --seed"),
+        "{stderr}"
+    );
 }

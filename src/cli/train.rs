@@ -37,7 +37,7 @@ fn invalid(reason: impl Into<String>) -> Error {
 
 /// `qlora train` flags. Each overrides the same-named key of `--config` (dashes for
 /// underscores); anything not given keeps the file's value, else the default.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
 #[command(after_help = "EXAMPLES:\n  \
     qlora train --model ./Llama-3.2-1B --data train.jsonl --output run1 --steps 200\n  \
     qlora train --config run.toml --lr 1e-4          (file settings, one overridden)\n  \
@@ -203,24 +203,17 @@ impl TrainArgs {
         Ok(c)
     }
 
-    /// Flags given that the demo does not take.
-    pub fn non_demo_flags(&self) -> Vec<&'static str> {
-        let given = [
-            ("--config", self.config.is_some()),
-            ("--model", self.model.is_some()),
-            ("--data", self.data.is_some()),
-            ("--eval-data", self.eval_data.is_some()),
-            ("--resume", self.resume.is_some()),
-            ("--lr", self.lr.is_some()),
-            ("--r", self.r.is_some()),
-            ("--alpha", self.alpha.is_some()),
-            ("--targets", self.targets.is_some()),
-            ("--batch-size", self.batch_size.is_some()),
-            ("--grad-accum", self.grad_accum.is_some()),
-            ("--seq-len", self.seq_len.is_some()),
-            ("--epochs", self.epochs.is_some()),
-        ];
-        given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
+    /// Whether a flag the demo does not take (anything but --demo, --steps, --output, --seed)
+    /// was given.
+    pub fn has_non_demo_flags(&self) -> bool {
+        let demo_only = TrainArgs {
+            demo: self.demo,
+            steps: self.steps,
+            output: self.output.clone(),
+            seed: self.seed,
+            ..TrainArgs::default()
+        };
+        *self != demo_only
     }
 }
 
