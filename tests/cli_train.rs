@@ -223,6 +223,7 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
             "0.2",
             "--eval-steps",
             "2",
+            "--pack",
         ],
         &[
             ("--config", &config),
@@ -234,6 +235,7 @@ fn train_saves_a_peft_adapter_metrics_and_curve_with_toml_and_flag_precedence() 
     let stdout = assert_success(&out);
     assert!(stdout.contains("11 examples (0 truncated)"), "{stdout}");
     assert!(stdout.contains("2 examples held out, 9 left"), "{stdout}");
+    assert!(stdout.contains("packing: 9 examples into "), "{stdout}");
 
     // Flags beat the file, the file beats the defaults, the rest are defaults.
     let saved = std::fs::read_to_string(output.join("train_config.toml")).unwrap();
@@ -533,8 +535,14 @@ fn eval_reports_loss_perplexity_and_accuracy_matching_an_independent_computation
         ("--data", data.as_path()),
         ("--adapter", adapter_dir.as_path()),
     ];
-    let out = qlora(&[&flags[..], &["--json"]].concat(), &paths);
-    let report: serde_json::Value = serde_json::from_str(&assert_success(&out)).unwrap();
+    let json_file = dir.join("eval.json");
+    let out = qlora(
+        &[&flags[..], &["--json"]].concat(),
+        &[&paths[..], &[("--output", json_file.as_path())]].concat(),
+    );
+    let stdout = assert_success(&out);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(std::fs::read_to_string(&json_file).unwrap(), stdout);
 
     let loaded = load_model(
         &model_dir,
@@ -747,4 +755,22 @@ fn the_demo_refuses_flags_it_does_not_take() {
         stderr.contains("takes only --steps, --output and --seed"),
         "{stderr}"
     );
+}
+
+#[test]
+fn settings_default_to_qlora_paper_values() {
+    let c = TrainConfig::from_toml_str("").unwrap();
+    assert_eq!(c, TrainConfig::default());
+    assert_eq!((c.r, c.alpha, c.lr), (16, 32.0, 2e-4));
+    assert_eq!(c.target_modules().unwrap(), TargetModule::ALL.to_vec());
+    assert_eq!(c.schedule, qlora::cli::config::ScheduleName::Cosine);
+    assert!(c.warmup_ratio > 0.0);
+    assert_eq!(c.compute_dtype, ComputeDtype::Bf16);
+    assert_eq!(c.quantize, Quantize::Nf4);
+    c.validate().unwrap();
+    let err = TrainConfig::from_toml_str("r = 0\n")
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("rank"), "{err}");
 }
