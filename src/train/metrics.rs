@@ -194,12 +194,14 @@ pub fn loss_curve_svg(records: &[StepRecord], title: &str) -> String {
         SVG_WIDTH / 2.0,
         xml_escape(title)
     );
+    // Whole steps once the ticks are at least two steps apart.
+    let step_decimals = if x1 - x0 >= 8.0 { 0 } else { 2 };
     for i in 0..=4 {
         let f = i as f64 / 4.0;
         let (xv, yv) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
         svg.push_str(&format!(
             "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3:.0}</text>\n\
+             <text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3:.9$}</text>\n\
              <line x1=\"{left}\" y1=\"{4:.1}\" x2=\"{5:.1}\" y2=\"{4:.1}\" stroke=\"#ddd\"/>\
              <text x=\"{6:.1}\" y=\"{7:.1}\" text-anchor=\"end\">{8:.4}</text>\n",
             px(xv),
@@ -210,7 +212,8 @@ pub fn loss_curve_svg(records: &[StepRecord], title: &str) -> String {
             left + w,
             left - 6.0,
             py(yv) + 4.0,
-            yv
+            yv,
+            step_decimals
         ));
     }
     svg.push_str(&format!(
