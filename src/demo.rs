@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use qlora::kernels::adamw::AdamWConfig;
 use qlora::model::llama::{LlamaModel, IGNORE_INDEX};
 use qlora::model::tokenizer::Tokenizer;
@@ -45,17 +45,14 @@ fn invalid(reason: impl Into<String>) -> Error {
     Error::invalid("demo", reason)
 }
 
-/// Command-line settings of the demo.
-#[derive(clap::Args, Clone, Debug)]
+/// Settings of the demo (`qlora train --demo --steps --output --seed`).
+#[derive(Clone, Debug)]
 pub struct DemoOptions {
     /// Optimizer updates (batches of 16 questions).
-    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: u64,
     /// Folder for the adapter (`adapter/`) and the loss curve (`metrics.jsonl`).
-    #[arg(long, default_value = "qlora-demo-out")]
     pub output: PathBuf,
     /// Seed of the base model, the data, the adapter and the batch order.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
@@ -238,11 +235,6 @@ fn accuracy(
     Ok(correct as f64 / questions.len().max(1) as f64)
 }
 
-fn style() -> Result<ProgressStyle> {
-    ProgressStyle::with_template("{bar:30} {pos:>4}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-        .map_err(|e| invalid(format!("progress bar template: {e}")))
-}
-
 fn write_line(out: &mut BufWriter<File>, path: &Path, value: serde_json::Value) -> Result<()> {
     writeln!(out, "{value}").map_err(|e| Error::io(path, e))
 }
@@ -339,7 +331,7 @@ pub fn run(options: &DemoOptions) -> Result<()> {
          steps), gradient clipping at 1.0",
         options.steps, schedule.warmup_steps
     );
-    let bar = ProgressBar::new(options.steps).with_style(style()?);
+    let bar = ProgressBar::new(options.steps).with_style(qlora::cli::progress_style()?);
     let log_every = (options.steps / 10).max(1);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = StdRng::seed_from_u64(options.seed ^ 0x5eed);

@@ -1,5 +1,6 @@
 //! The `qlora` binary. With no arguments (or `qlora train --demo`) it runs the built-in demo: QLoRA
-//! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora
+//! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora train`,
+//! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data (src/cli/). `qlora
 //! quantize` turns a weight (a built-in Llama-shaped example, or every linear weight of a
 //! safetensors file) into bitsandbytes-format NF4 and reports sizes and error.
 
@@ -7,6 +8,9 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
+use qlora::cli::eval::EvalArgs;
+use qlora::cli::generate::GenerateArgs;
+use qlora::cli::train::TrainArgs;
 use qlora::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
 use qlora::quant::bnb::nf4_to_tensors;
 use qlora::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
@@ -23,24 +27,29 @@ use std::time::Instant;
     long_about = "QLoRA fine-tuning of Llama-family models on custom CUDA kernels.\n\n\
         With no subcommand, runs the built-in demo (the same as `qlora train --demo`): a tiny \
         random Llama with NF4 linears learns a synthetic multiple-choice task with LoRA on the \
-        CPU in about a minute, and the adapter is saved in the Hugging Face PEFT format."
+        CPU in about a minute, and the adapter is saved in the Hugging Face PEFT format.\n\n\
+        On your own model: `qlora train --model DIR --data train.jsonl` fine-tunes a LoRA \
+        adapter, `qlora eval` reports loss, perplexity and multiple-choice accuracy, and \
+        `qlora generate` writes completions; `qlora <command> --help` explains each. These run \
+        on the CPU."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+// One value, parsed once at startup: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune a LoRA adapter. Today only the built-in demo (`--demo`) is available.
-    Train {
-        /// Run the built-in demo: a tiny random NF4 Llama, a synthetic multiple-choice task and
-        /// held-out accuracy before and after training, all on the CPU.
-        #[arg(long)]
-        demo: bool,
-        #[command(flatten)]
-        options: demo::DemoOptions,
-    },
+    /// Fine-tune a LoRA adapter on a Hugging Face Llama folder and a JSONL dataset (QLoRA: the
+    /// base linears in NF4), or run the built-in demo with --demo.
+    Train(TrainArgs),
+    /// Loss, perplexity and (for multiple-choice data) accuracy of a model, with or without an
+    /// adapter, on a JSONL dataset.
+    Eval(EvalArgs),
+    /// Generate completions for prompts with a model and an optional adapter.
+    Generate(GenerateArgs),
     /// Quantize weights to NF4 exactly as bitsandbytes stores them, and report sizes and error.
     ///
     /// With no --input, quantizes a built-in 4096×4096 Llama-shaped weight and checks the emulated
@@ -64,18 +73,34 @@ enum Command {
     },
 }
 
+/// `qlora train`: the demo with --demo (which takes only --steps, --output and --seed), else a
+/// run on the user's model and data.
+fn train(args: &TrainArgs) -> Result<()> {
+    if !args.demo {
+        return qlora::cli::train::run(args);
+    }
+    if args.has_non_demo_flags() {
+        return Err(Error::invalid(
+            "train --demo",
+            "the demo takes only --steps, --output and --seed; drop --demo to train on your own \
+             --model and --data",
+        ));
+    }
+    let defaults = demo::DemoOptions::default();
+    demo::run(&demo::DemoOptions {
+        steps: args.steps.unwrap_or(defaults.steps),
+        output: args.output.clone().unwrap_or(defaults.output),
+        seed: args.seed.unwrap_or(defaults.seed),
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         None => demo::run(&demo::DemoOptions::default()),
-        Some(Command::Train { demo, options }) => match demo {
-            true => demo::run(&options),
-            false => Err(Error::invalid(
-                "train",
-                "training from a model folder and a dataset is not built yet; \
-                 run `qlora train --demo` for the built-in demo",
-            )),
-        },
+        Some(Command::Train(args)) => train(&args),
+        Some(Command::Eval(args)) => qlora::cli::eval::run(&args),
+        Some(Command::Generate(args)) => qlora::cli::generate::run(&args),
         Some(Command::Quantize {
             input,
             output,

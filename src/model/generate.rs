@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::llama::LlamaModel;
+use crate::peft::LoraAdapter;
 use crate::{Error, Result};
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -239,6 +240,16 @@ pub fn generate(
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_with_adapter(model, None, prompts, config)
+}
+
+/// [`generate`] with `adapter`'s LoRA deltas on the linears it targets, when one is given.
+pub fn generate_with_adapter(
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
     let mut sampler = Sampler::new(config)?;
     if prompts.is_empty() {
         return Err(invalid("no prompts"));
@@ -281,7 +292,8 @@ pub fn generate(
     let mut next_positions: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut cache = KvCache::new(model_config.num_hidden_layers);
     let ids = Tensor::from_vec(ids, (b, width), model.device())?;
-    let mut logits = model.forward_step(&ids, &positions, &keep, &mut cache)?;
+    let mut logits =
+        model.forward_step_with_adapter(&ids, &positions, &keep, &mut cache, adapter)?;
     let mut stopped = vec![false; b];
     for step in 0..config.max_new_tokens {
         let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -307,7 +319,7 @@ pub fn generate(
         positions.clone_from(&next_positions);
         next_positions.iter_mut().for_each(|p| *p += 1);
         let ids = Tensor::from_vec(next, (b, 1), model.device())?;
-        logits = model.forward_step(&ids, &positions, &keep, &mut cache)?;
+        logits = model.forward_step_with_adapter(&ids, &positions, &keep, &mut cache, adapter)?;
     }
     Ok(new_tokens)
 }

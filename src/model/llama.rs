@@ -178,6 +178,23 @@ impl LlamaModel {
         key_mask: &[bool],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_step_with_adapter(input_ids, positions, key_mask, cache, None)
+    }
+
+    /// [`Self::forward_step`] with `adapter`'s LoRA deltas (in [`LoraMode::Eval`]) added to the
+    /// linears it targets, when one is given.
+    pub fn forward_step_with_adapter(
+        &self,
+        input_ids: &Tensor,
+        positions: &[usize],
+        key_mask: &[bool],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        if let Some(adapter) = adapter {
+            adapter.check_fits(&self.config)?;
+        }
+        let lora = adapter.map(|a| (a, &LoraMode::Eval));
         let (b, t) = self.check_ids(input_ids)?;
         let past = cache.seq_len();
         if cache.num_layers() != self.config.num_hidden_layers {
@@ -202,7 +219,7 @@ impl LlamaModel {
         }
         let mask = self.additive_mask(key_mask, b, past, t)?;
         let (cos, sin) = self.rope_tables(b, positions)?;
-        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, Some(cache), None)?;
+        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, Some(cache), lora)?;
         let x = self.rms_norm(&x.narrow(1, t - 1, 1)?.contiguous()?, &self.weights.norm)?;
         let logits = self.dense_linear(&x, self.weights.lm_head())?;
         Ok(logits

@@ -534,3 +534,42 @@ pub fn pack(examples: &[Example], max_seq_len: usize) -> Result<Vec<Example>> {
     }
     Ok(rows)
 }
+
+/// The kind of a [`Record`], for checking a dataset holds the shape the user named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Instruction,
+    Chat,
+    MultipleChoice,
+}
+
+impl Record {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::Instruction { .. } => RecordKind::Instruction,
+            Record::Chat { .. } => RecordKind::Chat,
+            Record::MultipleChoice { .. } => RecordKind::MultipleChoice,
+        }
+    }
+}
+
+/// The records of a JSONL file with their 1-based line numbers, blank lines skipped. A malformed
+/// line is an [`Error::Dataset`] naming the file and line, as in [`load_jsonl`].
+pub fn read_records(path: impl AsRef<Path>) -> Result<Vec<(usize, Record)>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut records = Vec::new();
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let bad = |reason: String| Error::Dataset {
+            path: path.to_path_buf(),
+            line: index + 1,
+            reason,
+        };
+        let line = std::str::from_utf8(raw).map_err(|e| bad(format!("invalid UTF-8: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        records.push((index + 1, Record::parse(line).map_err(bad)?));
+    }
+    Ok(records)
+}

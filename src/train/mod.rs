@@ -1,10 +1,13 @@
 //! Training: JSONL datasets turned into token ids with response-only labels, padding into batches
 //! and optional packing (`data`); learning-rate schedules (`schedule`); the training step
-//! (`trainer`) and, under `cuda`, its device optimizer (`cuda_adamw`).
+//! (`trainer`) and, under `cuda`, its device optimizer (`cuda_adamw`); checkpoints (`checkpoint`),
+//! evaluation (`eval`) and metrics files (`metrics`).
 
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda_adamw;
 pub mod data;
+pub mod eval;
+pub mod metrics;
 pub mod schedule;
 pub mod trainer;
