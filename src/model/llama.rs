@@ -2,6 +2,7 @@
 //! attention): input ids `[B, T]` (+ a 0/1 attention mask) → logits `[B, T, V]`, and the causal-LM
 //! loss with HF's shift. Every op runs in f32 and is rounded to the compute dtype (f32 or bf16)
 //! exactly where torch rounds, so the bf16 path reproduces HF's bf16 roundings, not just its math.
+//! The same code runs on the CPU or (feature `cuda`) a CUDA device, wherever the weights are.
 
 use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
@@ -23,6 +24,9 @@ pub struct LlamaModel {
     /// The compute dtype: the dtype of the dense weights (F32 or BF16).
     dtype: DType,
     inv_freq: Vec<f32>,
+    /// On a CUDA device, the NF4 linears' bytes and scales uploaded there by [`Self::new`].
+    #[cfg(feature = "cuda")]
+    nf4_device: Option<std::sync::Arc<crate::model::cuda::DeviceNf4Linears>>,
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -41,9 +45,11 @@ fn check_shape(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
 
 impl LlamaModel {
     /// Checks that `weights` fit `config` (layer count, shapes) and share one dense dtype, F32 or
-    /// BF16, which becomes the compute dtype.
+    /// BF16, which becomes the compute dtype, and one device, where the model runs. On a CUDA
+    /// device the NF4 linears (held in host memory by [`Linear::Nf4`]) are uploaded there once.
     pub fn new(config: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
         let dtype = weights.embed_tokens.dtype();
+        let device = weights.embed_tokens.device();
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(invalid(format!(
                 "compute dtype {dtype:?} is not f32 or bf16"
@@ -83,6 +89,13 @@ impl LlamaModel {
                     t.dtype()
                 )));
             }
+            if !t.device().same_device(device) {
+                return Err(invalid(format!(
+                    "{name} is on {:?}, the embeddings on {:?}",
+                    t.device().location(),
+                    device.location()
+                )));
+            }
         }
         for layer in &weights.layers {
             for (name, linear) in linears(layer) {
@@ -99,12 +112,23 @@ impl LlamaModel {
             }
         }
         let inv_freq = config.rope_inv_freq();
+        #[cfg(feature = "cuda")]
+        let nf4_device = crate::model::cuda::DeviceNf4Linears::upload(&weights, device)?
+            .map(std::sync::Arc::new);
         Ok(Self {
             config,
             weights,
             dtype,
             inv_freq,
+            #[cfg(feature = "cuda")]
+            nf4_device,
         })
+    }
+
+    /// This model on `device`: every dense tensor moved there, and on a CUDA device the NF4
+    /// linears uploaded there (their host copies are kept, so the model can move back).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.config.clone(), self.weights.to_device(device)?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -418,19 +442,33 @@ impl LlamaModel {
         self.round(normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?)
     }
 
-    /// `x · wᵀ` for a frozen linear `w` `[out, in]`, x `[.., in]` in f32 holding compute-dtype
-    /// values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights are dequantized
-    /// to their original dtype (as bitsandbytes' forward does) and then cast to the compute dtype.
-    fn linear(&self, x: &Tensor, weight: &Linear) -> Result<Tensor> {
-        self.dense_linear(x, &self.frozen_weight(weight)?)
+    /// `x · wᵀ` for the frozen linear `module` of `layer`, x `[.., in]` in f32 holding
+    /// compute-dtype values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights
+    /// are dequantized to their original dtype (as bitsandbytes' forward does) and then cast to the
+    /// compute dtype.
+    fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> Result<Tensor> {
+        self.dense_linear(x, &self.frozen_weight(layer, module)?)
     }
 
-    /// The frozen weight `[out, in]` as [`Self::linear`] multiplies by it: dense as stored, NF4
-    /// dequantized to its original dtype and rounded to the compute dtype (f32 holding those).
-    pub(crate) fn frozen_weight(&self, weight: &Linear) -> Result<Tensor> {
-        match weight {
+    /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it:
+    /// dense as stored; NF4 dequantized to its original dtype and rounded to the compute dtype
+    /// (f32 holding those) — on a CUDA device by `k_nf4_dequantize` from the copy [`Self::new`]
+    /// uploaded, with the same roundings, so the same bits as on the CPU.
+    pub fn frozen_weight(&self, layer: usize, module: TargetModule) -> Result<Tensor> {
+        let weights = self.weights.layers.get(layer).ok_or_else(|| {
+            invalid(format!(
+                "layer {layer} of a {}-layer model",
+                self.weights.layers.len()
+            ))
+        })?;
+        match weights.linear(module) {
             Linear::Dense(w) => Ok(w.clone()),
             Linear::Nf4(t) => {
+                #[cfg(feature = "cuda")]
+                if let Some(on_device) = &self.nf4_device {
+                    let w = on_device.dequantize(layer, module)?;
+                    return self.round(w.to_dtype(DType::F32)?);
+                }
                 let mut values = t.dequantize()?;
                 match t.dtype.as_str() {
                     "bfloat16" => values
@@ -455,17 +493,7 @@ impl LlamaModel {
         layer: AdaptedLayer<'_>,
         module: TargetModule,
     ) -> Result<Tensor> {
-        let w = &layer.weights;
-        let weight = match module {
-            TargetModule::QProj => &w.q_proj,
-            TargetModule::KProj => &w.k_proj,
-            TargetModule::VProj => &w.v_proj,
-            TargetModule::OProj => &w.o_proj,
-            TargetModule::GateProj => &w.gate_proj,
-            TargetModule::UpProj => &w.up_proj,
-            TargetModule::DownProj => &w.down_proj,
-        };
-        let y = self.linear(x, weight)?;
+        let y = self.linear(x, layer.index, module)?;
         match layer.lora {
             Some((adapter, mode)) => self.round(adapter.apply(layer.index, module, x, &y, mode)?),
             None => Ok(y),
