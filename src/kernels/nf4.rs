@@ -1,6 +1,7 @@
 //! Launchers for `kernels/nf4.cu`: NF4 blockwise quantize and dequantize (f32 or double-quantized
-//! scales), for the CPU emulation and CUDA. Shapes: a flat tensor of `n` elements, `(n + 1) / 2`
-//! packed bytes, `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
+//! scales), for the CPU emulation and CUDA (raw device buffers, or an `Nf4DeviceTensor` kept as
+//! candle tensors). Shapes: a flat tensor of `n` elements, `(n + 1) / 2` packed bytes,
+//! `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
 
 use super::abi::{QlNf4DequantizeParams, QlNf4QuantizeParams};
 use super::launch::{declare_kernels, Element, LaunchConfig};
