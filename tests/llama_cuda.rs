@@ -297,6 +297,13 @@ fn lora_forward_and_gradients_on_cuda_match_the_cpu() {
         let cpu_adapter = adapter(&cpu, dtype);
         let cuda_adapter = cpu_adapter.to_device(&gpu).unwrap();
         assert!(cuda_adapter.device().is_some_and(|d| d.same_device(&gpu)));
+        // An adapter left on the host is refused by name, not by a failing op deep inside.
+        let err = cuda
+            .forward_with_adapter(&ids, Some(&mask), &cpu_adapter, &LoraMode::Eval)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        let err = lora_gradients(&cuda, &cpu_adapter, &ids, Some(&mask), &labels).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         let what = format!("{name} {dtype:?} quantize {quantize}");
 
         let want = cpu

@@ -56,7 +56,7 @@ pub fn lora_gradients(
     attention_mask: Option<&Tensor>,
     labels: &Tensor,
 ) -> Result<StackGradients> {
-    adapter.check_fits(model.config())?;
+    model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
     let logits = final_logits(model, &forward.hidden)?;
@@ -84,7 +84,7 @@ pub fn lora_gradients_from_dlogits(
     attention_mask: Option<&Tensor>,
     dlogits: &Tensor,
 ) -> Result<(LoraGrads, CheckpointStats)> {
-    adapter.check_fits(model.config())?;
+    model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
     let v = model.config().vocab_size;
@@ -120,7 +120,7 @@ pub fn decoder_layer_backward(
         )));
     }
     if let Some(adapter) = adapter {
-        adapter.check_fits(c)?;
+        model.check_adapter(adapter)?;
     }
     let (b, t, h) = x.dims3()?;
     if h != c.hidden_size || x.dtype() != DType::F32 {

@@ -166,8 +166,21 @@ impl LlamaModel {
         adapter: &LoraAdapter,
         mode: &LoraMode,
     ) -> Result<Tensor> {
-        adapter.check_fits(&self.config)?;
+        self.check_adapter(adapter)?;
         self.forward_lora(input_ids, attention_mask, Some((adapter, mode)))
+    }
+
+    /// Checks that `adapter` fits this model ([`LoraAdapter::check_fits`]) and lives on its device.
+    pub(crate) fn check_adapter(&self, adapter: &LoraAdapter) -> Result<()> {
+        adapter.check_fits(&self.config)?;
+        match adapter.device() {
+            Some(d) if !d.same_device(self.device()) => Err(invalid(format!(
+                "the adapter is on {:?}, the model on {:?}",
+                d.location(),
+                self.device().location()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn forward_lora(
