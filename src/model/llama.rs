@@ -393,7 +393,8 @@ impl LlamaModel {
 
     /// `[B, 1, T, S]` f32 for T queries after `past` cached keys (S = past + T, `keep` `[B, S]`): 0
     /// where query i may see key j (j ≤ past + i and j not a pad), else the compute dtype's most
-    /// negative finite value, as transformers' eager mask.
+    /// negative finite value, as transformers' eager mask. Built on the host for the CPU; on a
+    /// GPU from `keep` alone, so the `B · T · S` floats are not uploaded each step.
     pub(crate) fn additive_mask(
         &self,
         keep: &[bool],
@@ -405,18 +406,11 @@ impl LlamaModel {
             DType::BF16 => bf16::MIN.to_f32(),
             _ => f32::MIN,
         };
-        let s = past + t;
-        let mut mask = vec![hidden; b * t * s];
-        for row in 0..b {
-            for i in 0..t {
-                for j in 0..=past + i {
-                    if keep[row * s + j] {
-                        mask[(row * t + i) * s + j] = 0.0;
-                    }
-                }
-            }
+        if self.device().is_cpu() {
+            additive_mask_host(keep, b, past, t, hidden)
+        } else {
+            additive_mask_ops(keep, b, past, t, hidden, self.device())
         }
-        Ok(Tensor::from_vec(mask, (b, 1, t, s), self.device())?)
     }
 
     /// cos and sin `[rows, 1, T, head_dim]` for `positions` (`rows · T`, row-major): `pos · inv_freq`
@@ -613,6 +607,51 @@ impl LlamaModel {
     }
 }
 
+/// [`LlamaModel::additive_mask`] as a host loop, on the CPU.
+fn additive_mask_host(
+    keep: &[bool],
+    b: usize,
+    past: usize,
+    t: usize,
+    hidden: f32,
+) -> Result<Tensor> {
+    let s = past + t;
+    let mut mask = vec![hidden; b * t * s];
+    for row in 0..b {
+        for i in 0..t {
+            for j in 0..=past + i {
+                if keep[row * s + j] {
+                    mask[(row * t + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu)?)
+}
+
+/// [`LlamaModel::additive_mask`] as tensor ops on `device`: (key j ≤ query position) ∧ keep[j]
+/// selects 0, else `hidden`; only the `B · S` keep flags come from the host. Exact values, so the
+/// same tensor as [`additive_mask_host`].
+fn additive_mask_ops(
+    keep: &[bool],
+    b: usize,
+    past: usize,
+    t: usize,
+    hidden: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let keys = Tensor::arange(0u32, s as u32, device)?.reshape((1, 1, 1, s))?;
+    let queries = Tensor::arange(past as u32, s as u32, device)?.reshape((1, 1, t, 1))?;
+    let keep: Vec<u8> = keep.iter().map(|&k| u8::from(k)).collect();
+    let keep = Tensor::from_vec(keep, (b, 1, 1, s), device)?;
+    let seen = keys.broadcast_le(&queries)?.broadcast_mul(&keep)?;
+    let shape = seen.shape().clone();
+    let zero = Tensor::new(0f32, device)?.broadcast_as(&shape)?;
+    let hidden = Tensor::new(hidden, device)?.broadcast_as(&shape)?;
+    Ok(seen.where_cond(&zero, &hidden)?)
+}
+
 /// A LoRA adapter and the mode it runs in, or none.
 type Lora<'a> = Option<(&'a LoraAdapter, &'a LoraMode)>;
 
@@ -658,5 +697,38 @@ pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
         "o_proj" => [h, q],
         "down_proj" => [h, m],
         _ => [m, h],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_from_tensor_ops_equals_the_host_loop() {
+        // The form a GPU runs, here on the CPU backend: exact values, so bit for bit.
+        let cases: [(usize, usize, usize, Vec<bool>); 3] = [
+            (
+                2,
+                0,
+                4,
+                vec![true, true, true, true, false, false, true, true],
+            ),
+            (1, 3, 2, vec![false, true, true, true, true]),
+            (3, 2, 1, vec![true; 9]),
+        ];
+        for (b, past, t, keep) in cases {
+            for hidden in [f32::MIN, bf16::MIN.to_f32()] {
+                let host = additive_mask_host(&keep, b, past, t, hidden).unwrap();
+                let ops = additive_mask_ops(&keep, b, past, t, hidden, &Device::Cpu).unwrap();
+                assert_eq!(ops.dims(), host.dims());
+                assert_eq!(ops.dtype(), DType::F32);
+                let bits = |x: &Tensor| -> Vec<u32> {
+                    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.into_iter().map(f32::to_bits).collect()
+                };
+                assert_eq!(bits(&ops), bits(&host), "b {b} past {past} t {t}");
+            }
+        }
     }
 }
