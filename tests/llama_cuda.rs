@@ -72,6 +72,7 @@ const CASES: &[(&str, DType, bool)] = &[
     ("base", DType::BF16, true),
     ("base", DType::F32, true),
     ("bnb_nf4", DType::F32, false),
+    ("bnb_nf4", DType::BF16, false),
     ("llama3_tied_f32", DType::F32, false),
 ];
 
@@ -105,10 +106,12 @@ fn kernels_read_only_whole_cuda_tensors() {
         return;
     };
     let t = Tensor::arange(0f32, 8.0, &gpu).unwrap();
-    let (storage, layout) = t.storage_and_layout();
-    assert_eq!(storage_slice::<f32>(&storage, layout).unwrap().len(), 8);
-    // Wrong dtype, a view that starts inside the buffer, a view that ends short of it.
-    assert!(storage_slice::<u8>(&storage, layout).is_err());
+    {
+        let (storage, layout) = t.storage_and_layout();
+        assert_eq!(storage_slice::<f32>(&storage, layout).unwrap().len(), 8);
+        // The wrong dtype; below, a view that starts inside the buffer and one that ends short.
+        assert!(storage_slice::<u8>(&storage, layout).is_err());
+    }
     for view in [t.narrow(0, 1, 7).unwrap(), t.narrow(0, 0, 4).unwrap()] {
         let (storage, layout) = view.storage_and_layout();
         let err = storage_slice::<f32>(&storage, layout).unwrap_err();
