@@ -62,6 +62,13 @@ pub enum Op {
     /// LoRA gradients (dA, dB) and the layer input gradient from the explicit backward against
     /// an autograd oracle: the same math through differently ordered sums and transposed GEMMs.
     LoraGrad,
+    /// The Llama forward (logits, loss) on a CUDA device against the same model on the CPU: the
+    /// same ops and roundings (NF4 weights bit-exact), but cuBLAS and candle's CUDA reductions sum
+    /// in their own order, and expf/logf are within 2 ulp.
+    LlamaDeviceLogits,
+    /// LoRA gradients from the explicit backward on a CUDA device against the CPU's: the same
+    /// graph, with reordered sums as in [`Op::LlamaDeviceLogits`].
+    LoraGradDevice,
 }
 
 /// An absolute and a relative tolerance.
@@ -552,6 +559,62 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 4e-3,
         },
     ),
+    // CUDA vs CPU rows: not yet measured on a GPU (none has been available). The error sources
+    // are those of LlamaLogits vs transformers (reordered f32 sums, measured ≤ 3e-7 there) plus
+    // the GPU's expf/logf (≤ 2 ulp), so the same bounds.
+    (
+        Op::LlamaDeviceLogits,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // One flipped bf16 rounding (2^-8 relative) carried forward, as LlamaLogits bf16.
+    (
+        Op::LlamaDeviceLogits,
+        Dtype::BF16,
+        Tolerance {
+            atol: 4e-3,
+            rtol: 8e-3,
+        },
+    ),
+    // No f16 forward (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::LlamaDeviceLogits,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-3,
+            rtol: 2e-3,
+        },
+    ),
+    // As LoraGrad: f32 sums over B·T ≤ 27 rows and K ≤ 136 reordered through two layers.
+    (
+        Op::LoraGradDevice,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        },
+    ),
+    // bf16 compute: a flipped rounding in a recomputed activation carries into every product.
+    (
+        Op::LoraGradDevice,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 2e-2,
+        },
+    ),
+    // No f16 compute (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::LoraGradDevice,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-3,
+            rtol: 4e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -586,6 +649,8 @@ mod tests {
             Op::LoraFusedBackward,
             Op::LlamaLogits,
             Op::LoraGrad,
+            Op::LlamaDeviceLogits,
+            Op::LoraGradDevice,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

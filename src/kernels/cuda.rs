@@ -1,10 +1,13 @@
-//! The CUDA backend: one device context and stream, the PTX modules built by nvcc (loaded on first
-//! use), and the one place kernels are launched through cudarc.
+//! The CUDA backend: one device context and stream (our own, or candle's so that kernels and
+//! candle ops share one queue), the PTX modules built by nvcc (loaded on first use), the one place
+//! kernels are launched through cudarc, and the bridge between candle tensors and device buffers.
 
 use super::abi::{QlEmuTestParams, QlNf4DequantizeParams, QlNf4QuantizeParams};
 use super::launch::{Kernel, LaunchConfig};
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaModule, CudaStream, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{Layout, Shape, Storage, Tensor};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,11 +71,14 @@ pub(crate) fn cuda_err(e: cudarc::driver::DriverError) -> Error {
     Error::Cuda(e.to_string())
 }
 
-/// A CUDA device with its default stream and the kernel modules loaded so far.
+/// A CUDA device with its stream and the kernel modules loaded so far.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// The candle device whose context and stream these are ([`CudaDevice::from_candle`]); None
+    /// for a device opened on its own by [`CudaDevice::new`].
+    candle: Option<candle_core::Device>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -91,7 +97,33 @@ impl CudaDevice {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            candle: None,
         })
+    }
+
+    /// Our kernels on a candle CUDA device: its context and its stream, so a launch is queued
+    /// behind the candle ops that produced its inputs and before those that read its outputs, with
+    /// no copy and no host synchronization. Other devices are an [`Error::InvalidArgument`].
+    pub fn from_candle(device: &candle_core::Device) -> Result<Self> {
+        let candle_core::Device::Cuda(cuda) = device else {
+            return Err(Error::invalid(
+                "CudaDevice::from_candle",
+                format!("{:?} is not a CUDA device", device.location()),
+            ));
+        };
+        let stream = cuda.cuda_stream();
+        Ok(CudaDevice {
+            ctx: stream.context().clone(),
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            candle: Some(device.clone()),
+        })
+    }
+
+    /// Whether this is [`CudaDevice::from_candle`] of `device` (the same candle device, so the
+    /// same context and stream).
+    pub fn is_candle_device(&self, device: &candle_core::Device) -> bool {
+        self.candle.as_ref().is_some_and(|d| d.same_device(device))
     }
 
     /// Device 0 if one can be opened; `None` (with the reason on stderr) otherwise. For tests and
@@ -104,6 +136,58 @@ impl CudaDevice {
                 None
             }
         }
+    }
+
+    /// Opens device `ordinal` as a candle device (the device models and tensors are placed on).
+    /// Fails with [`Error::NoCudaDevice`] when there is no driver or GPU, as [`CudaDevice::new`].
+    pub fn candle_device(ordinal: usize) -> Result<candle_core::Device> {
+        // candle appends a backtrace (under RUST_BACKTRACE) after the first line: keep the reason.
+        candle_core::Device::new_cuda(ordinal).map_err(|e| {
+            let message = e.to_string();
+            Error::NoCudaDevice(message.lines().next().unwrap_or_default().to_string())
+        })
+    }
+
+    /// [`CudaDevice::candle_device`] 0 if it can be opened; `None` (with the reason on stderr)
+    /// otherwise, for tests that skip cleanly without a GPU.
+    pub fn first_available_candle() -> Option<candle_core::Device> {
+        match Self::candle_device(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("skipping CUDA: {e}");
+                None
+            }
+        }
+    }
+
+    /// Hands `slice` (from this device's stream) to candle as a contiguous tensor of `shape`,
+    /// without a copy. Needs a device made by [`CudaDevice::from_candle`].
+    pub fn tensor_from_slice<T: CudaDType + DeviceRepr>(
+        &self,
+        slice: CudaSlice<T>,
+        shape: impl Into<Shape>,
+    ) -> Result<Tensor> {
+        const OP: &str = "CudaDevice::tensor_from_slice";
+        let shape = shape.into();
+        let Some(candle_core::Device::Cuda(candle)) = &self.candle else {
+            return Err(Error::invalid(
+                OP,
+                "this device was not made from a candle device",
+            ));
+        };
+        if shape.elem_count() != slice.len() {
+            return Err(Error::invalid(
+                OP,
+                format!("shape {shape:?} for {} elements", slice.len()),
+            ));
+        }
+        let storage = CudaStorage::wrap_cuda_slice(slice, candle.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -211,6 +295,32 @@ impl CudaDevice {
     /// The device's ordinal (its `CUmemLocation` id).
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
+    }
+}
+
+/// The device buffer behind a contiguous CUDA tensor that starts at the beginning of its storage
+/// and spans all of it (a freshly made or uploaded tensor, not a view), for a kernel to read. The
+/// caller keeps `storage` locked (`Tensor::storage_and_layout`) until the launch is queued.
+pub fn storage_slice<'a, T: CudaDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<&'a CudaSlice<T>> {
+    const OP: &str = "cuda::storage_slice";
+    let Storage::Cuda(cuda) = storage else {
+        return Err(Error::invalid(OP, "the tensor is not on a CUDA device"));
+    };
+    let slice = cuda.as_cuda_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((0, end)) if end == slice.len() => Ok(slice),
+        _ => Err(Error::invalid(
+            OP,
+            format!(
+                "a {:?} view (start {}) of a {}-element buffer is not a whole contiguous tensor",
+                layout.dims(),
+                layout.start_offset(),
+                slice.len()
+            ),
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Launchers for `kernels/nf4.cu`: NF4 blockwise quantize and dequantize (f32 or double-quantized
-//! scales), for the CPU emulation and CUDA. Shapes: a flat tensor of `n` elements, `(n + 1) / 2`
-//! packed bytes, `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
+//! scales), for the CPU emulation and CUDA (raw device buffers, or an `Nf4DeviceTensor` kept as
+//! candle tensors). Shapes: a flat tensor of `n` elements, `(n + 1) / 2` packed bytes,
+//! `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
 
 use super::abi::{QlNf4DequantizeParams, QlNf4QuantizeParams};
 use super::launch::{declare_kernels, Element, LaunchConfig};
@@ -255,7 +256,10 @@ pub use cuda_impl::*;
 #[cfg(feature = "cuda")]
 mod cuda_impl {
     use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
+    use crate::kernels::cuda::{cuda_err, storage_slice, CudaDevice};
+    use crate::quant::nf4::{Nf4Scales, Nf4Tensor};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{DType, Device, Tensor};
     use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
     use std::sync::Arc;
 
@@ -453,5 +457,165 @@ mod cuda_impl {
         // SAFETY: every device buffer has the length the kernel reads or writes for `layout`
         // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
         unsafe { dev.launch(&DEQUANTIZE, &cfg, &p) }
+    }
+
+    /// One [`Nf4Tensor`] on a candle CUDA device: its packed codes, code book and block scales
+    /// uploaded once as candle tensors, dequantized there by `k_nf4_dequantize` into a new tensor
+    /// of its shape and original dtype, bit for bit [`Nf4Tensor::dequantize`] rounded to that dtype.
+    #[derive(Clone, Debug)]
+    pub struct Nf4DeviceTensor {
+        shape: Vec<usize>,
+        layout: Nf4Layout,
+        /// The original dtype (the tensor's torch dtype "float32", "bfloat16" or "float16").
+        dtype: DType,
+        /// U8 `[(n + 1) / 2]`.
+        packed: Tensor,
+        /// F32 `[16]`.
+        code: Tensor,
+        scales: ScaleTensors,
+    }
+
+    /// The block scales of an [`Nf4DeviceTensor`], mirroring [`Nf4Scales`].
+    #[derive(Clone, Debug)]
+    enum ScaleTensors {
+        /// F32 `[blocks]`.
+        F32(Tensor),
+        /// U8 `[blocks]`, F32 `[ceil(blocks / nested_blocksize)]`, F32 `[256]`.
+        Double {
+            absmax_q: Tensor,
+            nested_absmax: Tensor,
+            nested_code: Tensor,
+            offset: f32,
+            nested_blocksize: usize,
+        },
+    }
+
+    impl Nf4DeviceTensor {
+        /// Validates `t` and copies its bytes and scales to `device` (a CUDA device).
+        pub fn upload(t: &Nf4Tensor, device: &Device) -> Result<Self> {
+            const OP: &str = "Nf4DeviceTensor::upload";
+            if !device.is_cuda() {
+                return Err(Error::invalid(
+                    OP,
+                    format!("{:?} is not a CUDA device", device.location()),
+                ));
+            }
+            t.validate()?;
+            let layout = Nf4Layout::new(OP, t.numel(), t.blocksize)?;
+            let dtype = match t.dtype.as_str() {
+                "bfloat16" => DType::BF16,
+                "float16" => DType::F16,
+                _ => DType::F32,
+            };
+            let scales = match &t.scales {
+                Nf4Scales::F32(absmax) => {
+                    ScaleTensors::F32(Tensor::from_slice(absmax, absmax.len(), device)?)
+                }
+                Nf4Scales::Double(dq) => ScaleTensors::Double {
+                    absmax_q: Tensor::from_slice(&dq.absmax_q, dq.absmax_q.len(), device)?,
+                    nested_absmax: Tensor::from_slice(
+                        &dq.nested_absmax,
+                        dq.nested_absmax.len(),
+                        device,
+                    )?,
+                    nested_code: Tensor::from_slice(&dq.nested_code, 256, device)?,
+                    offset: dq.offset,
+                    nested_blocksize: dq.nested_blocksize,
+                },
+            };
+            Ok(Self {
+                shape: t.shape.clone(),
+                layout,
+                dtype,
+                packed: Tensor::from_slice(&t.packed, t.packed.len(), device)?,
+                code: Tensor::from_slice(&t.code, 16, device)?,
+                scales,
+            })
+        }
+
+        /// The logical shape, e.g. `[out, in]`.
+        pub fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+
+        /// The original dtype, which [`Self::dequantize`] returns.
+        pub fn dtype(&self) -> DType {
+            self.dtype
+        }
+
+        /// The candle device the data lives on.
+        pub fn device(&self) -> &Device {
+            self.packed.device()
+        }
+
+        /// The dequantized tensor of [`Self::shape`] in [`Self::dtype`], computed on `dev`'s stream;
+        /// `dev` must be [`CudaDevice::from_candle`] of [`Self::device`].
+        pub fn dequantize(&self, dev: &CudaDevice) -> Result<Tensor> {
+            if !dev.is_candle_device(self.device()) {
+                return Err(Error::invalid(
+                    "Nf4DeviceTensor::dequantize",
+                    "the kernel device is not the one the tensor was uploaded to",
+                ));
+            }
+            match self.dtype {
+                DType::BF16 => self.dequantize_as::<half::bf16>(dev),
+                DType::F16 => self.dequantize_as::<half::f16>(dev),
+                _ => self.dequantize_as::<f32>(dev),
+            }
+        }
+
+        fn dequantize_as<T: Element + CudaDType>(&self, dev: &CudaDevice) -> Result<Tensor> {
+            // SAFETY: every element is written by the kernel before anyone reads it.
+            let mut out = unsafe { dev.stream().alloc::<T>(self.layout.n) }.map_err(cuda_err)?;
+            // The read locks keep candle from handing these buffers to anyone for writing while
+            // the launch that reads them is queued.
+            let (packed_s, packed_l) = self.packed.storage_and_layout();
+            let (code_s, code_l) = self.code.storage_and_layout();
+            let scale_tensors: Vec<&Tensor> = match &self.scales {
+                ScaleTensors::F32(absmax) => vec![absmax],
+                ScaleTensors::Double {
+                    absmax_q,
+                    nested_absmax,
+                    nested_code,
+                    ..
+                } => vec![absmax_q, nested_absmax, nested_code],
+            };
+            let guards: Vec<_> = scale_tensors
+                .iter()
+                .map(|t| t.storage_and_layout())
+                .collect();
+            let scales = match (&self.scales, guards.as_slice()) {
+                (ScaleTensors::F32(_), [(s, l)]) => DeviceScales::F32(storage_slice(s, l)?),
+                (
+                    ScaleTensors::Double {
+                        offset,
+                        nested_blocksize,
+                        ..
+                    },
+                    [(q_s, q_l), (na_s, na_l), (nc_s, nc_l)],
+                ) => DeviceScales::Double {
+                    absmax_q: storage_slice(q_s, q_l)?,
+                    nested_absmax: storage_slice(na_s, na_l)?,
+                    nested_code: storage_slice(nc_s, nc_l)?,
+                    offset: *offset,
+                    nested_blocksize: *nested_blocksize,
+                },
+                _ => {
+                    return Err(Error::invalid(
+                        "Nf4DeviceTensor::dequantize",
+                        "scale tensors do not match their kind",
+                    ))
+                }
+            };
+            dequantize_cuda_into(
+                dev,
+                storage_slice(&packed_s, packed_l)?,
+                scales,
+                self.layout.blocksize,
+                storage_slice(&code_s, code_l)?,
+                &mut out,
+            )?;
+            dev.tensor_from_slice(out, self.shape.as_slice())
+        }
     }
 }

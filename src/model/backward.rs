@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, D};
 
 use crate::model::llama::{repeat_kv, LlamaModel};
-use crate::model::weights::{LayerWeights, Linear};
+use crate::model::weights::LayerWeights;
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
 use crate::{Error, Result};
 
@@ -56,7 +56,7 @@ pub fn lora_gradients(
     attention_mask: Option<&Tensor>,
     labels: &Tensor,
 ) -> Result<StackGradients> {
-    adapter.check_fits(model.config())?;
+    model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
     let logits = final_logits(model, &forward.hidden)?;
@@ -84,7 +84,7 @@ pub fn lora_gradients_from_dlogits(
     attention_mask: Option<&Tensor>,
     dlogits: &Tensor,
 ) -> Result<(LoraGrads, CheckpointStats)> {
-    adapter.check_fits(model.config())?;
+    model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
     let v = model.config().vocab_size;
@@ -120,7 +120,7 @@ pub fn decoder_layer_backward(
         )));
     }
     if let Some(adapter) = adapter {
-        adapter.check_fits(c)?;
+        model.check_adapter(adapter)?;
     }
     let (b, t, h) = x.dims3()?;
     if h != c.hidden_size || x.dtype() != DType::F32 {
@@ -233,7 +233,11 @@ fn final_logits(model: &LlamaModel, hidden: &Tensor) -> Result<Tensor> {
 
 /// dL/dlogits `[B · T, V]` of the mean causal-LM loss over `count` label tokens: row `i − 1`
 /// predicts label `i` (same sequence), `(softmax − onehot) / count` there and zero elsewhere.
+/// Off the CPU, [`causal_lm_loss_grad_on_device`] computes it where the logits are.
 fn causal_lm_loss_grad(logits: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
+    if !logits.device().is_cpu() {
+        return causal_lm_loss_grad_on_device(logits, labels, count);
+    }
     let (rows, v) = logits.dims2()?;
     let t = labels.dim(1)?;
     let labels = labels.flatten_all()?.to_vec1::<i64>()?;
@@ -254,6 +258,38 @@ fn causal_lm_loss_grad(logits: &Tensor, labels: &Tensor, count: usize) -> Result
         out[label as usize] -= inv_count;
     }
     Ok(Tensor::from_vec(grad, (rows, v), logits.device())?)
+}
+
+/// [`causal_lm_loss_grad`] as tensor ops on the logits' device, so the `[B · T, V]` logits never
+/// cross to the host: each row's softmax times its weight (1 / count where the row predicts a
+/// label, else 0), minus 1 / count at the label. Only the `[B · T]` weights and targets are built
+/// on the host. The same products as the host loop; the row sums run in the device's order.
+fn causal_lm_loss_grad_on_device(logits: &Tensor, labels: &Tensor, count: usize) -> Result<Tensor> {
+    let (rows, v) = logits.dims2()?;
+    let t = labels.dim(1)?;
+    let labels = labels.flatten_all()?.to_vec1::<i64>()?;
+    let inv_count = 1.0 / count as f32;
+    let mut weight = vec![0f32; rows];
+    // V matches no column: rows without a label get no one-hot term.
+    let mut target = vec![v as u32; rows];
+    for (i, &label) in labels.iter().enumerate() {
+        if i % t == 0 || label < 0 {
+            continue;
+        }
+        weight[i - 1] = inv_count;
+        target[i - 1] = label as u32;
+    }
+    let device = logits.device();
+    let weight = Tensor::from_vec(weight, (rows, 1), device)?;
+    let target = Tensor::from_vec(target, (rows, 1), device)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let exp = logits.broadcast_sub(&max)?.exp()?;
+    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+    let onehot = Tensor::arange(0u32, v as u32, device)?
+        .unsqueeze(0)?
+        .broadcast_eq(&target)?
+        .to_dtype(DType::F32)?;
+    Ok((probs.broadcast_mul(&weight)? - (onehot * f64::from(inv_count))?)?)
 }
 
 /// Final norm and lm_head backward, then every layer from the last, recomputing each from its
@@ -349,7 +385,7 @@ impl<'a> LayerPass<'a> {
             .into_iter()
             .map(|m| {
                 model
-                    .frozen_weight(linear_of(weights, m))?
+                    .frozen_weight(layer, m)?
                     .to_dtype(DType::F32)
                     .map_err(Error::from)
             })
@@ -539,14 +575,47 @@ fn attention_scaling(head_dim: usize) -> f32 {
     (head_dim as f64).powf(-0.5) as f32
 }
 
-fn linear_of(weights: &LayerWeights, module: TargetModule) -> &Linear {
-    match module {
-        TargetModule::QProj => &weights.q_proj,
-        TargetModule::KProj => &weights.k_proj,
-        TargetModule::VProj => &weights.v_proj,
-        TargetModule::OProj => &weights.o_proj,
-        TargetModule::GateProj => &weights.gate_proj,
-        TargetModule::UpProj => &weights.up_proj,
-        TargetModule::DownProj => &weights.down_proj,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tolerance::{lookup, Dtype, Op};
+    use candle_core::Device;
+
+    #[test]
+    fn device_loss_gradient_matches_the_host_loop() {
+        // The tensor-op form the GPU runs, here on the CPU backend, against the host loop: the
+        // same products, the row sums in another order.
+        let (b, t, v) = (2, 5, 11);
+        let values: Vec<f32> = (0..b * t * v)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0)
+            .collect();
+        let logits = Tensor::from_vec(values, (b * t, v), &Device::Cpu).unwrap();
+        let labels = Tensor::new(
+            &[[3i64, -100, 6, 0, 2], [-100, -100, 1, -100, 10]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let count = 5;
+        let host = causal_lm_loss_grad(&logits, &labels, count).unwrap();
+        let ops = causal_lm_loss_grad_on_device(&logits, &labels, count).unwrap();
+        assert_eq!(ops.dims(), host.dims());
+        let host = host.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ops = ops.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let tol = lookup(Op::CrossEntropyBackward, Dtype::F32);
+        if let Err(m) = tol.check(&ops, &host) {
+            panic!("{m}");
+        }
+        // Rows that predict no label (the last of each sequence, those before a -100) are zero;
+        // a labelled row's softmax minus its one-hot sums to about zero.
+        for row in [0, 4, 5, 7, 9] {
+            assert!(
+                ops[row * v..(row + 1) * v].iter().all(|&g| g == 0.0),
+                "row {row}"
+            );
+        }
+        for row in [1, 2, 3, 6, 8] {
+            let sum: f32 = ops[row * v..(row + 1) * v].iter().sum();
+            assert!(tol.check(&[sum], &[0.0]).is_ok(), "row {row} sums to {sum}");
+        }
     }
 }

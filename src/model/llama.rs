@@ -2,6 +2,7 @@
 //! attention): input ids `[B, T]` (+ a 0/1 attention mask) → logits `[B, T, V]`, and the causal-LM
 //! loss with HF's shift. Every op runs in f32 and is rounded to the compute dtype (f32 or bf16)
 //! exactly where torch rounds, so the bf16 path reproduces HF's bf16 roundings, not just its math.
+//! The same code runs on the CPU or (feature `cuda`) a CUDA device, wherever the weights are.
 
 use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
@@ -23,6 +24,9 @@ pub struct LlamaModel {
     /// The compute dtype: the dtype of the dense weights (F32 or BF16).
     dtype: DType,
     inv_freq: Vec<f32>,
+    /// On a CUDA device, the NF4 linears' bytes and scales uploaded there by [`Self::new`].
+    #[cfg(feature = "cuda")]
+    nf4_device: Option<std::sync::Arc<crate::model::cuda::DeviceNf4Linears>>,
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -41,9 +45,11 @@ fn check_shape(what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
 
 impl LlamaModel {
     /// Checks that `weights` fit `config` (layer count, shapes) and share one dense dtype, F32 or
-    /// BF16, which becomes the compute dtype.
+    /// BF16, which becomes the compute dtype, and one device, where the model runs. On a CUDA
+    /// device the NF4 linears (held in host memory by [`Linear::Nf4`]) are uploaded there once.
     pub fn new(config: LlamaConfig, weights: LlamaWeights) -> Result<Self> {
         let dtype = weights.embed_tokens.dtype();
+        let device = weights.embed_tokens.device();
         if !matches!(dtype, DType::F32 | DType::BF16) {
             return Err(invalid(format!(
                 "compute dtype {dtype:?} is not f32 or bf16"
@@ -83,6 +89,13 @@ impl LlamaModel {
                     t.dtype()
                 )));
             }
+            if !t.device().same_device(device) {
+                return Err(invalid(format!(
+                    "{name} is on {:?}, the embeddings on {:?}",
+                    t.device().location(),
+                    device.location()
+                )));
+            }
         }
         for layer in &weights.layers {
             for (name, linear) in linears(layer) {
@@ -99,12 +112,23 @@ impl LlamaModel {
             }
         }
         let inv_freq = config.rope_inv_freq();
+        #[cfg(feature = "cuda")]
+        let nf4_device = crate::model::cuda::DeviceNf4Linears::upload(&weights, device)?
+            .map(std::sync::Arc::new);
         Ok(Self {
             config,
             weights,
             dtype,
             inv_freq,
+            #[cfg(feature = "cuda")]
+            nf4_device,
         })
+    }
+
+    /// This model on `device`: every dense tensor moved there, and on a CUDA device the NF4
+    /// linears uploaded there (their host copies are kept, so the model can move back).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.config.clone(), self.weights.to_device(device)?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -142,8 +166,21 @@ impl LlamaModel {
         adapter: &LoraAdapter,
         mode: &LoraMode,
     ) -> Result<Tensor> {
-        adapter.check_fits(&self.config)?;
+        self.check_adapter(adapter)?;
         self.forward_lora(input_ids, attention_mask, Some((adapter, mode)))
+    }
+
+    /// Checks that `adapter` fits this model ([`LoraAdapter::check_fits`]) and lives on its device.
+    pub(crate) fn check_adapter(&self, adapter: &LoraAdapter) -> Result<()> {
+        adapter.check_fits(&self.config)?;
+        match adapter.device() {
+            Some(d) if !d.same_device(self.device()) => Err(invalid(format!(
+                "the adapter is on {:?}, the model on {:?}",
+                d.location(),
+                self.device().location()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn forward_lora(
@@ -373,7 +410,8 @@ impl LlamaModel {
 
     /// `[B, 1, T, S]` f32 for T queries after `past` cached keys (S = past + T, `keep` `[B, S]`): 0
     /// where query i may see key j (j ≤ past + i and j not a pad), else the compute dtype's most
-    /// negative finite value, as transformers' eager mask.
+    /// negative finite value, as transformers' eager mask. Built on the host for the CPU; on a
+    /// GPU from `keep` alone, so the `B · T · S` floats are not uploaded each step.
     pub(crate) fn additive_mask(
         &self,
         keep: &[bool],
@@ -385,18 +423,11 @@ impl LlamaModel {
             DType::BF16 => bf16::MIN.to_f32(),
             _ => f32::MIN,
         };
-        let s = past + t;
-        let mut mask = vec![hidden; b * t * s];
-        for row in 0..b {
-            for i in 0..t {
-                for j in 0..=past + i {
-                    if keep[row * s + j] {
-                        mask[(row * t + i) * s + j] = 0.0;
-                    }
-                }
-            }
+        if self.device().is_cpu() {
+            additive_mask_host(keep, b, past, t, hidden)
+        } else {
+            additive_mask_ops(keep, b, past, t, hidden, self.device())
         }
-        Ok(Tensor::from_vec(mask, (b, 1, t, s), self.device())?)
     }
 
     /// cos and sin `[rows, 1, T, head_dim]` for `positions` (`rows · T`, row-major): `pos · inv_freq`
@@ -435,19 +466,33 @@ impl LlamaModel {
         self.round(normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?)
     }
 
-    /// `x · wᵀ` for a frozen linear `w` `[out, in]`, x `[.., in]` in f32 holding compute-dtype
-    /// values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights are dequantized
-    /// to their original dtype (as bitsandbytes' forward does) and then cast to the compute dtype.
-    fn linear(&self, x: &Tensor, weight: &Linear) -> Result<Tensor> {
-        self.dense_linear(x, &self.frozen_weight(weight)?)
+    /// `x · wᵀ` for the frozen linear `module` of `layer`, x `[.., in]` in f32 holding
+    /// compute-dtype values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights
+    /// are dequantized to their original dtype (as bitsandbytes' forward does) and then cast to the
+    /// compute dtype.
+    fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> Result<Tensor> {
+        self.dense_linear(x, &self.frozen_weight(layer, module)?)
     }
 
-    /// The frozen weight `[out, in]` as [`Self::linear`] multiplies by it: dense as stored, NF4
-    /// dequantized to its original dtype and rounded to the compute dtype (f32 holding those).
-    pub(crate) fn frozen_weight(&self, weight: &Linear) -> Result<Tensor> {
-        match weight {
+    /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it:
+    /// dense as stored; NF4 dequantized to its original dtype and rounded to the compute dtype
+    /// (f32 holding those) — on a CUDA device by `k_nf4_dequantize` from the copy [`Self::new`]
+    /// uploaded, with the same roundings, so the same bits as on the CPU.
+    pub fn frozen_weight(&self, layer: usize, module: TargetModule) -> Result<Tensor> {
+        let weights = self.weights.layers.get(layer).ok_or_else(|| {
+            invalid(format!(
+                "layer {layer} of a {}-layer model",
+                self.weights.layers.len()
+            ))
+        })?;
+        match weights.linear(module) {
             Linear::Dense(w) => Ok(w.clone()),
             Linear::Nf4(t) => {
+                #[cfg(feature = "cuda")]
+                if let Some(on_device) = &self.nf4_device {
+                    let w = on_device.dequantize(layer, module)?;
+                    return self.round(w.to_dtype(DType::F32)?);
+                }
                 let mut values = t.dequantize()?;
                 match t.dtype.as_str() {
                     "bfloat16" => values
@@ -472,17 +517,7 @@ impl LlamaModel {
         layer: AdaptedLayer<'_>,
         module: TargetModule,
     ) -> Result<Tensor> {
-        let w = &layer.weights;
-        let weight = match module {
-            TargetModule::QProj => &w.q_proj,
-            TargetModule::KProj => &w.k_proj,
-            TargetModule::VProj => &w.v_proj,
-            TargetModule::OProj => &w.o_proj,
-            TargetModule::GateProj => &w.gate_proj,
-            TargetModule::UpProj => &w.up_proj,
-            TargetModule::DownProj => &w.down_proj,
-        };
-        let y = self.linear(x, weight)?;
+        let y = self.linear(x, layer.index, module)?;
         match layer.lora {
             Some((adapter, mode)) => self.round(adapter.apply(layer.index, module, x, &y, mode)?),
             None => Ok(y),
@@ -589,6 +624,51 @@ impl LlamaModel {
     }
 }
 
+/// [`LlamaModel::additive_mask`] as a host loop, on the CPU.
+fn additive_mask_host(
+    keep: &[bool],
+    b: usize,
+    past: usize,
+    t: usize,
+    hidden: f32,
+) -> Result<Tensor> {
+    let s = past + t;
+    let mut mask = vec![hidden; b * t * s];
+    for row in 0..b {
+        for i in 0..t {
+            for j in 0..=past + i {
+                if keep[row * s + j] {
+                    mask[(row * t + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu)?)
+}
+
+/// [`LlamaModel::additive_mask`] as tensor ops on `device`: (key j ≤ query position) ∧ keep[j]
+/// selects 0, else `hidden`; only the `B · S` keep flags come from the host. Exact values, so the
+/// same tensor as [`additive_mask_host`].
+fn additive_mask_ops(
+    keep: &[bool],
+    b: usize,
+    past: usize,
+    t: usize,
+    hidden: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let keys = Tensor::arange(0u32, s as u32, device)?.reshape((1, 1, 1, s))?;
+    let queries = Tensor::arange(past as u32, s as u32, device)?.reshape((1, 1, t, 1))?;
+    let keep: Vec<u8> = keep.iter().map(|&k| u8::from(k)).collect();
+    let keep = Tensor::from_vec(keep, (b, 1, 1, s), device)?;
+    let seen = keys.broadcast_le(&queries)?.broadcast_mul(&keep)?;
+    let shape = seen.shape().clone();
+    let zero = Tensor::new(0f32, device)?.broadcast_as(&shape)?;
+    let hidden = Tensor::new(hidden, device)?.broadcast_as(&shape)?;
+    Ok(seen.where_cond(&zero, &hidden)?)
+}
+
 /// A LoRA adapter and the mode it runs in, or none.
 type Lora<'a> = Option<(&'a LoraAdapter, &'a LoraMode)>;
 
@@ -634,5 +714,38 @@ pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
         "o_proj" => [h, q],
         "down_proj" => [h, m],
         _ => [m, h],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_from_tensor_ops_equals_the_host_loop() {
+        // The form a GPU runs, here on the CPU backend: exact values, so bit for bit.
+        let cases: [(usize, usize, usize, Vec<bool>); 3] = [
+            (
+                2,
+                0,
+                4,
+                vec![true, true, true, true, false, false, true, true],
+            ),
+            (1, 3, 2, vec![false, true, true, true, true]),
+            (3, 2, 1, vec![true; 9]),
+        ];
+        for (b, past, t, keep) in cases {
+            for hidden in [f32::MIN, bf16::MIN.to_f32()] {
+                let host = additive_mask_host(&keep, b, past, t, hidden).unwrap();
+                let ops = additive_mask_ops(&keep, b, past, t, hidden, &Device::Cpu).unwrap();
+                assert_eq!(ops.dims(), host.dims());
+                assert_eq!(ops.dtype(), DType::F32);
+                let bits = |x: &Tensor| -> Vec<u32> {
+                    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.into_iter().map(f32::to_bits).collect()
+                };
+                assert_eq!(bits(&ops), bits(&host), "b {b} past {past} t {t}");
+            }
+        }
     }
 }

@@ -1,8 +1,11 @@
 //! The Llama model: `config.json` parsing and validation with the RoPE inverse frequencies
-//! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`).
+//! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`);
+//! the forward, backward and generation run on the CPU or, with feature `cuda`, a CUDA device.
 
 pub mod backward;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod generate;
 pub mod init;
 pub mod llama;

@@ -19,6 +19,7 @@ use safetensors::SafeTensors;
 use serde::Deserialize;
 
 use crate::model::config::LlamaConfig;
+use crate::peft::TargetModule;
 use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
@@ -40,6 +41,17 @@ pub enum Linear {
     Nf4(Nf4Tensor),
 }
 
+impl Linear {
+    /// This linear with a dense weight on `device`; NF4 data stays in host memory (a model on a
+    /// CUDA device keeps its own device copy, see `LlamaModel::new`).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            Linear::Dense(w) => Linear::Dense(w.to_device(device)?),
+            Linear::Nf4(t) => Linear::Nf4(t.clone()),
+        })
+    }
+}
+
 /// One decoder layer's weights.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
@@ -54,6 +66,36 @@ pub struct LayerWeights {
     pub down_proj: Linear,
 }
 
+impl LayerWeights {
+    /// The frozen linear `module`.
+    pub fn linear(&self, module: TargetModule) -> &Linear {
+        match module {
+            TargetModule::QProj => &self.q_proj,
+            TargetModule::KProj => &self.k_proj,
+            TargetModule::VProj => &self.v_proj,
+            TargetModule::OProj => &self.o_proj,
+            TargetModule::GateProj => &self.gate_proj,
+            TargetModule::UpProj => &self.up_proj,
+            TargetModule::DownProj => &self.down_proj,
+        }
+    }
+
+    /// These weights with every dense tensor on `device` ([`Linear::to_device`]).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: self.input_layernorm.to_device(device)?,
+            post_attention_layernorm: self.post_attention_layernorm.to_device(device)?,
+            q_proj: self.q_proj.to_device(device)?,
+            k_proj: self.k_proj.to_device(device)?,
+            v_proj: self.v_proj.to_device(device)?,
+            o_proj: self.o_proj.to_device(device)?,
+            gate_proj: self.gate_proj.to_device(device)?,
+            up_proj: self.up_proj.to_device(device)?,
+            down_proj: self.down_proj.to_device(device)?,
+        })
+    }
+}
+
 /// Every weight of a Llama causal LM.
 #[derive(Clone, Debug)]
 pub struct LlamaWeights {
@@ -66,7 +108,9 @@ pub struct LlamaWeights {
     pub lm_head: Option<Tensor>,
 }
 
-/// How to load: dense tensors' dtype and device, and whether to quantize the seven linears.
+/// How to load: dense tensors' dtype and device, and whether to quantize the seven linears. NF4
+/// linears are read into host memory whatever the device; `LlamaModel::new` on a CUDA device
+/// uploads them there once.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Dtype of dense tensors (F32, F16 or BF16); quantize-on-load quantizes values in this dtype,
@@ -83,6 +127,24 @@ impl LlamaWeights {
     /// The output projection: `lm_head`, or the embeddings when tied.
     pub fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// These weights with every dense tensor on `device` ([`Linear::to_device`]).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            embed_tokens: self.embed_tokens.to_device(device)?,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.to_device(device))
+                .collect::<Result<_>>()?,
+            norm: self.norm.to_device(device)?,
+            lm_head: self
+                .lm_head
+                .as_ref()
+                .map(|t| t.to_device(device))
+                .transpose()?,
+        })
     }
 
     /// Loads the checkpoint in `dir` for `config`. A missing tensor gives

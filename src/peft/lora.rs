@@ -308,6 +308,35 @@ impl LoraAdapter {
         self.pairs.iter().map(|(&k, v)| (k, v))
     }
 
+    /// The device of the A and B tensors (that of any pair; all are made on one device).
+    pub fn device(&self) -> Option<&Device> {
+        self.pairs.values().next().map(|p| p.a.device())
+    }
+
+    /// This adapter with every A and B on `device` (same values and dtype), e.g. the model's CUDA
+    /// device for training there.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(&k, p)| {
+                Ok((
+                    k,
+                    LoraPair {
+                        a: p.a.to_device(device)?,
+                        b: p.b.to_device(device)?,
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config: self.config.clone(),
+            num_layers: self.num_layers,
+            dtype: self.dtype,
+            pairs,
+        })
+    }
+
     /// Replaces the pair of `module` in `layer` with one of the same shapes and dtype.
     pub fn set_pair(&mut self, layer: usize, module: TargetModule, pair: LoraPair) -> Result<()> {
         let old = self
