@@ -4,6 +4,9 @@
 //! and beside it the same step in PyTorch + PEFT (benches/train_step_peft.py) when
 //! `QLORA_PEFT_PYTHON` names a python with torch, transformers, peft and bitsandbytes.
 //!
+//! Peak RSS is VmHWM, reset after the warm-up (so "steps" is the training peak, "setup" the peak
+//! while building the model) and "RSS at start" the process before it builds the model (for
+//! Python, after importing torch).
 //! `cargo bench --bench train_step`; knobs: QLORA_BENCH_STEPS (timed steps, 3), QLORA_BENCH_WARMUP
 //! (1), QLORA_BENCH_SEQ (512), QLORA_BENCH_BASES ("nf4,dense"), QLORA_PEFT_CHECKPOINTING ("on":
 //! torch recomputes each layer as we do; "off" keeps its activations), RAYON_NUM_THREADS.
@@ -91,6 +94,7 @@ fn child(base: &str) -> qlora::Result<()> {
     let seq: usize = env_or("QLORA_BENCH_SEQ", 512);
     let warmup: usize = env_or("QLORA_BENCH_WARMUP", 1);
     let steps: usize = env_or("QLORA_BENCH_STEPS", 3).max(1);
+    let baseline = vm_bytes("VmRSS:");
     let config = config();
     let device = Device::Cpu;
     let built = Instant::now();
@@ -168,6 +172,7 @@ fn child(base: &str) -> qlora::Result<()> {
         "tokens_per_s": (BATCH * seq) as f64 / s_per_step,
         "peak_rss_bytes": if reset { vm_bytes("VmHWM:") } else { None },
         "setup_peak_rss_bytes": setup_peak,
+        "baseline_rss_bytes": baseline,
         "setup_seconds": setup_seconds,
         "losses": losses,
     });
@@ -314,8 +319,8 @@ fn parent() -> ExitCode {
     println!("load average after: {}", load_average());
 
     println!();
-    println!("| base | implementation | params | s/step | tokens/s | peak RSS, steps | peak RSS, setup |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| base | implementation | params | s/step | tokens/s | peak RSS, steps | peak RSS, setup | RSS at start |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut failed = false;
     for (base, ours, theirs) in &rows {
         for (name, result) in [
@@ -334,17 +339,18 @@ fn parent() -> ExitCode {
                         _ => name.to_string(),
                     };
                     println!(
-                        "| {base} | {label} | {:.1}M | {} | {} | {} | {} |",
+                        "| {base} | {label} | {:.1}M | {} | {} | {} | {} | {} |",
                         v["params"].as_f64().unwrap_or(0.0) / 1e6,
                         f(&v["s_per_step"], 2),
                         f(&v["tokens_per_s"], 1),
                         mib(&v["peak_rss_bytes"]),
                         mib(&v["setup_peak_rss_bytes"]),
+                        mib(&v["baseline_rss_bytes"]),
                     );
                 }
                 Some(Err(e)) => {
                     failed = true;
-                    println!("| {base} | {name} | failed | | | | |");
+                    println!("| {base} | {name} | failed | | | | | |");
                     eprintln!("{e}");
                 }
                 None => {}

@@ -79,6 +79,7 @@ def main() -> int:
 
     import torch
 
+    baseline = vm_kib("VmRSS")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from peft import LoraConfig, get_peft_model
@@ -142,6 +143,7 @@ def main() -> int:
         "tokens_per_s": args.batch * args.seq / s_per_step,
         "peak_rss_bytes": vm_kib("VmHWM") * 1024,
         "setup_peak_rss_bytes": setup_peak * 1024,
+        "baseline_rss_bytes": baseline * 1024,
         "losses": losses,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__},
