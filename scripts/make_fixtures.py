@@ -505,6 +505,62 @@ def make_lora_grad_fixtures(outdir: Path) -> None:
     save_file(out, str(outdir / "lora_grads.safetensors"), metadata={"format": "pt"})
 
 
+def make_lora_grad_bf16_fixtures(outdir: Path) -> None:
+    """tests/fixtures/lora/lora_grads_bf16.safetensors: PEFT's LoRA gradients for `forward_batch()`
+    with bf16 compute, as `make_lora_grad_fixtures` but the model loaded with dtype bfloat16:
+    - bf16.r4_all: `base` in bf16, the r4_all adapter as PEFT loads it on a bf16 model
+      (autocast_adapter_dtype: A and B upcast to f32, f32 gradients)
+    - bf16.r4_all_rslora: `base` in bf16, r4_all_rslora kept in bf16 (autocast_adapter_dtype=False:
+      bf16 A, B and gradients)
+    - nf4.r4_all: `base` in bf16 with each linear's weight replaced by bitsandbytes'
+      dequantize_4bit of bnb_nf4's stored state (bf16; bnb's CPU Linear4bit computes its forward and
+      input gradient with exactly this weight), the r4_all adapter in f32
+    Keys `{case}.loss` (f32 scalar, transformers upcasts the logits) and `{case}.{key}` as in
+    lora_grads.safetensors, in the dtype PEFT's gradient has. The batch is the one of that file."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    llama = outdir.parent / "llama"
+    ids, mask, labels = forward_batch()
+    stored = load_file(str(llama / "bnb_nf4" / "model.safetensors"))
+
+    def bf16_base(nf4: bool):
+        model = LlamaForCausalLM.from_pretrained(str(llama / "base"), dtype=torch.bfloat16,
+                                                 attn_implementation="eager")
+        if nf4:
+            with torch.no_grad():
+                for name, module in model.named_modules():
+                    if not any(name.endswith(lin) for lin in LLAMA_LINEARS):
+                        continue
+                    prefix = f"{name}.weight."
+                    qs = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+                    state = F.QuantState.from_dict(qs, device=torch.device("cpu"))
+                    w = F.dequantize_4bit(stored[f"{name}.weight"], state, quant_type="nf4")
+                    assert w.dtype == torch.bfloat16 and w.shape == module.weight.shape
+                    module.weight.copy_(w)
+        return model
+
+    cases = {
+        "bf16.r4_all": (False, "r4_all", True),
+        "bf16.r4_all_rslora": (False, "r4_all_rslora", False),
+        "nf4.r4_all": (True, "r4_all", True),
+    }
+    out = {}
+    for case, (nf4, adapter, autocast) in cases.items():
+        peft_model = PeftModel.from_pretrained(bf16_base(nf4), str(outdir / adapter), is_trainable=True,
+                                               autocast_adapter_dtype=autocast).eval()
+        want = torch.float32 if autocast else torch.bfloat16
+        res = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+        res.loss.backward()
+        out[f"{case}.loss"] = res.loss.detach().float().reshape(())
+        for key, p in sorted(peft_model.named_parameters()):
+            if p.requires_grad:
+                assert "lora_" in key and p.grad is not None and p.dtype == want, (key, p.dtype)
+                out[f"{case}.{key.replace('.default.', '.')}"] = p.grad.contiguous()
+    save_file(out, str(outdir / "lora_grads_bf16.safetensors"), metadata={"format": "pt"})
+
+
 def make_generation_fixtures(outdir: Path) -> None:
     """tests/fixtures/llama/generate.safetensors: transformers' greedy `generate` (do_sample=False,
     max_new_tokens=8, use_cache=True, eager attention, eos and pad ids from the config) in f32 on a
@@ -661,6 +717,8 @@ def main() -> int:
     print(f"wrote {fixtures / 'tokenizer'} ({total} bytes)")
     make_lora_grad_fixtures(fixtures / "lora")
     print(f"wrote {fixtures / 'lora' / 'lora_grads.safetensors'}")
+    make_lora_grad_bf16_fixtures(fixtures / "lora")
+    print(f"wrote {fixtures / 'lora' / 'lora_grads_bf16.safetensors'}")
     return 0
 
 

@@ -1,22 +1,25 @@
 //! The explicit LoRA backward (`qlora::model::backward`) against candle's autograd on the CPU, the
 //! independent oracle: the same layer / stack built from candle ops with `Var`s for x, A and B, on
-//! the tiny f32 fixtures (tests/fixtures/llama/{base, llama3_tied_f32}) and the padded batch of
-//! tests/fixtures/llama/forward.safetensors (left-padded, right-padded and full rows).
+//! the tiny fixtures (tests/fixtures/llama/{base, llama3_tied_f32, bnb_nf4}) in f32 and in bf16
+//! compute (NF4 linears, f32 and bf16 adapters; the oracle rounds where the forward rounds) and
+//! the padded batch of tests/fixtures/llama/forward.safetensors (left-, right-padded, full rows).
 
 mod common;
 
-use common::llama::{fixture_dir, load_weights, max_abs_diff};
 use std::collections::{BTreeMap, HashMap};
+
+use common::llama::{fixture_dir, load_weights, max_abs_diff};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use half::bf16;
 use qlora::model::backward::{
     decoder_layer_backward, lora_gradients, lora_gradients_from_dlogits, LoraGrads,
 };
 use qlora::model::llama::LlamaModel;
 use qlora::model::{Linear, LlamaConfig, LlamaWeights};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraMode, LoraPair, TargetModule};
-use qlora::tolerance::{lookup, Dtype, Op};
+use qlora::tolerance::{lookup, Dtype, Mismatch, Op};
 use qlora::Error;
 
 struct Batch {
@@ -45,8 +48,13 @@ fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
 
-/// r = 4, alpha = 8 on `targets`, PEFT-initialised A and a seeded non-zero B.
-fn adapter(model: &LlamaModel, targets: &[TargetModule], rslora: bool) -> LoraAdapter {
+/// r = 4, alpha = 8 on `targets` in `dtype`, PEFT-initialised A and a seeded non-zero B.
+fn adapter_in(
+    model: &LlamaModel,
+    targets: &[TargetModule],
+    rslora: bool,
+    dtype: DType,
+) -> LoraAdapter {
     let config = LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -54,12 +62,11 @@ fn adapter(model: &LlamaModel, targets: &[TargetModule], rslora: bool) -> LoraAd
         use_rslora: rslora,
         ..LoraConfig::default()
     };
-    let mut adapter =
-        LoraAdapter::init(config, model.config(), DType::F32, &Device::Cpu, 7).unwrap();
+    let mut adapter = LoraAdapter::init(config, model.config(), dtype, &Device::Cpu, 7).unwrap();
     let pairs: Vec<_> = adapter.pairs().map(|(k, p)| (k, p.clone())).collect();
     for ((layer, module), pair) in pairs {
         let seed = (layer * 16 + module as usize) as u64;
-        let b = seeded(seed, pair.b.dims(), 0.2);
+        let b = seeded(seed, pair.b.dims(), 0.2).to_dtype(dtype).unwrap();
         adapter
             .set_pair(layer, module, LoraPair { a: pair.a, b })
             .unwrap();
@@ -67,11 +74,57 @@ fn adapter(model: &LlamaModel, targets: &[TargetModule], rslora: bool) -> LoraAd
     adapter
 }
 
-/// The layer and stack as plain candle ops on `Var`s, differentiated by candle's autograd.
+/// [`adapter_in`] f32.
+fn adapter(model: &LlamaModel, targets: &[TargetModule], rslora: bool) -> LoraAdapter {
+    adapter_in(model, targets, rslora, DType::F32)
+}
+
+/// `x` rounded to `dtype` in the forward and passed through unchanged in the backward
+/// (straight-through): `x + (round(x) − x)` with the difference detached, exactly `round(x)` in
+/// value. This is the rule the explicit backward applies at every rounding of the bf16 forward.
+fn round_straight_through(x: &Tensor, dtype: DType) -> Tensor {
+    if dtype == DType::F32 {
+        return x.clone();
+    }
+    let rounded = x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    (x + (rounded - x).unwrap().detach()).unwrap()
+}
+
+/// A frozen linear's weight `[out, in]` in f32 as the model multiplies by it: dense as stored, NF4
+/// dequantized, rounded to its stored dtype, then to the compute dtype.
+fn frozen_f32(linear: &Linear, compute: DType) -> Tensor {
+    let w = match linear {
+        Linear::Dense(w) => w.to_dtype(DType::F32).unwrap(),
+        Linear::Nf4(t) => {
+            let stored = match t.dtype.as_str() {
+                "bfloat16" => DType::BF16,
+                "float16" => DType::F16,
+                _ => DType::F32,
+            };
+            Tensor::from_vec(t.dequantize().unwrap(), t.shape.as_slice(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(stored)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        }
+    };
+    w.to_dtype(compute).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// The layer and stack as plain candle ops on `Var`s, differentiated by candle's autograd. In bf16
+/// compute it rounds where `LlamaModel`'s forward rounds (and the adapter where PEFT rounds), each
+/// rounding straight-through, so it is the same bf16 forward with exact f32 derivatives.
 struct Oracle<'a> {
     config: &'a LlamaConfig,
     weights: &'a LlamaWeights,
+    /// The compute dtype (F32 or BF16) and the adapter's dtype.
+    dtype: DType,
+    adapter_dtype: DType,
+    /// Every linear's frozen weight `[out, in]` in f32, by (layer, module).
+    linears: BTreeMap<(usize, TargetModule), Tensor>,
     scaling: f64,
+    /// A and B as f32 `Var`s holding the adapter's values.
     lora: BTreeMap<(usize, TargetModule), (Var, Var)>,
     mask: Tensor,
     cos: Tensor,
@@ -82,17 +135,38 @@ impl<'a> Oracle<'a> {
     fn new(
         config: &'a LlamaConfig,
         weights: &'a LlamaWeights,
+        dtype: DType,
         adapter: &LoraAdapter,
         attention_mask: &Tensor,
     ) -> Self {
         let lora = adapter
             .pairs()
             .map(|(k, p)| {
-                let a = Var::from_tensor(&p.a).unwrap();
-                let b = Var::from_tensor(&p.b).unwrap();
+                let a = Var::from_tensor(&p.a.to_dtype(DType::F32).unwrap()).unwrap();
+                let b = Var::from_tensor(&p.b.to_dtype(DType::F32).unwrap()).unwrap();
                 (k, (a, b))
             })
             .collect();
+        let mut linears = BTreeMap::new();
+        for (layer, l) in weights.layers.iter().enumerate() {
+            for module in TargetModule::ALL {
+                let w = match module {
+                    TargetModule::QProj => &l.q_proj,
+                    TargetModule::KProj => &l.k_proj,
+                    TargetModule::VProj => &l.v_proj,
+                    TargetModule::OProj => &l.o_proj,
+                    TargetModule::GateProj => &l.gate_proj,
+                    TargetModule::UpProj => &l.up_proj,
+                    TargetModule::DownProj => &l.down_proj,
+                };
+                linears.insert((layer, module), frozen_f32(w, dtype));
+            }
+        }
+        // transformers' eager mask: the compute dtype's most negative finite value.
+        let hidden = match dtype {
+            DType::BF16 => bf16::MIN.to_f32(),
+            _ => f32::MIN,
+        };
         let (b, t) = attention_mask.dims2().unwrap();
         let keep = attention_mask.to_vec2::<i64>().unwrap();
         let mut mask = vec![0f32; b * t * t];
@@ -100,7 +174,7 @@ impl<'a> Oracle<'a> {
             for i in 0..t {
                 for j in 0..t {
                     if j > i || keep[j] == 0 {
-                        mask[(row * t + i) * t + j] = f32::MIN;
+                        mask[(row * t + i) * t + j] = hidden;
                     }
                 }
             }
@@ -113,45 +187,50 @@ impl<'a> Oracle<'a> {
             }
         }
         let angles = Tensor::from_vec(angles, (1, 1, t, config.head_dim), &Device::Cpu).unwrap();
+        // transformers returns the RoPE tables in the compute dtype.
+        let table = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
         Self {
             config,
             weights,
+            dtype,
+            adapter_dtype: adapter.dtype(),
+            linears,
             scaling: adapter.config().scaling(),
             lora,
             mask: Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap(),
-            cos: angles.cos().unwrap(),
-            sin: angles.sin().unwrap(),
+            cos: table(angles.cos().unwrap()),
+            sin: table(angles.sin().unwrap()),
         }
     }
 
+    /// Rounded to the compute dtype, straight-through.
+    fn round(&self, x: &Tensor) -> Tensor {
+        round_straight_through(x, self.dtype)
+    }
+
+    /// Rounded to the adapter dtype, straight-through.
+    fn round_adapter(&self, x: &Tensor) -> Tensor {
+        round_straight_through(x, self.adapter_dtype)
+    }
+
+    /// `x·Wᵀ` rounded, plus PEFT's `scaling · (x·Aᵀ)·Bᵀ` with x, each product and the scaled
+    /// delta in the adapter dtype, the sum rounded to the compute dtype.
     fn linear(&self, layer: usize, module: TargetModule, x: &Tensor) -> Tensor {
-        let l = &self.weights.layers[layer];
-        let w = match module {
-            TargetModule::QProj => &l.q_proj,
-            TargetModule::KProj => &l.k_proj,
-            TargetModule::VProj => &l.v_proj,
-            TargetModule::OProj => &l.o_proj,
-            TargetModule::GateProj => &l.gate_proj,
-            TargetModule::UpProj => &l.up_proj,
-            TargetModule::DownProj => &l.down_proj,
-        };
-        let Linear::Dense(w) = w else {
-            panic!("the oracle takes dense weights")
-        };
+        let w = &self.linears[&(layer, module)];
         let (b, t, i) = x.dims3().unwrap();
         let x2 = x.reshape((b * t, i)).unwrap();
-        let mut y = x2.matmul(&w.t().unwrap()).unwrap();
+        let mut y = self.round(&x2.matmul(&w.t().unwrap()).unwrap());
         if let Some((a, bm)) = self.lora.get(&(layer, module)) {
-            let delta = x2
-                .matmul(&a.as_tensor().t().unwrap())
-                .unwrap()
-                .matmul(&bm.as_tensor().t().unwrap())
-                .unwrap();
-            y = (y + (delta * self.scaling).unwrap()).unwrap();
+            let xa = self.round_adapter(&x2);
+            let ax = self.round_adapter(&xa.matmul(&a.as_tensor().t().unwrap()).unwrap());
+            let bax = self.round_adapter(&ax.matmul(&bm.as_tensor().t().unwrap()).unwrap());
+            let delta = self.round_adapter(&(bax * self.scaling).unwrap());
+            y = self.round(&(y + delta).unwrap());
         }
         y.reshape((b, t, ())).unwrap()
     }
 
+    /// RMSNorm: statistics in f32, `round(w · round(x · rstd))`.
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
         let rstd = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + self.config.rms_norm_eps)
             .unwrap()
@@ -159,7 +238,12 @@ impl<'a> Oracle<'a> {
             .unwrap()
             .recip()
             .unwrap();
-        x.broadcast_mul(&rstd).unwrap().broadcast_mul(w).unwrap()
+        let normed = self.round(&x.broadcast_mul(&rstd).unwrap());
+        self.round(
+            &normed
+                .broadcast_mul(&w.to_dtype(DType::F32).unwrap())
+                .unwrap(),
+        )
     }
 
     fn rope(&self, x: &Tensor) -> Tensor {
@@ -167,7 +251,9 @@ impl<'a> Oracle<'a> {
         let x1 = x.narrow(D::Minus1, 0, half).unwrap();
         let x2 = x.narrow(D::Minus1, half, half).unwrap();
         let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-        (x.broadcast_mul(&self.cos).unwrap() + rotated.broadcast_mul(&self.sin).unwrap()).unwrap()
+        let a = self.round(&x.broadcast_mul(&self.cos).unwrap());
+        let b = self.round(&rotated.broadcast_mul(&self.sin).unwrap());
+        self.round(&(a + b).unwrap())
     }
 
     fn heads(&self, x: &Tensor, n: usize) -> Tensor {
@@ -208,26 +294,29 @@ impl<'a> Oracle<'a> {
             c.num_key_value_heads,
         );
         let (k, v) = (self.repeat(&k), self.repeat(&v));
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (c.head_dim as f64).sqrt()).unwrap();
-        let scores = scores.broadcast_add(&self.mask).unwrap();
+        // transformers' `head_dim ** -0.5` is a Python float that torch applies in f32.
+        let scale = f64::from((c.head_dim as f64).powf(-0.5) as f32);
+        let scores = self.round(&q.matmul(&k.t().unwrap()).unwrap());
+        let scores = self.round(&(scores * scale).unwrap());
+        let scores = self.round(&scores.broadcast_add(&self.mask).unwrap());
         let max = scores.max_keepdim(D::Minus1).unwrap().detach();
         let exp = scores.broadcast_sub(&max).unwrap().exp().unwrap();
-        let probs = exp
-            .broadcast_div(&exp.sum_keepdim(D::Minus1).unwrap())
-            .unwrap();
-        let out = probs
-            .matmul(&v)
-            .unwrap()
+        let probs = self.round(
+            &exp.broadcast_div(&exp.sum_keepdim(D::Minus1).unwrap())
+                .unwrap(),
+        );
+        let out = self
+            .round(&probs.matmul(&v).unwrap())
             .transpose(1, 2)
             .unwrap()
             .reshape((b, t, ()))
             .unwrap();
-        let h = (x + self.linear(layer, TargetModule::OProj, &out)).unwrap();
+        let h = self.round(&(x + self.linear(layer, TargetModule::OProj, &out)).unwrap());
         let n = self.rms_norm(&h, &l.post_attention_layernorm);
         let gate = self.linear(layer, TargetModule::GateProj, &n);
         let up = self.linear(layer, TargetModule::UpProj, &n);
-        let act = (gate.silu().unwrap() * up).unwrap();
-        (&h + self.linear(layer, TargetModule::DownProj, &act)).unwrap()
+        let act = self.round(&(self.round(&gate.silu().unwrap()) * up).unwrap());
+        self.round(&(&h + self.linear(layer, TargetModule::DownProj, &act)).unwrap())
     }
 
     /// The mean causal-LM loss of the whole stack on `batch`.
@@ -239,13 +328,16 @@ impl<'a> Oracle<'a> {
             .embed_tokens
             .index_select(&ids, 0)
             .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
             .reshape((b, t, ()))
             .unwrap();
         for layer in 0..self.config.num_hidden_layers {
             x = self.layer(layer, &x);
         }
         let x = self.rms_norm(&x, &w.norm).reshape((b * t, ())).unwrap();
-        let logits = x.matmul(&w.lm_head().t().unwrap()).unwrap();
+        let lm_head = w.lm_head().to_dtype(DType::F32).unwrap();
+        let logits = self.round(&x.matmul(&lm_head.t().unwrap()).unwrap());
         let labels = batch
             .labels
             .flatten_all()
@@ -295,10 +387,22 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// Every (layer, module) of `want` is in `got` (and nothing else), within `Op::LoraGrad` F32;
-/// returns the worst absolute difference.
-fn check_lora_grads(what: &str, got: &LoraGrads, want: &LoraGrads) -> f32 {
-    let tol = lookup(Op::LoraGrad, Dtype::F32);
+/// How a case's gradients are compared: f32 element by element within `Op::LoraGrad` F32; bf16
+/// compute within `Op::LoraGradScaled` BF16 after dividing each tensor by its largest |want|, as
+/// bf16 errors scale with the terms that make up a tensor rather than with each element.
+fn check_values(dtype: Dtype, got: &[f32], want: &[f32]) -> Result<(), Mismatch> {
+    if dtype == Dtype::F32 {
+        return lookup(Op::LoraGrad, Dtype::F32).check(got, want);
+    }
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "the oracle's gradient is zero");
+    let scaled = |v: &[f32]| v.iter().map(|x| x / scale).collect::<Vec<_>>();
+    lookup(Op::LoraGradScaled, dtype).check(&scaled(got), &scaled(want))
+}
+
+/// Every (layer, module) of `want` is in `got` (and nothing else), each within [`check_values`]
+/// for `dtype`; returns the worst absolute difference.
+fn check_lora_grads_within(what: &str, got: &LoraGrads, want: &LoraGrads, dtype: Dtype) -> f32 {
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>(),
@@ -309,9 +413,10 @@ fn check_lora_grads(what: &str, got: &LoraGrads, want: &LoraGrads) -> f32 {
         let w = &want[key];
         for (name, gt, wt) in [("dA", &g.a, &w.a), ("dB", &g.b, &w.b)] {
             assert_eq!(gt.dims(), wt.dims(), "{what} {key:?} {name}");
+            assert_eq!(gt.dtype(), DType::F32, "{what} {key:?} {name}");
             let (gv, wv) = (values(gt), values(wt));
             worst = worst.max(max_abs_diff(&gv, &wv));
-            if let Err(m) = tol.check(&gv, &wv) {
+            if let Err(m) = check_values(dtype, &gv, &wv) {
                 panic!("{what} {key:?} {name}: {m}");
             }
         }
@@ -319,15 +424,85 @@ fn check_lora_grads(what: &str, got: &LoraGrads, want: &LoraGrads) -> f32 {
     worst
 }
 
-fn check_layer(name: &str, rslora: bool) {
-    let (model, weights) = load(name);
-    let adapter = adapter(&model, &TargetModule::ALL, rslora);
+/// [`check_lora_grads_within`] `Op::LoraGrad` F32.
+fn check_lora_grads(what: &str, got: &LoraGrads, want: &LoraGrads) -> f32 {
+    check_lora_grads_within(what, got, want, Dtype::F32)
+}
+
+/// The largest magnitude among every dA and dB.
+fn largest_grad(grads: &LoraGrads) -> f32 {
+    grads
+        .values()
+        .flat_map(|p| values(&p.a).into_iter().chain(values(&p.b)))
+        .fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// A model and adapter to differentiate: fixture `model` with its dense weights in `dtype` (the
+/// compute dtype; bnb_nf4's linears stay NF4, `quantize` makes any model's NF4 on load), the
+/// adapter in `adapter_dtype`.
+#[derive(Clone, Copy)]
+struct Case {
+    model: &'static str,
+    dtype: DType,
+    quantize: bool,
+    adapter_dtype: DType,
+    rslora: bool,
+}
+
+impl Case {
+    fn f32(model: &'static str, rslora: bool) -> Self {
+        Case {
+            model,
+            dtype: DType::F32,
+            quantize: false,
+            adapter_dtype: DType::F32,
+            rslora,
+        }
+    }
+
+    /// The tolerance row: any bf16 in the forward makes it a bf16 comparison.
+    fn tol_dtype(&self) -> Dtype {
+        if self.dtype == DType::F32 && self.adapter_dtype == DType::F32 {
+            Dtype::F32
+        } else {
+            Dtype::BF16
+        }
+    }
+
+    fn load(&self) -> (LlamaModel, LlamaWeights) {
+        let (config, weights) = load_weights(self.model, self.dtype, self.quantize);
+        (LlamaModel::new(config, weights.clone()).unwrap(), weights)
+    }
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:?}{} adapter {:?}{}",
+            self.model,
+            self.dtype,
+            if self.quantize { " nf4" } else { "" },
+            self.adapter_dtype,
+            if self.rslora { " rslora" } else { "" }
+        )
+    }
+}
+
+fn check_layer(case: Case) {
+    let (model, weights) = case.load();
+    let adapter = adapter_in(&model, &TargetModule::ALL, case.rslora, case.adapter_dtype);
     let batch = padded_batch();
     let c = model.config();
     let (b, t) = batch.input_ids.dims2().unwrap();
-    let oracle = Oracle::new(c, &weights, &adapter, &batch.attention_mask);
+    let oracle = Oracle::new(c, &weights, case.dtype, &adapter, &batch.attention_mask);
     for layer in 0..c.num_hidden_layers {
-        let x = seeded(100 + layer as u64, &[b, t, c.hidden_size], 1.0);
+        // The layer input holds compute-dtype values, as the stack's forward keeps them.
+        let x = seeded(100 + layer as u64, &[b, t, c.hidden_size], 1.0)
+            .to_dtype(case.dtype)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let dy = seeded(200 + layer as u64, &[b, t, c.hidden_size], 1.0);
         let x_var = Var::from_tensor(&x).unwrap();
         let y = oracle.layer(layer, x_var.as_tensor());
@@ -344,32 +519,39 @@ fn check_layer(name: &str, rslora: bool) {
             &dy,
         )
         .unwrap();
-        let worst = check_lora_grads(&format!("{name} layer {layer}"), &got.lora, &want);
+        let worst = check_lora_grads_within(
+            &format!("{case} layer {layer}"),
+            &got.lora,
+            &want,
+            case.tol_dtype(),
+        );
         let (gx, wx) = (values(&got.dx), values(want_dx));
         eprintln!(
-            "{name} rslora={rslora} layer {layer}: max |dx diff| {:e} (|dx| ≤ {:e}), max |dA, dB diff| {worst:e}",
+            "{case} layer {layer}: max |dx diff| {:e} (|dx| ≤ {:e}), max |dA, dB diff| {worst:e} \
+             (|dA, dB| ≤ {:e})",
             max_abs_diff(&gx, &wx),
-            wx.iter().fold(0f32, |m, v| m.max(v.abs()))
+            wx.iter().fold(0f32, |m, v| m.max(v.abs())),
+            largest_grad(&want)
         );
-        if let Err(m) = lookup(Op::LoraGrad, Dtype::F32).check(&gx, &wx) {
-            panic!("{name} layer {layer} dx: {m}");
+        if let Err(m) = check_values(case.tol_dtype(), &gx, &wx) {
+            panic!("{case} layer {layer} dx: {m}");
         }
     }
 }
 
 #[test]
 fn layer_backward_matches_candle_autograd() {
-    check_layer("base", false);
+    check_layer(Case::f32("base", false));
 }
 
 #[test]
 fn layer_backward_matches_candle_autograd_rslora_tied_llama3() {
-    check_layer("llama3_tied_f32", true);
+    check_layer(Case::f32("llama3_tied_f32", true));
 }
 
-fn check_stack(name: &str, rslora: bool) {
-    let (model, weights) = load(name);
-    let adapter = adapter(&model, &TargetModule::ALL, rslora);
+fn check_stack(case: Case) {
+    let (model, weights) = case.load();
+    let adapter = adapter_in(&model, &TargetModule::ALL, case.rslora, case.adapter_dtype);
     let batch = padded_batch();
     let got = lora_gradients(
         &model,
@@ -380,16 +562,24 @@ fn check_stack(name: &str, rslora: bool) {
     )
     .unwrap();
 
-    let oracle = Oracle::new(model.config(), &weights, &adapter, &batch.attention_mask);
+    let oracle = Oracle::new(
+        model.config(),
+        &weights,
+        case.dtype,
+        &adapter,
+        &batch.attention_mask,
+    );
     let loss = oracle.loss(&batch);
     let want = oracle.lora_grads(&loss.backward().unwrap());
-    let worst = check_lora_grads(&format!("{name} stack"), &got.lora, &want);
+    let worst =
+        check_lora_grads_within(&format!("{case} stack"), &got.lora, &want, case.tol_dtype());
     let want_loss = loss.to_scalar::<f32>().unwrap();
     eprintln!(
-        "{name} rslora={rslora} stack: loss {} vs candle {want_loss}, max |dA, dB diff| {worst:e}",
-        got.loss
+        "{case} stack: loss {} vs candle {want_loss}, max |dA, dB diff| {worst:e} (|dA, dB| ≤ {:e})",
+        got.loss,
+        largest_grad(&want)
     );
-    let tol = lookup(Op::LlamaLogits, Dtype::F32);
+    let tol = lookup(Op::LlamaLogits, case.tol_dtype());
     tol.check(&[got.loss], &[want_loss]).unwrap();
 
     let logits = model
@@ -411,12 +601,70 @@ fn check_stack(name: &str, rslora: bool) {
 
 #[test]
 fn stack_gradients_match_candle_autograd() {
-    check_stack("base", false);
+    check_stack(Case::f32("base", false));
 }
 
 #[test]
 fn stack_gradients_match_candle_autograd_rslora_tied_llama3() {
-    check_stack("llama3_tied_f32", true);
+    check_stack(Case::f32("llama3_tied_f32", true));
+}
+
+/// The bf16 forward with an f32 adapter (PEFT's default: it upcasts a bf16 model's adapter),
+/// a bf16 adapter, and NF4 linears (bitsandbytes' stored checkpoint, dequantized to bf16).
+const BF16_CASES: [Case; 4] = [
+    Case {
+        model: "base",
+        dtype: DType::BF16,
+        quantize: false,
+        adapter_dtype: DType::F32,
+        rslora: false,
+    },
+    Case {
+        model: "base",
+        dtype: DType::BF16,
+        quantize: false,
+        adapter_dtype: DType::BF16,
+        rslora: true,
+    },
+    Case {
+        model: "bnb_nf4",
+        dtype: DType::BF16,
+        quantize: false,
+        adapter_dtype: DType::F32,
+        rslora: false,
+    },
+    Case {
+        model: "bnb_nf4",
+        dtype: DType::BF16,
+        quantize: false,
+        adapter_dtype: DType::BF16,
+        rslora: false,
+    },
+];
+
+#[test]
+fn bf16_layer_backward_matches_candle_autograd() {
+    for case in BF16_CASES {
+        check_layer(case);
+    }
+}
+
+#[test]
+fn bf16_stack_gradients_match_candle_autograd() {
+    for case in BF16_CASES {
+        check_stack(case);
+    }
+}
+
+/// NF4 linears quantized on load with f32 compute: the dequantized weights are the only change.
+#[test]
+fn nf4_f32_gradients_match_candle_autograd() {
+    let case = Case {
+        quantize: true,
+        ..Case::f32("llama3_tied_f32", false)
+    };
+    check_layer(case);
+    check_stack(case);
 }
 
 #[test]
@@ -565,7 +813,6 @@ fn lora_a_gradient_matches_finite_differences() {
 }
 
 /// Fixture model `name` in f32 with its weights (the oracle rebuilds the layers from them).
-fn load(name: &str) -> (LlamaModel, LlamaWeights) {
-    let (config, weights) = load_weights(name, DType::F32, false);
-    (LlamaModel::new(config, weights.clone()).unwrap(), weights)
+fn load(name: &'static str) -> (LlamaModel, LlamaWeights) {
+    Case::f32(name, false).load()
 }
