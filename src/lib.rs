@@ -3,6 +3,7 @@
 //! Layers, bottom up: `quant` (NF4 format, bitsandbytes-compatible), `kernels` (CUDA kernels with
 //! their CPU reference and CPU emulation), then the model, PEFT methods and trainer.
 
+pub mod cli;
 pub mod error;
 pub mod kernels;
 pub mod model;
