@@ -527,6 +527,59 @@ mod tests {
         assert!(plan_shards(&[], 10).is_empty());
     }
 
+    fn tensor(name: &str, values: usize, fail: bool) -> OutTensor<'static> {
+        let key = name.to_string();
+        OutTensor {
+            name: name.to_string(),
+            dtype: Dtype::F32,
+            shape: vec![values],
+            produce: Box::new(move || {
+                if fail {
+                    Err(Error::MissingTensor { key: key.clone() })
+                } else {
+                    Ok(vec![0; values * 4])
+                }
+            }),
+        }
+    }
+
+    #[test]
+    fn a_failing_tensor_removes_the_shards_already_written() {
+        let dir = std::env::temp_dir().join(format!("qlora-hf-folder-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // Three shards of one tensor each; the third fails after two files exist.
+        let tensors = vec![
+            tensor("a.weight", 10, false),
+            tensor("b.weight", 10, false),
+            tensor("c.weight", 10, true),
+        ];
+        let err = write_checkpoint(&dir, tensors, 40, 30).unwrap_err();
+        assert!(
+            matches!(err, Error::MissingTensor { ref key } if key == "c.weight"),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+
+        let ok = vec![tensor("a.weight", 10, false), tensor("b.weight", 10, false)];
+        let written = write_checkpoint(&dir, ok, 40, 20).unwrap();
+        assert_eq!(written.files.len(), 2);
+        assert_eq!(written.total_bytes, 80);
+        let index: Value =
+            serde_json::from_str(&fs::read_to_string(dir.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            index["weight_map"]["b.weight"],
+            "model-00002-of-00002.safetensors"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_weight_and_its_state_share_an_owner() {
+        assert_eq!(weight_owner("m.q_proj.weight.absmax"), "m.q_proj.weight");
+        assert_eq!(weight_owner("m.q_proj.weight"), "m.q_proj.weight");
+        assert_eq!(weight_owner("m.norm.bias"), "m.norm.bias");
+    }
+
     #[test]
     fn json_matches_python_dumps() {
         let v: Value = serde_json::from_str(
