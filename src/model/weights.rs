@@ -158,7 +158,7 @@ pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
 
 /// The parsed headers of every shard and which shard holds each tensor.
 pub(crate) struct Checkpoint<'a> {
-    pub(crate) shards: Vec<SafeTensors<'a>>,
+    shards: Vec<SafeTensors<'a>>,
     pub(crate) shard_of: HashMap<String, usize>,
 }
 
