@@ -561,6 +561,36 @@ def make_lora_grad_bf16_fixtures(outdir: Path) -> None:
     save_file(out, str(outdir / "lora_grads_bf16.safetensors"), metadata={"format": "pt"})
 
 
+MERGE_SAMPLE_STRIDE = 7
+
+
+def make_lora_merge_fixtures(outdir: Path) -> None:
+    """tests/fixtures/lora/merged.safetensors: PEFT's `merge_and_unload()` of each adapter of
+    `make_lora_fixtures` (r4_all, r4_all_rslora) on the f32 `base`. For every merged linear weight
+    W' [out, in] (key `{name}.{state-dict key}`, e.g. `r4_all.model.layers.0.self_attn.q_proj.weight`):
+    `.sample` = W'.flatten()[::MERGE_SAMPLE_STRIDE] (f32), `.row_sum` and `.col_sum` = W' summed
+    over in and over out in f64. Samples and sums pin every element's row and column and one in
+    seven exactly, at a third of the size of the weights themselves (346 KB per adapter)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    llama = outdir.parent / "llama" / "base"
+    out = {}
+    for name in ["r4_all", "r4_all_rslora"]:
+        model = LlamaForCausalLM.from_pretrained(str(llama), dtype=torch.float32,
+                                                 attn_implementation="eager")
+        merged = PeftModel.from_pretrained(model, str(outdir / name)).merge_and_unload()
+        for key, w in sorted(merged.state_dict().items()):
+            if not any(key.endswith(f"{lin}.weight") for lin in LLAMA_LINEARS):
+                continue
+            w = w.detach()
+            assert w.dtype == torch.float32 and w.dim() == 2, key
+            out[f"{name}.{key}.sample"] = w.flatten()[::MERGE_SAMPLE_STRIDE].contiguous()
+            out[f"{name}.{key}.row_sum"] = w.double().sum(dim=1).contiguous()
+            out[f"{name}.{key}.col_sum"] = w.double().sum(dim=0).contiguous()
+    save_file(out, str(outdir / "merged.safetensors"), metadata={"format": "pt"})
+
+
 def make_generation_fixtures(outdir: Path) -> None:
     """tests/fixtures/llama/generate.safetensors: transformers' greedy `generate` (do_sample=False,
     max_new_tokens=8, use_cache=True, eager attention, eos and pad ids from the config) in f32 on a
@@ -719,6 +749,8 @@ def main() -> int:
     print(f"wrote {fixtures / 'lora' / 'lora_grads.safetensors'}")
     make_lora_grad_bf16_fixtures(fixtures / "lora")
     print(f"wrote {fixtures / 'lora' / 'lora_grads_bf16.safetensors'}")
+    make_lora_merge_fixtures(fixtures / "lora")
+    print(f"wrote {fixtures / 'lora' / 'merged.safetensors'}")
     return 0
 
 

@@ -33,6 +33,11 @@ pub enum Error {
     #[error("adapter config: `{field}`: {reason}")]
     AdapterConfig { field: &'static str, reason: String },
 
+    /// A LoRA adapter does not fit the base model it is merged into: another layer count, module
+    /// shapes that differ, or a module the base does not have.
+    #[error("the adapter does not fit the base model: {reason}")]
+    AdapterMismatch { reason: String },
+
     /// A checkpoint tensor is missing.
     #[error("checkpoint: missing tensor `{key}`")]
     MissingTensor { key: String },

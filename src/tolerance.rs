@@ -76,6 +76,13 @@ pub enum Op {
     /// LoRA gradients (dA, dB) of the bf16-compute backward against PEFT's autograd in torch, which
     /// rounds every intermediate gradient to bf16 too; each tensor divided by its largest |want|.
     LoraGradPeftScaled,
+    /// A merged weight `W + s·(B·A)` against PEFT's `merge_and_unload()`: the r-term f32 sum of
+    /// B·A (and whether it is fused into fma) follows each side's GEMM, then the same two roundings.
+    LoraMerge,
+    /// Logits of the merged model (no adapter) against the base model run with the adapter:
+    /// `x·(W + sBA)ᵀ` vs `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` reassociated in every adapted linear, and for a
+    /// bf16 or f16 export the merged weights rounded once to that dtype.
+    MergedLogits,
 }
 
 /// An absolute and a relative tolerance.
@@ -681,6 +688,64 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 4e-3,
         },
     ),
+    // Measured bit-exact against PEFT (f32 and bf16, all 115560 weights of the fixture); the
+    // tolerance allows a GEMM that sums the r ≤ 64 terms in another order or with fma (a few ulps
+    // of |w| ≲ 1), and row/column sums of ≤ 200 such weights compared in f64.
+    (
+        Op::LoraMerge,
+        Dtype::F32,
+        Tolerance {
+            atol: 2e-6,
+            rtol: 1e-6,
+        },
+    ),
+    // One final RNE rounding of nearly equal f32 values: at most one bf16 ulp apart.
+    (
+        Op::LoraMerge,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 8e-3,
+        },
+    ),
+    // One final RNE rounding of nearly equal f32 values: at most one f16 ulp apart.
+    (
+        Op::LoraMerge,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-3,
+        },
+    ),
+    // f32 merged weights: only the reassociation of each adapted linear (GEMMs with K ≤ 136, as
+    // for LlamaLogits); measured ≤ 3.3e-7 on the tiny Llama, dense and NF4 bases.
+    (
+        Op::MergedLogits,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // bf16 merged weights run in f32: each weight moved by ≤ 2^-9 relative; measured 1.9e-3 on
+    // logits |x| ≲ 1.5 (the adapter itself moves them by ≥ 0.59).
+    (
+        Op::MergedLogits,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // f16 merged weights run in f32: each weight moved by ≤ 2^-12 relative; measured 2.4e-4.
+    (
+        Op::MergedLogits,
+        Dtype::F16,
+        Tolerance {
+            atol: 2e-3,
+            rtol: 1e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -719,6 +784,8 @@ mod tests {
             Op::LoraGradDevice,
             Op::LoraGradScaled,
             Op::LoraGradPeftScaled,
+            Op::LoraMerge,
+            Op::MergedLogits,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -176,7 +176,7 @@ impl LlamaWeights {
 }
 
 /// The safetensors files of the checkpoint in `dir`, in index order.
-fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: HashMap<String, String>,
@@ -211,7 +211,7 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn map_file(path: &Path) -> Result<Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and lives only while loading; like every safetensors reader
     // that maps, we rely on nobody truncating or rewriting the checkpoint file meanwhile.
@@ -219,13 +219,13 @@ fn map_file(path: &Path) -> Result<Mmap> {
 }
 
 /// The parsed headers of every shard and which shard holds each tensor.
-struct Checkpoint<'a> {
+pub(crate) struct Checkpoint<'a> {
     shards: Vec<SafeTensors<'a>>,
-    shard_of: HashMap<String, usize>,
+    pub(crate) shard_of: HashMap<String, usize>,
 }
 
 impl<'a> Checkpoint<'a> {
-    fn new(maps: &'a [Mmap]) -> Result<Self> {
+    pub(crate) fn new(maps: &'a [Mmap]) -> Result<Self> {
         let shards = maps
             .iter()
             .map(|m| SafeTensors::deserialize(m))
@@ -239,11 +239,11 @@ impl<'a> Checkpoint<'a> {
         Ok(Self { shards, shard_of })
     }
 
-    fn shard(&self, key: &str) -> Option<&SafeTensors<'a>> {
+    pub(crate) fn shard(&self, key: &str) -> Option<&SafeTensors<'a>> {
         self.shard_of.get(key).map(|&i| &self.shards[i])
     }
 
-    fn view(&self, key: &str) -> Result<TensorView<'a>> {
+    pub(crate) fn view(&self, key: &str) -> Result<TensorView<'a>> {
         self.shard(key)
             .and_then(|st| st.tensor(key).ok())
             .ok_or_else(|| Error::MissingTensor {
@@ -266,7 +266,7 @@ enum HostValues {
     BF16(Vec<bf16>),
 }
 
-fn widen(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+pub(crate) fn widen(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     let width = dtype.bitsize() / 8;
     bytes.chunks_exact(width).map(move |b| match dtype {
         Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),

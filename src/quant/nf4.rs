@@ -2,7 +2,7 @@
 //! in blocks of `blocksize`, one f32 absmax per block, 4-bit codes packed two per byte (the first
 //! value in the high nibble) into `(n + 1) / 2` bytes; optionally the absmax vector double-quantized.
 
-use half::bf16;
+use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::quant::dynamic8;
@@ -127,18 +127,50 @@ pub fn quantize_nf4(input: &[f32], blocksize: usize) -> Result<(Vec<u8>, Vec<f32
         .chunks(blocksize)
         .zip(packed.chunks_mut(blocksize / 2))
     {
-        let max = block_absmax(block);
+        let max = stored_absmax(block, blocksize);
+        absmax.push(max);
         if block.len() == blocksize {
-            absmax.push(max);
             let inv = 1.0 / clamp_min_scale(max);
             pack_block(block, out, |x| x * inv);
         } else {
-            let max = clamp_min_scale(max);
-            absmax.push(max);
             pack_block(block, out, |x| x / max);
         }
     }
     Ok((packed, absmax))
+}
+
+/// The scale [`quantize_nf4`] stores for `block`: `max |x|` for a full block, clamped to
+/// [`MIN_SCALE`] for a partial last one.
+fn stored_absmax(block: &[f32], blocksize: usize) -> f32 {
+    let max = block_absmax(block);
+    if block.len() == blocksize {
+        max
+    } else {
+        clamp_min_scale(max)
+    }
+}
+
+/// The per-block scales [`quantize_nf4`] would store, without computing the codes (one pass of
+/// block maxima): what a writer needs to size and fill the scale tensors ahead of the codes.
+pub fn nf4_absmax(input: &[f32], blocksize: usize) -> Result<Vec<f32>> {
+    check_blocksize("nf4_absmax", blocksize)?;
+    Ok(input
+        .chunks(blocksize)
+        .map(|block| stored_absmax(block, blocksize))
+        .collect())
+}
+
+/// The stored form of NF4 block scales: as they are, or double-quantized in blocks of
+/// [`NESTED_BLOCKSIZE`] as bitsandbytes' `compress_statistics=True` does.
+pub fn nf4_scales(absmax: Vec<f32>, double_quant: bool) -> Result<Nf4Scales> {
+    if double_quant {
+        Ok(Nf4Scales::Double(double_quantize(
+            &absmax,
+            NESTED_BLOCKSIZE,
+        )?))
+    } else {
+        Ok(Nf4Scales::F32(absmax))
+    }
 }
 
 fn check_dequant_lengths(
@@ -384,11 +416,7 @@ impl Nf4Tensor {
             ));
         }
         let (packed, absmax) = quantize_nf4(data, blocksize)?;
-        let scales = if double_quant {
-            Nf4Scales::Double(double_quantize(&absmax, NESTED_BLOCKSIZE)?)
-        } else {
-            Nf4Scales::F32(absmax)
-        };
+        let scales = nf4_scales(absmax, double_quant)?;
         Ok(Self {
             shape: shape.to_vec(),
             blocksize,
@@ -481,6 +509,23 @@ impl Nf4Tensor {
     /// output for `dtype=torch.bfloat16`.
     pub fn dequantize_bf16(&self) -> Result<Vec<bf16>> {
         Ok(self.dequantize()?.into_iter().map(bf16::from_f32).collect())
+    }
+
+    /// Dequantizes to the original dtype (`self.dtype`), the values held in f32: bitsandbytes'
+    /// `dequantize_4bit` output with the quant state's dtype, which is what its forward and
+    /// PEFT's merge multiply by or add to.
+    pub fn dequantize_original(&self) -> Result<Vec<f32>> {
+        let mut values = self.dequantize()?;
+        match self.dtype.as_str() {
+            "bfloat16" => values
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            "float16" => values
+                .iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            _ => {}
+        }
+        Ok(values)
     }
 }
 

@@ -1,0 +1,485 @@
+//! Merging a LoRA adapter into its base model for export: `W' = W + s·(B·A)` for every adapted
+//! linear `[out, in]` (A `[r, in]`, B `[out, r]`), computed in f32 from the base's stored values
+//! (dense f32/bf16/f16 widened, or NF4 dequantized to its original dtype as the forward uses it),
+//! and written one tensor at a time as a dense Hugging Face model folder in f32, f16 or bf16.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::model::config::TorchDtype;
+use crate::model::weights::{widen, NF4_LOAD_BLOCKSIZE};
+use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
+use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
+use crate::quant::hf_folder::{
+    copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
+    write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
+};
+use crate::quant::nf4::Nf4Tensor;
+use crate::{Error, Result};
+
+/// How to write the merged model.
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    /// Dtype of every floating-point tensor written (and the config's `torch_dtype`).
+    pub dtype: TorchDtype,
+    /// Shard size limit in bytes (huggingface_hub's rule; see `hf_folder::plan_shards`).
+    pub max_shard_bytes: u64,
+    /// Measure what re-quantizing each merged linear to NF4 would cost (see [`RequantizeReport`]).
+    pub requantize_report: bool,
+}
+
+impl Default for MergeOptions {
+    /// bf16, 5 GB shards, no report.
+    fn default() -> Self {
+        Self {
+            dtype: TorchDtype::BF16,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            requantize_report: false,
+        }
+    }
+}
+
+/// Error of re-quantizing merged weights `w` to NF4 and back, `q`: relative Frobenius error
+/// `‖q − w‖ / ‖w‖` and the largest `|q − w|`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RequantError {
+    pub relative_error: f64,
+    pub max_abs_error: f64,
+}
+
+/// [`RequantError`] of one linear of the merged model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModuleRequantError {
+    /// The weight's checkpoint name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Whether the adapter changed it (an untargeted linear is the base's own weight).
+    pub merged: bool,
+    pub numel: usize,
+    #[serde(flatten)]
+    pub error: RequantError,
+}
+
+/// What `qlora quantize` (NF4, blocks of 64, double quant) would lose on the merged model: each
+/// linear of every layer as written (in the output dtype) quantized, dequantized to that dtype
+/// and compared with itself.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RequantizeReport {
+    pub quant_type: &'static str,
+    pub blocksize: usize,
+    pub double_quant: bool,
+    /// The merged weights' dtype.
+    pub dtype: &'static str,
+    pub modules: Vec<ModuleRequantError>,
+    pub overall: RequantError,
+}
+
+/// What a merge wrote.
+#[derive(Clone, Debug)]
+pub struct MergeSummary {
+    /// The safetensors files, in shard order (an index is beside them when there are several).
+    pub files: Vec<PathBuf>,
+    pub total_bytes: u64,
+    /// Linears that received `s·B·A`.
+    pub merged_modules: usize,
+    /// Linears the base stored in NF4 (all dequantized in the output).
+    pub nf4_modules: usize,
+    /// Tokenizer and generation files copied from the base.
+    pub copied_files: Vec<String>,
+    pub report: Option<RequantizeReport>,
+}
+
+/// The torch name of a dtype as configs write it.
+pub fn torch_dtype_name(dtype: TorchDtype) -> &'static str {
+    match dtype {
+        TorchDtype::F32 => "float32",
+        TorchDtype::F16 => "float16",
+        TorchDtype::BF16 => "bfloat16",
+    }
+}
+
+fn safetensors_dtype(dtype: TorchDtype) -> Dtype {
+    match dtype {
+        TorchDtype::F32 => Dtype::F32,
+        TorchDtype::F16 => Dtype::F16,
+        TorchDtype::BF16 => Dtype::BF16,
+    }
+}
+
+/// `s·(B·A)` `[out, in]` row-major in f32: the product summed in f32, then scaled, as PEFT's
+/// `get_delta_weight` computes it for an f32 adapter (a bf16 adapter is widened, not rounded back).
+pub fn lora_delta(pair: &LoraPair, scaling: f64) -> Result<Vec<f32>> {
+    let a = pair.a.to_dtype(DType::F32)?;
+    let b = pair.b.to_dtype(DType::F32)?;
+    let ba = b.matmul(&a)?;
+    let s = scaling as f32;
+    Ok(ba
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v * s)
+        .collect())
+}
+
+/// Rounds `values` to `dtype` in place (round-to-nearest-even, as torch's `.to()`).
+fn round_to(dtype: TorchDtype, values: &mut [f32]) {
+    match dtype {
+        TorchDtype::F32 => {}
+        TorchDtype::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        TorchDtype::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+    }
+}
+
+/// Little-endian bytes of `values` (already representable) in `dtype`.
+fn encode(dtype: TorchDtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        TorchDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        TorchDtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        TorchDtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+}
+
+/// Sums for the report: squared error, squared norm and max |error| per module.
+#[derive(Default)]
+struct ReportSums {
+    modules: Vec<(ModuleRequantError, f64, f64)>,
+}
+
+fn requant_error(values: &[f32], shape: &[usize], dtype: TorchDtype) -> Result<(f64, f64, f64)> {
+    let mut q = Nf4Tensor::quantize(values, shape, NF4_LOAD_BLOCKSIZE, true)?;
+    q.dtype = torch_dtype_name(dtype).to_string();
+    let back = q.dequantize_original()?;
+    let (mut se, mut norm, mut max_abs) = (0f64, 0f64, 0f64);
+    for (&w, &b) in values.iter().zip(&back) {
+        let d = f64::from(b) - f64::from(w);
+        se += d * d;
+        norm += f64::from(w) * f64::from(w);
+        max_abs = max_abs.max(d.abs());
+    }
+    Ok((se, norm, max_abs))
+}
+
+fn relative(se: f64, norm: f64) -> f64 {
+    if norm > 0.0 {
+        (se / norm).sqrt()
+    } else if se > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// Where a linear's base values come from.
+#[derive(Clone)]
+enum BaseLinear {
+    Dense(String),
+    Nf4(String),
+}
+
+/// Reads the PEFT adapter in `adapter_dir` and merges it into the model in `base_dir`, writing
+/// the merged model folder `out_dir` (see [`merge_adapter`]).
+pub fn merge_adapter_dir(
+    base_dir: impl AsRef<Path>,
+    adapter_dir: impl AsRef<Path>,
+    out_dir: impl AsRef<Path>,
+    options: &MergeOptions,
+) -> Result<MergeSummary> {
+    let adapter_dir = adapter_dir.as_ref();
+    if !adapter_dir.is_dir() {
+        return Err(Error::io(
+            adapter_dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the adapter folder does not exist",
+            ),
+        ));
+    }
+    let adapter = LoraAdapter::load_pretrained(adapter_dir, &Device::Cpu)?;
+    merge(
+        base_dir.as_ref(),
+        &adapter,
+        out_dir.as_ref(),
+        options,
+        &[adapter_dir],
+    )
+}
+
+/// Merges `adapter` into the model in `base_dir` and writes `out_dir`: every floating-point tensor
+/// in `options.dtype` (each adapted linear `W + s·B·A`, NF4 linears dequantized, other tensors
+/// converted, non-float tensors copied), sharded by `options.max_shard_bytes`, `config.json`
+/// without `quantization_config` and with `torch_dtype` set, and the tokenizer files.
+///
+/// Everything is checked before the first byte is written: an adapter whose layer count or
+/// shapes do not fit gives [`Error::AdapterMismatch`], a missing base tensor
+/// [`Error::MissingTensor`], a malformed one [`Error::BadTensor`].
+pub fn merge_adapter(
+    base_dir: impl AsRef<Path>,
+    adapter: &LoraAdapter,
+    out_dir: impl AsRef<Path>,
+    options: &MergeOptions,
+) -> Result<MergeSummary> {
+    merge(base_dir.as_ref(), adapter, out_dir.as_ref(), options, &[])
+}
+
+fn merge(
+    base_dir: &Path,
+    adapter: &LoraAdapter,
+    out_dir: &Path,
+    options: &MergeOptions,
+    other_inputs: &[&Path],
+) -> Result<MergeSummary> {
+    let folder = ModelFolder::open(base_dir)?;
+    let (mut raw_config, config) = folder.config()?;
+    adapter.check_fits(&config).map_err(|e| match e {
+        Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
+        other => other,
+    })?;
+    let checkpoint = folder.checkpoint()?;
+    let names = ordered_names(&checkpoint);
+
+    let mut nf4_prefixes = BTreeSet::new();
+    for name in &names {
+        if let Some(prefix) = name.strip_suffix(&weight_key("", QUANT_STATE_SUFFIX)) {
+            nf4_prefixes.insert(prefix.trim_end_matches('.').to_string());
+        } else if name.contains(".weight.quant_state.") {
+            return Err(Error::BadTensor {
+                key: name.clone(),
+                reason: "only bitsandbytes NF4 weights can be merged into".to_string(),
+            });
+        }
+    }
+    // Every NF4 weight is read back (and checked) now, so a malformed one fails before writing.
+    let mut nf4_shapes = HashMap::new();
+    for prefix in &nf4_prefixes {
+        let key = weight_key(prefix, "");
+        let shard = checkpoint
+            .shard(&key)
+            .ok_or(Error::MissingTensor { key: key.clone() })?;
+        nf4_shapes.insert(prefix.clone(), nf4_from_safetensors(shard, prefix)?.shape);
+    }
+
+    let scaling = adapter.config().scaling();
+    let mut targets: HashMap<String, &LoraPair> = HashMap::new();
+    for ((layer, module), pair) in adapter.pairs() {
+        let prefix = linear_prefix(layer, module);
+        let shape = module.shape(&config).to_vec();
+        let base_shape = match nf4_shapes.get(&prefix) {
+            Some(s) => s.clone(),
+            None => {
+                let key = weight_key(&prefix, "");
+                let view = checkpoint.view(&key)?;
+                if !is_float(view.dtype()) {
+                    return Err(Error::BadTensor {
+                        key,
+                        reason: format!("dtype {:?} is not F32, F16 or BF16", view.dtype()),
+                    });
+                }
+                view.shape().to_vec()
+            }
+        };
+        if base_shape != shape {
+            return Err(Error::BadTensor {
+                key: weight_key(&prefix, ""),
+                reason: format!("shape {base_shape:?}, the config gives {shape:?}"),
+            });
+        }
+        targets.insert(prefix, pair);
+    }
+
+    let dtype = options.dtype;
+    let report = RefCell::new(ReportSums::default());
+    let want_report = options.requantize_report;
+    let checkpoint = &checkpoint;
+    let report_ref = &report;
+    let linear_tensor = |name: &str, source: BaseLinear, shape: Vec<usize>| -> OutTensor<'_> {
+        let prefix = name.trim_end_matches(".weight").to_string();
+        let pair = targets.get(&prefix).copied();
+        let out_name = name.to_string();
+        OutTensor {
+            name: name.to_string(),
+            dtype: safetensors_dtype(dtype),
+            shape: shape.clone(),
+            produce: Box::new(move || {
+                let mut w: Vec<f32> = match &source {
+                    BaseLinear::Nf4(prefix) => {
+                        let key = weight_key(prefix, "");
+                        let shard = checkpoint.shard(&key).ok_or(Error::MissingTensor { key })?;
+                        nf4_from_safetensors(shard, prefix)?.dequantize_original()?
+                    }
+                    BaseLinear::Dense(key) => {
+                        let view = checkpoint.view(key)?;
+                        widen(view.dtype(), view.data()).collect()
+                    }
+                };
+                if let Some(pair) = pair {
+                    let delta = lora_delta(pair, scaling)?;
+                    for (w, d) in w.iter_mut().zip(&delta) {
+                        *w += *d;
+                    }
+                }
+                round_to(dtype, &mut w);
+                if want_report {
+                    let (se, norm, max_abs) = requant_error(&w, &shape, dtype)?;
+                    report_ref.borrow_mut().modules.push((
+                        ModuleRequantError {
+                            name: out_name.clone(),
+                            merged: pair.is_some(),
+                            numel: w.len(),
+                            error: RequantError {
+                                relative_error: relative(se, norm),
+                                max_abs_error: max_abs,
+                            },
+                        },
+                        se,
+                        norm,
+                    ));
+                }
+                Ok(encode(dtype, &w))
+            }),
+        }
+    };
+
+    let mut tensors = Vec::new();
+    let mut parameters = 0u64;
+    for name in &names {
+        if let Some(i) = name.find(".weight.") {
+            if nf4_prefixes.contains(&name[..i]) {
+                continue; // an NF4 weight's state; the weight itself is written dense
+            }
+        }
+        let prefix = name.strip_suffix(".weight");
+        let tensor = match prefix.filter(|p| nf4_prefixes.contains(*p)) {
+            Some(p) => linear_tensor(name, BaseLinear::Nf4(p.to_string()), nf4_shapes[p].clone()),
+            None => {
+                let view = checkpoint.view(name)?;
+                if !is_float(view.dtype()) {
+                    copied_tensor(name, view)
+                } else if prefix.is_some_and(|p| targets.contains_key(p)) || is_linear(name) {
+                    linear_tensor(name, BaseLinear::Dense(name.clone()), view.shape().to_vec())
+                } else {
+                    converted_tensor(name, view, dtype)
+                }
+            }
+        };
+        parameters += tensor.shape.iter().product::<usize>() as u64;
+        tensors.push(tensor);
+    }
+
+    let dtype_name = torch_dtype_name(dtype);
+    raw_config.remove("quantization_config");
+    let mut set = false;
+    for key in ["torch_dtype", "dtype"] {
+        if raw_config.contains_key(key) {
+            raw_config.insert(key.to_string(), Value::from(dtype_name));
+            set = true;
+        }
+    }
+    if !set {
+        raw_config.insert("torch_dtype".to_string(), Value::from(dtype_name));
+    }
+
+    let mut inputs = vec![base_dir];
+    inputs.extend_from_slice(other_inputs);
+    prepare_output_dir(out_dir, &inputs)?;
+    let written = write_checkpoint(out_dir, tensors, options.max_shard_bytes, parameters)?;
+    write_config(out_dir, &raw_config)?;
+    let copied_files = copy_side_files(base_dir, out_dir)?;
+
+    let report = want_report.then(|| {
+        let mut modules = report.into_inner().modules;
+        modules.sort_by(|a, b| {
+            state_dict_order(&a.0.name)
+                .cmp(&state_dict_order(&b.0.name))
+                .then_with(|| a.0.name.cmp(&b.0.name))
+        });
+        let se: f64 = modules.iter().map(|m| m.1).sum();
+        let norm: f64 = modules.iter().map(|m| m.2).sum();
+        let max_abs = modules
+            .iter()
+            .map(|m| m.0.error.max_abs_error)
+            .fold(0.0, f64::max);
+        RequantizeReport {
+            quant_type: "nf4",
+            blocksize: NF4_LOAD_BLOCKSIZE,
+            double_quant: true,
+            dtype: dtype_name,
+            modules: modules.into_iter().map(|m| m.0).collect(),
+            overall: RequantError {
+                relative_error: relative(se, norm),
+                max_abs_error: max_abs,
+            },
+        }
+    });
+    Ok(MergeSummary {
+        files: written.files,
+        total_bytes: written.total_bytes,
+        merged_modules: targets.len(),
+        nf4_modules: nf4_prefixes.len(),
+        copied_files,
+        report,
+    })
+}
+
+/// `model.layers.{layer}.{block}.{module}`.
+pub fn linear_prefix(layer: usize, module: TargetModule) -> String {
+    format!("model.layers.{layer}.{}.{}", module.block(), module.name())
+}
+
+/// Whether `name` is the weight of one of the seven linears of a decoder layer.
+pub fn is_linear(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((index, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    index.parse::<usize>().is_ok()
+        && TargetModule::ALL
+            .iter()
+            .any(|m| rest == format!("{}.{}.weight", m.block(), m.name()))
+}
+
+fn copied_tensor<'a>(name: &str, view: TensorView<'a>) -> OutTensor<'a> {
+    OutTensor {
+        name: name.to_string(),
+        dtype: view.dtype(),
+        shape: view.shape().to_vec(),
+        produce: Box::new(move || Ok(view.data().to_vec())),
+    }
+}
+
+fn converted_tensor<'a>(name: &str, view: TensorView<'a>, dtype: TorchDtype) -> OutTensor<'a> {
+    OutTensor {
+        name: name.to_string(),
+        dtype: safetensors_dtype(dtype),
+        shape: view.shape().to_vec(),
+        produce: Box::new(move || {
+            if view.dtype() == safetensors_dtype(dtype) {
+                return Ok(view.data().to_vec()); // the round trip through f32 is the identity
+            }
+            let mut values: Vec<f32> = widen(view.dtype(), view.data()).collect();
+            round_to(dtype, &mut values);
+            Ok(encode(dtype, &values))
+        }),
+    }
+}
