@@ -1,8 +1,10 @@
 //! qlora: QLoRA and parameter-efficient fine-tuning of Llama-family models on custom CUDA kernels.
 //!
 //! Layers, bottom up: `quant` (NF4 format, bitsandbytes-compatible), `kernels` (CUDA kernels with
-//! their CPU reference and CPU emulation), then the model, PEFT methods and trainer.
+//! their CPU reference and CPU emulation), then the model, PEFT methods and trainer, and the
+//! binary's subcommands (`cli`).
 
+pub mod cli;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -7,6 +7,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
+use qlora::cli::plan::PlanArgs;
 use qlora::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
 use qlora::quant::bnb::nf4_to_tensors;
 use qlora::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
@@ -62,6 +63,8 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         kernel_rows: usize,
     },
+    /// Plan the device memory of a QLoRA training step, by category, against a budget.
+    Plan(PlanArgs),
 }
 
 fn main() {
@@ -86,6 +89,7 @@ fn main() {
             Some(path) => quantize_file(&path, output.as_deref(), blocksize, !no_double_quant),
             None => quantize_demo(output.as_deref(), blocksize, !no_double_quant, kernel_rows),
         },
+        Some(Command::Plan(args)) => qlora::cli::plan::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
