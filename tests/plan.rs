@@ -3,8 +3,9 @@
 //! moments, and the peak of a checkpointed forward + backward on the CPU; `qlora plan` end to end.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,19 +18,37 @@ use qlora::tolerance::{PLAN_METADATA_BYTES_PER_TENSOR, PLAN_STEP_PEAK_RTOL};
 use qlora::train::plan::{dtype_name, MemoryPlan, Phase, PlanSettings};
 use qlora::train::trainer::{CpuAdamW, Optimizer};
 
-/// Counts the bytes requested from the system allocator that are live, and their peak.
+/// Counts the bytes a measuring thread requests from the system allocator that are live, and
+/// their peak. Only threads inside [`Tracked`] count, so the test harness and other threads
+/// (output capture, a finished test's thread-local teardown) never disturb a measurement.
 struct CountingAllocator;
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+thread_local! {
+    static TRACKED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn tracked() -> bool {
+    TRACKED.try_with(Cell::get).unwrap_or(false)
+}
 
 fn grew(bytes: usize) {
-    let live = LIVE.fetch_add(bytes, Ordering::SeqCst) + bytes;
-    PEAK.fetch_max(live, Ordering::SeqCst);
+    if tracked() {
+        let live = LIVE.fetch_add(bytes as isize, Ordering::SeqCst) + bytes as isize;
+        PEAK.fetch_max(live, Ordering::SeqCst);
+    }
+}
+
+fn shrank(bytes: usize) {
+    if tracked() {
+        LIVE.fetch_sub(bytes as isize, Ordering::SeqCst);
+    }
 }
 
 // SAFETY: every method forwards to `System` with the caller's layout and pointer unchanged, so
-// the GlobalAlloc contract is System's; the counters only observe sizes.
+// the GlobalAlloc contract is System's; the counters only observe sizes and never allocate.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `alloc`'s contract (non-zero size), which we pass on.
@@ -52,14 +71,14 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from this allocator (hence System) with `layout`, per the caller.
         unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
+        shrank(layout.size());
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `ptr` and `layout` came from this allocator, per the caller.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
+            shrank(layout.size());
             grew(new_size);
         }
         p
@@ -69,10 +88,26 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// Every test of this binary holds this, so no other test allocates while one measures.
+/// Counts this thread's allocations while alive.
+struct Tracked;
+
+impl Tracked {
+    fn start() -> Self {
+        TRACKED.with(|t| t.set(true));
+        Tracked
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        TRACKED.with(|t| t.set(false));
+    }
+}
+
+/// Measuring tests hold this: they set RAYON_NUM_THREADS, which no other test may read meanwhile.
 static MEASURING: Mutex<()> = Mutex::new(());
 
-fn live() -> usize {
+fn live() -> isize {
     LIVE.load(Ordering::SeqCst)
 }
 
@@ -81,7 +116,7 @@ fn reset_peak() {
     PEAK.store(live(), Ordering::SeqCst);
 }
 
-fn peak() -> usize {
+fn peak() -> isize {
     PEAK.load(Ordering::SeqCst)
 }
 
@@ -194,17 +229,17 @@ fn batch(case: Case) -> (Tensor, Tensor, Tensor) {
     )
 }
 
-fn mib(bytes: usize) -> f64 {
+fn mib(bytes: isize) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
 /// `measured` is `planned` plus at most `tensors` tensors' worth of host metadata.
-fn assert_payload_plus_metadata(what: &str, measured: usize, planned: u128, tensors: usize) {
-    let planned = planned as usize;
-    let slack = tensors * PLAN_METADATA_BYTES_PER_TENSOR;
+fn assert_payload_plus_metadata(what: &str, measured: isize, planned: u128, tensors: usize) {
+    let planned = planned as isize;
+    let slack = (tensors * PLAN_METADATA_BYTES_PER_TENSOR) as isize;
     eprintln!(
         "{what}: measured {measured} B, planned {planned} B, metadata {} B over {tensors} tensors",
-        measured as i64 - planned as i64
+        measured - planned
     );
     assert!(
         measured >= planned && measured <= planned + slack,
@@ -216,6 +251,10 @@ fn assert_payload_plus_metadata(what: &str, measured: usize, planned: u128, tens
 /// peak must be in `phase`.
 fn check_cpu_step(case: Case, phase: Phase) {
     let _guard = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    // One thread (candle reads this variable at every op) runs every op on this, the counted,
+    // thread; candle's GEMM keeps packing buffers per thread, which the warm-up step allocates.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let _tracked = Tracked::start();
     let config = LlamaConfig {
         vocab_size: case.vocab,
         ..tiny_config()
@@ -252,7 +291,7 @@ fn check_cpu_step(case: Case, phase: Phase) {
     assert_payload_plus_metadata("adapter", live() - before, plan.adapters, 2 * pairs);
 
     let (ids, mask, labels) = batch(case);
-    // A first step warms up what the BLAS keeps between calls (thread-local packing buffers).
+    // A first step warms up what the GEMM keeps between calls (its packing buffers).
     let warm = lora_gradients(&model, &adapter, &ids, Some(&mask), &labels).unwrap();
     drop(warm);
 
@@ -428,7 +467,7 @@ fn plan_command_reads_a_config_json_and_rejects_bad_input() {
             "lm_head",
         ),
         (vec!["--preset", "tiny", "--seq-len", "0"], "seq_len"),
-        (vec!["--preset", "tiny", "--budget-gb", "-1"], "--budget-gb"),
+        (vec!["--preset", "tiny", "--budget-gb=-1"], "--budget-gb"),
     ] {
         let out = qlora().arg("plan").args(&bad).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

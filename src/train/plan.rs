@@ -150,6 +150,9 @@ impl PlanSettings {
                 config.num_attention_heads, config.num_key_value_heads
             ));
         }
+        if self.target == Target::Cpu && self.paged_states {
+            return bad("paged optimizer states exist only on the CUDA path".to_string());
+        }
         if self.targets.is_empty() {
             return bad("no target module".to_string());
         }
@@ -913,6 +916,10 @@ mod tests {
             PlanSettings {
                 targets: Vec::new(),
                 ..PlanSettings::cuda(8)
+            },
+            PlanSettings {
+                paged_states: true,
+                ..PlanSettings::cpu(8)
             },
         ];
         for settings in cases {
