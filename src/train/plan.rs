@@ -518,9 +518,13 @@ impl MemoryPlan {
             (
                 "logits / loss",
                 self.logits_loss,
-                match cpu {
-                    true => "whole [B*T, vocab] f32 logits and dL/dlogits".to_string(),
-                    false => format!("chunks of {} rows", s.logits_chunk_rows),
+                match (cpu, self.peak_phase) {
+                    (true, _) => "whole [B*T, vocab] f32 logits and dL/dlogits".to_string(),
+                    (false, Phase::Loss) => format!("chunks of {} rows", s.logits_chunk_rows),
+                    (false, _) => format!(
+                        "chunks of {} rows, freed before this peak",
+                        s.logits_chunk_rows
+                    ),
                 },
             ),
             (
