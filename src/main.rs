@@ -1,8 +1,8 @@
 //! The `qlora` binary. With no arguments (or `qlora train --demo`) it runs the built-in demo: QLoRA
 //! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora train`,
-//! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data; `qlora quantize`
-//! writes bitsandbytes-format NF4 and `qlora merge` folds a LoRA adapter into its base model. Each
-//! subcommand's Args struct and `run` live in src/cli/.
+//! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data; `quantize` writes
+//! bitsandbytes-format NF4, `merge` folds a LoRA adapter into its base model and `plan` plans a
+//! training step's device memory. Each subcommand's Args struct and `run` live in src/cli/.
 
 mod demo;
 
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use qlora::cli::eval::EvalArgs;
 use qlora::cli::generate::GenerateArgs;
 use qlora::cli::merge::MergeArgs;
+use qlora::cli::plan::PlanArgs;
 use qlora::cli::quantize::QuantizeArgs;
 use qlora::cli::train::TrainArgs;
 use qlora::{Error, Result};
@@ -48,6 +49,8 @@ enum Command {
     // Help text: the doc comments and `long_about` of the Args structs in src/cli/.
     Quantize(QuantizeArgs),
     Merge(MergeArgs),
+    /// Plan the device memory of a QLoRA training step, by category, against a budget.
+    Plan(PlanArgs),
 }
 
 /// `qlora train`: the demo with --demo (which takes only --steps, --output and --seed), else a
@@ -80,6 +83,7 @@ fn main() {
         Some(Command::Generate(args)) => qlora::cli::generate::run(&args),
         Some(Command::Quantize(args)) => qlora::cli::quantize::run(&args),
         Some(Command::Merge(args)) => qlora::cli::merge::run(&args),
+        Some(Command::Plan(args)) => qlora::cli::plan::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,12 +1,13 @@
 //! The `qlora` command line: one module per subcommand, each with a `#[derive(clap::Args)]`
-//! struct and a `run` function (`train`, `eval`, `generate`, `merge`, `quantize`), the training settings file
-//! (`config`), and what they share: loading a Hugging Face Llama folder with its tokenizer and an
+//! struct and a `run` function (`train`, `eval`, `generate`, `merge`, `quantize`, `plan`), the
+//! training settings file (`config`), and what they share: loading a Hugging Face Llama folder with its tokenizer and an
 //! optional PEFT adapter, and the progress bar.
 
 pub mod config;
 pub mod eval;
 pub mod generate;
 pub mod merge;
+pub mod plan;
 pub mod quantize;
 pub mod train;
 

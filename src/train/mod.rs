@@ -1,7 +1,7 @@
 //! Training: JSONL datasets turned into token ids with response-only labels, padding into batches
 //! and optional packing (`data`); learning-rate schedules (`schedule`); the training step
 //! (`trainer`) and, under `cuda`, its device optimizer (`cuda_adamw`); checkpoints (`checkpoint`),
-//! evaluation (`eval`) and metrics files (`metrics`).
+//! evaluation (`eval`), metrics files (`metrics`) and the device-memory plan of a step (`plan`).
 
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
@@ -9,5 +9,6 @@ pub mod cuda_adamw;
 pub mod data;
 pub mod eval;
 pub mod metrics;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;
