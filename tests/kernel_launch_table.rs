@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use qlora::kernels::launch::{Kernel, LaunchConfig};
+use qlora::kernels::nf4_gemm::{self, GemmOp, GemmShape};
 use qlora::kernels::{adamw, cross_entropy, llama, lora, nf4, nf4_gemv};
 
 const HIDDEN: usize = 5120;
@@ -40,6 +41,8 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
     )
     .unwrap();
     let mlp = lora::LoraDims::new("table", TOKENS, HIDDEN, INTERMEDIATE, RANK).unwrap();
+    let up = GemmShape::new(GemmOp::Forward, TOKENS, INTERMEDIATE, HIDDEN, NF4_BLOCK).unwrap();
+    let up_dx = GemmShape::new(GemmOp::InputGrad, TOKENS, INTERMEDIATE, HIDDEN, NF4_BLOCK).unwrap();
     let lora_a = RANK * HIDDEN;
     let w = format!("W [{INTERMEDIATE}, {HIDDEN}] blocks of {NF4_BLOCK}");
     let t = format!("[{TOKENS}, {HIDDEN}]");
@@ -124,6 +127,27 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
         ),
         (lora::LORA_DA, lin.clone(), lora::lora_grad_launch(HIDDEN)),
         (lora::LORA_DX, lin, lora::lora_expand_launch(&mlp, HIDDEN)),
+        // The general kernels share the fast ones' geometry; they run misaligned shapes.
+        (
+            nf4_gemm::GEMM,
+            format!("M {TOKENS}, {w}"),
+            nf4_gemm::gemm_launch(&up),
+        ),
+        (
+            nf4_gemm::GEMM_GENERAL,
+            format!("M {TOKENS}, {w}"),
+            nf4_gemm::gemm_launch(&up),
+        ),
+        (
+            nf4_gemm::GEMM_DX,
+            format!("dY [{TOKENS}, {INTERMEDIATE}], {w}"),
+            nf4_gemm::gemm_launch(&up_dx),
+        ),
+        (
+            nf4_gemm::GEMM_DX_GENERAL,
+            format!("dY [{TOKENS}, {INTERMEDIATE}], {w}"),
+            nf4_gemm::gemm_launch(&up_dx),
+        ),
     ]
 }
 
