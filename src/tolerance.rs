@@ -58,6 +58,17 @@ pub enum Op {
     /// LoRA gradients (dA, dB) and the layer input gradient from the explicit backward against
     /// an autograd oracle: the same math through differently ordered sums and transposed GEMMs.
     LoraGrad,
+    /// Causal attention forward (o in the input dtype, lse in f32), kernel vs reference: scores,
+    /// softmax and p·v in f32 with an online (rescaled, tile by tile) softmax and fma vs one pass
+    /// over the materialised row, rounded once to the output dtype.
+    Attention,
+    /// Causal attention backward (dq, dk, dv in the input dtype), kernel vs reference: the same
+    /// f32 recomputation of p, then ds = p (dp − delta) (which cancels) summed over keys or over
+    /// the GQA group's query rows in another order, rounded once.
+    AttentionBackward,
+    /// The attention reference against the Llama runtime's eager attention (its additive mask,
+    /// GQA and roundings) and candle's autograd through it.
+    AttentionRuntime,
 }
 
 /// An absolute and a relative tolerance.
@@ -519,6 +530,90 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 4e-3,
         },
     ),
+    // f32 sums over ≤ 67 keys of p·v (|v| ≲ 4) and over D ≤ 64 for the scores, reordered, and
+    // expf within 2 ulp on the GPU: a few e-7 relative, atol for outputs near 0.
+    (
+        Op::Attention,
+        Dtype::F32,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 2e-5,
+        },
+    ),
+    // One rounding to bf16 of nearly equal f32 values: one bf16 ulp (2^-8 relative).
+    (
+        Op::Attention,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::Attention,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // dp − delta cancels (delta is the p-weighted mean of dp), so the reordered f32 sums' error
+    // lands on smaller values: an order more absolute error than the forward.
+    (
+        Op::AttentionBackward,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+    ),
+    // One rounding to bf16 of nearly equal f32 values: one bf16 ulp.
+    (
+        Op::AttentionBackward,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::AttentionBackward,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // f32: the same math as candle's matmul / softmax graph, reordered sums over ≤ 9 keys.
+    (
+        Op::AttentionRuntime,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // bf16 runtime: scores, probabilities and the output each rounded to bf16 (the reference keeps
+    // f32 until its one rounding): a few bf16 ulps (2^-8 relative each).
+    (
+        Op::AttentionRuntime,
+        Dtype::BF16,
+        Tolerance {
+            atol: 2e-2,
+            rtol: 2e-2,
+        },
+    ),
+    // No f16 runtime (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::AttentionRuntime,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -552,6 +647,9 @@ mod tests {
             Op::LoraFusedBackward,
             Op::LlamaLogits,
             Op::LoraGrad,
+            Op::Attention,
+            Op::AttentionBackward,
+            Op::AttentionRuntime,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE
