@@ -440,26 +440,66 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
          (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
 }
 
-// Copies `rows` rows of D bf16 (global rows past `valid` become zeros) into a shared tile of row
-// stride kMmaStride, in 16-byte chunks through cp.async when the source is 16-byte aligned, and
+// Copies `rows` rows of D bf16 (global rows past `valid` become zeros) into rows dst_row.. of a
+// shared tile of row stride kMmaStride, in 16-byte chunks through cp.async when the source is 16-byte aligned, and
 // commits them as one group; the caller waits. Columns D.. of the tile are left as they are.
 template <typename Tile>
-__device__ __forceinline__ void load_bf16_rows(Tile& dst, const void* src, int64_t base, int rows, int valid,
-                                               int d, bool aligned) {
+__device__ __forceinline__ void load_bf16_rows(Tile& dst, int dst_row, const void* src, int64_t base, int rows,
+                                               int valid, int d, bool aligned) {
   const __nv_bfloat16* g = static_cast<const __nv_bfloat16*>(src);
   const int chunks = d / 8;
   for (int e = static_cast<int>(threadIdx.x); e < rows * chunks; e += kThreads) {
     const int r = e / chunks, c = (e - r * chunks) * 8;
+    const int at = (dst_row + r) * kMmaStride + c;
     if (aligned) {
       const bool in = r < valid;
-      cp_async_16_zfill(&dst[r * kMmaStride + c], in ? g + base + static_cast<int64_t>(r) * d + c : g, in ? 16 : 0);
+      cp_async_16_zfill(&dst[at], in ? g + base + static_cast<int64_t>(r) * d + c : g, in ? 16 : 0);
     } else {
       for (int x = 0; x < 8; ++x) {
-        dst[r * kMmaStride + c + x] = r < valid ? g[base + static_cast<int64_t>(r) * d + c + x] : __float2bfloat16_rn(0.0f);
+        dst[at + x] = r < valid ? g[base + static_cast<int64_t>(r) * d + c + x] : __float2bfloat16_rn(0.0f);
       }
     }
   }
   cp_async_commit();
+}
+
+// Zeroes columns D..d16 of `rows` rows: they take part in the 16-wide k steps and no load
+// writes them.
+template <typename Tile>
+__device__ __forceinline__ void zero_pad_columns(Tile& tile, int rows, int d, int d16) {
+  const int pad = d16 - d;
+  for (int e = static_cast<int>(threadIdx.x); e < rows * pad; e += kThreads) {
+    const int r = e / pad;
+    tile[r * kMmaStride + d + (e - r * pad)] = __float2bfloat16_rn(0.0f);
+  }
+}
+
+// A fragments (16 rows from `row0`, k step ks) of a shared bf16 tile.
+template <typename Tile>
+__device__ __forceinline__ void load_a(uint32_t a[4], Tile& tile, int row0, int ks, int lane) {
+  ldmatrix_x4(a, &tile[(row0 + (lane & 15)) * kMmaStride + ks * 16 + (lane >> 4) * 8]);
+}
+
+// B fragments of two n tiles (rows row0.. and row0 + 8.. of a tile stored [n][k], k step ks):
+// registers 0-1 for the first n tile, 2-3 for the second.
+template <typename Tile>
+__device__ __forceinline__ void load_b_pair(uint32_t b[4], Tile& tile, int row0, int ks, int lane) {
+  ldmatrix_x4(b, &tile[(row0 + (lane & 7) + ((lane >> 4) << 3)) * kMmaStride + ks * 16 + ((lane >> 3) & 1) * 8]);
+}
+
+// B fragments of two n tiles (columns n0.. and n0 + 8..) of a tile stored [k][n] (rows k0..k0+15).
+template <typename Tile>
+__device__ __forceinline__ void load_b_pair_trans(uint32_t b[4], Tile& tile, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, &tile[(k0 + (lane & 15)) * kMmaStride + n0 + (lane >> 4) * 8]);
+}
+
+// The A fragment of a 16×16 product operand from two 16×8 accumulator tiles (c0..c3 each),
+// rounded to bf16: the m16n8k16 C layout of columns 0-7 and 8-15 is the A layout of k 0-15.
+__device__ __forceinline__ void accumulators_as_a(uint32_t a[4], const float lo[4], const float hi[4]) {
+  a[0] = pack_bf16x2(lo[0], lo[1]);
+  a[1] = pack_bf16x2(lo[2], lo[3]);
+  a[2] = pack_bf16x2(hi[0], hi[1]);
+  a[3] = pack_bf16x2(hi[2], hi[3]);
 }
 
 }  // namespace
@@ -487,21 +527,16 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_attention_fwd_mma(const
 
   const int first_key = first_visible_key(p.key_mask, b, T, s_warp_min);
   const int key_end = q0 < first_key ? T : imin(T, q0 + kMmaRows);
-  // Columns D..d16 take part in the 16-wide k steps and must be zero; no load writes them.
-  const int pad = d16 - D;
-  for (int e = tid; e < kMmaKeys * pad; e += kThreads) {
-    const int r = e / pad, c = D + (e - r * pad);
-    s_k[r * kMmaStride + c] = __float2bfloat16_rn(0.0f);
-    s_v[r * kMmaStride + c] = __float2bfloat16_rn(0.0f);
-  }
+  zero_pad_columns(s_k, kMmaKeys, D, d16);
+  zero_pad_columns(s_v, kMmaKeys, D, d16);
   const int64_t q_base = row_offset(b, p.q_heads, h, T, q0, D);
-  load_bf16_rows(s_k, p.q, q_base, kMmaRows, T - q0, D, aligned);
+  load_bf16_rows(s_k, 0, p.q, q_base, kMmaRows, T - q0, D, aligned);
   cp_async_wait_all();
   __syncthreads();
   uint32_t qf[kMmaKSteps][4];
 #pragma unroll
   for (int ks = 0; ks < kMmaKSteps; ++ks) {
-    if (ks < ksteps) ldmatrix_x4(qf[ks], &s_k[(warp * 16 + (lane & 15)) * kMmaStride + ks * 16 + (lane >> 4) * 8]);
+    if (ks < ksteps) load_a(qf[ks], s_k, warp * 16, ks, lane);
   }
 
   float o[kMmaDTiles][4], m[2], l[2];
@@ -516,8 +551,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_attention_fwd_mma(const
   for (int k0 = 0; k0 < key_end; k0 += kMmaKeys) {
     __syncthreads();  // every warp is done with the previous tile (and with the staged q)
     const int64_t kv_base = row_offset(b, p.kv_heads, kvh, T, k0, D);
-    load_bf16_rows(s_k, p.k, kv_base, kMmaKeys, T - k0, D, aligned);
-    load_bf16_rows(s_v, p.v, kv_base, kMmaKeys, T - k0, D, aligned);
+    load_bf16_rows(s_k, 0, p.k, kv_base, kMmaKeys, T - k0, D, aligned);
+    load_bf16_rows(s_v, 0, p.v, kv_base, kMmaKeys, T - k0, D, aligned);
     if (tid < kMmaKeys) {
       const int j = k0 + tid;
       s_keep[tid] = j < T && (p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * T + j] != 0);
@@ -537,7 +572,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_attention_fwd_mma(const
 #pragma unroll
       for (int np = 0; np < kMmaKeyTiles / 2; ++np) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, &s_k[(np * 16 + (lane & 7) + ((lane >> 4) << 3)) * kMmaStride + ks * 16 + ((lane >> 3) & 1) * 8]);
+        load_b_pair(kb, s_k, np * 16, ks, lane);
         mma_m16n8k16_bf16(s[2 * np], qf[ks], kb, s[2 * np]);
         mma_m16n8k16_bf16(s[2 * np + 1], qf[ks], kb + 2, s[2 * np + 1]);
       }
@@ -591,14 +626,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_attention_fwd_mma(const
 
 #pragma unroll
     for (int kk = 0; kk < kMmaKeyTiles / 2; ++kk) {
-      const uint32_t a[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[4];
+      accumulators_as_a(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kMmaDTiles / 2; ++dp) {
         if (2 * dp >= dtiles) continue;
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, &s_v[(kk * 16 + (lane & 15)) * kMmaStride + dp * 16 + (lane >> 4) * 8]);
+        load_b_pair_trans(vb, s_v, kk * 16, dp * 16, lane);
         mma_m16n8k16_bf16(o[2 * dp], a, vb, o[2 * dp]);
         mma_m16n8k16_bf16(o[2 * dp + 1], a, vb + 2, o[2 * dp + 1]);
       }
@@ -629,3 +663,281 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_attention_fwd_mma(const
   }
 }
 QL_EMU_ENTRY(k_attention_fwd_mma, QlAttentionForwardParams)
+
+namespace {
+// The tensor-core dq pass takes key tiles of 32 (S and dP for 32 keys beside the q and do fragments
+// and the dq accumulators stay within the register file); the dk/dv pass keeps 64 keys and streams
+// queries 16 at a time.
+constexpr int kDqMmaKeys = 32;
+constexpr int kDkvMmaQueries = 16;
+}  // namespace
+
+// dq for bf16 on tensor cores. Grid (ceil(T / 64), Hq, B), 128 threads, warp w owning query rows
+// 16w.. of the tile. q and do are staged through shared memory into A fragments; per key tile of
+// 32, S = Q·Kᵀ and dP = dO·Vᵀ (K and V rows as col-major B operands), ds = p (dp - delta) on the
+// accumulators, then dQ += dS·K (dS rounded to bf16 as A, K through ldmatrix.trans). Shared
+// memory holds one 64-row tile: the staged q / do, then K in rows 0..31 and V in rows 32..63.
+extern "C" __global__ void __launch_bounds__(kThreads) k_attention_bwd_dq_mma(const QlAttentionBackwardParams p) {
+  QL_SHARED_ARRAY(__nv_bfloat16, s_kv, kMmaRows * kMmaStride);
+  QL_SHARED_ARRAY(int, s_keep, kDqMmaKeys);
+  QL_SHARED_ARRAY(int, s_warp_min, kWarps);
+  const int T = p.seq, D = p.head_dim;
+  const int d16 = (D + 15) & ~15, ksteps = d16 / 16, dtiles = d16 / 8;
+  const int q0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kMmaRows;
+  const int h = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+  const int kvh = h / (p.q_heads / p.kv_heads);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(p.q) | reinterpret_cast<uintptr_t>(p.k) |
+                         reinterpret_cast<uintptr_t>(p.v) | reinterpret_cast<uintptr_t>(p.d_o)) & 15) == 0;
+
+  const int first_key = first_visible_key(p.key_mask, b, T, s_warp_min);
+  const int key_end = q0 < first_key ? T : imin(T, q0 + kMmaRows);
+  zero_pad_columns(s_kv, kMmaRows, D, d16);
+  const int64_t q_base = row_offset(b, p.q_heads, h, T, q0, D);
+  uint32_t qf[kMmaKSteps][4], dof[kMmaKSteps][4];
+  load_bf16_rows(s_kv, 0, p.q, q_base, kMmaRows, T - q0, D, aligned);
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < kMmaKSteps; ++ks) {
+    if (ks < ksteps) load_a(qf[ks], s_kv, warp * 16, ks, lane);
+  }
+  __syncthreads();
+  load_bf16_rows(s_kv, 0, p.d_o, q_base, kMmaRows, T - q0, D, aligned);
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < kMmaKSteps; ++ks) {
+    if (ks < ksteps) load_a(dof[ks], s_kv, warp * 16, ks, lane);
+  }
+
+  float lse[2], delta[2], dq[kMmaDTiles][4];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = q0 + warp * 16 + g + 8 * half;
+    const int64_t stat = (static_cast<int64_t>(b) * p.q_heads + h) * T + i;
+    lse[half] = i < T ? p.lse[stat] : 0.0f;
+    delta[half] = i < T ? p.delta[stat] : 0.0f;
+  }
+#pragma unroll
+  for (int dt = 0; dt < kMmaDTiles; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[dt][e] = 0.0f;
+  }
+
+  for (int k0 = 0; k0 < key_end; k0 += kDqMmaKeys) {
+    __syncthreads();  // every warp is done with the previous tile (and with the staged do)
+    const int64_t kv_base = row_offset(b, p.kv_heads, kvh, T, k0, D);
+    load_bf16_rows(s_kv, 0, p.k, kv_base, kDqMmaKeys, T - k0, D, aligned);
+    load_bf16_rows(s_kv, kDqMmaKeys, p.v, kv_base, kDqMmaKeys, T - k0, D, aligned);
+    if (tid < kDqMmaKeys) {
+      const int j = k0 + tid;
+      s_keep[tid] = j < T && (p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * T + j] != 0);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    float s[kDqMmaKeys / 8][4], dp[kDqMmaKeys / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kDqMmaKeys / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kMmaKSteps; ++ks) {
+      if (ks >= ksteps) continue;
+#pragma unroll
+      for (int np = 0; np < kDqMmaKeys / 16; ++np) {
+        uint32_t kb[4], vb[4];
+        load_b_pair(kb, s_kv, np * 16, ks, lane);
+        load_b_pair(vb, s_kv, kDqMmaKeys + np * 16, ks, lane);
+        mma_m16n8k16_bf16(s[2 * np], qf[ks], kb, s[2 * np]);
+        mma_m16n8k16_bf16(s[2 * np + 1], qf[ks], kb + 2, s[2 * np + 1]);
+        mma_m16n8k16_bf16(dp[2 * np], dof[ks], vb, dp[2 * np]);
+        mma_m16n8k16_bf16(dp[2 * np + 1], dof[ks], vb + 2, dp[2 * np + 1]);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = q0 + warp * 16 + g + 8 * half;
+#pragma unroll
+      for (int nt = 0; nt < kDqMmaKeys / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jl = nt * 8 + 2 * t + e;
+          const int keep = s_keep[jl];
+          float pr, ds;
+          prob_and_dscore(i, k0 + jl, T, first_key, keep, s[nt][2 * half + e], dp[nt][2 * half + e], p.scale,
+                          lse[half], delta[half], &pr, &ds);
+          s[nt][2 * half + e] = ds;
+        }
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kDqMmaKeys / 16; ++kk) {
+      uint32_t a[4];
+      accumulators_as_a(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp2 = 0; dp2 < kMmaDTiles / 2; ++dp2) {
+        if (2 * dp2 >= dtiles) continue;
+        uint32_t kb[4];
+        load_b_pair_trans(kb, s_kv, kk * 16, dp2 * 16, lane);
+        mma_m16n8k16_bf16(dq[2 * dp2], a, kb, dq[2 * dp2]);
+        mma_m16n8k16_bf16(dq[2 * dp2 + 1], a, kb + 2, dq[2 * dp2 + 1]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = q0 + warp * 16 + g + 8 * half;
+    if (i >= T) continue;
+    const int64_t out = q_base + static_cast<int64_t>(i - q0) * D;
+#pragma unroll
+    for (int dt = 0; dt < kMmaDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = dt * 8 + 2 * t + e;
+        if (col < D) ql::store_from_f32(p.dq, out + col, QL_DTYPE_BF16, dq[dt][2 * half + e] * p.scale);
+      }
+    }
+  }
+}
+QL_EMU_ENTRY(k_attention_bwd_dq_mma, QlAttentionBackwardParams)
+
+// dk and dv for bf16 on tensor cores. Grid (ceil(T / 64), Hkv, B), 128 threads, warp w owning
+// keys 16w.. of the block's 64 (kept in shared memory, their gradients in registers). Query tiles
+// of 16 stream through for every query head of the GQA group in order: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ
+// (K, V rows as A, q and do rows as col-major B), pᵀ and dsᵀ on the accumulators (lse and delta
+// per column), then dV += Pᵀ·dO and dK += dSᵀ·Q (bf16 A from the accumulators, q and do through
+// ldmatrix.trans). Tiles that see none of these keys are skipped, as in k_attention_bwd_dkdv.
+extern "C" __global__ void __launch_bounds__(kThreads) k_attention_bwd_dkdv_mma(const QlAttentionBackwardParams p) {
+  QL_SHARED_ARRAY(__nv_bfloat16, s_k, kMmaKeys * kMmaStride);
+  QL_SHARED_ARRAY(__nv_bfloat16, s_v, kMmaKeys * kMmaStride);
+  QL_SHARED_ARRAY(__nv_bfloat16, s_q, kDkvMmaQueries * kMmaStride);
+  QL_SHARED_ARRAY(__nv_bfloat16, s_do, kDkvMmaQueries * kMmaStride);
+  QL_SHARED_ARRAY(float, s_stat, 2 * kDkvMmaQueries);
+  QL_SHARED_ARRAY(int, s_warp_min, kWarps);
+  const int T = p.seq, D = p.head_dim;
+  const int d16 = (D + 15) & ~15, ksteps = d16 / 16, dtiles = d16 / 8;
+  const int k0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kMmaKeys;
+  const int kvh = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+  const int group = p.q_heads / p.kv_heads;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(p.q) | reinterpret_cast<uintptr_t>(p.k) |
+                         reinterpret_cast<uintptr_t>(p.v) | reinterpret_cast<uintptr_t>(p.d_o)) & 15) == 0;
+
+  const int first_key = first_visible_key(p.key_mask, b, T, s_warp_min);
+  zero_pad_columns(s_k, kMmaKeys, D, d16);
+  zero_pad_columns(s_v, kMmaKeys, D, d16);
+  zero_pad_columns(s_q, kDkvMmaQueries, D, d16);
+  zero_pad_columns(s_do, kDkvMmaQueries, D, d16);
+  const int64_t kv_base = row_offset(b, p.kv_heads, kvh, T, k0, D);
+  load_bf16_rows(s_k, 0, p.k, kv_base, kMmaKeys, T - k0, D, aligned);
+  load_bf16_rows(s_v, 0, p.v, kv_base, kMmaKeys, T - k0, D, aligned);
+  int keep[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = k0 + warp * 16 + g + 8 * half;
+    keep[half] = j < T && (p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * T + j] != 0);
+  }
+
+  float dk[kMmaDTiles][4], dv[kMmaDTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kMmaDTiles; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.0f;
+  }
+
+  for (int gi = 0; gi < group; ++gi) {
+    const int h = kvh * group + gi;
+    for (int q0 = 0; q0 < T; q0 += kDkvMmaQueries) {
+      // Rows before the diagonal see these keys only if they see no key at all.
+      if (q0 + kDkvMmaQueries <= k0 && q0 >= first_key) continue;
+      __syncthreads();  // every warp is done with the previous query tile
+      const int64_t q_base = row_offset(b, p.q_heads, h, T, q0, D);
+      load_bf16_rows(s_q, 0, p.q, q_base, kDkvMmaQueries, T - q0, D, aligned);
+      load_bf16_rows(s_do, 0, p.d_o, q_base, kDkvMmaQueries, T - q0, D, aligned);
+      if (tid < 2 * kDkvMmaQueries) {
+        const int r = tid % kDkvMmaQueries, i = q0 + r;
+        const int64_t stat = (static_cast<int64_t>(b) * p.q_heads + h) * T + i;
+        s_stat[tid] = i < T ? (tid < kDkvMmaQueries ? p.lse[stat] : p.delta[stat]) : 0.0f;
+      }
+      cp_async_wait_all();
+      __syncthreads();
+
+      float st[2][4], dpt[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
+      }
+#pragma unroll
+      for (int ks = 0; ks < kMmaKSteps; ++ks) {
+        if (ks >= ksteps) continue;
+        uint32_t ka[4], va[4], qb[4], dob[4];
+        load_a(ka, s_k, warp * 16, ks, lane);
+        load_a(va, s_v, warp * 16, ks, lane);
+        load_b_pair(qb, s_q, 0, ks, lane);
+        load_b_pair(dob, s_do, 0, ks, lane);
+        mma_m16n8k16_bf16(st[0], ka, qb, st[0]);
+        mma_m16n8k16_bf16(st[1], ka, qb + 2, st[1]);
+        mma_m16n8k16_bf16(dpt[0], va, dob, dpt[0]);
+        mma_m16n8k16_bf16(dpt[1], va, dob + 2, dpt[1]);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int j = k0 + warp * 16 + g + 8 * half;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int il = nt * 8 + 2 * t + e;
+            const float lse = s_stat[il];
+            const float delta = s_stat[kDkvMmaQueries + il];
+            float pr, ds;
+            prob_and_dscore(q0 + il, j, T, first_key, keep[half], st[nt][2 * half + e], dpt[nt][2 * half + e],
+                            p.scale, lse, delta, &pr, &ds);
+            st[nt][2 * half + e] = pr;
+            dpt[nt][2 * half + e] = ds;
+          }
+        }
+      }
+      uint32_t pa[4], dsa[4];
+      accumulators_as_a(pa, st[0], st[1]);
+      accumulators_as_a(dsa, dpt[0], dpt[1]);
+#pragma unroll
+      for (int dp2 = 0; dp2 < kMmaDTiles / 2; ++dp2) {
+        if (2 * dp2 >= dtiles) continue;
+        uint32_t dob[4], qb[4];
+        load_b_pair_trans(dob, s_do, 0, dp2 * 16, lane);
+        load_b_pair_trans(qb, s_q, 0, dp2 * 16, lane);
+        mma_m16n8k16_bf16(dv[2 * dp2], pa, dob, dv[2 * dp2]);
+        mma_m16n8k16_bf16(dv[2 * dp2 + 1], pa, dob + 2, dv[2 * dp2 + 1]);
+        mma_m16n8k16_bf16(dk[2 * dp2], dsa, qb, dk[2 * dp2]);
+        mma_m16n8k16_bf16(dk[2 * dp2 + 1], dsa, qb + 2, dk[2 * dp2 + 1]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int key = warp * 16 + g + 8 * half;
+    if (k0 + key >= T) continue;
+    const int64_t out = kv_base + static_cast<int64_t>(key) * D;
+#pragma unroll
+    for (int dt = 0; dt < kMmaDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = dt * 8 + 2 * t + e;
+        if (col < D) {
+          ql::store_from_f32(p.dk, out + col, QL_DTYPE_BF16, dk[dt][2 * half + e] * p.scale);
+          ql::store_from_f32(p.dv, out + col, QL_DTYPE_BF16, dv[dt][2 * half + e]);
+        }
+      }
+    }
+  }
+}
+QL_EMU_ENTRY(k_attention_bwd_dkdv_mma, QlAttentionBackwardParams)

@@ -530,8 +530,8 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 4e-3,
         },
     ),
-    // f32 sums over ≤ 67 keys of p·v (|v| ≲ 4) and over D ≤ 64 for the scores, reordered, and
-    // expf within 2 ulp on the GPU: a few e-7 relative, atol for outputs near 0.
+    // f32 sums over ≤ 300 keys of p·v (|v| ≲ 4) and over D ≤ 128 for the scores, reordered, and
+    // expf within 2 ulp on the GPU: measured ≤ 6e-7 absolute on o and lse (emulated, T ≤ 130).
     (
         Op::Attention,
         Dtype::F32,
@@ -540,7 +540,9 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 2e-5,
         },
     ),
-    // One rounding to bf16 of nearly equal f32 values: one bf16 ulp (2^-8 relative).
+    // One rounding to bf16 of nearly equal f32 values, and the tensor-core kernel rounds p to bf16
+    // before p·v (2^-9 relative per term): measured ≤ 7.9e-3 absolute on o (one ulp at |o| ~ 1),
+    // at most 0.43 of this bound (T ≤ 300, D ≤ 128).
     (
         Op::Attention,
         Dtype::BF16,
@@ -559,22 +561,24 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
         },
     ),
     // dp − delta cancels (delta is the p-weighted mean of dp), so the reordered f32 sums' error
-    // lands on smaller values: an order more absolute error than the forward.
+    // lands on smaller values: measured ≤ 2.4e-6 absolute on dq, dk, dv (emulated, T ≤ 130).
     (
         Op::AttentionBackward,
         Dtype::F32,
         Tolerance {
-            atol: 1e-4,
+            atol: 2e-5,
             rtol: 1e-4,
         },
     ),
-    // One rounding to bf16 of nearly equal f32 values: one bf16 ulp.
+    // The tensor-core kernels round p and ds to bf16 before the products (as FlashAttention-2),
+    // then one rounding of the output: measured ≤ 0.031 absolute on dv (T = 300, D = 128, sums
+    // over ≤ 300 rows), at most 0.78 of the rtol 8e-3 bound; two bf16 ulps leave room for the GPU.
     (
         Op::AttentionBackward,
         Dtype::BF16,
         Tolerance {
             atol: 1e-2,
-            rtol: 8e-3,
+            rtol: 1.6e-2,
         },
     ),
     // The kernels take no f16 (the launchers reject it); the entry keeps the table total.

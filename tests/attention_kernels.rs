@@ -136,19 +136,18 @@ fn emulated_attention_matches_reference_bf16() {
     all_cases::<bf16>(100, parity);
 }
 
-#[test]
-fn rows_that_see_no_key_average_every_value() {
+fn rows_that_see_no_key<T: Element>() {
     // Batch row 0 is left-padded by 2: its query rows 0 and 1 see no key and (as the runtime's
     // all-minimum scores give) take the mean of v over all T keys, with lse = ln T.
     let shape = AttentionShape::new(1, 1, 1, 5, 8).unwrap();
-    let case = Case::<f32>::new(shape, Some(vec![0, 0, 1, 1, 1]), 7);
+    let case = Case::<T>::new(shape, Some(vec![0, 0, 1, 1, 1]), 7);
     let (o, lse) = attention_forward_emulated(&shape, &case.inputs()).unwrap();
-    let d = shape.head_dim;
+    let (d, v) = (shape.head_dim, widen(&case.v));
     for row in 0..2 {
         let mean: Vec<f32> = (0..d)
-            .map(|c| (0..5).map(|j| case.v[j * d + c]).sum::<f32>() / 5.0)
+            .map(|c| (0..5).map(|j| v[j * d + c]).sum::<f32>() / 5.0)
             .collect();
-        check::<f32>(
+        check(
             "mean of v",
             Op::Attention,
             &o[row * d..(row + 1) * d],
@@ -156,21 +155,21 @@ fn rows_that_see_no_key_average_every_value() {
         );
         check::<f32>("ln T", Op::Attention, &lse[row..row + 1], &[5f32.ln()]);
     }
-    // Row 2 sees only key 2: its output is v[2] exactly.
-    check::<f32>(
-        "one key",
-        Op::Attention,
-        &o[2 * d..3 * d],
-        &case.v[2 * d..3 * d],
-    );
+    // Row 2 sees only key 2: its output is v[2].
+    check("one key", Op::Attention, &o[2 * d..3 * d], &v[2 * d..3 * d]);
 }
 
 #[test]
-fn gradients_sum_over_the_gqa_group_deterministically() {
+fn rows_that_see_no_key_average_every_value() {
+    rows_that_see_no_key::<f32>();
+    rows_that_see_no_key::<bf16>();
+}
+
+fn gqa_sums<T: Element + PartialEq + std::fmt::Debug>() {
     // Two runs of the backward give identical bits (no atomics), and dk/dv of a kv head equal the
     // sum of the gradients of its query heads computed one head at a time (Hkv = Hq).
     let shape = AttentionShape::new(1, 4, 2, 9, 8).unwrap();
-    let case = Case::<f32>::new(shape, None, 40);
+    let case = Case::<T>::new(shape, None, 40);
     let inputs = case.inputs();
     let (o, lse) = attention_forward_emulated(&shape, &inputs).unwrap();
     let first = attention_backward_emulated(&shape, &inputs, &o, &lse, &case.d_o).unwrap();
@@ -179,7 +178,7 @@ fn gradients_sum_over_the_gqa_group_deterministically() {
 
     let wide = AttentionShape::new(1, 4, 4, 9, 8).unwrap();
     let block = shape.seq * shape.head_dim;
-    let repeat = |x: &[f32]| -> Vec<f32> {
+    let repeat = |x: &[T]| -> Vec<T> {
         x.chunks(block)
             .flat_map(|c| c.iter().chain(c).copied().collect::<Vec<_>>())
             .collect()
@@ -193,13 +192,20 @@ fn gradients_sum_over_the_gqa_group_deterministically() {
     };
     let (_, dk4, dv4) =
         attention_backward_emulated(&wide, &wide_inputs, &o, &lse, &case.d_o).unwrap();
-    let fold = |x: &[f32]| -> Vec<f32> {
-        x.chunks(2 * block)
+    let fold = |x: &[T]| -> Vec<f32> {
+        widen(x)
+            .chunks(2 * block)
             .flat_map(|c| (0..block).map(|e| c[e] + c[block + e]).collect::<Vec<_>>())
             .collect()
     };
-    check::<f32>("dk fold", Op::AttentionBackward, &first.1, &fold(&dk4));
-    check::<f32>("dv fold", Op::AttentionBackward, &first.2, &fold(&dv4));
+    check("dk fold", Op::AttentionBackward, &first.1, &fold(&dk4));
+    check("dv fold", Op::AttentionBackward, &first.2, &fold(&dv4));
+}
+
+#[test]
+fn gradients_sum_over_the_gqa_group_deterministically() {
+    gqa_sums::<f32>();
+    gqa_sums::<bf16>();
 }
 
 fn is_invalid<T: std::fmt::Debug>(r: qlora::Result<T>) -> bool {

@@ -23,19 +23,25 @@ declare_kernels! {
     FORWARD_MMA = k_attention_fwd_mma / qlemu_k_attention_fwd_mma;
     /// `k_attention_bwd_delta`: `delta = rowsum(do ∘ o)`, one warp per row.
     BACKWARD_DELTA = k_attention_bwd_delta / qlemu_k_attention_bwd_delta;
-    /// `k_attention_bwd_dq`: 8 query rows per block, walking the key tiles like the forward.
+    /// `k_attention_bwd_dq` (f32): 8 query rows per block, walking the key tiles like the forward.
     BACKWARD_DQ = k_attention_bwd_dq / qlemu_k_attention_bwd_dq;
-    /// `k_attention_bwd_dkdv`: 32 keys per block, summing the GQA group's query heads in order.
+    /// `k_attention_bwd_dkdv` (f32): 32 keys per block, summing the GQA group's query heads in
+    /// order.
     BACKWARD_DKDV = k_attention_bwd_dkdv / qlemu_k_attention_bwd_dkdv;
+    /// `k_attention_bwd_dq_mma` (bf16 on tensor cores): 64 query rows per block, key tiles of 32.
+    BACKWARD_DQ_MMA = k_attention_bwd_dq_mma / qlemu_k_attention_bwd_dq_mma;
+    /// `k_attention_bwd_dkdv_mma` (bf16 on tensor cores): 64 keys per block, query tiles of 16.
+    BACKWARD_DKDV_MMA = k_attention_bwd_dkdv_mma / qlemu_k_attention_bwd_dkdv_mma;
 }
 
 /// Widest head the kernels take (their shared tiles are sized for it).
 pub const MAX_HEAD_DIM: usize = 128;
 const THREADS: u32 = 128;
 const FWD_QUERY_ROWS: usize = 16;
-const FWD_MMA_QUERY_ROWS: usize = 64;
 const DQ_QUERY_ROWS: usize = 8;
 const DKDV_KEYS: usize = 32;
+/// Query rows (dq) or keys (dk/dv) per block of the tensor-core kernels.
+const MMA_ROWS: usize = 64;
 const DELTA_ROWS_PER_BLOCK: usize = 4;
 /// Grid-y/z limit (heads and batch go there).
 const MAX_GRID_YZ: usize = 65535;
@@ -195,7 +201,7 @@ fn launch(blocks: (usize, usize, usize)) -> LaunchConfig {
 /// bf16, `k_attention_fwd` for f32.
 pub fn forward_launch<T: Element>(shape: &AttentionShape) -> (Kernel, LaunchConfig) {
     let (kernel, rows) = match T::DTYPE {
-        QlDtype::QL_DTYPE_BF16 => (FORWARD_MMA, FWD_MMA_QUERY_ROWS),
+        QlDtype::QL_DTYPE_BF16 => (FORWARD_MMA, MMA_ROWS),
         _ => (FORWARD, FWD_QUERY_ROWS),
     };
     let cfg = launch((shape.seq.div_ceil(rows), shape.q_heads, shape.batch));
@@ -207,18 +213,19 @@ pub fn backward_delta_launch(shape: &AttentionShape) -> LaunchConfig {
     launch((shape.rows().div_ceil(DELTA_ROWS_PER_BLOCK), 1, 1))
 }
 
-/// Launch geometry of `k_attention_bwd_dq`.
-pub fn backward_dq_launch(shape: &AttentionShape) -> LaunchConfig {
-    launch((
-        shape.seq.div_ceil(DQ_QUERY_ROWS),
-        shape.q_heads,
-        shape.batch,
-    ))
-}
-
-/// Launch geometry of `k_attention_bwd_dkdv`.
-pub fn backward_dkdv_launch(shape: &AttentionShape) -> LaunchConfig {
-    launch((shape.seq.div_ceil(DKDV_KEYS), shape.kv_heads, shape.batch))
+/// The backward's three launches for element type `T`, in order: delta, then dq and dk/dv
+/// (`_mma` kernels on tensor cores for bf16, CUDA-core kernels for f32).
+pub fn backward_launches<T: Element>(shape: &AttentionShape) -> [(Kernel, LaunchConfig); 3] {
+    let ((dq, dq_rows), (dkdv, dkdv_keys)) = match T::DTYPE {
+        QlDtype::QL_DTYPE_BF16 => ((BACKWARD_DQ_MMA, MMA_ROWS), (BACKWARD_DKDV_MMA, MMA_ROWS)),
+        _ => ((BACKWARD_DQ, DQ_QUERY_ROWS), (BACKWARD_DKDV, DKDV_KEYS)),
+    };
+    let (t, b) = (shape.seq, shape.batch);
+    [
+        (BACKWARD_DELTA, backward_delta_launch(shape)),
+        (dq, launch((t.div_ceil(dq_rows), shape.q_heads, b))),
+        (dkdv, launch((t.div_ceil(dkdv_keys), shape.kv_heads, b))),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,13 +421,11 @@ pub fn attention_backward_emulated<T: Element>(
         dv: dv.as_mut_ptr().cast(),
         ..backward_sizes::<T>(shape)
     };
-    // SAFETY: q, o, d_o and dq hold q_len elements, k, v, dk and dv kv_len, lse and delta rows and
-    // the mask (if any) B·T, as validated and allocated above; the three launches run in order and
-    // everything outlives them.
-    unsafe {
-        super::emu::launch(&BACKWARD_DELTA, &backward_delta_launch(shape), &params)?;
-        super::emu::launch(&BACKWARD_DQ, &backward_dq_launch(shape), &params)?;
-        super::emu::launch(&BACKWARD_DKDV, &backward_dkdv_launch(shape), &params)?;
+    for (kernel, cfg) in backward_launches::<T>(shape) {
+        // SAFETY: q, o, d_o and dq hold q_len elements, k, v, dk and dv kv_len, lse and delta
+        // rows and the mask (if any) B·T, as validated and allocated above; the launches run in
+        // order (delta before its readers) and everything outlives them.
+        unsafe { super::emu::launch(&kernel, &cfg, &params)? };
     }
     Ok((dq, dk, dv))
 }
@@ -622,14 +627,13 @@ mod cuda_impl {
             dv: dv_ptr as *mut c_void,
             ..backward_sizes::<T>(shape)
         };
-        // SAFETY: every device buffer has the length validated above; the three launches are
-        // queued in order on `stream` (delta is written before it is read), and the guards keep
-        // the buffers ordered there until then.
-        unsafe {
-            dev.launch(&BACKWARD_DELTA, &backward_delta_launch(shape), &params)?;
-            dev.launch(&BACKWARD_DQ, &backward_dq_launch(shape), &params)?;
-            dev.launch(&BACKWARD_DKDV, &backward_dkdv_launch(shape), &params)
+        for (kernel, cfg) in backward_launches::<T>(shape) {
+            // SAFETY: every device buffer has the length validated above; the launches are queued
+            // in order on `stream` (delta is written before it is read), and the guards keep the
+            // buffers ordered there until then.
+            unsafe { dev.launch(&kernel, &cfg, &params)? };
         }
+        Ok(())
     }
 }
 
