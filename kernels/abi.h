@@ -278,7 +278,8 @@ typedef struct QlLoraGradWParams {
  * query i when j <= i and key_mask[b, j] != 0, o[i] = softmax_j(s[i, :]) · v in f32. A row with no
  * visible key (every key up to i masked) attends uniformly to all `seq` keys, as the runtime's
  * additive mask of the dtype's minimum makes it: o[i] = mean of v, lse[i] = ln(seq).
- * lse[row] = logsumexp of the row's visible scores, saved for the backward. */
+ * lse[row] = logsumexp of the row's visible scores, saved for the backward. Taken by
+ * k_attention_fwd (f32, CUDA cores) and k_attention_fwd_mma (bf16, tensor cores). */
 typedef struct QlAttentionForwardParams {
   const void* q;             /* [batch, q_heads, seq, head_dim] of dtype */
   const void* k;             /* [batch, kv_heads, seq, head_dim] of dtype */
@@ -296,8 +297,9 @@ typedef struct QlAttentionForwardParams {
 } QlAttentionForwardParams;
 
 /* Attention backward (FlashAttention-2 order): k_attention_bwd_delta writes delta[row] =
- * do[row]·o[row]; k_attention_bwd_dq then writes dq and k_attention_bwd_dkdv dk, dv, each
- * recomputing p = exp(s - lse) and ds = p * (do·v - delta) tile by tile. dk and dv sum the query
+ * do[row]·o[row]; k_attention_bwd_dq then writes dq and k_attention_bwd_dkdv dk, dv (the _mma
+ * variants on tensor cores for bf16), each recomputing p = exp(s - lse) and ds = p * (do·v - delta)
+ * tile by tile. dk and dv sum the query
  * heads of a GQA group inside one block, in a fixed order (no atomics). Rows with no visible key
  * take p = 1 / seq over every key, the gradient the runtime's autograd gives through its mask. */
 typedef struct QlAttentionBackwardParams {

@@ -1,6 +1,9 @@
 //! Launchers and the plain-Rust reference for `kernels/attention.cu`: causal self-attention over
 //! q `[B, Hq, T, D]` and k, v `[B, Hkv, T, D]` (GQA), with an optional key padding mask `[B, T]`,
-//! forward (o and the per-row logsumexp) and backward (dq, dk, dv). f32 or bf16 in and out, f32 math.
+//! forward (o and the per-row logsumexp) and backward (dq, dk, dv). f32 or bf16 in and out, f32
+//! softmax; bf16 runs on tensor cores (`_mma` kernels, p and ds rounded to bf16 for the products as
+//! FlashAttention-2 does), f32 on CUDA cores. dk and dv sum a GQA group's query heads inside one
+//! block in a fixed order, and dq has its own pass: no atomics, bit-identical reruns.
 //!
 //! Semantics are those of the Llama runtime (`src/model/llama.rs`, Hugging Face eager attention):
 //! scores `q·kᵀ · D^-0.5`, key j visible to query i when `j ≤ i` and `key_mask[b, j] = 1`, softmax
@@ -88,7 +91,11 @@ impl AttentionShape {
             ));
         }
         let elems = (batch as u128) * (q_heads as u128) * (seq as u128) * (head_dim as u128);
-        if seq > i32::MAX as usize || elems > (i64::MAX / 4) as u128 {
+        let delta_blocks = (batch as u128 * q_heads as u128 * seq as u128).div_ceil(4);
+        if seq > i32::MAX as usize
+            || elems > (i64::MAX / 4) as u128
+            || delta_blocks > i32::MAX as u128
+        {
             return bad(format!(
                 "[{batch}, {q_heads}, {seq}, {head_dim}] is too large"
             ));
