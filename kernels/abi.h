@@ -296,4 +296,56 @@ typedef struct QlLoraGradWParams {
   int32_t p_dtype; /* QlDtype: F32 or BF16 */
 } QlLoraGradWParams;
 
+/* ---- Causal attention (kernels/attention.cu): flash-style tiles, online softmax in f32 ---------- */
+
+/* Causal self-attention forward as Hugging Face's eager Llama attention computes it: for query
+ * head h (kv head h / (q_heads / kv_heads)), scores s[i, j] = scale * q[i]·k[j], key j visible to
+ * query i when j <= i and key_mask[b, j] != 0, o[i] = softmax_j(s[i, :]) · v in f32. A row with no
+ * visible key (every key up to i masked) attends uniformly to all `seq` keys, as the runtime's
+ * additive mask of the dtype's minimum makes it: o[i] = mean of v, lse[i] = ln(seq).
+ * lse[row] = logsumexp of the row's visible scores, saved for the backward. Taken by
+ * k_attention_fwd (f32, CUDA cores) and k_attention_fwd_mma (bf16, tensor cores). */
+typedef struct QlAttentionForwardParams {
+  const void* q;             /* [batch, q_heads, seq, head_dim] of dtype */
+  const void* k;             /* [batch, kv_heads, seq, head_dim] of dtype */
+  const void* v;             /* [batch, kv_heads, seq, head_dim] of dtype */
+  const uint8_t* key_mask;   /* [batch, seq], 1 = attend, 0 = padding; null = no padding */
+  void* o;                   /* [batch, q_heads, seq, head_dim] of dtype */
+  float* lse;                /* [batch, q_heads, seq] */
+  int32_t batch;
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t seq;
+  int32_t head_dim;          /* multiple of 8, <= 128 */
+  float scale;               /* head_dim^-0.5 as transformers applies it, in f32 */
+  int32_t dtype;             /* QlDtype: F32 or BF16 */
+} QlAttentionForwardParams;
+
+/* Attention backward (FlashAttention-2 order): k_attention_bwd_delta writes delta[row] =
+ * do[row]·o[row]; k_attention_bwd_dq then writes dq and k_attention_bwd_dkdv dk, dv (the _mma
+ * variants on tensor cores for bf16), each recomputing p = exp(s - lse) and ds = p * (do·v - delta)
+ * tile by tile. dk and dv sum the query
+ * heads of a GQA group inside one block, in a fixed order (no atomics). Rows with no visible key
+ * take p = 1 / seq over every key, the gradient the runtime's autograd gives through its mask. */
+typedef struct QlAttentionBackwardParams {
+  const void* q;             /* [batch, q_heads, seq, head_dim] of dtype */
+  const void* k;             /* [batch, kv_heads, seq, head_dim] of dtype */
+  const void* v;             /* [batch, kv_heads, seq, head_dim] of dtype */
+  const uint8_t* key_mask;   /* [batch, seq] or null, as in the forward */
+  const void* o;             /* [batch, q_heads, seq, head_dim] of dtype, the forward's output */
+  const void* d_o;           /* [batch, q_heads, seq, head_dim] of dtype */
+  const float* lse;          /* [batch, q_heads, seq], from the forward */
+  float* delta;              /* [batch, q_heads, seq]: written by _delta, read by _dq and _dkdv */
+  void* dq;                  /* [batch, q_heads, seq, head_dim] of dtype */
+  void* dk;                  /* [batch, kv_heads, seq, head_dim] of dtype */
+  void* dv;                  /* [batch, kv_heads, seq, head_dim] of dtype */
+  int32_t batch;
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t seq;
+  int32_t head_dim;
+  float scale;
+  int32_t dtype;             /* QlDtype: F32 or BF16 */
+} QlAttentionBackwardParams;
+
 #endif /* QLORA_ABI_H */

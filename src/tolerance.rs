@@ -83,6 +83,17 @@ pub enum Op {
     /// `x·(W + sBA)ᵀ` vs `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` reassociated in every adapted linear, and for a
     /// bf16 or f16 export the merged weights rounded once to that dtype.
     MergedLogits,
+    /// Causal attention forward (o in the input dtype, lse in f32), kernel vs reference: scores,
+    /// softmax and p·v in f32 with an online (rescaled, tile by tile) softmax and fma vs one pass
+    /// over the materialised row, rounded once to the output dtype.
+    Attention,
+    /// Causal attention backward (dq, dk, dv in the input dtype), kernel vs reference: the same
+    /// f32 recomputation of p, then ds = p (dp − delta) (which cancels) summed over keys or over
+    /// the GQA group's query rows in another order, rounded once.
+    AttentionBackward,
+    /// The attention reference against the Llama runtime's eager attention (its additive mask,
+    /// GQA and roundings) and candle's autograd through it.
+    AttentionRuntime,
 }
 
 /// Memory plan (`train::plan`) against bytes counted by a global allocator (tests/plan.rs): host
@@ -760,6 +771,94 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
+    // f32 sums over ≤ 300 keys of p·v (|v| ≲ 4) and over D ≤ 128 for the scores, reordered, and
+    // expf within 2 ulp on the GPU: measured ≤ 6e-7 absolute on o and lse (emulated, T ≤ 130).
+    (
+        Op::Attention,
+        Dtype::F32,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 2e-5,
+        },
+    ),
+    // One rounding to bf16 of nearly equal f32 values, and the tensor-core kernel rounds p to bf16
+    // before p·v (2^-9 relative per term): measured ≤ 7.9e-3 absolute on o (one ulp at |o| ~ 1),
+    // at most 0.43 of this bound (T ≤ 300, D ≤ 128).
+    (
+        Op::Attention,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 8e-3,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::Attention,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // dp − delta cancels (delta is the p-weighted mean of dp), so the reordered f32 sums' error
+    // lands on smaller values: measured ≤ 2.4e-6 absolute on dq, dk, dv (emulated, T ≤ 130).
+    (
+        Op::AttentionBackward,
+        Dtype::F32,
+        Tolerance {
+            atol: 2e-5,
+            rtol: 1e-4,
+        },
+    ),
+    // The tensor-core kernels round p and ds to bf16 before the products (as FlashAttention-2),
+    // then one rounding of the output: measured ≤ 0.031 absolute on dv (T = 300, D = 128, sums
+    // over ≤ 300 rows), at most 0.78 of the rtol 8e-3 bound; two bf16 ulps leave room for the GPU.
+    (
+        Op::AttentionBackward,
+        Dtype::BF16,
+        Tolerance {
+            atol: 1e-2,
+            rtol: 1.6e-2,
+        },
+    ),
+    // The kernels take no f16 (the launchers reject it); the entry keeps the table total.
+    (
+        Op::AttentionBackward,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
+    // f32: the same math as candle's matmul / softmax graph, reordered sums over ≤ 9 keys.
+    (
+        Op::AttentionRuntime,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-5,
+        },
+    ),
+    // bf16 runtime: scores, probabilities and the output each rounded to bf16 (the reference keeps
+    // f32 until its one rounding): a few bf16 ulps (2^-8 relative each).
+    (
+        Op::AttentionRuntime,
+        Dtype::BF16,
+        Tolerance {
+            atol: 2e-2,
+            rtol: 2e-2,
+        },
+    ),
+    // No f16 runtime (LlamaModel refuses it); the entry keeps the table total.
+    (
+        Op::AttentionRuntime,
+        Dtype::F16,
+        Tolerance {
+            atol: 1e-3,
+            rtol: 1e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -800,6 +899,9 @@ mod tests {
             Op::LoraGradPeftScaled,
             Op::LoraMerge,
             Op::MergedLogits,
+            Op::Attention,
+            Op::AttentionBackward,
+            Op::AttentionRuntime,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -822,3 +822,136 @@ impl Default for QlLoraGradWParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlAttentionForwardParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub key_mask: *const u8,
+    pub o: *mut ::std::os::raw::c_void,
+    pub lse: *mut f32,
+    pub batch: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub seq: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlAttentionForwardParams"]
+        [::std::mem::size_of::<QlAttentionForwardParams>() - 80usize];
+    ["Alignment of QlAttentionForwardParams"]
+        [::std::mem::align_of::<QlAttentionForwardParams>() - 8usize];
+    ["Offset of field: QlAttentionForwardParams::q"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, q) - 0usize];
+    ["Offset of field: QlAttentionForwardParams::k"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, k) - 8usize];
+    ["Offset of field: QlAttentionForwardParams::v"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, v) - 16usize];
+    ["Offset of field: QlAttentionForwardParams::key_mask"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, key_mask) - 24usize];
+    ["Offset of field: QlAttentionForwardParams::o"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, o) - 32usize];
+    ["Offset of field: QlAttentionForwardParams::lse"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, lse) - 40usize];
+    ["Offset of field: QlAttentionForwardParams::batch"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, batch) - 48usize];
+    ["Offset of field: QlAttentionForwardParams::q_heads"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, q_heads) - 52usize];
+    ["Offset of field: QlAttentionForwardParams::kv_heads"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, kv_heads) - 56usize];
+    ["Offset of field: QlAttentionForwardParams::seq"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, seq) - 60usize];
+    ["Offset of field: QlAttentionForwardParams::head_dim"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, head_dim) - 64usize];
+    ["Offset of field: QlAttentionForwardParams::scale"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, scale) - 68usize];
+    ["Offset of field: QlAttentionForwardParams::dtype"]
+        [::std::mem::offset_of!(QlAttentionForwardParams, dtype) - 72usize];
+};
+impl Default for QlAttentionForwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QlAttentionBackwardParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub key_mask: *const u8,
+    pub o: *const ::std::os::raw::c_void,
+    pub d_o: *const ::std::os::raw::c_void,
+    pub lse: *const f32,
+    pub delta: *mut f32,
+    pub dq: *mut ::std::os::raw::c_void,
+    pub dk: *mut ::std::os::raw::c_void,
+    pub dv: *mut ::std::os::raw::c_void,
+    pub batch: i32,
+    pub q_heads: i32,
+    pub kv_heads: i32,
+    pub seq: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QlAttentionBackwardParams"]
+        [::std::mem::size_of::<QlAttentionBackwardParams>() - 120usize];
+    ["Alignment of QlAttentionBackwardParams"]
+        [::std::mem::align_of::<QlAttentionBackwardParams>() - 8usize];
+    ["Offset of field: QlAttentionBackwardParams::q"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, q) - 0usize];
+    ["Offset of field: QlAttentionBackwardParams::k"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, k) - 8usize];
+    ["Offset of field: QlAttentionBackwardParams::v"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, v) - 16usize];
+    ["Offset of field: QlAttentionBackwardParams::key_mask"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, key_mask) - 24usize];
+    ["Offset of field: QlAttentionBackwardParams::o"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, o) - 32usize];
+    ["Offset of field: QlAttentionBackwardParams::d_o"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, d_o) - 40usize];
+    ["Offset of field: QlAttentionBackwardParams::lse"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, lse) - 48usize];
+    ["Offset of field: QlAttentionBackwardParams::delta"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, delta) - 56usize];
+    ["Offset of field: QlAttentionBackwardParams::dq"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, dq) - 64usize];
+    ["Offset of field: QlAttentionBackwardParams::dk"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, dk) - 72usize];
+    ["Offset of field: QlAttentionBackwardParams::dv"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, dv) - 80usize];
+    ["Offset of field: QlAttentionBackwardParams::batch"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, batch) - 88usize];
+    ["Offset of field: QlAttentionBackwardParams::q_heads"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, q_heads) - 92usize];
+    ["Offset of field: QlAttentionBackwardParams::kv_heads"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, kv_heads) - 96usize];
+    ["Offset of field: QlAttentionBackwardParams::seq"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, seq) - 100usize];
+    ["Offset of field: QlAttentionBackwardParams::head_dim"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, head_dim) - 104usize];
+    ["Offset of field: QlAttentionBackwardParams::scale"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, scale) - 108usize];
+    ["Offset of field: QlAttentionBackwardParams::dtype"]
+        [::std::mem::offset_of!(QlAttentionBackwardParams, dtype) - 112usize];
+};
+impl Default for QlAttentionBackwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -52,6 +52,10 @@ unsafe impl DeviceRepr for super::abi::QlLoraProjectParams {}
 unsafe impl DeviceRepr for super::abi::QlLoraExpandParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for super::abi::QlLoraGradWParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlAttentionForwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for super::abi::QlAttentionBackwardParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
@@ -63,6 +67,7 @@ fn module_ptx(module: &str) -> Option<&'static str> {
         "nf4_gemm" => Some(ptx::NF4_GEMM),
         "cross_entropy" => Some(ptx::CROSS_ENTROPY),
         "lora" => Some(ptx::LORA),
+        "attention" => Some(ptx::ATTENTION),
         _ => None,
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod abi;
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
