@@ -5,6 +5,8 @@
 
 use std::collections::BTreeSet;
 
+use half::bf16;
+use qlora::kernels::attention::{self, AttentionShape};
 use qlora::kernels::launch::{Kernel, LaunchConfig};
 use qlora::kernels::nf4_gemm::{self, GemmOp, GemmShape};
 use qlora::kernels::{adamw, cross_entropy, llama, lora, nf4, nf4_gemv};
@@ -47,7 +49,24 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
     let w = format!("W [{INTERMEDIATE}, {HIDDEN}] blocks of {NF4_BLOCK}");
     let t = format!("[{TOKENS}, {HIDDEN}]");
     let lin = format!("M {TOKENS}, K {HIDDEN}, N {INTERMEDIATE}, r {RANK}");
-    vec![
+    // Attention at 13B shapes: 40 query heads (no GQA in Llama-2-13B), head_dim 128.
+    let attn = AttentionShape::new(1, HEADS, HEADS, TOKENS, HEAD_DIM).unwrap();
+    let attn_desc = format!("B 1, {HEADS} heads of {HEAD_DIM}, T {TOKENS}");
+    let mut attention_rows = Vec::new();
+    for (kernel, cfg) in [
+        attention::forward_launch::<bf16>(&attn),
+        attention::forward_launch::<f32>(&attn),
+    ]
+    .into_iter()
+    .chain(attention::backward_launches::<bf16>(&attn))
+    .chain(
+        attention::backward_launches::<f32>(&attn)
+            .into_iter()
+            .skip(1),
+    ) {
+        attention_rows.push((kernel, attn_desc.clone(), cfg));
+    }
+    let mut rows = vec![
         (
             nf4::QUANTIZE,
             w.clone(),
@@ -148,7 +167,9 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
             format!("dY [{TOKENS}, {INTERMEDIATE}], {w}"),
             nf4_gemm::gemm_launch(&up_dx),
         ),
-    ]
+    ];
+    rows.extend(attention_rows);
+    rows
 }
 
 /// Names of the `extern "C" __global__` functions in kernels/*.cu outside the test-only modules.
