@@ -774,3 +774,58 @@ fn settings_default_to_qlora_paper_values() {
         .unwrap_err();
     assert!(err.to_string().contains("rank"), "{err}");
 }
+
+/// `--device cuda[:N]` where CUDA cannot run (a CPU-only build, or no GPU behind the driver) is a
+/// typed error naming CUDA, exit 1, no panic, for every command; a malformed device name is a
+/// usage error; the TOML key takes the same strings.
+#[test]
+fn device_cuda_without_a_usable_gpu_is_a_clean_error() {
+    let dir = temp_dir("device-cuda");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &instruction_lines(4));
+    let runs: [&[&str]; 3] = [
+        &["train", "--device", "cuda", "--steps", "1"],
+        &["eval", "--device", "cuda:0"],
+        &["generate", "--device", "cuda:1", "--prompt", "hi"],
+    ];
+    for args in runs {
+        let paths: Vec<(&str, &Path)> = match args[0] {
+            "generate" => vec![("--model", &model)],
+            _ => vec![("--model", &model), ("--data", &data)],
+        };
+        let out = qlora(args, &paths);
+        if cuda_opens() {
+            // With a GPU, eval and generate run; training is refused by name.
+            if args[0] == "train" {
+                let stderr = assert_clean_failure(&out);
+                assert!(stderr.contains("not wired"), "{stderr}");
+            }
+            continue;
+        }
+        let stderr = assert_clean_failure(&out);
+        assert!(
+            stderr.contains("no CUDA device available"),
+            "{args:?}: {stderr}"
+        );
+        if !cfg!(feature = "cuda") {
+            assert!(stderr.contains("--features cuda"), "{args:?}: {stderr}");
+        }
+    }
+    let out = qlora(
+        &["eval", "--device", "gpu"],
+        &[("--model", &model), ("--data", &data)],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+    let config: TrainConfig = toml::from_str("device = \"cuda:3\"").unwrap();
+    assert_eq!(config.device, DeviceName::Cuda(3));
+    assert!(config.to_toml().unwrap().contains("device = \"cuda:3\""));
+    assert!(toml::from_str::<TrainConfig>("device = \"tpu\"").is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Whether CUDA device 0 opens in this build (never in a CPU-only one).
+fn cuda_opens() -> bool {
+    qlora::cli::open_device(DeviceName::Cuda(0)).is_ok()
+}

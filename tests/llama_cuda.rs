@@ -233,6 +233,31 @@ fn logits_and_loss_on_cuda_match_the_cpu() {
     }
 }
 
+/// Which models multiply their frozen linears through the NF4 dequant-GEMM dispatcher: NF4 weights
+/// on CUDA in bf16 compute, not f32 compute, dense weights or the CPU. The comparisons against the
+/// CPU above (logits, loss, LoRA gradients) run the bf16 NF4 cases through that path.
+#[test]
+fn nf4_linears_in_bf16_on_cuda_go_through_the_dequant_gemm() {
+    let Some(gpu) = CudaDevice::first_available_candle() else {
+        return;
+    };
+    for &(name, dtype, quantize) in CASES {
+        let cpu = load_on(name, dtype, quantize, &Device::Cpu);
+        let cuda = cpu.to_device(&gpu).unwrap();
+        let nf4 = quantize || name == "bnb_nf4";
+        for layer in 0..cuda.config().num_hidden_layers {
+            for module in TargetModule::ALL {
+                assert!(!cpu.uses_nf4_gemm(layer, module));
+                assert_eq!(
+                    cuda.uses_nf4_gemm(layer, module),
+                    nf4 && dtype == DType::BF16,
+                    "{name} {dtype:?} quantize {quantize} layer {layer} {module}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_model_moved_to_cuda_and_back_is_unchanged() {
     let Some(gpu) = CudaDevice::first_available_candle() else {
@@ -331,7 +356,13 @@ fn lora_forward_and_gradients_on_cuda_match_the_cpu() {
             got.lora.keys().collect::<Vec<_>>(),
             want.lora.keys().collect::<Vec<_>>()
         );
-        let grad_tol = lookup(Op::LoraGradDevice, tol_dtype(dtype));
+        // bf16 NF4 models take the dequant-GEMM path, whose dx = dy·W rounds dy to bf16.
+        let grad_op = if cuda.uses_nf4_gemm(0, TargetModule::QProj) {
+            Op::LoraGradDeviceNf4Gemm
+        } else {
+            Op::LoraGradDevice
+        };
+        let grad_tol = lookup(grad_op, tol_dtype(dtype));
         let mut worst = 0f32;
         for (key, w) in &want.lora {
             let g = &got.lora[key];

@@ -48,7 +48,7 @@ pub struct EvalArgs {
     /// Storage of the base linears: nf4 (as trained with QLoRA) or none.
     #[arg(long, value_enum, default_value = "nf4")]
     pub quantize: Quantize,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceName,
     /// Print the results as one JSON object instead of a table.
     #[arg(long)]

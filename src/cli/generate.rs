@@ -60,7 +60,7 @@ pub struct GenerateArgs {
     /// Storage of the base linears: nf4 (as trained with QLoRA) or none.
     #[arg(long, value_enum, default_value = "nf4")]
     pub quantize: Quantize,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     pub device: DeviceName,
     /// Print one JSON object per prompt (prompt, completion, token ids) instead of text.
     #[arg(long)]

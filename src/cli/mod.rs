@@ -40,7 +40,7 @@ pub struct LoadedModel {
 }
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json and
-/// tokenizer_config.json) on the CPU, dense tensors in `dtype`, the seven linears of each layer
+/// tokenizer_config.json) onto `device`, dense tensors in `dtype`, the seven linears of each layer
 /// quantized to NF4 on load when `quantize` is NF4 (bitsandbytes pre-quantized linears are NF4
 /// either way).
 pub fn load_model(
@@ -49,7 +49,7 @@ pub fn load_model(
     quantize: Quantize,
     device: DeviceName,
 ) -> Result<LoadedModel> {
-    let DeviceName::Cpu = device;
+    let candle_device = open_device(device)?;
     let config = LlamaConfig::from_file(dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     if tokenizer.vocab_size() > config.vocab_size {
@@ -68,13 +68,13 @@ pub fn load_model(
             ComputeDtype::Bf16 => DType::BF16,
             ComputeDtype::F32 => DType::F32,
         },
-        device: Device::Cpu,
+        device: candle_device,
         quantize: quantize == Quantize::Nf4,
     };
     let weights = LlamaWeights::load(dir, &config, &options)?;
     let stored_nf4 = config.quantization.is_some();
     let summary = format!(
-        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}); linears {}, compute {}, CPU",
+        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}); linears {}, compute {}, {}",
         dir.display(),
         config.num_hidden_layers,
         config.hidden_size,
@@ -89,6 +89,10 @@ pub fn load_model(
         match dtype {
             ComputeDtype::Bf16 => "bf16",
             ComputeDtype::F32 => "f32",
+        },
+        match device {
+            DeviceName::Cpu => "CPU".to_string(),
+            DeviceName::Cuda(n) => format!("CUDA device {n}"),
         }
     );
     let model = LlamaModel::new(config, weights)?;
@@ -97,6 +101,20 @@ pub fn load_model(
         tokenizer,
         summary,
     })
+}
+
+/// The candle device `device` names: the CPU, or CUDA device N in a build with `--features
+/// cuda`. A typed error (no panic) when CUDA was left out of the build or no such device opens.
+pub fn open_device(device: DeviceName) -> Result<Device> {
+    match device {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceName::Cuda(n) => crate::kernels::cuda::CudaDevice::candle_device(n),
+        #[cfg(not(feature = "cuda"))]
+        DeviceName::Cuda(n) => Err(Error::NoCudaDevice(format!(
+            "--device cuda:{n} needs qlora built with `--features cuda` (this build is CPU-only)"
+        ))),
+    }
 }
 
 /// A PEFT adapter folder, checked against the model it will run on.

@@ -130,8 +130,8 @@ pub struct TrainArgs {
     /// Storage of the frozen linears: nf4 (QLoRA) or none (plain LoRA) [default: nf4].
     #[arg(long, value_enum)]
     pub quantize: Option<Quantize>,
-    /// Where to run; only the CPU is wired into the CLI today [default: cpu].
-    #[arg(long, value_enum)]
+    /// Where to run: cpu, or cuda / cuda:N (a build with `--features cuda`) [default: cpu].
+    #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceName>,
     /// Save a checkpoint every N steps (0: never) [default: 100].
     #[arg(long, value_name = "N")]
@@ -353,6 +353,16 @@ fn check_resumed(trainer: &Trainer<'_, CpuAdamW>, want: &Trainer<'_, CpuAdamW>) 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let started = Instant::now();
     let mut config = args.effective_config()?;
+    if let DeviceName::Cuda(_) = config.device {
+        // Fails first, typed, when CUDA is not built in or the device does not open.
+        crate::cli::open_device(config.device)?;
+        return Err(invalid(format!(
+            "--device {}: training on CUDA is not wired into the CLI yet (checkpoints hold the \
+             CPU optimizer's state); run `qlora eval` / `qlora generate` there, or train with \
+             --device cpu",
+            config.device
+        )));
+    }
     let model_dir = config.model.clone().ok_or_else(|| {
         invalid(
             "no model given: pass --model DIR and --data FILE (or set them in --config run.toml), \

@@ -564,11 +564,14 @@ mod cuda_impl {
             }
         }
 
-        fn dequantize_as<T: Element + CudaDType>(&self, dev: &CudaDevice) -> Result<Tensor> {
-            // SAFETY: every element is written by the kernel before anyone reads it.
-            let mut out = unsafe { dev.stream().alloc::<T>(self.layout.n) }.map_err(cuda_err)?;
-            // The read locks keep candle from handing these buffers to anyone for writing while
-            // the launch that reads them is queued.
+        /// Runs `f` on this weight's device buffers as the NF4 kernels take them (`n` rows of `k`
+        /// codes for a 2-D `[n, k]` tensor, else one row), holding candle's read locks on them
+        /// until `f` returns, so no one writes them while a launch that reads them is queued.
+        pub fn with_weight<R>(
+            &self,
+            f: impl FnOnce(crate::kernels::nf4_gemv::DeviceNf4Weight<'_>) -> Result<R>,
+        ) -> Result<R> {
+            const OP: &str = "Nf4DeviceTensor::with_weight";
             let (packed_s, packed_l) = self.packed.storage_and_layout();
             let (code_s, code_l) = self.code.storage_and_layout();
             let scale_tensors: Vec<&Tensor> = match &self.scales {
@@ -600,21 +603,28 @@ mod cuda_impl {
                     offset: *offset,
                     nested_blocksize: *nested_blocksize,
                 },
-                _ => {
-                    return Err(Error::invalid(
-                        "Nf4DeviceTensor::dequantize",
-                        "scale tensors do not match their kind",
-                    ))
-                }
+                _ => return Err(Error::invalid(OP, "scale tensors do not match their kind")),
             };
-            dequantize_cuda_into(
-                dev,
-                storage_slice(&packed_s, packed_l)?,
+            let (n, k) = match self.shape.as_slice() {
+                [n, k] => (*n, *k),
+                _ => (1, self.layout.n),
+            };
+            f(crate::kernels::nf4_gemv::DeviceNf4Weight {
+                packed: storage_slice(&packed_s, packed_l)?,
                 scales,
-                self.layout.blocksize,
-                storage_slice(&code_s, code_l)?,
-                &mut out,
-            )?;
+                n,
+                k,
+                blocksize: self.layout.blocksize,
+                code: storage_slice(&code_s, code_l)?,
+            })
+        }
+
+        fn dequantize_as<T: Element + CudaDType>(&self, dev: &CudaDevice) -> Result<Tensor> {
+            // SAFETY: every element is written by the kernel before anyone reads it.
+            let mut out = unsafe { dev.stream().alloc::<T>(self.layout.n) }.map_err(cuda_err)?;
+            self.with_weight(|w| {
+                dequantize_cuda_into(dev, w.packed, w.scales, w.blocksize, w.code, &mut out)
+            })?;
             dev.tensor_from_slice(out, self.shape.as_slice())
         }
     }

@@ -61,7 +61,7 @@ impl GemmOp {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             GemmOp::Forward => "nf4_gemm",
             GemmOp::InputGrad => "nf4_gemm_dx",

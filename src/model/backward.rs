@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
 
+use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::llama::{repeat_kv, LlamaModel};
 use crate::model::weights::LayerWeights;
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
@@ -353,8 +354,9 @@ struct LayerPass<'a> {
     adapter: Option<&'a LoraAdapter>,
     layer: usize,
     weights: &'a LayerWeights,
-    /// The seven linears' weights `[out, in]`, in [`TargetModule::ALL`] order.
-    linears: Vec<Tensor>,
+    /// The seven linears' weights `[out, in]`, in [`TargetModule::ALL`] order; None where the
+    /// products go through the NF4 dequant-GEMM ([`LlamaModel::uses_nf4_gemm`]).
+    linears: Vec<Option<Tensor>>,
 }
 
 /// The intermediates of one layer's forward that its backward reads.
@@ -381,12 +383,17 @@ impl<'a> LayerPass<'a> {
             .layers
             .get(layer)
             .ok_or_else(|| invalid(format!("no weights for layer {layer}")))?;
+        // Weights multiplied through the NF4 dequant-GEMM are never materialized (None).
         let linears = TargetModule::ALL
             .into_iter()
             .map(|m| {
+                if model.uses_nf4_gemm(layer, m) {
+                    return Ok(None);
+                }
                 model
                     .frozen_weight(layer, m)?
                     .to_dtype(DType::F32)
+                    .map(Some)
                     .map_err(Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -399,13 +406,12 @@ impl<'a> LayerPass<'a> {
         })
     }
 
-    fn weight(&self, module: TargetModule) -> &Tensor {
-        &self.linears[module as usize]
-    }
-
     /// `module` on `x`, with the adapter's LoRA delta, rounded as `LlamaModel`'s forward rounds.
     fn linear(&self, x: &Tensor, module: TargetModule) -> Result<Tensor> {
-        let y = self.model.dense_linear(x, self.weight(module))?;
+        let y = match &self.linears[module as usize] {
+            Some(w) => self.model.dense_linear(x, w)?,
+            None => self.model.linear(x, self.layer, module)?,
+        };
         match self.adapter {
             Some(adapter) => {
                 self.model
@@ -424,12 +430,19 @@ impl<'a> LayerPass<'a> {
         module: TargetModule,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
-        let w = self.weight(module);
-        let (out_features, in_features) = w.dims2()?;
-        let rows = x.elem_count() / in_features;
+        let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D input"))?;
+        let out_features = *dy.dims().last().ok_or_else(|| invalid("a 0-D gradient"))?;
+        let rows = x.elem_count() / in_features.max(1);
         let x2 = x.reshape((rows, in_features))?;
         let dy2 = dy.reshape((rows, out_features))?;
-        let mut dx = dy2.matmul(w)?;
+        let mut dx = match &self.linears[module as usize] {
+            Some(w) => dy2.matmul(w)?,
+            // dy rounded to bf16 for the kernel's bf16 activations (tolerance::Op::LlamaCudaNf4Gemm).
+            None => self
+                .model
+                .nf4_gemm(GemmOp::InputGrad, &dy2, self.layer, module)?
+                .ok_or_else(|| invalid(format!("layer {} {module}: no NF4 GEMM", self.layer)))?,
+        };
         if let Some((adapter, pair)) = self
             .adapter
             .and_then(|a| a.pair(self.layer, module).map(|p| (a, p)))

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
 
+use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::config::LlamaConfig;
 use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
@@ -467,11 +468,60 @@ impl LlamaModel {
     }
 
     /// `x · wᵀ` for the frozen linear `module` of `layer`, x `[.., in]` in f32 holding
-    /// compute-dtype values. The one seam where a backend's (dequant-)GEMM plugs in: NF4 weights
-    /// are dequantized to their original dtype (as bitsandbytes' forward does) and then cast to the
-    /// compute dtype.
-    fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> Result<Tensor> {
+    /// compute-dtype values. The one seam where a backend's (dequant-)GEMM plugs in: on a CUDA
+    /// device in bf16 compute an NF4 weight goes through our dequant-GEMM dispatcher
+    /// ([`Self::nf4_gemm`]); otherwise NF4 weights are dequantized to their original dtype (as
+    /// bitsandbytes' forward does), cast to the compute dtype and multiplied in f32.
+    pub(crate) fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> Result<Tensor> {
+        if let Some(y) = self.nf4_gemm(GemmOp::Forward, x, layer, module)? {
+            return self.round(y);
+        }
         self.dense_linear(x, &self.frozen_weight(layer, module)?)
+    }
+
+    /// Whether products with the frozen weight of `module` in `layer` run through the NF4
+    /// dequant-GEMM kernels ([`crate::kernels::nf4_gemm::Nf4Matmul`]) rather than a dequantized
+    /// copy: on a CUDA device, in bf16 compute, for an NF4 weight. bf16 compute only, since the
+    /// kernels take bf16 activations; an f32 model on CUDA keeps dequantize + f32 matmul, which
+    /// is exact against the CPU.
+    pub fn uses_nf4_gemm(&self, layer: usize, module: TargetModule) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.dtype == DType::BF16 {
+            if let Some(on_device) = &self.nf4_device {
+                return on_device.has(layer, module);
+            }
+        }
+        let _ = (layer, module);
+        false
+    }
+
+    /// When [`Self::uses_nf4_gemm`]: `a · Wᵀ` (`op` Forward, `a` `[.., in]`) or `a · W`
+    /// (InputGrad, `a` `[.., out]`) with the frozen NF4 weight W `[out, in]`, `a` rounded to bf16
+    /// and the products summed in f32, unrounded f32 `[.., out]` / `[.., in]`; None otherwise.
+    pub(crate) fn nf4_gemm(
+        &self,
+        op: GemmOp,
+        a: &Tensor,
+        layer: usize,
+        module: TargetModule,
+    ) -> Result<Option<Tensor>> {
+        if !self.uses_nf4_gemm(layer, module) {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(on_device) = &self.nf4_device {
+            let dims = a.dims();
+            let red = *dims.last().ok_or_else(|| invalid("a 0-D activation"))?;
+            let rows = a.elem_count() / red.max(1);
+            let y = on_device.matmul(op, &a.reshape((rows, red))?, layer, module)?;
+            let mut out_dims = dims.to_vec();
+            if let Some(last) = out_dims.last_mut() {
+                *last = y.dim(1)?;
+            }
+            return Ok(Some(y.reshape(out_dims)?));
+        }
+        let _ = (op, a);
+        Ok(None)
     }
 
     /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it:
