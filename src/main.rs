@@ -2,12 +2,14 @@
 //! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora train`,
 //! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data (src/cli/). `qlora
 //! quantize` turns a weight (a built-in Llama-shaped example, or every linear weight of a
-//! safetensors file) into bitsandbytes-format NF4 and reports sizes and error.
+//! safetensors file) into bitsandbytes-format NF4 and reports sizes and error. `qlora bench` measures the kernels
+//! and the training step (src/bench/).
 
 mod demo;
 
 use clap::{Parser, Subcommand};
 use half::{bf16, f16};
+use qlora::cli::bench::BenchArgs;
 use qlora::cli::eval::EvalArgs;
 use qlora::cli::generate::GenerateArgs;
 use qlora::cli::train::TrainArgs;
@@ -31,7 +33,8 @@ use std::time::Instant;
         On your own model: `qlora train --model DIR --data train.jsonl` fine-tunes a LoRA \
         adapter, `qlora eval` reports loss, perplexity and multiple-choice accuracy, and \
         `qlora generate` writes completions; `qlora <command> --help` explains each. These run \
-        on the CPU."
+        on the CPU. `qlora bench kernels` times the CUDA kernels on a GPU and `qlora bench \
+        train-step` a CPU training step."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +53,9 @@ enum Command {
     Eval(EvalArgs),
     /// Generate completions for prompts with a model and an optional adapter.
     Generate(GenerateArgs),
+    /// Measure the kernels on the GPU (`bench kernels`) or a training step on the CPU
+    /// (`bench train-step`).
+    Bench(BenchArgs),
     /// Quantize weights to NF4 exactly as bitsandbytes stores them, and report sizes and error.
     ///
     /// With no --input, quantizes a built-in 4096×4096 Llama-shaped weight and checks the emulated
@@ -94,13 +100,18 @@ fn train(args: &TrainArgs) -> Result<()> {
     })
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    // `qlora bench train-step` re-runs this binary for each measured configuration.
+    if let Some(code) = qlora::bench::train_step::child_from_env() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         None => demo::run(&demo::DemoOptions::default()),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Eval(args)) => qlora::cli::eval::run(&args),
         Some(Command::Generate(args)) => qlora::cli::generate::run(&args),
+        Some(Command::Bench(args)) => qlora::cli::bench::run(&args),
         Some(Command::Quantize {
             input,
             output,
@@ -112,9 +123,12 @@ fn main() {
             None => quantize_demo(output.as_deref(), blocksize, !no_double_quant, kernel_rows),
         },
     };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
