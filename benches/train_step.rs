@@ -2,8 +2,9 @@
 //! beside PyTorch + PEFT when `QLORA_PEFT_PYTHON` names a python with torch, transformers, peft
 //! and bitsandbytes; the measurement is `qlora::bench::train_step` (also `qlora bench train-step`).
 //! `cargo bench --bench train_step`; knobs: QLORA_BENCH_STEPS (timed steps, 3), QLORA_BENCH_WARMUP
-//! (1), QLORA_BENCH_SEQ (512), QLORA_BENCH_BASES ("nf4,dense"), QLORA_PEFT_CHECKPOINTING ("on":
-//! torch recomputes each layer as we do; "off" keeps its activations), RAYON_NUM_THREADS.
+//! (1), QLORA_BENCH_SEQ (512), QLORA_BENCH_BASES ("nf4,dense"), QLORA_BENCH_PRESET ("100m"; "tiny"
+//! for a smoke test), QLORA_PEFT_CHECKPOINTING ("on": torch recomputes each layer as we do; "off"
+//! keeps its activations), RAYON_NUM_THREADS.
 
 use std::process::ExitCode;
 

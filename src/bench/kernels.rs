@@ -300,7 +300,7 @@ pub fn bench_target(target: &str, families: &[&str], ms: &[usize]) -> std::proce
     });
     match result {
         Ok(KernelBench::Skipped(why)) => {
-            println!("{target}: no GPU ({why}); skipped");
+            println!("{target}: skipped, nothing measured: {why}");
             std::process::ExitCode::SUCCESS
         }
         Ok(KernelBench::Ran(_)) => std::process::ExitCode::SUCCESS,

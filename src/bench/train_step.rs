@@ -152,8 +152,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 impl TrainStepOptions {
     /// The defaults overridden by the bench target's knobs: QLORA_BENCH_STEPS, QLORA_BENCH_WARMUP,
-    /// QLORA_BENCH_SEQ, QLORA_BENCH_BASES ("nf4,dense"), QLORA_PEFT_PYTHON and
-    /// QLORA_PEFT_CHECKPOINTING.
+    /// QLORA_BENCH_SEQ, QLORA_BENCH_BASES ("nf4,dense"), QLORA_BENCH_PRESET ("100m" or "tiny"),
+    /// QLORA_PEFT_PYTHON and QLORA_PEFT_CHECKPOINTING.
     pub fn from_env() -> Result<Self> {
         let d = TrainStepOptions::default();
         let bases = match env::var("QLORA_BENCH_BASES") {
@@ -172,8 +172,18 @@ impl TrainStepOptions {
                 .collect::<Result<Vec<_>>>()?,
             Err(_) => d.bases,
         };
+        let preset = match env::var("QLORA_BENCH_PRESET").as_deref() {
+            Err(_) | Ok("100m") => d.preset,
+            Ok("tiny") => Preset::Tiny,
+            Ok(bad) => {
+                return Err(Error::invalid(
+                    "QLORA_BENCH_PRESET",
+                    format!("{bad:?}: use 100m or tiny"),
+                ))
+            }
+        };
         Ok(TrainStepOptions {
-            preset: d.preset,
+            preset,
             seq_len: env_or("QLORA_BENCH_SEQ", d.seq_len),
             steps: env_or("QLORA_BENCH_STEPS", d.steps),
             warmup: env_or("QLORA_BENCH_WARMUP", d.warmup),
