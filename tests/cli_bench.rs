@@ -102,6 +102,13 @@ fn help_texts_describe_the_benches() {
     for needle in ["--shapes", "--m", "--json", "cuBLAS", "GB/s", "exits 0"] {
         assert!(kernels.contains(needle), "{needle} missing from\n{kernels}");
     }
+    for family in qlora::bench::kernels::KERNELS {
+        assert!(
+            kernels.contains(family.name),
+            "--only does not list {}:\n{kernels}",
+            family.name
+        );
+    }
     let (_, train) = qlora(&["bench", "train-step", "--help"]);
     for needle in [
         "--steps",

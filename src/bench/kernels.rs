@@ -14,6 +14,8 @@ pub struct ModelShape {
     pub hidden: usize,
     pub intermediate: usize,
     pub heads: usize,
+    pub layers: usize,
+    pub vocab: usize,
 }
 
 impl ModelShape {
@@ -22,12 +24,16 @@ impl ModelShape {
         hidden: 5120,
         intermediate: 13824,
         heads: 40,
+        layers: 40,
+        vocab: 32000,
     };
     pub const LLAMA2_7B: ModelShape = ModelShape {
         name: "7b",
         hidden: 4096,
         intermediate: 11008,
         heads: 32,
+        layers: 32,
+        vocab: 32000,
     };
 
     /// `13b` or `7b`.
@@ -51,10 +57,9 @@ impl ModelShape {
         self.hidden / self.heads
     }
 
-    /// Trainable parameters of LoRA rank `r` on all seven linears of every layer (Llama-2: 40
-    /// layers for 13B, 32 for 7B), the tensor AdamW updates in QLoRA.
+    /// Trainable parameters of LoRA rank `r` on all seven linears of every layer, the tensor
+    /// AdamW updates in QLoRA.
     pub fn lora_params(&self, r: usize) -> usize {
-        let layers = if self.hidden == 5120 { 40 } else { 32 };
         let per_layer: usize = [
             (self.hidden, self.hidden, 4),
             (self.intermediate, self.hidden, 2),
@@ -63,7 +68,7 @@ impl ModelShape {
         .iter()
         .map(|&(o, i, count)| count * r * (o + i))
         .sum();
-        layers * per_layer
+        self.layers * per_layer
     }
 }
 
@@ -164,6 +169,12 @@ pub const KERNELS: &[KernelFamily] = &[
         about: "RMSNorm forward, RoPE on q and k, SwiGLU forward, bf16 [M, width]",
         #[cfg(feature = "cuda")]
         run: gpu::llama,
+    },
+    KernelFamily {
+        name: "cross-entropy",
+        about: "Cross-entropy forward and backward over bf16 logits [M, vocab]",
+        #[cfg(feature = "cuda")]
+        run: gpu::cross_entropy,
     },
 ];
 
@@ -713,6 +724,56 @@ pub mod gpu {
                 format!("[{m}, {inter}]"),
                 secs,
                 3 * m * inter * 2,
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// Cross-entropy forward (per-row loss and log-sum-exp) and backward (the logits' gradient
+    /// written over them) at every M, over the model's vocabulary.
+    pub fn cross_entropy(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
+        use crate::kernels::cross_entropy::{
+            cross_entropy_backward_cuda, cross_entropy_forward_cuda_into,
+        };
+        let (dev, s) = (b.dev, b.dev.stream());
+        let vocab = b.opts.shape.vocab;
+        let mut rows = Vec::new();
+        for &m in &b.opts.ms {
+            let iters = if m <= 16 { 200 } else { 20 };
+            let mut d_logits = s
+                .clone_htod(&bf16_normal(m * vocab, 1.0, 1))
+                .map_err(cuda_err)?;
+            let labels: Vec<i32> = (0..m).map(|i| (i * 7919 % vocab) as i32).collect();
+            let d_labels = s.clone_htod(&labels).map_err(cuda_err)?;
+            let mut d_losses = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
+            let mut d_lse = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
+            let shape = format!("[{m}, {vocab}]");
+            let secs = time(dev, iters, || {
+                cross_entropy_forward_cuda_into(
+                    dev,
+                    &d_logits,
+                    &d_labels,
+                    vocab,
+                    &mut d_losses,
+                    &mut d_lse,
+                )
+            })?;
+            rows.push(memory_row(
+                "cross-entropy fwd bf16",
+                shape.clone(),
+                secs,
+                m * vocab * 2 + m * 4 + 2 * m * 4,
+            ));
+            // Each call overwrites the logits with their gradient; the next reads that as logits,
+            // the same work on finite values.
+            let secs = time(dev, iters, || {
+                cross_entropy_backward_cuda(dev, &mut d_logits, &d_labels, &d_lse, vocab, 1.0)
+            })?;
+            rows.push(memory_row(
+                "cross-entropy bwd bf16",
+                shape,
+                secs,
+                2 * m * vocab * 2 + m * 4 + m * 4,
             ));
         }
         Ok(rows)
