@@ -465,7 +465,7 @@ pub mod gpu {
             let d_in = s.clone_htod(&bf16_normal(len, 0.02, 1)).map_err(cuda_err)?;
             let mut d_out = s.alloc_zeros::<bf16>(len).map_err(cuda_err)?;
             let mut d_qout = s.alloc_zeros::<u8>(w.packed_len).map_err(cuda_err)?;
-            let mut d_qabsmax = s.alloc_zeros::<f32>(len / 64).map_err(cuda_err)?;
+            let mut d_qabsmax = s.alloc_zeros::<f32>(len.div_ceil(64)).map_err(cuda_err)?;
             let shape = format!("[{n}, {k}]");
             let secs = time(dev, 50, || {
                 dequantize_cuda_into(dev, &w.d_packed, w.scales(), 64, &w.d_code, &mut d_out)
@@ -483,7 +483,7 @@ pub mod gpu {
                 "nf4 quantize bf16",
                 shape,
                 secs,
-                len * 2 + w.packed_len + len / 64 * 4,
+                len * 2 + w.packed_len + len.div_ceil(64) * 4,
             ));
         }
         Ok(rows)
