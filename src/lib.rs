@@ -4,6 +4,7 @@
 //! their CPU reference and CPU emulation), then the model, PEFT methods and trainer, and `cli`,
 //! the `qlora` binary's subcommands.
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod kernels;

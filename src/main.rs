@@ -2,11 +2,13 @@
 //! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora train`,
 //! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data; `quantize` writes
 //! bitsandbytes-format NF4, `merge` folds a LoRA adapter into its base model and `plan` plans a
-//! training step's device memory. Each subcommand's Args struct and `run` live in src/cli/.
+//! training step's device memory, and `bench` measures the kernels (GPU) and a training step (CPU).
+//! Each subcommand's Args struct and `run` live in src/cli/.
 
 mod demo;
 
 use clap::{Parser, Subcommand};
+use qlora::cli::bench::BenchArgs;
 use qlora::cli::eval::EvalArgs;
 use qlora::cli::generate::GenerateArgs;
 use qlora::cli::merge::MergeArgs;
@@ -27,7 +29,8 @@ use qlora::{Error, Result};
         On your own model: `qlora train --model DIR --data train.jsonl` fine-tunes a LoRA \
         adapter, `qlora eval` reports loss, perplexity and multiple-choice accuracy, and \
         `qlora generate` writes completions; `qlora <command> --help` explains each. These run \
-        on the CPU."
+        on the CPU. `qlora bench kernels` times the CUDA kernels on a GPU and `qlora bench \
+        train-step` a CPU training step."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,6 +54,9 @@ enum Command {
     Merge(MergeArgs),
     /// Plan the device memory of a QLoRA training step, by category, against a budget.
     Plan(PlanArgs),
+    /// Measure the kernels on the GPU (`bench kernels`) or a training step on the CPU
+    /// (`bench train-step`).
+    Bench(BenchArgs),
 }
 
 /// `qlora train`: the demo with --demo (which takes only --steps, --output and --seed), else a
@@ -74,7 +80,11 @@ fn train(args: &TrainArgs) -> Result<()> {
     })
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    // `qlora bench train-step` re-runs this binary for each measured configuration.
+    if let Some(code) = qlora::bench::train_step::child_from_env() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         None => demo::run(&demo::DemoOptions::default()),
@@ -84,9 +94,13 @@ fn main() {
         Some(Command::Quantize(args)) => qlora::cli::quantize::run(&args),
         Some(Command::Merge(args)) => qlora::cli::merge::run(&args),
         Some(Command::Plan(args)) => qlora::cli::plan::run(&args),
+        Some(Command::Bench(args)) => qlora::cli::bench::run(&args),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

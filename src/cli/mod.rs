@@ -3,6 +3,7 @@
 //! training settings file (`config`), and what they share: loading a Hugging Face Llama folder with its tokenizer and an
 //! optional PEFT adapter, and the progress bar.
 
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod generate;
