@@ -171,6 +171,13 @@ pub const KERNELS: &[KernelFamily] = &[
         run: gpu::llama,
     },
     KernelFamily {
+        name: "attention",
+        about: "Causal attention forward and backward, bf16 on tensor cores and f32, batch 1 with \
+                each M ≥ 128 as the sequence length",
+        #[cfg(feature = "cuda")]
+        run: gpu::attention,
+    },
+    KernelFamily {
         name: "cross-entropy",
         about: "Cross-entropy forward and backward over bf16 logits [M, vocab]",
         #[cfg(feature = "cuda")]
@@ -777,6 +784,74 @@ pub mod gpu {
             ));
         }
         Ok(rows)
+    }
+
+    /// Causal attention at batch 1, every head of the model, head_dim hidden / heads, with each
+    /// M ≥ 128 as the sequence length. Flops count the causal half of the work: forward
+    /// 4·H·T²·D / 2 (two T×T×D products), backward 2.5× that (five products).
+    pub fn attention(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
+        let mut rows = Vec::new();
+        for &t in b.opts.ms.iter().filter(|&&m| m >= 128) {
+            rows.extend(attention_at::<bf16>(b, t, "bf16")?);
+            rows.extend(attention_at::<f32>(b, t, "f32")?);
+        }
+        Ok(rows)
+    }
+
+    fn attention_at<T: crate::kernels::launch::Element>(
+        b: &GpuBench<'_>,
+        seq: usize,
+        dtype: &str,
+    ) -> Result<Vec<KernelRow>> {
+        use crate::kernels::attention::{
+            attention_backward_cuda_into, attention_forward_cuda, attention_forward_cuda_into,
+            AttentionShape, DeviceAttentionGrads, DeviceAttentionInputs,
+        };
+        let (dev, s) = (b.dev, b.dev.stream());
+        let heads = b.opts.shape.heads;
+        let shape = AttentionShape::new(1, heads, heads, seq, b.opts.shape.head_dim())?;
+        let upload = |n: usize, seed: u64| {
+            let v: Vec<T> = crate::testing::normal_vector(n, 1.0, seed)
+                .into_iter()
+                .map(T::from_f32)
+                .collect();
+            s.clone_htod(&v).map_err(cuda_err)
+        };
+        let (q, k, v) = (
+            upload(shape.q_len(), 1)?,
+            upload(shape.kv_len(), 2)?,
+            upload(shape.kv_len(), 3)?,
+        );
+        let d_o = upload(shape.q_len(), 4)?;
+        let inputs = DeviceAttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            key_mask: None,
+        };
+        let (mut o, mut lse) = attention_forward_cuda(dev, &shape, &inputs)?;
+        let fwd = time(dev, 10, || {
+            attention_forward_cuda_into(dev, &shape, &inputs, &mut o, &mut lse)
+        })?;
+        let mut grads = DeviceAttentionGrads::<T>::alloc(dev, &shape)?;
+        let bwd = time(dev, 10, || {
+            attention_backward_cuda_into(dev, &shape, &inputs, (&o, &lse, &d_o), &mut grads)
+        })?;
+        let (h, t, d) = (heads as f64, seq as f64, shape.head_dim as f64);
+        let fwd_flops = 4.0 * h * t * t * d / 2.0;
+        let desc = format!("[1, {heads}, {seq}, {}]", shape.head_dim);
+        let row = |kernel: String, seconds: f64, flops: f64| KernelRow {
+            kernel,
+            shape: desc.clone(),
+            seconds,
+            bytes: None,
+            flops: Some(flops),
+            cublas_seconds: None,
+        };
+        Ok(vec![
+            row(format!("attention fwd {dtype}"), fwd, fwd_flops),
+            row(format!("attention bwd {dtype}"), bwd, 2.5 * fwd_flops),
+        ])
     }
 }
 
