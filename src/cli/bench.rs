@@ -17,7 +17,8 @@ pub struct BenchArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
     /// Time the CUDA kernels at Llama-2 shapes: NF4 dequantize/quantize, GEMV, tensor-core GEMM
-    /// beside dequantize + cuBLAS and dense cuBLAS bf16, AdamW, RMSNorm, RoPE, SwiGLU and cross-entropy.
+    /// beside dequantize + cuBLAS and dense cuBLAS bf16, AdamW, RMSNorm, RoPE, SwiGLU, causal
+    /// attention and cross-entropy.
     ///
     /// Prints one table: kernel, shape, time per call, GB/s and % of the device's theoretical
     /// DRAM bandwidth for memory-bound kernels, TFLOP/s and the ratio to cuBLAS bf16 on the dense
@@ -39,7 +40,7 @@ pub struct KernelsArgs {
     #[arg(long, value_delimiter = ',', default_values_t = kernels::DEFAULT_MS)]
     pub m: Vec<usize>,
     /// Only these kernel families, comma-separated (default all): nf4, gemv, gemm, adamw, llama,
-    /// cross-entropy.
+    /// attention (each M ≥ 128 as the sequence length), cross-entropy.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Also write the rows and the device as JSON to this file.
