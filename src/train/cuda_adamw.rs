@@ -17,7 +17,9 @@ use crate::kernels::launch::Element;
 use crate::kernels::paged::{PagedAdamWStates, PagingPolicy};
 use crate::model::backward::LoraGrads;
 use crate::peft::{LoraAdapter, LoraPair, TargetModule};
-use crate::train::trainer::{check_grads_match, lora_tensor_name, Moments, Optimizer};
+use crate::train::trainer::{
+    check_grads_match, check_moments, lora_tensor_name, Moments, Optimizer,
+};
 use crate::{Error, Result};
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -59,18 +61,7 @@ impl CudaAdamW {
         moments: BTreeMap<(usize, TargetModule), [Moments; 2]>,
     ) -> Result<Self> {
         config.validate()?;
-        for (&(layer, module), pair) in &moments {
-            for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
-                if state.m.len() != state.v.len() {
-                    return Err(invalid(format!(
-                        "moments of {} hold {} m and {} v values",
-                        lora_tensor_name(layer, module, matrix),
-                        state.m.len(),
-                        state.v.len()
-                    )));
-                }
-            }
-        }
+        check_moments(&moments)?;
         Ok(CudaAdamW {
             dev,
             config,

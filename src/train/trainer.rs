@@ -71,6 +71,24 @@ impl Moments {
     }
 }
 
+/// Checks restored AdamW moments (`[A, B]` per adapted linear): each m and v pair must have one
+/// length. Shared by every optimizer that restores from a checkpoint.
+pub(crate) fn check_moments(moments: &BTreeMap<(usize, TargetModule), [Moments; 2]>) -> Result<()> {
+    for (&(layer, module), pair) in moments {
+        for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
+            if state.m.len() != state.v.len() {
+                return Err(invalid(format!(
+                    "moments of {} hold {} m and {} v values",
+                    lora_tensor_name(layer, module, matrix),
+                    state.m.len(),
+                    state.v.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// torch.optim.AdamW on the CPU through [`reference_step`], one tensor at a time, with f32
 /// moments created (zero) on the first update as torch does. Parameters stay in the adapter's
 /// dtype (f32 or bf16).
@@ -101,18 +119,7 @@ impl CpuAdamW {
         moments: BTreeMap<(usize, TargetModule), [Moments; 2]>,
     ) -> Result<Self> {
         config.validate()?;
-        for (&(layer, module), pair) in &moments {
-            for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
-                if state.m.len() != state.v.len() {
-                    return Err(invalid(format!(
-                        "moments of {} hold {} m and {} v values",
-                        lora_tensor_name(layer, module, matrix),
-                        state.m.len(),
-                        state.v.len()
-                    )));
-                }
-            }
-        }
+        check_moments(&moments)?;
         Ok(CpuAdamW {
             config,
             steps,
