@@ -68,6 +68,18 @@ pub fn validate_config(kernel: &Kernel, cfg: &LaunchConfig) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// Emulated launches made by this thread, by kernel name.
+    static LAUNCHES: std::cell::RefCell<std::collections::HashMap<&'static str, u64>> =
+        Default::default();
+}
+
+/// How many emulated launches of the kernel named `name` this thread has made: lets a test prove
+/// that a code path really runs a kernel (launches are synchronous, on the caller's thread).
+pub fn launches_on_this_thread(name: &str) -> u64 {
+    LAUNCHES.with(|counts| counts.borrow().get(name).copied().unwrap_or(0))
+}
+
 /// Runs `kernel` through the CPU emulation with default [`EmuOptions`].
 ///
 /// # Safety
@@ -89,6 +101,7 @@ pub unsafe fn launch_with<P>(
     options: &EmuOptions,
 ) -> Result<()> {
     validate_config(kernel, cfg)?;
+    LAUNCHES.with(|counts| *counts.borrow_mut().entry(kernel.name).or_insert(0) += 1);
     let abi: QlLaunchConfig = cfg.to_abi();
     let watchdog_ms = u32::try_from(options.watchdog.as_millis()).unwrap_or(u32::MAX);
     let mut err = [0 as c_char; ERR_BUF_BYTES];

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
 
+use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
+use crate::model::fused::{KeyMask, Qkv, RopeTables};
 use crate::model::llama::{repeat_kv, LlamaModel};
 use crate::model::weights::LayerWeights;
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
@@ -60,7 +62,7 @@ pub fn lora_gradients(
     model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
-    let logits = final_logits(model, &forward.hidden)?;
+    let logits = final_logits(model, &forward.hidden, forward.rope.fused.is_some())?;
     let (loss, count) = LlamaModel::loss(&logits.reshape((b, t, ()))?, labels)?;
     if count == 0 {
         return Err(invalid("the labels hold no token to predict"));
@@ -147,11 +149,20 @@ pub fn decoder_layer_backward(
     Ok(LayerGradients { dx, lora })
 }
 
-/// The additive attention mask `[B, 1, T, T]` and RoPE tables `[1, 1, T, head_dim]` of a batch.
+/// The additive attention mask `[B, 1, T, T]` and RoPE tables `[1, 1, T, head_dim]` of a batch,
+/// and the fused kernels' inputs when they run ([`LlamaModel::fused_attention_shape`]).
 struct AttentionInputs {
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
+    fused: Option<FusedInputs>,
+}
+
+/// What the fused kernels take instead of the additive mask and the broadcast tables.
+struct FusedInputs {
+    shape: AttentionShape,
+    key_mask: KeyMask,
+    rope: RopeTables,
 }
 
 impl AttentionInputs {
@@ -165,10 +176,22 @@ impl AttentionInputs {
             Some(mask) => model.check_mask(mask, b, t)?,
             None => vec![true; b * t],
         };
+        let fused = model.fused_attention_shape(b, t).map(|shape| FusedInputs {
+            shape,
+            key_mask: KeyMask(
+                (!keep.iter().all(|&k| k)).then(|| keep.iter().map(|&k| u8::from(k)).collect()),
+            ),
+            rope: model.fused_rope_tables(b, t),
+        });
         let mask = model.additive_mask(&keep, b, 0, t)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = model.rope_tables(1, &positions)?;
-        Ok(Self { mask, cos, sin })
+        Ok(Self {
+            mask,
+            cos,
+            sin,
+            fused,
+        })
     }
 }
 
@@ -213,7 +236,7 @@ fn checkpointed_forward(
     let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
     for layer in 0..model.config().num_hidden_layers {
         let pass = LayerPass::new(model, Some(adapter), layer)?;
-        let next = pass.forward(&x, &rope)?.output;
+        let next = pass.forward_output(&x, &rope)?;
         inputs.push(x);
         x = next;
     }
@@ -224,10 +247,20 @@ fn checkpointed_forward(
     })
 }
 
-/// f32 logits `[B · T, V]` of the final hidden states (final norm, lm_head).
-fn final_logits(model: &LlamaModel, hidden: &Tensor) -> Result<Tensor> {
+/// f32 logits `[B · T, V]` of the final hidden states (final norm, through the fused kernel when
+/// the layers ran through them, and lm_head).
+fn final_logits(model: &LlamaModel, hidden: &Tensor, fused: bool) -> Result<Tensor> {
     let w = model.weights();
-    let normed = model.rms_norm(hidden, &w.norm)?;
+    let normed = match fused {
+        true => {
+            let eps = model.config().rms_norm_eps;
+            model
+                .kernels()
+                .rms_norm(model.dtype(), hidden, &w.norm, eps)?
+                .0
+        }
+        false => model.rms_norm(hidden, &w.norm)?,
+    };
     let v = model.config().vocab_size;
     Ok(model.dense_linear(&normed, w.lm_head())?.reshape(((), v))?)
 }
@@ -304,7 +337,13 @@ fn backward_from_logits(
     let w = model.weights();
     let lm_head = w.lm_head().to_dtype(DType::F32)?;
     let dnormed = dlogits.matmul(&lm_head)?.reshape(forward.hidden.dims())?;
-    let mut dx = rms_norm_backward(model, &forward.hidden, &w.norm, &dnormed)?;
+    let mut dx = if forward.rope.fused.is_some() {
+        let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
+        let (_, rstd) = k.rms_norm(dt, &forward.hidden, &w.norm, eps)?;
+        k.rms_norm_backward(dt, &dnormed, &forward.hidden, &w.norm, &rstd)?
+    } else {
+        rms_norm_backward(model, &forward.hidden, &w.norm, &dnormed)?
+    };
     let mut lora = LoraGrads::new();
     let CheckpointedForward {
         rope, mut inputs, ..
@@ -371,6 +410,28 @@ struct LayerActivations {
     attn_out: Tensor,
     residual: Tensor,
     normed_mlp: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// The intermediates of one layer's forward through the fused kernels: no `[B, H, T, T]`
+/// probabilities, keys and values at their kv heads, and each RMSNorm's rstd.
+struct FusedActivations {
+    output: Tensor,
+    normed_attn: Tensor,
+    rstd_attn: Tensor,
+    /// Rotated queries `[B, heads, T, d]`, rotated keys and values `[B, kv_heads, T, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The attention output `[B, heads, T, d]` and its per-row logsumexp.
+    o: Tensor,
+    lse: Tensor,
+    attn_out: Tensor,
+    residual: Tensor,
+    normed_mlp: Tensor,
+    rstd_mlp: Tensor,
     gate: Tensor,
     up: Tensor,
     act: Tensor,
@@ -473,6 +534,112 @@ impl<'a> LayerPass<'a> {
         Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * d))?)
     }
 
+    /// The layer's output from its input `x`, through the fused kernels when they run.
+    fn forward_output(&self, x: &Tensor, rope: &AttentionInputs) -> Result<Tensor> {
+        match &rope.fused {
+            Some(fused) => Ok(self.forward_fused(x, fused)?.output),
+            None => Ok(self.forward(x, rope)?.output),
+        }
+    }
+
+    /// The layer's forward through the fused RMSNorm, RoPE, attention and SwiGLU kernels (the
+    /// linears as in [`Self::forward`]), keeping what [`Self::backward_fused`] reads.
+    fn forward_fused(&self, x: &Tensor, f: &FusedInputs) -> Result<FusedActivations> {
+        let m = self.model;
+        let (k, dt, c) = (m.kernels(), m.dtype(), m.config());
+        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps;
+        let (normed_attn, rstd_attn) = k.rms_norm(dt, x, &self.weights.input_layernorm, eps)?;
+        let q = self.linear(&normed_attn, TargetModule::QProj)?;
+        let kk = self.linear(&normed_attn, TargetModule::KProj)?;
+        let v = self.linear(&normed_attn, TargetModule::VProj)?;
+        let (q, kk) = k.rope(dt, &q, &kk, &f.rope, false)?;
+        let q = self.split_heads(&q, n_heads)?;
+        let kk = self.split_heads(&kk, n_kv)?;
+        let v = self.split_heads(&v, n_kv)?;
+        let qkv = Qkv {
+            shape: f.shape,
+            q: &q,
+            k: &kk,
+            v: &v,
+        };
+        let (o, lse) = k.attention(dt, &qkv, &f.key_mask)?;
+        let attn_out = Self::merge_heads(&o)?;
+        let attn = self.linear(&attn_out, TargetModule::OProj)?;
+        let residual = m.round((x + attn)?)?;
+        let post_norm = &self.weights.post_attention_layernorm;
+        let (normed_mlp, rstd_mlp) = k.rms_norm(dt, &residual, post_norm, eps)?;
+        let gate = self.linear(&normed_mlp, TargetModule::GateProj)?;
+        let up = self.linear(&normed_mlp, TargetModule::UpProj)?;
+        let act = k.swiglu(dt, &gate, &up)?;
+        let mlp = self.linear(&act, TargetModule::DownProj)?;
+        let output = m.round((&residual + mlp)?)?;
+        Ok(FusedActivations {
+            output,
+            normed_attn,
+            rstd_attn,
+            q,
+            k: kk,
+            v,
+            o,
+            lse,
+            attn_out,
+            residual,
+            normed_mlp,
+            rstd_mlp,
+            gate,
+            up,
+            act,
+        })
+    }
+
+    /// [`Self::backward`] through the fused kernels' backward passes.
+    fn backward_fused(
+        &self,
+        x: &Tensor,
+        f: &FusedInputs,
+        dy: &Tensor,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let (k, dt) = (self.model.kernels(), self.model.dtype());
+        let n_heads = self.model.config().num_attention_heads;
+        let s = self.forward_fused(x, f)?;
+
+        let dact = self.linear_backward(&s.act, dy, TargetModule::DownProj, grads)?;
+        let (dgate, dup) = k.swiglu_backward(dt, &s.gate, &s.up, &dact)?;
+        let dnormed =
+            (self.linear_backward(&s.normed_mlp, &dgate, TargetModule::GateProj, grads)?
+                + self.linear_backward(&s.normed_mlp, &dup, TargetModule::UpProj, grads)?)?;
+        let post_norm = &self.weights.post_attention_layernorm;
+        let dresidual =
+            (dy + k.rms_norm_backward(dt, &dnormed, &s.residual, post_norm, &s.rstd_mlp)?)?;
+
+        let dattn_out =
+            self.linear_backward(&s.attn_out, &dresidual, TargetModule::OProj, grads)?;
+        let d_o = self.split_heads(&dattn_out, n_heads)?;
+        let qkv = Qkv {
+            shape: f.shape,
+            q: &s.q,
+            k: &s.k,
+            v: &s.v,
+        };
+        let (dq, dk, dv) = k.attention_backward(dt, &qkv, &f.key_mask, &s.o, &s.lse, &d_o)?;
+        let (dq, dk) = k.rope(
+            dt,
+            &Self::merge_heads(&dq)?,
+            &Self::merge_heads(&dk)?,
+            &f.rope,
+            true,
+        )?;
+        let dv = Self::merge_heads(&dv)?;
+        let mut dnormed = self.linear_backward(&s.normed_attn, &dq, TargetModule::QProj, grads)?;
+        for (d, module) in [(dk, TargetModule::KProj), (dv, TargetModule::VProj)] {
+            dnormed = (dnormed + self.linear_backward(&s.normed_attn, &d, module, grads)?)?;
+        }
+        let input_norm = &self.weights.input_layernorm;
+        Ok((dresidual + k.rms_norm_backward(dt, &dnormed, x, input_norm, &s.rstd_attn)?)?)
+    }
+
     /// The layer's forward as `LlamaModel`'s `decoder_layer` computes it, keeping what the
     /// backward reads.
     fn forward(&self, x: &Tensor, rope: &AttentionInputs) -> Result<LayerActivations> {
@@ -526,6 +693,9 @@ impl<'a> LayerPass<'a> {
         dy: &Tensor,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
+        if let Some(fused) = &rope.fused {
+            return self.backward_fused(x, fused, dy, grads);
+        }
         let c = self.model.config();
         let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
         let s = self.forward(x, rope)?;

@@ -7,8 +7,10 @@
 use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
 
+use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::config::LlamaConfig;
+use crate::model::fused::{KernelPath, Kernels, RopeTables};
 use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use crate::peft::{LoraAdapter, LoraMode, TargetModule};
@@ -25,6 +27,8 @@ pub struct LlamaModel {
     /// The compute dtype: the dtype of the dense weights (F32 or BF16).
     dtype: DType,
     inv_freq: Vec<f32>,
+    /// Where RMSNorm, RoPE, SwiGLU and attention run ([`KernelPath`]).
+    kernels: Kernels,
     /// On a CUDA device, the NF4 linears' bytes and scales uploaded there by [`Self::new`].
     #[cfg(feature = "cuda")]
     nf4_device: Option<std::sync::Arc<crate::model::cuda::DeviceNf4Linears>>,
@@ -113,6 +117,7 @@ impl LlamaModel {
             }
         }
         let inv_freq = config.rope_inv_freq();
+        let kernels = Kernels::new(KernelPath::default_for(device)?, device)?;
         #[cfg(feature = "cuda")]
         let nf4_device = crate::model::cuda::DeviceNf4Linears::upload(&weights, device)?
             .map(std::sync::Arc::new);
@@ -121,9 +126,26 @@ impl LlamaModel {
             weights,
             dtype,
             inv_freq,
+            kernels,
             #[cfg(feature = "cuda")]
             nf4_device,
         })
+    }
+
+    /// This model with its fused ops on `path`: [`KernelPath::Emulated`] needs a CPU model,
+    /// [`KernelPath::Cuda`] a CUDA one; [`KernelPath::TensorOps`] runs anywhere.
+    pub fn with_kernel_path(mut self, path: KernelPath) -> Result<Self> {
+        self.kernels = Kernels::new(path, self.device())?;
+        Ok(self)
+    }
+
+    /// Where this model's RMSNorm, RoPE, SwiGLU and attention run.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.kernels.path()
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 
     /// This model on `device`: every dense tensor moved there, and on a CUDA device the NF4
@@ -449,6 +471,50 @@ impl LlamaModel {
         let cos = Tensor::from_vec(cos, (rows, 1, t, d), self.device())?;
         let sin = Tensor::from_vec(sin, (rows, 1, t, d), self.device())?;
         Ok((self.round(cos)?, self.round(sin)?))
+    }
+
+    /// The fused kernels' RoPE inputs for `rows` sequences at positions `0..t`: tables `[t, d / 2]`
+    /// with the values of [`Self::rope_tables`] (one half; the halves are equal) and position
+    /// `i` for token i of every row.
+    pub(crate) fn fused_rope_tables(&self, rows: usize, t: usize) -> RopeTables {
+        let round = |v: f32| match self.dtype {
+            DType::BF16 => bf16::from_f32(v).to_f32(),
+            _ => v,
+        };
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(round(angle.cos()));
+                sin.push(round(angle.sin()));
+            }
+        }
+        RopeTables {
+            head_dim: self.config.head_dim,
+            cos,
+            sin,
+            positions: (0..rows).flat_map(|_| 0..t as i32).collect(),
+        }
+    }
+
+    /// The shape of a batch's attention for the fused kernels, when they run and take it (head
+    /// dims that are multiples of 8 up to 128, rows of RMSNorm up to 8192); None sends the batch
+    /// through the tensor ops.
+    pub(crate) fn fused_attention_shape(&self, b: usize, t: usize) -> Option<AttentionShape> {
+        let c = &self.config;
+        if !self.kernels.fused() || c.hidden_size > crate::kernels::llama::MAX_HIDDEN {
+            return None;
+        }
+        AttentionShape::new(
+            b,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            t,
+            c.head_dim,
+        )
+        .ok()
     }
 
     /// f32 values rounded to the compute dtype (and kept in f32): where torch stores a result.

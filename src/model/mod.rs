@@ -6,6 +6,7 @@ pub mod backward;
 pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod fused;
 pub mod generate;
 pub mod init;
 pub mod llama;
@@ -13,4 +14,5 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{BnbQuantConfig, LlamaConfig, RopeScaling, TorchDtype};
+pub use fused::KernelPath;
 pub use weights::{LayerWeights, Linear, LlamaWeights, LoadOptions};
