@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
 
-use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
-use crate::model::fused::{KeyMask, Qkv, RopeTables};
+use crate::model::fused::{FusedInputs, Qkv};
 use crate::model::llama::{repeat_kv, LlamaModel};
 use crate::model::weights::LayerWeights;
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
@@ -158,13 +157,6 @@ struct AttentionInputs {
     fused: Option<FusedInputs>,
 }
 
-/// What the fused kernels take instead of the additive mask and the broadcast tables.
-struct FusedInputs {
-    shape: AttentionShape,
-    key_mask: KeyMask,
-    rope: RopeTables,
-}
-
 impl AttentionInputs {
     fn new(
         model: &LlamaModel,
@@ -176,13 +168,7 @@ impl AttentionInputs {
             Some(mask) => model.check_mask(mask, b, t)?,
             None => vec![true; b * t],
         };
-        let fused = model.fused_attention_shape(b, t).map(|shape| FusedInputs {
-            shape,
-            key_mask: KeyMask(
-                (!keep.iter().all(|&k| k)).then(|| keep.iter().map(|&k| u8::from(k)).collect()),
-            ),
-            rope: model.fused_rope_tables(b, t),
-        });
+        let fused = FusedInputs::new(model, &keep, b, t);
         let mask = model.additive_mask(&keep, b, 0, t)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = model.rope_tables(1, &positions)?;

@@ -243,6 +243,34 @@ pub(crate) struct RopeTables {
     pub positions: Vec<i32>,
 }
 
+/// What the fused kernels take for one batch instead of the additive mask and the broadcast RoPE
+/// tables: the attention shape, the key padding mask and the half tables with positions.
+pub(crate) struct FusedInputs {
+    pub shape: AttentionShape,
+    pub key_mask: KeyMask,
+    pub rope: RopeTables,
+}
+
+impl FusedInputs {
+    /// The inputs of a batch `[b, t]` at positions `0..t` with key flags `keep` `[b, t]`, when
+    /// the model runs its fused kernels and they take its shapes
+    /// ([`crate::model::llama::LlamaModel::fused_attention_shape`]).
+    pub(crate) fn new(
+        model: &crate::model::llama::LlamaModel,
+        keep: &[bool],
+        b: usize,
+        t: usize,
+    ) -> Option<Self> {
+        model.fused_attention_shape(b, t).map(|shape| FusedInputs {
+            shape,
+            key_mask: KeyMask(
+                (!keep.iter().all(|&k| k)).then(|| keep.iter().map(|&k| u8::from(k)).collect()),
+            ),
+            rope: model.fused_rope_tables(b, t),
+        })
+    }
+}
+
 /// q, k and v of one attention call and their validated sizes.
 pub(crate) struct Qkv<'a> {
     pub shape: AttentionShape,
@@ -491,13 +519,6 @@ pub(crate) mod cuda {
     pub(crate) fn writable<T: FusedElement>(dev: &CudaDevice, x: &Tensor) -> Result<CudaSlice<T>> {
         let t = operand::<T>(x)?;
         read::<T, _>(&t, |s| dev.stream().clone_dtod(s).map_err(cuda_err))
-    }
-
-    /// An uninitialised device buffer of `n` elements, for a kernel to fill.
-    pub(crate) fn output<T: FusedElement>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller passes the buffer to a kernel that writes all `n` elements before
-        // anything reads it.
-        unsafe { dev.stream().alloc::<T>(n) }.map_err(cuda_err)
     }
 
     /// A kernel's output buffer as an f32 tensor of `dims` (f32 holding `T` values).

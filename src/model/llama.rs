@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::config::LlamaConfig;
-use crate::model::fused::{KernelPath, Kernels, RopeTables};
+use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
 use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use crate::peft::{LoraAdapter, LoraMode, TargetModule};
@@ -217,11 +217,20 @@ impl LlamaModel {
             Some(mask) => self.check_mask(mask, b, t)?,
             None => vec![true; b * t],
         };
+        let fused = FusedInputs::new(self, &keep, b, t);
         let mask = self.additive_mask(&keep, b, 0, t)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.rope_tables(1, &positions)?;
-        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, None, lora)?;
-        let x = self.rms_norm(&x, &self.weights.norm)?;
+        let rope = StepRope {
+            cos: &cos,
+            sin: &sin,
+            fused: fused.as_ref(),
+        };
+        let x = self.decoder_stack(input_ids, &mask, &rope, None, lora)?;
+        let x = match &fused {
+            Some(_) => self.fused_rms_norm(&x, &self.weights.norm)?,
+            None => self.rms_norm(&x, &self.weights.norm)?,
+        };
         let logits = self.dense_linear(&x, self.weights.lm_head())?;
         Ok(logits.to_dtype(self.dtype)?)
     }
@@ -279,7 +288,12 @@ impl LlamaModel {
         }
         let mask = self.additive_mask(key_mask, b, past, t)?;
         let (cos, sin) = self.rope_tables(b, positions)?;
-        let x = self.decoder_stack(input_ids, &mask, &cos, &sin, Some(cache), lora)?;
+        let rope = StepRope {
+            cos: &cos,
+            sin: &sin,
+            fused: None,
+        };
+        let x = self.decoder_stack(input_ids, &mask, &rope, Some(cache), lora)?;
         let x = self.rms_norm(&x.narrow(1, t - 1, 1)?.contiguous()?, &self.weights.norm)?;
         let logits = self.dense_linear(&x, self.weights.lm_head())?;
         Ok(logits
@@ -293,8 +307,7 @@ impl LlamaModel {
         &self,
         input_ids: &Tensor,
         mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &StepRope<'_>,
         cache: Option<&mut KvCache>,
         lora: Lora<'_>,
     ) -> Result<Tensor> {
@@ -315,7 +328,7 @@ impl LlamaModel {
                 lora,
             };
             let slot = slots.as_mut().and_then(|s| s.next());
-            x = self.decoder_layer(&x, layer, mask, cos, sin, slot)?;
+            x = self.decoder_layer(&x, layer, mask, rope, slot)?;
         }
         Ok(x)
     }
@@ -659,10 +672,13 @@ impl LlamaModel {
         x: &Tensor,
         layer: AdaptedLayer<'_>,
         mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &StepRope<'_>,
         cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
+        if let Some(fused) = rope.fused {
+            return self.decoder_layer_fused(x, layer, fused);
+        }
+        let (cos, sin) = (rope.cos, rope.sin);
         let normed = self.rms_norm(x, &layer.weights.input_layernorm)?;
         let attn = self.attention(&normed, layer, mask, cos, sin, cache)?;
         let x = self.round((x + attn)?)?;
@@ -670,6 +686,54 @@ impl LlamaModel {
         let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj)?;
         let up = self.adapted_linear(&normed, layer, TargetModule::UpProj)?;
         let act = self.round(self.round(gate.silu()?)?.mul(&up)?)?;
+        let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj)?;
+        self.round((x + mlp)?)
+    }
+
+    /// RMSNorm through the fused kernel (the statistics in f32, one rounding per op).
+    fn fused_rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        Ok(self.kernels.rms_norm(self.dtype, x, weight, eps)?.0)
+    }
+
+    /// [`Self::decoder_layer`] through the fused RMSNorm, RoPE, attention and SwiGLU kernels (no
+    /// KV cache: a whole batch from position 0).
+    fn decoder_layer_fused(
+        &self,
+        x: &Tensor,
+        layer: AdaptedLayer<'_>,
+        fused: &FusedInputs,
+    ) -> Result<Tensor> {
+        let (k, dt) = (&self.kernels, self.dtype);
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (n_heads, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let normed = self.fused_rms_norm(x, &layer.weights.input_layernorm)?;
+        let q = self.adapted_linear(&normed, layer, TargetModule::QProj)?;
+        let kk = self.adapted_linear(&normed, layer, TargetModule::KProj)?;
+        let v = self.adapted_linear(&normed, layer, TargetModule::VProj)?;
+        let (q, kk) = k.rope(dt, &q, &kk, &fused.rope, false)?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, kk, v) = (heads(&q, n_heads)?, heads(&kk, n_kv)?, heads(&v, n_kv)?);
+        let qkv = Qkv {
+            shape: fused.shape,
+            q: &q,
+            k: &kk,
+            v: &v,
+        };
+        let (o, _lse) = k.attention(dt, &qkv, &fused.key_mask)?;
+        let o = o
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, n_heads * d))?;
+        let attn = self.adapted_linear(&o, layer, TargetModule::OProj)?;
+        let x = self.round((x + attn)?)?;
+        let normed = self.fused_rms_norm(&x, &layer.weights.post_attention_layernorm)?;
+        let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj)?;
+        let up = self.adapted_linear(&normed, layer, TargetModule::UpProj)?;
+        let act = k.swiglu(dt, &gate, &up)?;
         let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj)?;
         self.round((x + mlp)?)
     }
@@ -783,6 +847,14 @@ fn additive_mask_ops(
     let zero = Tensor::new(0f32, device)?.broadcast_as(&shape)?;
     let hidden = Tensor::new(hidden, device)?.broadcast_as(&shape)?;
     Ok(seen.where_cond(&zero, &hidden)?)
+}
+
+/// The RoPE tables `[rows, 1, T, head_dim]` of one forward, and the fused kernels' inputs when
+/// the batch runs through them.
+struct StepRope<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    fused: Option<&'a FusedInputs>,
 }
 
 /// A LoRA adapter and the mode it runs in, or none.
