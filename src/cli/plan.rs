@@ -142,8 +142,10 @@ pub struct PlanArgs {
     /// Which implementation's memory layout to plan.
     #[arg(long, value_enum, default_value_t = TargetArg::Cuda)]
     pub target: TargetArg,
-    /// Attention on the CUDA path (the CPU path is eager).
-    #[arg(long, value_enum, default_value_t = AttentionArg::Eager)]
+    /// Attention on the CUDA path: fused (the runtime's kernels, for head dims that are a
+    /// multiple of 8 up to 128) or eager (QLORA_KERNELS=ops, other head dims). The CPU path is
+    /// eager.
+    #[arg(long, value_enum, default_value_t = AttentionArg::Fused)]
     pub attention: AttentionArg,
     /// Rows of logits per cross-entropy chunk on the CUDA path.
     #[arg(long, default_value_t = crate::train::plan::DEFAULT_LOGITS_CHUNK_ROWS)]

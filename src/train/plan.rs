@@ -114,13 +114,15 @@ impl PlanSettings {
         }
     }
 
-    /// The planned CUDA path: as [`Self::cpu`] but bf16 compute, paged states, eager attention,
-    /// logits in chunks of [`DEFAULT_LOGITS_CHUNK_ROWS`] rows and no reserve.
+    /// The planned CUDA path: as [`Self::cpu`] but bf16 compute, paged states, fused attention
+    /// (what the runtime runs on CUDA when the head dim is a multiple of 8 up to 128), logits in
+    /// chunks of [`DEFAULT_LOGITS_CHUNK_ROWS`] rows and no reserve.
     pub fn cuda(seq_len: usize) -> Self {
         Self {
             target: Target::Cuda,
             compute_dtype: TorchDtype::BF16,
             paged_states: true,
+            attention: Attention::Fused,
             ..Self::cpu(seq_len)
         }
     }
