@@ -303,8 +303,9 @@ fn render(
             s.logits_chunk_rows
         ),
         Target::Cpu => format!(
-            "target cpu (today's implementation, checked against allocated bytes): {} weights, \
-             activations and gradients in f32, eager attention, whole-vocabulary logits",
+            "target cpu (today's implementation, checked against allocated bytes): {0} weights \
+             and checkpointed layer inputs, other activations and gradients in f32, eager \
+             attention, whole-vocabulary logits",
             dtype_name(s.compute_dtype)
         ),
     });

@@ -184,7 +184,7 @@ impl AttentionInputs {
 /// The stack's forward with only each layer's input kept (gradient checkpointing).
 struct CheckpointedForward {
     rope: AttentionInputs,
-    /// Layer i's input `[B, T, hidden]`, f32.
+    /// Layer i's input `[B, T, hidden]` in the compute dtype (its values are exact there).
     inputs: Vec<Tensor>,
     /// The last layer's output `[B, T, hidden]`, before the final norm.
     hidden: Tensor,
@@ -223,7 +223,9 @@ fn checkpointed_forward(
     for layer in 0..model.config().num_hidden_layers {
         let pass = LayerPass::new(model, Some(adapter), layer)?;
         let next = pass.forward_output(&x, &rope)?;
-        inputs.push(x);
+        // The input holds compute-dtype values: kept in that dtype (exactly), half the bytes in
+        // bf16, and widened again when its layer is pulled back.
+        inputs.push(x.to_dtype(model.dtype())?);
         x = next;
     }
     Ok(CheckpointedForward {
@@ -337,7 +339,8 @@ fn backward_from_logits(
     for layer in (0..inputs.len()).rev() {
         let x = inputs
             .pop()
-            .ok_or_else(|| invalid(format!("no saved input for layer {layer}")))?;
+            .ok_or_else(|| invalid(format!("no saved input for layer {layer}")))?
+            .to_dtype(DType::F32)?;
         let pass = LayerPass::new(model, Some(adapter), layer)?;
         dx = pass.backward(&x, &rope, &dx, &mut lora)?;
     }

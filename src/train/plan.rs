@@ -444,11 +444,7 @@ impl MemoryPlan {
     pub fn rows(&self) -> Vec<(&'static str, u128, String)> {
         let s = &self.settings;
         let cpu = s.target == Target::Cpu;
-        let act = if cpu {
-            "f32"
-        } else {
-            dtype_name(s.compute_dtype)
-        };
+        let act = dtype_name(s.compute_dtype);
         vec![
             (
                 "NF4 weights",
@@ -587,7 +583,8 @@ fn peak_of(candidates: [StepPeak; 3]) -> StepPeak {
     best.expect("three candidates")
 }
 
-/// Today's CPU step (`model::backward::lora_gradients`), f32 everywhere. The counts follow the
+/// Today's CPU step (`model::backward::lora_gradients`), f32 everywhere but the checkpointed
+/// layer inputs, which keep the compute dtype. The counts follow the
 /// code's lifetimes: a named local (shadowed ones too) lives to the end of its function, an
 /// operand passed by value (`a + b`, `t * 2.0`) is freed when the op returns, and a borrowed
 /// temporary lives to the end of its statement. `weights_f32` is the seven dequantized linears of
@@ -611,7 +608,10 @@ fn cpu_step(
     };
     // The mask [B, 1, T, T] and cos/sin [1, 1, T, head_dim].
     let workspace = (d.b * d.t * d.t + 2 * d.t * d.head_dim) * f;
-    let saved = layers * n * h * f;
+    // Each layer's input is kept in the compute dtype; the one being pulled back is widened to f32.
+    let e = dtype_bytes(s.compute_dtype);
+    let saved = layers * n * h * e;
+    let widened = if e == f { 0 } else { n * h * f };
 
     // LayerPass::forward at its return: normed_attn, residual, normed_mlp, output; q before and
     // after RoPE, attn_out; k, v before and after repeat_kv; two score steps, exp, probs and the
@@ -687,7 +687,7 @@ fn cpu_step(
         },
         StepPeak {
             activations,
-            recompute: weights_f32 + (layer_peak + n * h) * f,
+            recompute: weights_f32 + (layer_peak + n * h) * f + widened,
             logits_loss: logits_kept * f,
             workspace,
             phase: Phase::Backward,
