@@ -10,8 +10,9 @@
 // the same (dropped-out) X the forward used. The three shapes of kernel are shared through
 // templates on W's layout: A is rank-major [r, cols], B cols-major [cols, r].
 //
-// Registers: the projection keeps 2 rows × kRank f32 accumulators per lane (128 at r > 16, under
-// the 255 that __launch_bounds__(128) allows); the gradient kernels 32 per thread, the expansion 1.
+// Registers: the projection keeps 2 rows × kRank f32 accumulators per lane (32 in the r ≤ 16
+// kernels, 128 in the _wide ones for r ≤ 64, under the 255 that __launch_bounds__(128) allows);
+// the gradient kernels 32 per thread, the expansion 1.
 #include "common.cuh"
 
 namespace {
@@ -183,16 +184,16 @@ __device__ __forceinline__ void grad_w(const QlLoraGradWParams& p, PTile& ps, QT
   }
 }
 
-template <bool kRankMajor>
-__device__ __forceinline__ void project_any_rank(const QlLoraProjectParams& p) {
+// Ranks up to kNarrowRank (the common r = 8, 16) get their own kernels with 2 × 16 accumulators:
+// a register count is per kernel, so a runtime branch to the 2 × 64 instantiation would hold the
+// narrow path to the wide one's registers and occupancy.
+constexpr int kNarrowRank = 16;
+
+template <int kRank, bool kRankMajor>
+__device__ __forceinline__ void project_rank(const QlLoraProjectParams& p) {
   QL_SHARED_ARRAY2(float, xs, kProjRows, kProjTileCols);
-  QL_SHARED_ARRAY2(float, ws, kMaxRank, kProjTileCols + 1);
-  // Small ranks get their own instantiation: 2 × 16 accumulators instead of 2 × 64.
-  if (p.rank <= 16) {
-    project<16, kRankMajor>(p, xs, ws);
-  } else {
-    project<kMaxRank, kRankMajor>(p, xs, ws);
-  }
+  QL_SHARED_ARRAY2(float, ws, kRank, kProjTileCols + 1);
+  project<kRank, kRankMajor>(p, xs, ws);
 }
 
 template <bool kRankMajor>
@@ -211,11 +212,17 @@ __device__ __forceinline__ void grad_w_tile(const QlLoraGradWParams& p) {
 
 }  // namespace
 
-// Forward, first half: T = X·Aᵀ [M, r] f32, a block per 8 rows of X (grid ceil(M / 8)).
+// Forward, first half: T = X·Aᵀ [M, r] f32, a block per 8 rows of X (grid ceil(M / 8)), for
+// r ≤ 16; k_lora_xa_wide for r ≤ 64.
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_xa(const QlLoraProjectParams p) {
-  project_any_rank<true>(p);
+  project_rank<kNarrowRank, true>(p);
 }
 QL_EMU_ENTRY(k_lora_xa, QlLoraProjectParams)
+
+extern "C" __global__ void __launch_bounds__(kThreads) k_lora_xa_wide(const QlLoraProjectParams p) {
+  project_rank<kMaxRank, true>(p);
+}
+QL_EMU_ENTRY(k_lora_xa_wide, QlLoraProjectParams)
 
 // Forward, second half, in place: Y += s·T·Bᵀ, grid (ceil(N / 64), ceil(M / 16)).
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_add(const QlLoraExpandParams p) {
@@ -223,11 +230,17 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_lora_add(const QlLoraEx
 }
 QL_EMU_ENTRY(k_lora_add, QlLoraExpandParams)
 
-// Backward: U = dY·B [M, r] f32 (B read as W(j, n) = B[n, j]), grid ceil(M / 8).
+// Backward: U = dY·B [M, r] f32 (B read as W(j, n) = B[n, j]), grid ceil(M / 8), for r ≤ 16;
+// k_lora_dyb_wide for r ≤ 64.
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_dyb(const QlLoraProjectParams p) {
-  project_any_rank<false>(p);
+  project_rank<kNarrowRank, false>(p);
 }
 QL_EMU_ENTRY(k_lora_dyb, QlLoraProjectParams)
+
+extern "C" __global__ void __launch_bounds__(kThreads) k_lora_dyb_wide(const QlLoraProjectParams p) {
+  project_rank<kMaxRank, false>(p);
+}
+QL_EMU_ENTRY(k_lora_dyb_wide, QlLoraProjectParams)
 
 // Backward: dB = s·dYᵀ·T [N, r] f32, grid ceil(N / 64).
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_db(const QlLoraGradWParams p) {

@@ -49,6 +49,8 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
     let w = format!("W [{INTERMEDIATE}, {HIDDEN}] blocks of {NF4_BLOCK}");
     let t = format!("[{TOKENS}, {HIDDEN}]");
     let lin = format!("M {TOKENS}, K {HIDDEN}, N {INTERMEDIATE}, r {RANK}");
+    // The _wide projections (ranks 17..=64) launch the same geometry.
+    let wide = format!("M {TOKENS}, K {HIDDEN}, N {INTERMEDIATE}, r 64");
     // Attention at 13B shapes: 40 query heads (no GQA in Llama-2-13B), head_dim 128.
     let attn = AttentionShape::new(1, HEADS, HEADS, TOKENS, HEAD_DIM).unwrap();
     let attn_desc = format!("B 1, {HEADS} heads of {HEAD_DIM}, T {TOKENS}");
@@ -134,11 +136,17 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
         ),
         (lora::LORA_XA, lin.clone(), lora::lora_project_launch(&mlp)),
         (
+            lora::LORA_XA_WIDE,
+            wide.clone(),
+            lora::lora_project_launch(&mlp),
+        ),
+        (
             lora::LORA_ADD,
             lin.clone(),
             lora::lora_expand_launch(&mlp, INTERMEDIATE),
         ),
         (lora::LORA_DYB, lin.clone(), lora::lora_project_launch(&mlp)),
+        (lora::LORA_DYB_WIDE, wide, lora::lora_project_launch(&mlp)),
         (
             lora::LORA_DB,
             lin.clone(),

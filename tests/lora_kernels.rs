@@ -296,3 +296,20 @@ mod cuda {
         on_gpu::<bf16, f32>(&dev, (37, 200, 136, 16));
     }
 }
+
+#[test]
+fn ranks_up_to_16_take_the_narrow_projections_and_larger_ones_the_wide() {
+    use qlora::kernels::emu::launches_on_this_thread as launches;
+    let names = ["k_lora_xa", "k_lora_dyb", "k_lora_xa_wide", "k_lora_dyb_wide"];
+    for (rank, narrow) in [(16, true), (17, false), (64, false), (1, true)] {
+        let before: Vec<u64> = names.iter().map(|n| launches(n)).collect();
+        parity::<f32, f32>((5, 24, 9, rank), 300 + rank as u64);
+        let ran: Vec<u64> = names
+            .iter()
+            .zip(&before)
+            .map(|(n, b)| launches(n) - b)
+            .collect();
+        let want = if narrow { [1, 1, 0, 0] } else { [0, 0, 1, 1] };
+        assert_eq!(ran, want, "rank {rank}: launches of {names:?}");
+    }
+}

@@ -9,18 +9,23 @@
 //! used, is applied by the caller: X is the dropped-out input in both passes.
 
 use super::abi::{QlDtype, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams};
-use super::launch::{declare_kernels, Element, LaunchConfig};
+use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
 use crate::{Error, Result};
 use std::ffi::c_void;
 
 declare_kernels! {
     module "lora";
-    /// `k_lora_xa`: T = X·Aᵀ, a block per 8 rows of X, A staged in shared memory per 32 columns.
+    /// `k_lora_xa`: T = X·Aᵀ for rank ≤ 16, a block per 8 rows of X, A staged in shared memory
+    /// per 32 columns.
     LORA_XA = k_lora_xa / qlemu_k_lora_xa;
+    /// `k_lora_xa_wide`: `k_lora_xa` for rank ≤ 64 (four times the accumulators).
+    LORA_XA_WIDE = k_lora_xa_wide / qlemu_k_lora_xa_wide;
     /// `k_lora_add`: Y += s·T·Bᵀ in place, a block per 16 × 64 tile of Y.
     LORA_ADD = k_lora_add / qlemu_k_lora_add;
-    /// `k_lora_dyb`: U = dY·B, a block per 8 rows of dY.
+    /// `k_lora_dyb`: U = dY·B for rank ≤ 16, a block per 8 rows of dY.
     LORA_DYB = k_lora_dyb / qlemu_k_lora_dyb;
+    /// `k_lora_dyb_wide`: `k_lora_dyb` for rank ≤ 64.
+    LORA_DYB_WIDE = k_lora_dyb_wide / qlemu_k_lora_dyb_wide;
     /// `k_lora_db`: dB = s·dYᵀ·T, a block per 64 columns of dY looping over all rows.
     LORA_DB = k_lora_db / qlemu_k_lora_db;
     /// `k_lora_da`: dA = s·Uᵀ·X, a block per 64 columns of X looping over all rows.
@@ -31,6 +36,8 @@ declare_kernels! {
 
 /// Largest rank the kernels take (their shared-memory tiles and accumulators are sized by it).
 pub const MAX_LORA_RANK: usize = 64;
+/// Largest rank of the narrow projection kernels (`k_lora_xa`, `k_lora_dyb`).
+pub const NARROW_RANK: usize = 16;
 /// Threads per block of every LoRA kernel (their `__launch_bounds__`).
 const THREADS: u32 = 128;
 /// Rows of X (or dY) per block of the projections.
@@ -177,7 +184,17 @@ fn check_lens(
 // ---------------------------------------------------------------------------------------------
 // Launch geometry (every backend).
 
-/// `k_lora_xa` / `k_lora_dyb`: a block of 128 threads per 8 rows.
+/// The projection kernels for `dims.rank`: `(X·Aᵀ, dY·B)`, the narrow pair up to rank 16 (fewer
+/// registers, higher occupancy), the `_wide` pair above.
+pub fn lora_project_kernels(dims: &LoraDims) -> (Kernel, Kernel) {
+    if dims.rank <= NARROW_RANK {
+        (LORA_XA, LORA_DYB)
+    } else {
+        (LORA_XA_WIDE, LORA_DYB_WIDE)
+    }
+}
+
+/// `k_lora_xa` / `k_lora_dyb` (and `_wide`): a block of 128 threads per 8 rows.
 pub fn lora_project_launch(dims: &LoraDims) -> LaunchConfig {
     LaunchConfig::linear(dims.tokens.div_ceil(PROJECT_ROWS) as u32, THREADS)
 }
@@ -310,7 +327,7 @@ pub fn lora_forward_emulated<T: Element, W: Element>(
     };
     // SAFETY: x holds tokens × in, A rank × in and t tokens × rank elements (validated above); all
     // outlive the synchronous launch.
-    unsafe { super::emu::launch(&LORA_XA, &lora_project_launch(&d), &xa)? };
+    unsafe { super::emu::launch(&lora_project_kernels(&d).0, &lora_project_launch(&d), &xa)? };
     let add = QlLoraExpandParams {
         t: t.as_ptr(),
         w: lora.b.as_ptr().cast(),
@@ -446,7 +463,11 @@ impl BackwardLaunches {
     unsafe fn run_emulated(&self, d: &LoraDims) -> Result<()> {
         // SAFETY: the caller guarantees the pointers; each params struct is its kernel's.
         unsafe {
-            super::emu::launch(&LORA_DYB, &lora_project_launch(d), &self.dyb)?;
+            super::emu::launch(
+                &lora_project_kernels(d).1,
+                &lora_project_launch(d),
+                &self.dyb,
+            )?;
             super::emu::launch(&LORA_DB, &lora_grad_launch(d.out_features), &self.db)?;
             super::emu::launch(&LORA_DA, &lora_grad_launch(d.in_features), &self.da)?;
             super::emu::launch(&LORA_DX, &lora_expand_launch(d, d.in_features), &self.dx)
@@ -528,7 +549,7 @@ mod cuda_impl {
         // ordered on `stream` (T is written before it is read), and the guards keep the buffers
         // alive and ordered until both are queued.
         unsafe {
-            dev.launch(&LORA_XA, &lora_project_launch(&d), &xa)?;
+            dev.launch(&lora_project_kernels(&d).0, &lora_project_launch(&d), &xa)?;
             dev.launch(&LORA_ADD, &lora_expand_launch(&d, d.out_features), &add)
         }
     }
@@ -581,7 +602,11 @@ mod cuda_impl {
         // on `stream` (U is written before it is read), and the guards keep the buffers alive and
         // ordered until all are queued.
         unsafe {
-            dev.launch(&LORA_DYB, &lora_project_launch(&d), &launches.dyb)?;
+            dev.launch(
+                &lora_project_kernels(&d).1,
+                &lora_project_launch(&d),
+                &launches.dyb,
+            )?;
             dev.launch(&LORA_DB, &lora_grad_launch(d.out_features), &launches.db)?;
             dev.launch(&LORA_DA, &lora_grad_launch(d.in_features), &launches.da)?;
             dev.launch(
