@@ -5,8 +5,9 @@
 // Backward from dY, X, A, B and the saved T: k_lora_dyb recomputes U = dY·B [M, r] f32 (never
 // saved: it costs one pass over dY, which the backward reads anyway); k_lora_db writes
 // dB = s·dYᵀ·T [N, r] and k_lora_da dA = s·Uᵀ·X [r, K] (f32, overwritten), one block per tile of
-// 64 output columns looping over all M rows in order, so the sums are deterministic without float
-// atomics or a second reduce pass; k_lora_dx adds s·U·A into dX in one read-modify-write. X must be
+// 64 output columns and slice of M rows, each looping over its rows in order; with more than one
+// slice the partials are added in slice order by k_rmsnorm_dw_reduce (llama.cu), so the sums are
+// deterministic without float atomics; k_lora_dx adds s·U·A into dX in one read-modify-write. X must be
 // the same (dropped-out) X the forward used. The three shapes of kernel are shared through
 // templates on W's layout: A is rank-major [r, cols], B cols-major [cols, r].
 //
@@ -142,25 +143,32 @@ __device__ __forceinline__ void expand(const QlLoraExpandParams& p, TTile& ts, W
 }
 
 // out(j, c) = scale · Σ_m p[m, c] · q[m, j] for the block's kGradCols columns and every j < rank:
-// thread (c, g) owns ranks g, g + 2, ... of column c and adds the rows in order m = 0, 1, ...
+// thread (c, g) owns ranks g, g + 2, ... of column c and adds the rows in order. With
+// gridDim.y = S > 1 the rows are cut into S slices of whole kGradRows chunks, block (x, s) sums
+// slice s in order into out + s · rank · cols (a partial), and a second pass adds the S partials
+// in order: more blocks than columns alone give, still deterministic.
 template <bool kRankMajorOut, typename PTile, typename QTile>
 __device__ __forceinline__ void grad_w(const QlLoraGradWParams& p, PTile& ps, QTile& qs) {
   const int tx = static_cast<int>(threadIdx.x);
   const int c = tx % kGradCols, g = tx / kGradCols;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kGradCols + c;
+  const int64_t chunks = (p.rows + kGradRows - 1) / kGradRows;
+  const int64_t slice_rows = (chunks + gridDim.y - 1) / gridDim.y * kGradRows;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * slice_rows;
+  const int64_t end = begin + slice_rows < p.rows ? begin + slice_rows : p.rows;
   float acc[kGradPerThread];
 #pragma unroll
   for (int i = 0; i < kGradPerThread; ++i) acc[i] = 0.0f;
-  for (int64_t m0 = 0; m0 < p.rows; m0 += kGradRows) {
+  for (int64_t m0 = begin; m0 < end; m0 += kGradRows) {
     for (int e = tx; e < kGradRows * kGradCols; e += kThreads) {
       const int r = e / kGradCols, cc = e % kGradCols;
       const int64_t row = m0 + r, cl = static_cast<int64_t>(blockIdx.x) * kGradCols + cc;
-      ps[r][cc] = (row < p.rows && cl < p.cols) ? ql::load_as_f32(p.p, row * p.cols + cl, p.p_dtype) : 0.0f;
+      ps[r][cc] = (row < end && cl < p.cols) ? ql::load_as_f32(p.p, row * p.cols + cl, p.p_dtype) : 0.0f;
     }
     for (int e = tx; e < kGradRows * p.rank; e += kThreads) {
       const int r = e / p.rank, j = e % p.rank;
       const int64_t row = m0 + r;
-      qs[r][j] = row < p.rows ? p.q[row * p.rank + j] : 0.0f;
+      qs[r][j] = row < end ? p.q[row * p.rank + j] : 0.0f;
     }
     __syncthreads();
     for (int r = 0; r < kGradRows; ++r) {
@@ -177,10 +185,11 @@ __device__ __forceinline__ void grad_w(const QlLoraGradWParams& p, PTile& ps, QT
     __syncthreads();
   }
   if (col >= p.cols) return;
+  float* out = p.out + static_cast<int64_t>(blockIdx.y) * p.rank * p.cols;
 #pragma unroll
   for (int i = 0; i < kGradPerThread; ++i) {
     const int j = g + kGradRankGroups * i;
-    if (j < p.rank) p.out[kRankMajorOut ? static_cast<int64_t>(j) * p.cols + col : col * p.rank + j] = p.scale * acc[i];
+    if (j < p.rank) out[kRankMajorOut ? static_cast<int64_t>(j) * p.cols + col : col * p.rank + j] = p.scale * acc[i];
   }
 }
 
@@ -242,13 +251,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) k_lora_dyb_wide(const QlL
 }
 QL_EMU_ENTRY(k_lora_dyb_wide, QlLoraProjectParams)
 
-// Backward: dB = s·dYᵀ·T [N, r] f32, grid ceil(N / 64).
+// Backward: dB = s·dYᵀ·T [N, r] f32, grid (ceil(N / 64), S row slices; S > 1 writes partials).
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_db(const QlLoraGradWParams p) {
   grad_w_tile<false>(p);
 }
 QL_EMU_ENTRY(k_lora_db, QlLoraGradWParams)
 
-// Backward: dA = s·Uᵀ·X [r, K] f32, grid ceil(K / 64).
+// Backward: dA = s·Uᵀ·X [r, K] f32, grid (ceil(K / 64), S row slices; S > 1 writes partials).
 extern "C" __global__ void __launch_bounds__(kThreads) k_lora_da(const QlLoraGradWParams p) {
   grad_w_tile<true>(p);
 }

@@ -54,7 +54,8 @@ pub enum Op {
     /// f32 sums over K (lane-strided and shuffled vs sequential) and over r, in Y's dtype.
     LoraFused,
     /// Fused LoRA kernels, backward: U = dY·B, dA and dB in f32 (sums over M in the reference's
-    /// order, over N reordered) and dX + s·U·A rounded once to dX's dtype.
+    /// order, or in row slices added in order for long M; over N reordered) and dX + s·U·A
+    /// rounded once to dX's dtype.
     LoraFusedBackward,
     /// The whole Llama forward (logits, and the loss from them) against transformers: every op
     /// rounded where torch rounds, but sums (GEMMs, norms, softmax) reordered.
@@ -521,8 +522,8 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 1e-3,
         },
     ),
-    // U is a reordered sum over N ≤ 136; dA sums ≤ 37 rows of X·U carrying U's error; dX one
-    // more sum over r: a few e-6 relative on values of order 1-10.
+    // U is a reordered sum over N ≤ 136; dA sums ≤ 300 rows of X·U (in up to 5 slices) carrying
+    // U's error; dX one more sum over r: a few e-6 relative on values of order 1-10.
     (
         Op::LoraFusedBackward,
         Dtype::F32,

@@ -150,9 +150,13 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
         (
             lora::LORA_DB,
             lin.clone(),
-            lora::lora_grad_launch(INTERMEDIATE),
+            lora::lora_grad_launch(INTERMEDIATE, TOKENS, RANK),
         ),
-        (lora::LORA_DA, lin.clone(), lora::lora_grad_launch(HIDDEN)),
+        (
+            lora::LORA_DA,
+            lin.clone(),
+            lora::lora_grad_launch(HIDDEN, TOKENS, RANK),
+        ),
         (lora::LORA_DX, lin, lora::lora_expand_launch(&mlp, HIDDEN)),
         // The general kernels share the fast ones' geometry; they run misaligned shapes.
         (

@@ -13,7 +13,8 @@ use qlora::Error;
 
 /// (tokens M, in K, out N, rank r): every M ∈ {1, 5, 37}, K ∈ {8, 96, 200}, N ∈ {7, 72, 136} and
 /// r ∈ {1, 4, 16} at least once, none a multiple of every tile, plus r = 64 (the other
-/// instantiation of the projection) and r = 17 (just past the small one).
+/// instantiation of the projection), r = 17 (just past the small one), and M of 150 and 300 (dA
+/// and dB summed over row slices, [`lora_grad_slices`]).
 const SHAPES: &[(usize, usize, usize, usize)] = &[
     (1, 8, 7, 1),
     (5, 96, 72, 4),
@@ -23,6 +24,9 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (1, 96, 136, 4),
     (5, 96, 136, 64),
     (37, 96, 7, 17),
+    // Enough rows for the weight gradients to cut M into slices and add their partials.
+    (300, 72, 40, 4),
+    (150, 136, 9, 20),
 ];
 
 fn dtype<T: Element>() -> Dtype {
@@ -300,7 +304,12 @@ mod cuda {
 #[test]
 fn ranks_up_to_16_take_the_narrow_projections_and_larger_ones_the_wide() {
     use qlora::kernels::emu::launches_on_this_thread as launches;
-    let names = ["k_lora_xa", "k_lora_dyb", "k_lora_xa_wide", "k_lora_dyb_wide"];
+    let names = [
+        "k_lora_xa",
+        "k_lora_dyb",
+        "k_lora_xa_wide",
+        "k_lora_dyb_wide",
+    ];
     for (rank, narrow) in [(16, true), (17, false), (64, false), (1, true)] {
         let before: Vec<u64> = names.iter().map(|n| launches(n)).collect();
         parity::<f32, f32>((5, 24, 9, rank), 300 + rank as u64);
@@ -312,4 +321,17 @@ fn ranks_up_to_16_take_the_narrow_projections_and_larger_ones_the_wide() {
         let want = if narrow { [1, 1, 0, 0] } else { [0, 0, 1, 1] };
         assert_eq!(ran, want, "rank {rank}: launches of {names:?}");
     }
+}
+
+#[test]
+fn long_batches_split_the_weight_gradients_into_row_slices() {
+    // The last two SHAPES take 3..=5 slices; the short ones one; 13B shapes at 2048 tokens four
+    // (dA over 5120 columns) and two (dB over 13824).
+    assert_eq!(lora_grad_slices(72, 300, 4), 5);
+    assert_eq!(lora_grad_slices(40, 300, 4), 5);
+    assert_eq!(lora_grad_slices(136, 150, 20), 3);
+    assert_eq!(lora_grad_slices(200, 37, 16), 1);
+    assert_eq!(lora_grad_slices(5120, 2048, 16), 4);
+    assert_eq!(lora_grad_slices(13824, 2048, 16), 2);
+    assert_eq!(lora_grad_slices(64, 1 << 20, 16), 64);
 }

@@ -8,8 +8,11 @@
 //! dA = s·Uᵀ·X (f32, overwritten, deterministic) and adds s·U·A into dX in place. Dropout, when
 //! used, is applied by the caller: X is the dropped-out input in both passes.
 
-use super::abi::{QlDtype, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams};
+use super::abi::{
+    QlDtype, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams, QlRmsNormDwReduceParams,
+};
 use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
+use super::llama::RMSNORM_DW_REDUCE;
 use crate::{Error, Result};
 use std::ffi::c_void;
 
@@ -47,6 +50,15 @@ const EXPAND_ROWS: usize = 16;
 const EXPAND_COLS: usize = 64;
 /// Output columns per block of the weight gradients.
 const GRAD_COLS: usize = 64;
+/// Blocks the weight gradients aim for: two waves of a 132-SM H100. Fixed rather than read from
+/// the device, so the slicing (and the order of the sums) is the same everywhere.
+const GRAD_TARGET_BLOCKS: usize = 264;
+/// Fewest rows per slice of the weight gradients (four chunks of 16).
+const GRAD_MIN_SLICE_ROWS: usize = 64;
+/// Most row slices of the weight gradients.
+const GRAD_MAX_SLICES: usize = 64;
+/// Threads per block of the partials' reduction (`k_rmsnorm_dw_reduce`'s launch bounds).
+const REDUCE_THREADS: usize = 256;
 /// Grid-y limit of every CUDA device we target (rows of the expansions' tiles).
 const MAX_GRID_Y: usize = 65535;
 
@@ -212,9 +224,37 @@ pub fn lora_expand_launch(dims: &LoraDims, cols: usize) -> LaunchConfig {
     }
 }
 
-/// `k_lora_db` / `k_lora_da` over `cols` output columns: a block of 128 threads per 64 columns.
-pub fn lora_grad_launch(cols: usize) -> LaunchConfig {
-    LaunchConfig::linear(cols.div_ceil(GRAD_COLS) as u32, THREADS)
+/// Row slices of `k_lora_db` / `k_lora_da` over `cols` output columns and `rows` rows: enough
+/// for [`GRAD_TARGET_BLOCKS`] blocks with the column tiles, each slice at least
+/// [`GRAD_MIN_SLICE_ROWS`] rows, at most [`GRAD_MAX_SLICES`]; 1 when the partials of `rank`
+/// would not be addressable by the reduction's i32 column index. A pure function of the shape,
+/// so the sums run in the same order on every device.
+pub fn lora_grad_slices(cols: usize, rows: usize, rank: usize) -> usize {
+    if rank.saturating_mul(cols) > i32::MAX as usize {
+        return 1;
+    }
+    let want = GRAD_TARGET_BLOCKS.div_ceil(cols.div_ceil(GRAD_COLS).max(1));
+    let most = rows.div_ceil(GRAD_MIN_SLICE_ROWS);
+    want.min(most).clamp(1, GRAD_MAX_SLICES)
+}
+
+/// `k_lora_db` / `k_lora_da` over `cols` output columns and `rows` rows: a block of 128 threads
+/// per 64 columns and row slice ([`lora_grad_slices`]).
+pub fn lora_grad_launch(cols: usize, rows: usize, rank: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(GRAD_COLS) as u32,
+            lora_grad_slices(cols, rows, rank) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch of `k_rmsnorm_dw_reduce` adding `n` partial gradient values per slice.
+fn grad_reduce_launch(n: usize) -> LaunchConfig {
+    LaunchConfig::linear(n.div_ceil(REDUCE_THREADS) as u32, REDUCE_THREADS as u32)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,6 +404,9 @@ pub fn lora_backward_emulated<T: Element, W: Element>(
         da: vec![0f32; d.rank * d.in_features],
         db: vec![0f32; d.out_features * d.rank],
     };
+    let (da_slices, db_slices) = grad_slices(&d);
+    let mut da_partial = vec![0f32; partial_len(da_slices, grads.da.len())];
+    let mut db_partial = vec![0f32; partial_len(db_slices, grads.db.len())];
     let launches = BackwardLaunches::new::<T, W>(
         &d,
         lora.scale,
@@ -377,16 +420,37 @@ pub fn lora_backward_emulated<T: Element, W: Element>(
             u: u.as_mut_ptr(),
             da: grads.da.as_mut_ptr(),
             db: grads.db.as_mut_ptr(),
+            da_partial: da_partial.as_mut_ptr(),
+            db_partial: db_partial.as_mut_ptr(),
         },
     );
     // SAFETY: every buffer has the length its params claim (validated above: x, dx tokens × in;
-    // dy tokens × out; A rank × in; B, dB out × rank; t, u tokens × rank; dA rank × in) and
-    // outlives the synchronous launches, which run in order (U is written before it is read).
+    // dy tokens × out; A rank × in; B, dB out × rank; t, u tokens × rank; dA rank × in; the
+    // partials slices × those) and outlives the synchronous launches, which run in order (U is
+    // written before it is read, the partials before they are added).
     unsafe { launches.run_emulated(&d)? };
     Ok(grads)
 }
 
-/// Raw pointers of the backward's buffers (host or device).
+/// Row slices of dA (over `in` columns) and dB (over `out`).
+fn grad_slices(d: &LoraDims) -> (usize, usize) {
+    (
+        lora_grad_slices(d.in_features, d.tokens, d.rank),
+        lora_grad_slices(d.out_features, d.tokens, d.rank),
+    )
+}
+
+/// Floats of a gradient's partials: `slices` copies of its `len`, none with one slice.
+fn partial_len(slices: usize, len: usize) -> usize {
+    if slices > 1 {
+        slices * len
+    } else {
+        0
+    }
+}
+
+/// Raw pointers of the backward's buffers (host or device); the partials are used (and must
+/// hold slices × the gradient's length) only when their gradient has more than one row slice.
 struct BackwardPtrs {
     x: *const c_void,
     a: *const c_void,
@@ -397,14 +461,52 @@ struct BackwardPtrs {
     u: *mut f32,
     da: *mut f32,
     db: *mut f32,
+    da_partial: *mut f32,
+    db_partial: *mut f32,
 }
 
 /// The params of the backward's four launches, built once for both backends.
 struct BackwardLaunches {
     dyb: QlLoraProjectParams,
-    db: QlLoraGradWParams,
-    da: QlLoraGradWParams,
+    db: GradLaunch,
+    da: GradLaunch,
     dx: QlLoraExpandParams,
+}
+
+/// One weight gradient's launch, and with more than one row slice the in-order sum of the
+/// slices' partials into the gradient.
+struct GradLaunch {
+    params: QlLoraGradWParams,
+    cfg: LaunchConfig,
+    reduce: Option<QlRmsNormDwReduceParams>,
+}
+
+impl GradLaunch {
+    /// `params` with its output redirected to `partial` when `cols`, `rows` take several slices.
+    fn new(mut params: QlLoraGradWParams, partial: *mut f32) -> Self {
+        let (cols, rows, rank) = (
+            params.cols as usize,
+            params.rows as usize,
+            params.rank as usize,
+        );
+        let cfg = lora_grad_launch(cols, rows, rank);
+        let slices = cfg.grid_dim.1;
+        let reduce = (slices > 1).then(|| {
+            let reduce = QlRmsNormDwReduceParams {
+                dw_partial: partial,
+                dw: params.out,
+                partial_rows: slices as i32,
+                h: (rank * cols) as i32,
+            };
+            params.out = partial;
+            reduce
+        });
+        GradLaunch {
+            params,
+            cfg,
+            reduce,
+        }
+    }
 }
 
 impl BackwardLaunches {
@@ -422,26 +524,32 @@ impl BackwardLaunches {
                 x_dtype: T::DTYPE as i32,
                 w_dtype: W::DTYPE as i32,
             },
-            db: QlLoraGradWParams {
-                p: p.dy,
-                q: p.t,
-                out: p.db,
-                rows,
-                cols: n,
-                rank,
-                scale,
-                p_dtype: T::DTYPE as i32,
-            },
-            da: QlLoraGradWParams {
-                p: p.x,
-                q: p.u,
-                out: p.da,
-                rows,
-                cols: k,
-                rank,
-                scale,
-                p_dtype: T::DTYPE as i32,
-            },
+            db: GradLaunch::new(
+                QlLoraGradWParams {
+                    p: p.dy,
+                    q: p.t,
+                    out: p.db,
+                    rows,
+                    cols: n,
+                    rank,
+                    scale,
+                    p_dtype: T::DTYPE as i32,
+                },
+                p.db_partial,
+            ),
+            da: GradLaunch::new(
+                QlLoraGradWParams {
+                    p: p.x,
+                    q: p.u,
+                    out: p.da,
+                    rows,
+                    cols: k,
+                    rank,
+                    scale,
+                    p_dtype: T::DTYPE as i32,
+                },
+                p.da_partial,
+            ),
             dx: QlLoraExpandParams {
                 t: p.u,
                 w: p.a,
@@ -468,8 +576,13 @@ impl BackwardLaunches {
                 &lora_project_launch(d),
                 &self.dyb,
             )?;
-            super::emu::launch(&LORA_DB, &lora_grad_launch(d.out_features), &self.db)?;
-            super::emu::launch(&LORA_DA, &lora_grad_launch(d.in_features), &self.da)?;
+            for (kernel, grad) in [(&LORA_DB, &self.db), (&LORA_DA, &self.da)] {
+                super::emu::launch(kernel, &grad.cfg, &grad.params)?;
+                if let Some(reduce) = &grad.reduce {
+                    let cfg = grad_reduce_launch(reduce.h as usize);
+                    super::emu::launch(&RMSNORM_DW_REDUCE, &cfg, reduce)?;
+                }
+            }
             super::emu::launch(&LORA_DX, &lora_expand_launch(d, d.in_features), &self.dx)
         }
     }
@@ -481,7 +594,7 @@ pub use cuda_impl::*;
 #[cfg(feature = "cuda")]
 mod cuda_impl {
     use super::*;
-    use crate::kernels::cuda::CudaDevice;
+    use crate::kernels::cuda::{cuda_err, CudaDevice};
     use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
     /// The backward's outputs on the device, all f32 and overwritten: dA `[rank, in]`,
@@ -583,6 +696,17 @@ mod cuda_impl {
         let (u_ptr, _g6) = grads.u.device_ptr_mut(stream);
         let (da_ptr, _g7) = grads.da.device_ptr_mut(stream);
         let (db_ptr, _g8) = grads.db.device_ptr_mut(stream);
+        let (da_slices, db_slices) = grad_slices(&d);
+        // SAFETY: the slices' kernels write every partial before the reduction reads it.
+        let mut da_partial =
+            unsafe { stream.alloc::<f32>(partial_len(da_slices, d.rank * d.in_features).max(1)) }
+                .map_err(cuda_err)?;
+        // SAFETY: as above.
+        let mut db_partial =
+            unsafe { stream.alloc::<f32>(partial_len(db_slices, d.out_features * d.rank).max(1)) }
+                .map_err(cuda_err)?;
+        let (da_partial_ptr, _g9) = da_partial.device_ptr_mut(stream);
+        let (db_partial_ptr, _g10) = db_partial.device_ptr_mut(stream);
         let launches = BackwardLaunches::new::<T, W>(
             &d,
             lora.scale,
@@ -596,19 +720,27 @@ mod cuda_impl {
                 u: u_ptr as *mut f32,
                 da: da_ptr as *mut f32,
                 db: db_ptr as *mut f32,
+                da_partial: da_partial_ptr as *mut f32,
+                db_partial: db_partial_ptr as *mut f32,
             },
         );
-        // SAFETY: the device buffers have the lengths validated above, the launches are ordered
-        // on `stream` (U is written before it is read), and the guards keep the buffers alive and
-        // ordered until all are queued.
+        // SAFETY: the device buffers have the lengths validated above (the partials slices × their
+        // gradient, allocated here), the launches are ordered on `stream` (U is written before it
+        // is read, the partials before they are added), and the guards keep the buffers alive and
+        // ordered until all are queued; the partials' frees are ordered after them on `stream`.
         unsafe {
             dev.launch(
                 &lora_project_kernels(&d).1,
                 &lora_project_launch(&d),
                 &launches.dyb,
             )?;
-            dev.launch(&LORA_DB, &lora_grad_launch(d.out_features), &launches.db)?;
-            dev.launch(&LORA_DA, &lora_grad_launch(d.in_features), &launches.da)?;
+            for (kernel, grad) in [(&LORA_DB, &launches.db), (&LORA_DA, &launches.da)] {
+                dev.launch(kernel, &grad.cfg, &grad.params)?;
+                if let Some(reduce) = &grad.reduce {
+                    let cfg = grad_reduce_launch(reduce.h as usize);
+                    dev.launch(&RMSNORM_DW_REDUCE, &cfg, reduce)?;
+                }
+            }
             dev.launch(
                 &LORA_DX,
                 &lora_expand_launch(&d, d.in_features),
