@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::llama::{fixture_dir, load_weights, max_abs_diff};
+use common::llama::{fixture_dir, load_weights, max_abs_diff, seeded};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -36,16 +36,6 @@ fn padded_batch() -> Batch {
         attention_mask: f["attention_mask"].clone(),
         labels: f["labels"].clone(),
     }
-}
-
-/// Deterministic values in ±`scale`, distinct per `seed`.
-fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i as f64 * 0.618_034 + seed as f64 * 1.3).sin() * 43_758.545).fract())
-        .map(|u| u as f32 * scale)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
 
 /// r = 4, alpha = 8 on `targets` in `dtype`, PEFT-initialised A and a seeded non-zero B.

@@ -4,7 +4,10 @@
 //! loss and every LoRA gradient agree, and the kernels really ran. On a GPU the same wiring runs
 //! with `KernelPath::Cuda` (tests/llama_cuda.rs compares it with the CPU).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::llama::seeded;
 use qlora::kernels::emu::launches_on_this_thread;
 use qlora::model::backward::lora_gradients;
 use qlora::model::llama::LlamaModel;
@@ -34,16 +37,6 @@ fn config() -> LlamaConfig {
         pad_token_id: Some(2),
         quantization: None,
     }
-}
-
-/// Deterministic values in ±`scale`, distinct per `seed`.
-fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i as f64 * 0.618_034 + seed as f64 * 1.3).sin() * 43_758.545).fract())
-        .map(|u| u as f32 * scale)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
 
 /// The model in `dtype` with RMSNorm weights away from 1, so a dropped weight shows.

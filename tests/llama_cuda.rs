@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::llama::{fixture_dir, kept_rows, max_abs_diff};
+use common::llama::{fixture_dir, kept_rows, max_abs_diff, seeded};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -282,16 +282,6 @@ fn a_model_moved_to_cuda_and_back_is_unchanged() {
         got, want,
         "the CPU model after a round trip through the GPU"
     );
-}
-
-/// Deterministic values in ±`scale`, distinct per `seed`.
-fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i as f64 * 0.618_034 + seed as f64 * 1.3).sin() * 43_758.545).fract())
-        .map(|u| u as f32 * scale)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
 
 /// r = 4, alpha = 8 on every linear, PEFT-initialised A and a seeded non-zero B, on the CPU.

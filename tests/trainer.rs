@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::llama::seeded;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -20,16 +22,6 @@ use qlora::train::trainer::{
     TrainerConfig,
 };
 use qlora::Error;
-
-/// Deterministic values in ±`scale`, distinct per `seed`.
-fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|i| ((i as f64 * 0.618_034 + seed as f64 * 1.3).sin() * 43_758.545).fract())
-        .map(|u| u as f32 * scale)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
 
 /// r = 4, alpha = 8 on every target, PEFT-initialised A (seed `seed`); B seeded non-zero when
 /// `nonzero_b` so that dA is not zero either.

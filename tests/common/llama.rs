@@ -59,3 +59,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Deterministic values in ±`scale`, distinct per `seed`.
+pub fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i as f64 * 0.618_034 + seed as f64 * 1.3).sin() * 43_758.545).fract())
+        .map(|u| u as f32 * scale)
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
