@@ -761,3 +761,59 @@ fn quantized_load_peak_heap_stays_well_below_the_bf16_model() {
     );
     assert!(peak * 5 < bf16_bytes * 2, "peak {peak} of {bf16_bytes}");
 }
+
+/// The bnb fixture rewritten as two shards that put every NF4 `.weight` in one file and its
+/// quantization state (`.absmax`, `.quant_map`, nested scales, the packed state) in the other, as
+/// huggingface_hub may cut a state dict that it splits by size alone.
+#[test]
+fn bnb_weights_and_quant_states_in_different_shards_load_as_one_file() {
+    let src = fixture_dir("bnb_nf4");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("model_loading_split_bnb");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut weight_map = serde_json::Map::new();
+    for (k, v) in st.tensors() {
+        let t = OwnedTensor {
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        };
+        // Everything but the quantization state goes to the first shard.
+        let is_state = k.contains(".weight.");
+        let file = if is_state {
+            "model-00002-of-00002.safetensors"
+        } else {
+            "model-00001-of-00002.safetensors"
+        };
+        weight_map.insert(k.clone(), json!(file));
+        if is_state {
+            second.push((k, t));
+        } else {
+            first.push((k, t));
+        }
+    }
+    assert!(!second.is_empty(), "the fixture has quantization states");
+    for (tensors, file) in [
+        (first, "model-00001-of-00002.safetensors"),
+        (second, "model-00002-of-00002.safetensors"),
+    ] {
+        safetensors::serialize_to_file(tensors, None, &dir.join(file)).unwrap();
+    }
+    let index = json!({"metadata": {"total_size": bytes.len()}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let opts = options(DType::BF16, false);
+    let split = LlamaWeights::load(&dir, &config("bnb_nf4"), &opts).unwrap();
+    let single = LlamaWeights::load(&src, &config("bnb_nf4"), &opts).unwrap();
+    for (i, (a, b)) in split.layers.iter().zip(&single.layers).enumerate() {
+        for (name, (la, lb)) in LINEARS.iter().zip(linears(a).into_iter().zip(linears(b))) {
+            match (la, lb) {
+                (Linear::Nf4(x), Linear::Nf4(y)) => assert_eq!(x, y, "layer {i} {name}"),
+                _ => panic!("layer {i} {name} is not NF4 in both loads"),
+            }
+        }
+    }
+}

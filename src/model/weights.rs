@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::model::config::LlamaConfig;
 use crate::peft::TargetModule;
-use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
+use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors, TensorSource};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
 
@@ -252,6 +252,12 @@ impl<'a> Checkpoint<'a> {
     }
 }
 
+impl<'a> TensorSource<'a> for Checkpoint<'a> {
+    fn tensor_view(&self, key: &str) -> Result<TensorView<'a>> {
+        self.view(key)
+    }
+}
+
 fn bad(key: &str, reason: impl Into<String>) -> Error {
     Error::BadTensor {
         key: key.to_string(),
@@ -361,12 +367,8 @@ impl Loader<'_, '_> {
 
     fn linear(&self, prefix: &str, shape: [usize; 2]) -> Result<Linear> {
         let key = format!("{prefix}.weight");
-        if let Some(st) = self
-            .checkpoint
-            .shard(&key)
-            .filter(|st| is_bnb_nf4(st, prefix))
-        {
-            let t = nf4_from_safetensors(st, prefix)?;
+        if is_bnb_nf4(&self.checkpoint, prefix) {
+            let t = nf4_from_safetensors(&self.checkpoint, prefix)?;
             if t.shape != shape {
                 return Err(bad(
                     &key,

@@ -271,11 +271,10 @@ fn merge(
     // Every NF4 weight is read back (and checked) now, so a malformed one fails before writing.
     let mut nf4_shapes = HashMap::new();
     for prefix in &nf4_prefixes {
-        let key = weight_key(prefix, "");
-        let shard = checkpoint
-            .shard(&key)
-            .ok_or(Error::MissingTensor { key: key.clone() })?;
-        nf4_shapes.insert(prefix.clone(), nf4_from_safetensors(shard, prefix)?.shape);
+        nf4_shapes.insert(
+            prefix.clone(),
+            nf4_from_safetensors(&checkpoint, prefix)?.shape,
+        );
     }
 
     let scaling = adapter.config().scaling();
@@ -322,9 +321,7 @@ fn merge(
             produce: Box::new(move || {
                 let mut w: Vec<f32> = match &source {
                     BaseLinear::Nf4(prefix) => {
-                        let key = weight_key(prefix, "");
-                        let shard = checkpoint.shard(&key).ok_or(Error::MissingTensor { key })?;
-                        nf4_from_safetensors(shard, prefix)?.dequantize_original()?
+                        nf4_from_safetensors(checkpoint, prefix)?.dequantize_original()?
                     }
                     BaseLinear::Dense(key) => {
                         let view = checkpoint.view(key)?;

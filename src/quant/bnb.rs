@@ -198,18 +198,32 @@ fn bad(key: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-fn get<'data>(st: &SafeTensors<'data>, key: &str) -> Result<TensorView<'data>> {
-    st.tensor(key).map_err(|e| match e {
-        SafeTensorError::TensorNotFound(_) => Error::MissingTensor {
-            key: key.to_string(),
-        },
-        other => bad(key, other.to_string()),
-    })
+/// Where a module's NF4 tensors are looked up by name: one safetensors file, or every shard of a
+/// checkpoint (a weight and its quantization state may sit in different shards, as
+/// huggingface_hub splits a state dict by size alone).
+pub trait TensorSource<'data> {
+    /// The tensor `key`; [`Error::MissingTensor`] when no file holds it.
+    fn tensor_view(&self, key: &str) -> Result<TensorView<'data>>;
+}
+
+impl<'data> TensorSource<'data> for SafeTensors<'data> {
+    fn tensor_view(&self, key: &str) -> Result<TensorView<'data>> {
+        self.tensor(key).map_err(|e| match e {
+            SafeTensorError::TensorNotFound(_) => Error::MissingTensor {
+                key: key.to_string(),
+            },
+            other => bad(key, other.to_string()),
+        })
+    }
+}
+
+fn get<'data>(st: &impl TensorSource<'data>, key: &str) -> Result<TensorView<'data>> {
+    st.tensor_view(key)
 }
 
 /// Reads a tensor with the expected dtype and shape.
 fn get_checked<'data>(
-    st: &SafeTensors<'data>,
+    st: &impl TensorSource<'data>,
     key: &str,
     dtype: Dtype,
     shape: &[usize],
@@ -238,14 +252,18 @@ fn f32_values(bytes: &[u8]) -> Vec<f32> {
 }
 
 /// True when module `prefix` holds a bitsandbytes NF4 weight (its packed quant state exists).
-pub fn is_bnb_nf4(st: &SafeTensors<'_>, prefix: &str) -> bool {
-    st.tensor(&weight_key(prefix, QUANT_STATE_SUFFIX)).is_ok()
+pub fn is_bnb_nf4<'data>(st: &impl TensorSource<'data>, prefix: &str) -> bool {
+    st.tensor_view(&weight_key(prefix, QUANT_STATE_SUFFIX))
+        .is_ok()
 }
 
 /// Reads module `prefix`'s NF4 weight. Missing tensors give [`Error::MissingTensor`]; a wrong
 /// dtype or shape, unparsable or unsupported quant state, or a quant map other than NF4 gives
 /// [`Error::BadTensor`].
-pub fn nf4_from_safetensors(st: &SafeTensors<'_>, prefix: &str) -> Result<Nf4Tensor> {
+pub fn nf4_from_safetensors<'data>(
+    st: &impl TensorSource<'data>,
+    prefix: &str,
+) -> Result<Nf4Tensor> {
     let state_key = weight_key(prefix, QUANT_STATE_SUFFIX);
     let state_view = get(st, &state_key)?;
     if state_view.dtype() != Dtype::U8 || state_view.shape().len() != 1 {
