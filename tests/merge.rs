@@ -16,7 +16,7 @@ use common::llama::{fixture_dir, kept_rows, max_abs_diff};
 use qlora::model::config::TorchDtype;
 use qlora::model::llama::LlamaModel;
 use qlora::model::{Linear, LlamaConfig, LlamaWeights, LoadOptions};
-use qlora::peft::merge::{merge_adapter, merge_adapter_dir, MergeOptions};
+use qlora::peft::merge::{lora_delta, merge_adapter, merge_adapter_dir, MergeOptions};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraMode, LoraPair, TargetModule};
 use qlora::quant::nf4::Nf4Tensor;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -704,4 +704,43 @@ fn a_merged_nf4_folder_loads_as_a_dense_model() {
         });
     assert_eq!(kinds, HashMap::from([(true, 14)]));
     fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn a_bf16_adapters_delta_is_rounded_to_bf16_as_peft_does_on_the_cpu() {
+    // PEFT's get_delta_weight widens a bf16 adapter on the CPU, multiplies and scales in f32,
+    // and casts the delta back to bf16 before the add; an f32 adapter's delta stays f32.
+    let a: Vec<f32> = (0..3 * 5)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 9.0)
+        .collect();
+    let b: Vec<f32> = (0..4 * 3)
+        .map(|i| ((i * 5 % 13) as f32 - 6.0) / 7.0)
+        .collect();
+    let pair = |dtype: DType| LoraPair {
+        a: Tensor::from_vec(a.clone(), (3, 5), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        b: Tensor::from_vec(b.clone(), (4, 3), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    };
+    let scaling = 2.5;
+    let bf = pair(DType::BF16);
+    let widened = LoraPair {
+        a: bf.a.to_dtype(DType::F32).unwrap(),
+        b: bf.b.to_dtype(DType::F32).unwrap(),
+    };
+    let f32_delta = lora_delta(&widened, scaling).unwrap();
+    let bf16_delta = lora_delta(&bf, scaling).unwrap();
+    let rounded: Vec<f32> = f32_delta
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(bf16_delta, rounded);
+    assert_ne!(f32_delta, rounded, "the case must exercise the rounding");
+    // An f32 adapter: s·(B·A) unrounded.
+    let exact = lora_delta(&pair(DType::F32), scaling).unwrap();
+    assert!(exact.iter().any(|&v| half::bf16::from_f32(v).to_f32() != v));
 }

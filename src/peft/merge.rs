@@ -112,19 +112,26 @@ fn safetensors_dtype(dtype: TorchDtype) -> Dtype {
     }
 }
 
-/// `s·(B·A)` `[out, in]` row-major in f32: the product summed in f32, then scaled, as PEFT's
-/// `get_delta_weight` computes it for an f32 adapter (a bf16 adapter is widened, not rounded back).
+/// `s·(B·A)` `[out, in]` row-major: the product summed in f32, then scaled, as PEFT's
+/// `get_delta_weight` computes it on the CPU; for a bf16 or f16 adapter (whose A and B it widens
+/// to f32 first) the delta is then rounded back to the adapter's dtype before it is added.
 pub fn lora_delta(pair: &LoraPair, scaling: f64) -> Result<Vec<f32>> {
     let a = pair.a.to_dtype(DType::F32)?;
     let b = pair.b.to_dtype(DType::F32)?;
     let ba = b.matmul(&a)?;
     let s = scaling as f32;
-    Ok(ba
+    let mut delta: Vec<f32> = ba
         .flatten_all()?
         .to_vec1::<f32>()?
         .into_iter()
         .map(|v| v * s)
-        .collect())
+        .collect();
+    match pair.b.dtype() {
+        DType::BF16 => round_to(TorchDtype::BF16, &mut delta),
+        DType::F16 => round_to(TorchDtype::F16, &mut delta),
+        _ => {}
+    }
+    Ok(delta)
 }
 
 /// Rounds `values` to `dtype` in place (round-to-nearest-even, as torch's `.to()`).
