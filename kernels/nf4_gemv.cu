@@ -20,7 +20,7 @@
 // Bytes moved per call (DRAM): N·K/2 codes + scales (4·N·K/bs, or N·K/bs + 4·N·K/(256·bs) with
 // double quant) + M·K·sizeof(x) + M·N·sizeof(y) (+ N·sizeof(y) of bias). Llama-2-13B gate/up
 // [13824, 5120], M = 1, bf16, bs 64, double quant: 35.39 MB + 1.11 MB + 10 KB + 28 KB ≈ 36.5 MB,
-// ≈ 11 µs at 3.35 TB/s. M = 1 has its own instantiation; larger M runs passes of ≤ 8 rows of x
+// ≈ 11 µs at 3.35 TB/s. M = 1 has its own kernel (k_nf4_gemv); k_nf4_gemv_rows runs passes of ≤ 8 rows of x
 // (8 accumulators per lane; 16 spill on sm_80), so M > 8 reads each row's codes twice, the second
 // time mostly from L2. There each code feeds 16 FMAs and the f32 pipes, not DRAM, bound the kernel
 // (≈ 1/3 of DRAM speed on H100); larger M belongs to the tensor-core GEMM.
@@ -161,21 +161,34 @@ __device__ __forceinline__ void gemv_row_dtype(const QlNf4GemvParams& p, Code& s
 
 }  // namespace
 
-// One warp per output row; p.m in 1..=16, x and y f32 or bf16 (checked by the launcher).
-extern "C" __global__ void __launch_bounds__(kThreads) k_nf4_gemv(const QlNf4GemvParams p) {
-  QL_SHARED_ARRAY(float, s_code, 16);
+// The code book in shared memory and this warp's output row (the grid's tail warps get -1).
+template <class Code>
+__device__ __forceinline__ int64_t gemv_setup(const QlNf4GemvParams& p, Code& s_code) {
   if (threadIdx.x < 16) s_code[threadIdx.x] = __ldg(&p.code[threadIdx.x]);
   __syncthreads();
-
-  const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (row >= p.n) return;  // uniform per warp
-  if (p.m == 1) {
-    gemv_row_dtype<1>(p, s_code, row, lane, 0, 1);
-  } else {
-    // At most 8 accumulators live (16 spill on sm_80): M > 8 takes two passes over the row's
-    // codes (the second from L2), where the f32 pipes bound the kernel anyway.
-    for (int m0 = 0; m0 < p.m; m0 += 8) gemv_row_dtype<8>(p, s_code, row, lane, m0, min(p.m - m0, 8));
-  }
+  return row < p.n ? row : -1;
+}
+
+// One warp per output row, p.m == 1 (decode), x and y f32 or bf16 (checked by the launcher). Its
+// own kernel rather than a branch of k_nf4_gemv_rows: registers are allocated per kernel, and the
+// one-row path needs far fewer than the eight-row one, so more warps keep loads in flight.
+extern "C" __global__ void __launch_bounds__(kThreads) k_nf4_gemv(const QlNf4GemvParams p) {
+  QL_SHARED_ARRAY(float, s_code, 16);
+  const int64_t row = gemv_setup(p, s_code);
+  if (row < 0) return;  // uniform per warp
+  gemv_row_dtype<1>(p, s_code, row, static_cast<int>(threadIdx.x & 31), 0, 1);
 }
 QL_EMU_ENTRY(k_nf4_gemv, QlNf4GemvParams)
+
+// One warp per output row, p.m in 2..=16. At most 8 accumulators live (16 spill on sm_80): M > 8
+// takes two passes over the row's codes (the second from L2), where the f32 pipes bound the
+// kernel anyway.
+extern "C" __global__ void __launch_bounds__(kThreads) k_nf4_gemv_rows(const QlNf4GemvParams p) {
+  QL_SHARED_ARRAY(float, s_code, 16);
+  const int64_t row = gemv_setup(p, s_code);
+  if (row < 0) return;  // uniform per warp
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  for (int m0 = 0; m0 < p.m; m0 += 8) gemv_row_dtype<8>(p, s_code, row, lane, m0, min(p.m - m0, 8));
+}
+QL_EMU_ENTRY(k_nf4_gemv_rows, QlNf4GemvParams)

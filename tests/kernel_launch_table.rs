@@ -27,6 +27,7 @@ const TEST_ONLY_MODULES: &[&str] = &["emu_selftest"];
 fn table() -> Vec<(Kernel, String, LaunchConfig)> {
     let weight = nf4::Nf4Layout::new("table", INTERMEDIATE * HIDDEN, NF4_BLOCK).unwrap();
     let gemv = nf4_gemv::GemvShape::new("table", 1, INTERMEDIATE, HIDDEN, NF4_BLOCK).unwrap();
+    let gemv16 = nf4_gemv::GemvShape::new("table", 16, INTERMEDIATE, HIDDEN, NF4_BLOCK).unwrap();
     let xent =
         cross_entropy::CrossEntropyShape::new("table", TOKENS * VOCAB, TOKENS, VOCAB).unwrap();
     let norm = llama::RmsNormShape::from_len("table", TOKENS * HIDDEN, HIDDEN).unwrap();
@@ -83,6 +84,11 @@ fn table() -> Vec<(Kernel, String, LaunchConfig)> {
             nf4_gemv::GEMV,
             format!("M 1, {w}"),
             nf4_gemv::gemv_launch(&gemv).unwrap(),
+        ),
+        (
+            nf4_gemv::GEMV_ROWS,
+            format!("M 16, {w}"),
+            nf4_gemv::gemv_launch(&gemv16).unwrap(),
         ),
         (
             adamw::ADAMW_F32,

@@ -281,3 +281,19 @@ mod cuda {
         cuda_parity::<bf16>(&dev, &w, 1, true, false);
     }
 }
+
+#[test]
+fn one_row_of_x_takes_the_decode_kernel_and_more_rows_the_multi_row_one() {
+    use qlora::kernels::emu::launches_on_this_thread as launches;
+    let w = Weight::new(9, 160, 64, 3);
+    for (m, decode) in [(1, true), (2, false), (16, false)] {
+        let x = normal_vector(m * 160, 1.0, 8);
+        let before = (launches("k_nf4_gemv"), launches("k_nf4_gemv_rows"));
+        parity::<f32>(&w, m, true, false, &x);
+        let ran = (
+            launches("k_nf4_gemv") - before.0,
+            launches("k_nf4_gemv_rows") - before.1,
+        );
+        assert_eq!(ran, if decode { (1, 0) } else { (0, 1) }, "m = {m}");
+    }
+}

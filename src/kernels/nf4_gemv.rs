@@ -4,15 +4,17 @@
 //! dtype), f32 accumulation and one rounding per output.
 
 use super::abi::{QlDtype, QlNf4GemvParams};
-use super::launch::{declare_kernels, Element, LaunchConfig};
+use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
 use super::nf4::{check_scales, Nf4Layout, ScaleLens, Scales};
 use crate::quant::nf4::{dequantize_absmax, dequantize_nf4, DoubleQuant};
 use crate::{Error, Result};
 
 declare_kernels! {
     module "nf4_gemv";
-    /// `k_nf4_gemv`: one warp per output row, four rows per block.
+    /// `k_nf4_gemv`: M = 1 (decode), one warp per output row, four rows per block.
     GEMV = k_nf4_gemv / qlemu_k_nf4_gemv;
+    /// `k_nf4_gemv_rows`: M in 2..=16, the same geometry, passes of up to 8 rows of x.
+    GEMV_ROWS = k_nf4_gemv_rows / qlemu_k_nf4_gemv_rows;
 }
 
 /// Most rows of x (tokens) one launch takes; larger batches belong to the dequant-GEMM.
@@ -66,7 +68,18 @@ impl GemvShape {
     }
 }
 
-/// Launch geometry of `k_nf4_gemv` (shared by every backend): `ceil(n / 4)` blocks of 128 threads.
+/// The kernel for `shape`: [`GEMV`] for one row of x, [`GEMV_ROWS`] for more (registers are
+/// allocated per kernel, so the decode path does not pay for the multi-row accumulators).
+pub fn gemv_kernel(shape: &GemvShape) -> Kernel {
+    if shape.m == 1 {
+        GEMV
+    } else {
+        GEMV_ROWS
+    }
+}
+
+/// Launch geometry of `k_nf4_gemv` and `k_nf4_gemv_rows` (shared by every backend): `ceil(n / 4)`
+/// blocks of 128 threads.
 pub fn gemv_launch(shape: &GemvShape) -> Result<LaunchConfig> {
     let blocks = (shape.n as u64).div_ceil(ROWS_PER_BLOCK);
     if blocks > MAX_GRID_X {
@@ -253,7 +266,7 @@ pub fn nf4_gemv_emulated<X: Element, Y: Element>(
     }
     // SAFETY: x, the weight's buffers, the bias and y have exactly the lengths the kernel indexes
     // for `shape` (validated above) and outlive the synchronous launch.
-    unsafe { super::emu::launch(&GEMV, &gemv_launch(&shape)?, &p)? };
+    unsafe { super::emu::launch(&gemv_kernel(&shape), &gemv_launch(&shape)?, &p)? };
     Ok(y)
 }
 
@@ -349,6 +362,6 @@ mod cuda_impl {
         p.y = y_ptr as *mut c_void;
         // SAFETY: every device buffer has the length the kernel reads or writes for `shape`
         // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
-        unsafe { dev.launch(&GEMV, &cfg, &p) }
+        unsafe { dev.launch(&gemv_kernel(&shape), &cfg, &p) }
     }
 }
