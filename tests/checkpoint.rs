@@ -14,12 +14,14 @@ use qlora::kernels::adamw::AdamWConfig;
 use qlora::model::llama::{LlamaModel, IGNORE_INDEX};
 use qlora::peft::{LoraAdapter, LoraConfig, TargetModule};
 use qlora::train::checkpoint::{
-    latest_checkpoint, load_checkpoint, save_checkpoint, DataPosition, RngState, TrainState,
-    OPTIMIZER_FILE, TRAINER_STATE_FILE,
+    latest_checkpoint, load_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition,
+    OptimizerState, RngState, TrainState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
 use qlora::train::data::{collate, Batch, Example};
 use qlora::train::schedule::{LrSchedule, ScheduleKind};
-use qlora::train::trainer::{CpuAdamW, NonFinitePolicy, StepMetrics, Trainer, TrainerConfig};
+use qlora::train::trainer::{
+    CheckpointOptimizer, CpuAdamW, NonFinitePolicy, StepMetrics, Trainer, TrainerConfig,
+};
 use qlora::Error;
 
 /// Set on the child process of [`sigkill_mid_write_leaves_the_last_checkpoint_loadable`]: the
@@ -361,5 +363,42 @@ fn sigkill_mid_write_leaves_the_last_checkpoint_loadable() {
         assert!(state.step >= last_step + 2);
         last_step = state.step;
     }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_optimizer_state_is_handed_to_the_loader_of_the_callers_choice() {
+    // What a CUDA resume receives (`load_checkpoint_with` + `CudaAdamW::from_state`), checked on
+    // the CPU: the settings, the update count and the host moments exactly as saved.
+    let model = common::llama::load("base", DType::F32, false);
+    let mut trainer = fresh_trainer(&model);
+    train(&mut trainer, 0..2);
+    let dir = temp_dir("handed");
+    let path = save_checkpoint(&dir, &trainer, &train_state(2), 1).unwrap();
+    let want = OptimizerState {
+        config: *trainer.optimizer().adamw_config(),
+        steps: 2,
+        moments: trainer.optimizer().host_moments().unwrap(),
+    };
+    assert_eq!(
+        want.moments.len(),
+        7 * 2,
+        "every adapted linear of two layers"
+    );
+    let mut seen = None;
+    let (restored, _) = load_checkpoint_with(&path, &model, |s| {
+        seen = Some(s.clone());
+        CpuAdamW::from_state(s.config, s.steps, s.moments)
+    })
+    .unwrap();
+    assert_eq!(seen.unwrap(), want);
+    assert_eq!(restored.optimizer().host_moments().unwrap(), want.moments);
+    // The loader's own error comes back unchanged.
+    let err = load_checkpoint_with(&path, &model, |_| -> qlora::Result<CpuAdamW> {
+        Err(Error::Cuda("no device".into()))
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::Cuda(_)), "{err}");
     fs::remove_dir_all(&dir).unwrap();
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor, D};
-use qlora::cli::config::TrainConfig;
+use qlora::cli::config::{PagedOptimizer, TrainConfig};
 use qlora::cli::{load_model, ComputeDtype, DeviceName, Quantize};
 use qlora::model::generate::{generate, generate_with_adapter, GenerationConfig};
 use qlora::model::llama::LlamaModel;
@@ -785,7 +785,15 @@ fn device_cuda_without_a_usable_gpu_is_a_clean_error() {
     let data = dir.join("train.jsonl");
     write_lines(&data, &instruction_lines(4));
     let runs: [&[&str]; 3] = [
-        &["train", "--device", "cuda", "--steps", "1"],
+        &[
+            "train",
+            "--device",
+            "cuda",
+            "--steps",
+            "1",
+            "--paged-optimizer",
+            "all",
+        ],
         &["eval", "--device", "cuda:0"],
         &["generate", "--device", "cuda:1", "--prompt", "hi"],
     ];
@@ -794,15 +802,12 @@ fn device_cuda_without_a_usable_gpu_is_a_clean_error() {
             "generate" => vec![("--model", &model)],
             _ => vec![("--model", &model), ("--data", &data)],
         };
-        let out = qlora(args, &paths);
         if cuda_opens() {
-            // With a GPU, eval and generate run; training is refused by name.
-            if args[0] == "train" {
-                let stderr = assert_clean_failure(&out);
-                assert!(stderr.contains("not wired"), "{stderr}");
-            }
+            // With a GPU these run; `train_on_cuda_matches_the_cpu_and_resumes_across_devices`
+            // checks training there.
             continue;
         }
+        let out = qlora(args, &paths);
         let stderr = assert_clean_failure(&out);
         assert!(
             stderr.contains("no CUDA device available"),
@@ -822,6 +827,110 @@ fn device_cuda_without_a_usable_gpu_is_a_clean_error() {
     assert_eq!(config.device, DeviceName::Cuda(3));
     assert!(config.to_toml().unwrap().contains("device = \"cuda:3\""));
     assert!(toml::from_str::<TrainConfig>("device = \"tpu\"").is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn paged_optimizer_is_a_setting_with_three_values() {
+    for (text, want) in [
+        ("off", PagedOptimizer::Off),
+        ("auto", PagedOptimizer::Auto),
+        ("all", PagedOptimizer::All),
+    ] {
+        let config: TrainConfig = toml::from_str(&format!("paged_optimizer = \"{text}\"")).unwrap();
+        assert_eq!(config.paged_optimizer, want);
+        let saved = config.to_toml().unwrap();
+        assert!(
+            saved.contains(&format!("paged_optimizer = \"{text}\"")),
+            "{saved}"
+        );
+        assert_eq!(TrainConfig::from_toml_str(&saved).unwrap(), config);
+    }
+    assert_eq!(TrainConfig::default().paged_optimizer, PagedOptimizer::Auto);
+    assert!(toml::from_str::<TrainConfig>("paged_optimizer = \"some\"").is_err());
+    let out = qlora(&["train", "--paged-optimizer", "some"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: off, auto, all"));
+}
+
+/// On a GPU: the same run on CUDA (CudaAdamW, paged states) and on the CPU give the same losses
+/// within the device tolerance, and a CUDA checkpoint resumes on the CPU to the CUDA run's end.
+/// Skips without a GPU.
+#[test]
+fn train_on_cuda_matches_the_cpu_and_resumes_across_devices() {
+    if !cuda_opens() {
+        return;
+    }
+    let dir = temp_dir("train-cuda");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &instruction_lines(8));
+    let run = |device: &str, output: &Path, resume: Option<&Path>| {
+        let args = [
+            "train",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "40",
+            "--compute-dtype",
+            "f32",
+            "--quantize",
+            "none",
+            "--save-steps",
+            "2",
+            "--keep-last",
+            "5",
+            "--lr",
+            "5e-3",
+            "--paged-optimizer",
+            "all",
+            "--device",
+            device,
+        ];
+        let mut paths = vec![("--model", model.as_path()), ("--data", data.as_path())];
+        paths.push(("--output", output));
+        if let Some(r) = resume {
+            paths.push(("--resume", r));
+        }
+        assert_success(&qlora(&args, &paths))
+    };
+    let (cpu, gpu, resumed) = (dir.join("cpu"), dir.join("gpu"), dir.join("resumed"));
+    run("cpu", &cpu, None);
+    run("cuda", &gpu, None);
+    let losses =
+        |d: &Path| -> Vec<f32> { read_metrics(d).unwrap().iter().map(|r| r.loss).collect() };
+    let tol = qlora::tolerance::lookup(
+        qlora::tolerance::Op::LoraGradDevice,
+        qlora::tolerance::Dtype::F32,
+    );
+    if let Err(m) = tol.check(&losses(&gpu), &losses(&cpu)) {
+        panic!("CUDA vs CPU losses: {m}");
+    }
+    // The CUDA run's step-2 checkpoint, finished on the CPU.
+    let checkpoint = resumed.join("checkpoint-2");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(gpu.join("checkpoint-2")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    run("cpu", &resumed, Some(&checkpoint));
+    let finals = |d: &Path| -> Vec<f32> {
+        let t = candle_core::safetensors::load(
+            d.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut keys: Vec<_> = t.keys().cloned().collect();
+        keys.sort();
+        keys.iter()
+            .flat_map(|k| t[k].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    if let Err(m) = tol.check(&finals(&resumed), &finals(&gpu)) {
+        panic!("a CUDA checkpoint resumed on the CPU: {m}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

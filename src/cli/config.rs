@@ -57,6 +57,19 @@ pub enum Quantize {
     None,
 }
 
+/// Which AdamW states a CUDA run pages to host memory (`kernels::paged`); the CPU ignores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PagedOptimizer {
+    /// Every state on the device.
+    Off,
+    /// Page the largest states (of at least 1e5 elements) until the rest fits 1/16 of the
+    /// device's memory.
+    Auto,
+    /// Page every state of at least 1e5 elements (bitsandbytes' paged AdamW).
+    All,
+}
+
 /// What a training step does on a NaN/Inf loss or gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -165,6 +178,8 @@ pub struct TrainConfig {
     pub compute_dtype: ComputeDtype,
     pub quantize: Quantize,
     pub device: DeviceName,
+    /// Paged AdamW states on CUDA.
+    pub paged_optimizer: PagedOptimizer,
 
     /// Save a checkpoint every this many steps (0: never).
     pub save_steps: u64,
@@ -217,6 +232,7 @@ impl Default for TrainConfig {
             compute_dtype: ComputeDtype::Bf16,
             quantize: Quantize::Nf4,
             device: DeviceName::Cpu,
+            paged_optimizer: PagedOptimizer::Auto,
             save_steps: 100,
             keep_last: 2,
             log_steps: 10,

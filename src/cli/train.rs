@@ -1,4 +1,5 @@
-//! `qlora train`: QLoRA fine-tuning of a Hugging Face Llama folder on a JSONL dataset on the CPU.
+//! `qlora train`: QLoRA fine-tuning of a Hugging Face Llama folder on a JSONL dataset, on the CPU
+//! (`CpuAdamW`) or a CUDA device (`CudaAdamW`, optionally paged states).
 //! Settings come from defaults < `--config run.toml` < flags; the loop feeds `[batch_size, T]`
 //! micro-batches (`grad_accum` per update) in a seeded per-epoch order to the [`Trainer`], writes
 //! metrics, checkpoints every `save_steps`, and resumes bit-identically from a checkpoint.
@@ -13,19 +14,20 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::cli::config::{
-    ComputeDtype, DataFormat, DeviceName, Quantize, ScheduleName, TrainConfig, SAVED_CONFIG_FILE,
+    ComputeDtype, DataFormat, DeviceName, PagedOptimizer, Quantize, ScheduleName, TrainConfig,
+    SAVED_CONFIG_FILE,
 };
 use crate::cli::{check_format, load_model, progress_style};
 use crate::model::tokenizer::Tokenizer;
 use crate::peft::LoraAdapter;
 use crate::train::checkpoint::{
-    latest_checkpoint, load_checkpoint, save_checkpoint, DataPosition, RngState, TrainState,
-    TRAINER_STATE_FILE,
+    latest_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition, OptimizerState,
+    RngState, TrainState, TRAINER_STATE_FILE,
 };
 use crate::train::data::{collate, load_jsonl, pack, read_records, Batch, Dataset, Example};
 use crate::train::eval::evaluate_loss;
 use crate::train::metrics::{rss_mib, write_loss_curve, MetricsWriter, StepRecord};
-use crate::train::trainer::{CpuAdamW, Trainer};
+use crate::train::trainer::{CheckpointOptimizer, CpuAdamW, Trainer};
 use crate::{Error, Result};
 
 /// The final adapter's folder inside the output folder.
@@ -133,6 +135,11 @@ pub struct TrainArgs {
     /// Where to run: cpu, or cuda / cuda:N (a build with `--features cuda`) [default: cpu].
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceName>,
+    /// AdamW states paged to host memory on CUDA: off, auto (the largest, until the rest fits
+    /// 1/16 of the device's memory) or all (every state of 1e5 elements or more). The CPU
+    /// ignores it [default: auto].
+    #[arg(long, value_enum)]
+    pub paged_optimizer: Option<PagedOptimizer>,
     /// Save a checkpoint every N steps (0: never) [default: 100].
     #[arg(long, value_name = "N")]
     pub save_steps: Option<u64>,
@@ -193,6 +200,7 @@ impl TrainArgs {
         set(&mut c.compute_dtype, &self.compute_dtype);
         set(&mut c.quantize, &self.quantize);
         set(&mut c.device, &self.device);
+        set(&mut c.paged_optimizer, &self.paged_optimizer);
         set(&mut c.save_steps, &self.save_steps);
         set(&mut c.keep_last, &self.keep_last);
         set(&mut c.log_steps, &self.log_steps);
@@ -310,7 +318,10 @@ fn resolve_resume(path: &Path) -> Result<PathBuf> {
 }
 
 /// Checks a restored trainer was written by a run with these settings.
-fn check_resumed(trainer: &Trainer<'_, CpuAdamW>, want: &Trainer<'_, CpuAdamW>) -> Result<()> {
+fn check_resumed<O: CheckpointOptimizer>(
+    trainer: &Trainer<'_, O>,
+    want: &Trainer<'_, O>,
+) -> Result<()> {
     let mismatch = |what: &str, got: String, want: String| {
         invalid(format!(
             "the checkpoint was written with {what} {got}, these settings give {want}; resume \
@@ -324,11 +335,11 @@ fn check_resumed(trainer: &Trainer<'_, CpuAdamW>, want: &Trainer<'_, CpuAdamW>) 
             format!("{:?}", want.config()),
         ));
     }
-    if trainer.optimizer().config() != want.optimizer().config() {
+    if trainer.optimizer().adamw_config() != want.optimizer().adamw_config() {
         return Err(mismatch(
             "optimizer settings",
-            format!("{:?}", trainer.optimizer().config()),
-            format!("{:?}", want.optimizer().config()),
+            format!("{:?}", trainer.optimizer().adamw_config()),
+            format!("{:?}", want.optimizer().adamw_config()),
         ));
     }
     let (got, expected) = (trainer.adapter().config(), want.adapter().config());
@@ -356,12 +367,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if let DeviceName::Cuda(_) = config.device {
         // Fails first, typed, when CUDA is not built in or the device does not open.
         crate::cli::open_device(config.device)?;
-        return Err(invalid(format!(
-            "--device {}: training on CUDA is not wired into the CLI yet (checkpoints hold the \
-             CPU optimizer's state); run `qlora eval` / `qlora generate` there, or train with \
-             --device cpu",
-            config.device
-        )));
     }
     let model_dir = config.model.clone().ok_or_else(|| {
         invalid(
@@ -438,208 +443,306 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let saved = output.join(SAVED_CONFIG_FILE);
     std::fs::write(&saved, &settings).map_err(|e| Error::io(&saved, e))?;
 
-    let adapter = LoraAdapter::init(
-        config.lora()?,
-        model.config(),
-        DType::F32,
-        model.device(),
-        config.seed,
-    )?;
-    let fresh = Trainer::new(
+    let run = Run {
+        args,
+        config: &config,
         model,
-        adapter,
-        CpuAdamW::new(config.adamw())?,
-        config.trainer(total_steps),
-    )?;
-    let (mut trainer, state) = match &args.resume {
-        Some(path) => {
-            let checkpoint = resolve_resume(path)?;
-            let (trainer, state) = load_checkpoint(&checkpoint, model)?;
-            check_resumed(&trainer, &fresh)?;
-            if state.rng_state.seed != config.seed {
-                return Err(invalid(format!(
-                    "the checkpoint was written with seed {}, these settings give {}",
-                    state.rng_state.seed, config.seed
-                )));
-            }
+        pad_id,
+        train_rows: &train_rows,
+        eval_rows: &eval_rows,
+        total_steps,
+        output: &output,
+        data_path: &data_path,
+        started,
+    };
+    match config.device {
+        DeviceName::Cpu => run.train(|s| CpuAdamW::from_state(s.config, s.steps, s.moments)),
+        #[cfg(feature = "cuda")]
+        DeviceName::Cuda(_) => {
+            let dev = std::sync::Arc::new(crate::kernels::cuda::CudaDevice::from_candle(
+                model.device(),
+            )?);
+            let policy = paging_policy(config.paged_optimizer, &dev)?;
             println!(
-                "resuming from {} at step {} of {total_steps}",
-                checkpoint.display(),
-                state.step
+                "optimizer: fused AdamW on {}, paged states {:?}",
+                config.device, config.paged_optimizer
             );
-            (trainer, state)
-        }
-        None => (
-            fresh,
-            TrainState {
-                step: 0,
-                data_position: DataPosition::default(),
-                rng_state: RngState {
-                    seed: config.seed,
-                    counter: 0,
-                },
-            },
-        ),
-    };
-    if state.step >= total_steps {
-        return Err(invalid(format!(
-            "the checkpoint is at step {}, the run has {total_steps} steps: nothing left to do",
-            state.step
-        )));
-    }
-    let trainable: usize = trainer
-        .adapter()
-        .pairs()
-        .map(|(_, p)| p.a.elem_count() + p.b.elem_count())
-        .sum();
-    println!(
-        "LoRA r {} alpha {} on {}: {trainable} trainable parameters; {} rows, {total_steps} steps \
-         of {} x {} rows, lr {:e} ({:?}, {} warmup steps)",
-        config.r,
-        config.alpha,
-        config
-            .target_modules()?
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(","),
-        train_rows.len(),
-        config.grad_accum,
-        config.batch_size,
-        config.lr,
-        config.schedule,
-        trainer.config().schedule.warmup_steps,
-    );
-
-    let resumed = args.resume.is_some().then_some(state.step);
-    let mut metrics = MetricsWriter::create(&output, resumed)?;
-    let mut stream = DataStream::new(&train_rows, config.seed, state.data_position);
-    let bar = ProgressBar::new(total_steps).with_style(progress_style()?);
-    bar.set_position(state.step);
-    let loop_started = Instant::now();
-    let mut tokens = 0usize;
-    let mut last_eval = None;
-    for step in state.step + 1..=total_steps {
-        let micro_batches = (0..config.grad_accum)
-            .map(|_| collate(&stream.next_examples(config.batch_size), pad_id))
-            .collect::<Result<Vec<Batch>>>()?;
-        let m = trainer.train_step(&micro_batches)?;
-        tokens += m.tokens;
-        let elapsed = loop_started.elapsed().as_secs_f64();
-        let tokens_per_s = tokens as f64 / elapsed.max(1e-9);
-        let eval_now = !eval_rows.is_empty()
-            && (step == total_steps || (config.eval_steps > 0 && step % config.eval_steps == 0));
-        let eval_loss = match eval_now {
-            true => {
-                let report = bar.suspend(|| {
-                    evaluate_loss(
-                        model,
-                        Some(trainer.adapter()),
-                        &eval_rows,
-                        config.batch_size,
-                        pad_id,
-                    )
-                })?;
-                last_eval = Some(report);
-                Some(report.loss)
-            }
-            false => None,
-        };
-        let rss = rss_mib();
-        metrics.write(StepRecord {
-            step,
-            epoch: stream.epochs_done(),
-            loss: m.loss,
-            lr: m.lr,
-            grad_norm: m.grad_norm,
-            tokens: m.tokens,
-            label_tokens: m.label_tokens,
-            tokens_per_s,
-            elapsed_s: elapsed,
-            rss_mib: rss,
-            eval_loss,
-            skipped: m.skipped,
-        })?;
-        bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s  RSS {}",
-            m.loss,
-            m.lr,
-            tokens_per_s,
-            rss.map_or("n/a".to_string(), |r| format!("{r:.0} MiB"))
-        ));
-        bar.set_position(step);
-        if step == state.step + 1 || step % config.log_steps == 0 || step == total_steps {
-            bar.suspend(|| {
-                println!(
-                    "step {step:>5}/{total_steps}  loss {:.4}  lr {:.3e}  grad norm {:.3}  \
-                     {tokens_per_s:.0} tok/s{}{}",
-                    m.loss,
-                    m.lr,
-                    m.grad_norm,
-                    eval_loss.map_or(String::new(), |l| format!("  eval loss {l:.4}")),
-                    if m.skipped {
-                        "  (skipped: not finite)"
-                    } else {
-                        ""
-                    }
+            run.train(|s| {
+                crate::train::cuda_adamw::CudaAdamW::from_state(
+                    dev.clone(),
+                    s.config,
+                    policy,
+                    s.steps,
+                    s.moments,
                 )
-            });
+            })
         }
-        if config.save_steps > 0 && step % config.save_steps == 0 && step < total_steps {
-            metrics.flush()?;
-            let train_state = TrainState {
-                step,
-                data_position: stream.position,
-                rng_state: state.rng_state,
-            };
-            let path = save_checkpoint(&output, &trainer, &train_state, config.keep_last)?;
-            bar.suspend(|| println!("saved {}", path.display()));
-        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceName::Cuda(_) => Err(invalid("CUDA is not built into this binary")),
     }
-    bar.finish_and_clear();
-    metrics.flush()?;
-    let train_s = loop_started.elapsed().as_secs_f64();
+}
 
-    let adapter_dir = output.join(ADAPTER_DIR);
-    trainer.adapter().save_pretrained(&adapter_dir)?;
-    let final_state = TrainState {
-        step: total_steps,
-        data_position: stream.position,
-        rng_state: state.rng_state,
-    };
-    if config.save_steps > 0 {
-        save_checkpoint(&output, &trainer, &final_state, config.keep_last)?;
-    }
-    let svg = write_loss_curve(
-        &output,
-        metrics.records(),
-        &format!("qlora train: {}", data_path.display()),
-    )?;
-    if trainer.skipped_batches() > 0 {
+/// The AdamW paging policy of `--paged-optimizer` on `dev`: auto pages until the states left on
+/// the device fit 1/16 of its memory.
+#[cfg(feature = "cuda")]
+fn paging_policy(
+    paged: PagedOptimizer,
+    dev: &crate::kernels::cuda::CudaDevice,
+) -> Result<crate::kernels::paged::PagingPolicy> {
+    use crate::kernels::paged::{PagingMode, PagingPolicy};
+    let (_, total) = dev.memory_info()?;
+    Ok(PagingPolicy {
+        mode: match paged {
+            PagedOptimizer::Off => PagingMode::Off,
+            PagedOptimizer::Auto => PagingMode::Auto,
+            PagedOptimizer::All => PagingMode::All,
+        },
+        device_budget_bytes: total as u64 / 16,
+        transport: None,
+    })
+}
+
+/// Everything `qlora train` prepared before the loop: settings, model, data, output folder.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    config: &'a TrainConfig,
+    model: &'a crate::model::llama::LlamaModel,
+    pad_id: u32,
+    train_rows: &'a [Example],
+    eval_rows: &'a [Example],
+    total_steps: u64,
+    output: &'a Path,
+    data_path: &'a Path,
+    started: Instant,
+}
+
+impl Run<'_> {
+    /// The training loop with the optimizer `make` builds from an [`OptimizerState`] (fresh:
+    /// no updates, no moments; or restored from `--resume`).
+    fn train<O: CheckpointOptimizer>(
+        self,
+        make: impl Fn(OptimizerState) -> Result<O>,
+    ) -> Result<()> {
+        let Run {
+            args,
+            config,
+            model,
+            pad_id,
+            train_rows,
+            eval_rows,
+            total_steps,
+            output,
+            data_path,
+            started,
+        } = self;
+        let adapter = LoraAdapter::init(
+            config.lora()?,
+            model.config(),
+            DType::F32,
+            model.device(),
+            config.seed,
+        )?;
+        let fresh = Trainer::new(
+            model,
+            adapter,
+            make(OptimizerState {
+                config: config.adamw(),
+                steps: 0,
+                moments: Default::default(),
+            })?,
+            config.trainer(total_steps),
+        )?;
+        let (mut trainer, state) = match &args.resume {
+            Some(path) => {
+                let checkpoint = resolve_resume(path)?;
+                let (trainer, state) = load_checkpoint_with(&checkpoint, model, &make)?;
+                check_resumed(&trainer, &fresh)?;
+                if state.rng_state.seed != config.seed {
+                    return Err(invalid(format!(
+                        "the checkpoint was written with seed {}, these settings give {}",
+                        state.rng_state.seed, config.seed
+                    )));
+                }
+                println!(
+                    "resuming from {} at step {} of {total_steps}",
+                    checkpoint.display(),
+                    state.step
+                );
+                (trainer, state)
+            }
+            None => (
+                fresh,
+                TrainState {
+                    step: 0,
+                    data_position: DataPosition::default(),
+                    rng_state: RngState {
+                        seed: config.seed,
+                        counter: 0,
+                    },
+                },
+            ),
+        };
+        if state.step >= total_steps {
+            return Err(invalid(format!(
+                "the checkpoint is at step {}, the run has {total_steps} steps: nothing left to do",
+                state.step
+            )));
+        }
+        let trainable: usize = trainer
+            .adapter()
+            .pairs()
+            .map(|(_, p)| p.a.elem_count() + p.b.elem_count())
+            .sum();
         println!(
-            "{} batches skipped for a non-finite loss or gradient",
-            trainer.skipped_batches()
+            "LoRA r {} alpha {} on {}: {trainable} trainable parameters; {} rows, {total_steps} steps \
+             of {} x {} rows, lr {:e} ({:?}, {} warmup steps)",
+            config.r,
+            config.alpha,
+            config
+                .target_modules()?
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            train_rows.len(),
+            config.grad_accum,
+            config.batch_size,
+            config.lr,
+            config.schedule,
+            trainer.config().schedule.warmup_steps,
         );
-    }
-    if let Some(report) = last_eval {
+
+        let resumed = args.resume.is_some().then_some(state.step);
+        let mut metrics = MetricsWriter::create(output, resumed)?;
+        let mut stream = DataStream::new(train_rows, config.seed, state.data_position);
+        let bar = ProgressBar::new(total_steps).with_style(progress_style()?);
+        bar.set_position(state.step);
+        let loop_started = Instant::now();
+        let mut tokens = 0usize;
+        let mut last_eval = None;
+        for step in state.step + 1..=total_steps {
+            let micro_batches = (0..config.grad_accum)
+                .map(|_| collate(&stream.next_examples(config.batch_size), pad_id))
+                .collect::<Result<Vec<Batch>>>()?;
+            let m = trainer.train_step(&micro_batches)?;
+            tokens += m.tokens;
+            let elapsed = loop_started.elapsed().as_secs_f64();
+            let tokens_per_s = tokens as f64 / elapsed.max(1e-9);
+            let eval_now = !eval_rows.is_empty()
+                && (step == total_steps
+                    || (config.eval_steps > 0 && step % config.eval_steps == 0));
+            let eval_loss = match eval_now {
+                true => {
+                    let report = bar.suspend(|| {
+                        evaluate_loss(
+                            model,
+                            Some(trainer.adapter()),
+                            eval_rows,
+                            config.batch_size,
+                            pad_id,
+                        )
+                    })?;
+                    last_eval = Some(report);
+                    Some(report.loss)
+                }
+                false => None,
+            };
+            let rss = rss_mib();
+            metrics.write(StepRecord {
+                step,
+                epoch: stream.epochs_done(),
+                loss: m.loss,
+                lr: m.lr,
+                grad_norm: m.grad_norm,
+                tokens: m.tokens,
+                label_tokens: m.label_tokens,
+                tokens_per_s,
+                elapsed_s: elapsed,
+                rss_mib: rss,
+                eval_loss,
+                skipped: m.skipped,
+            })?;
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s  RSS {}",
+                m.loss,
+                m.lr,
+                tokens_per_s,
+                rss.map_or("n/a".to_string(), |r| format!("{r:.0} MiB"))
+            ));
+            bar.set_position(step);
+            if step == state.step + 1 || step % config.log_steps == 0 || step == total_steps {
+                bar.suspend(|| {
+                    println!(
+                        "step {step:>5}/{total_steps}  loss {:.4}  lr {:.3e}  grad norm {:.3}  \
+                         {tokens_per_s:.0} tok/s{}{}",
+                        m.loss,
+                        m.lr,
+                        m.grad_norm,
+                        eval_loss.map_or(String::new(), |l| format!("  eval loss {l:.4}")),
+                        if m.skipped {
+                            "  (skipped: not finite)"
+                        } else {
+                            ""
+                        }
+                    )
+                });
+            }
+            if config.save_steps > 0 && step % config.save_steps == 0 && step < total_steps {
+                metrics.flush()?;
+                let train_state = TrainState {
+                    step,
+                    data_position: stream.position,
+                    rng_state: state.rng_state,
+                };
+                let path = save_checkpoint(output, &trainer, &train_state, config.keep_last)?;
+                bar.suspend(|| println!("saved {}", path.display()));
+            }
+        }
+        bar.finish_and_clear();
+        metrics.flush()?;
+        let train_s = loop_started.elapsed().as_secs_f64();
+
+        let adapter_dir = output.join(ADAPTER_DIR);
+        trainer.adapter().save_pretrained(&adapter_dir)?;
+        let final_state = TrainState {
+            step: total_steps,
+            data_position: stream.position,
+            rng_state: state.rng_state,
+        };
+        if config.save_steps > 0 {
+            save_checkpoint(output, &trainer, &final_state, config.keep_last)?;
+        }
+        let svg = write_loss_curve(
+            output,
+            metrics.records(),
+            &format!("qlora train: {}", data_path.display()),
+        )?;
+        if trainer.skipped_batches() > 0 {
+            println!(
+                "{} batches skipped for a non-finite loss or gradient",
+                trainer.skipped_batches()
+            );
+        }
+        if let Some(report) = last_eval {
+            println!(
+                "eval: loss {:.4}, perplexity {:.3} over {} label tokens of {} examples",
+                report.loss, report.perplexity, report.label_tokens, report.examples
+            );
+        }
         println!(
-            "eval: loss {:.4}, perplexity {:.3} over {} label tokens of {} examples",
-            report.loss, report.perplexity, report.label_tokens, report.examples
+            "trained steps {}..={total_steps} in {train_s:.1} s ({:.0} tokens/s)",
+            state.step + 1,
+            tokens as f64 / train_s.max(1e-9)
         );
+        println!("wrote:");
+        println!("  {}  (PEFT adapter)", adapter_dir.display());
+        println!(
+            "  {}, {}, {}  (metrics per step, loss curve)",
+            output.join(crate::train::metrics::METRICS_JSONL).display(),
+            output.join(crate::train::metrics::METRICS_CSV).display(),
+            svg.display()
+        );
+        println!("done in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(())
     }
-    println!(
-        "trained steps {}..={total_steps} in {train_s:.1} s ({:.0} tokens/s)",
-        state.step + 1,
-        tokens as f64 / train_s.max(1e-9)
-    );
-    println!("wrote:");
-    println!("  {}  (PEFT adapter)", adapter_dir.display());
-    println!(
-        "  {}, {}, {}  (metrics per step, loss curve)",
-        output.join(crate::train::metrics::METRICS_JSONL).display(),
-        output.join(crate::train::metrics::METRICS_CSV).display(),
-        svg.display()
-    );
-    println!("done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
 }

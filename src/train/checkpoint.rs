@@ -1,6 +1,7 @@
 //! Training checkpoints: `dir/checkpoint-{step}/` holds the PEFT adapter, the AdamW moments
 //! (`[n]` f32 m and v per LoRA tensor) with the update count, and `trainer_state.json` (schedule,
-//! hyperparameters, data position, RNG state), so that a resumed CPU run is bit-identical.
+//! hyperparameters, data position, RNG state), so that a resumed run is bit-identical. The files
+//! do not depend on where the optimizer ran: a checkpoint of `CudaAdamW` resumes on the CPU and back.
 //!
 //! Every file is written to a temporary name, synced and renamed; the directory is filled as
 //! `checkpoint-{step}.tmp`, synced, and renamed to its final name, so a crash at any point leaves
@@ -18,7 +19,8 @@ use crate::peft::lora::{write_atomic, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE}
 use crate::peft::{LoraAdapter, TargetModule};
 use crate::train::schedule::{LrSchedule, ScheduleKind};
 use crate::train::trainer::{
-    lora_tensor_name, CpuAdamW, Moments, NonFinitePolicy, Optimizer, Trainer, TrainerConfig,
+    lora_tensor_name, CheckpointOptimizer, CpuAdamW, MomentMap, Moments, NonFinitePolicy, Trainer,
+    TrainerConfig,
 };
 use crate::{Error, Result};
 
@@ -155,9 +157,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `dir/checkpoint-{state.step}/` for `trainer` and `state`, then removes all but the
 /// newest `keep_last` checkpoints of `dir` (created if missing). Stale `.tmp` directories of
 /// interrupted saves are removed first; a checkpoint of the same step is replaced.
-pub fn save_checkpoint(
+pub fn save_checkpoint<O: CheckpointOptimizer>(
     dir: impl AsRef<Path>,
-    trainer: &Trainer<'_, CpuAdamW>,
+    trainer: &Trainer<'_, O>,
     state: &TrainState,
     keep_last: usize,
 ) -> Result<PathBuf> {
@@ -179,7 +181,9 @@ pub fn save_checkpoint(
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     trainer.adapter().save_pretrained(&tmp)?;
-    write_atomic(&tmp, OPTIMIZER_FILE, &optimizer_bytes(trainer.optimizer())?)?;
+    let optimizer = trainer.optimizer();
+    let bytes = optimizer_bytes(&optimizer.host_moments()?, optimizer.steps())?;
+    write_atomic(&tmp, OPTIMIZER_FILE, &bytes)?;
     let json = serde_json::to_string_pretty(&state_file(trainer, state))?;
     write_atomic(&tmp, TRAINER_STATE_FILE, json.as_bytes())?;
     sync_dir(&tmp)?;
@@ -214,8 +218,8 @@ fn prune(dir: &Path, keep_last: usize) -> Result<()> {
     Ok(())
 }
 
-fn state_file(trainer: &Trainer<'_, CpuAdamW>, state: &TrainState) -> StateFile {
-    let adamw = trainer.optimizer().config();
+fn state_file<O: CheckpointOptimizer>(trainer: &Trainer<'_, O>, state: &TrainState) -> StateFile {
+    let adamw = trainer.optimizer().adamw_config();
     let config = trainer.config();
     let (kind, num_cycles) = match config.schedule.kind {
         ScheduleKind::Constant => (ScheduleKindFile::Constant, None),
@@ -252,9 +256,9 @@ fn moment_keys(layer: usize, module: TargetModule, matrix: &str) -> [String; 2] 
     [format!("{name}.exp_avg"), format!("{name}.exp_avg_sq")]
 }
 
-fn optimizer_bytes(optimizer: &CpuAdamW) -> Result<Vec<u8>> {
+fn optimizer_bytes(moments: &MomentMap, steps: u64) -> Result<Vec<u8>> {
     let mut tensors = Vec::new();
-    for (&(layer, module), pair) in optimizer.moments() {
+    for (&(layer, module), pair) in moments {
         for (matrix, state) in ["A", "B"].into_iter().zip(pair) {
             let [m_key, v_key] = moment_keys(layer, module, matrix);
             for (key, values) in [(m_key, &state.m), (v_key, &state.v)] {
@@ -273,7 +277,7 @@ fn optimizer_bytes(optimizer: &CpuAdamW) -> Result<Vec<u8>> {
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("step".to_string(), optimizer.steps().to_string()),
+        ("step".to_string(), steps.to_string()),
     ]);
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
@@ -322,12 +326,36 @@ fn read_state_file(path: &Path) -> Result<StateFile> {
     Ok(state)
 }
 
+/// The optimizer a checkpoint holds, on the host: settings, update count and moments (empty
+/// before the first update). Which optimizer it becomes is the loader's choice, so a checkpoint
+/// written on the CPU resumes on a GPU and back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    pub config: AdamWConfig,
+    pub steps: u64,
+    pub moments: MomentMap,
+}
+
 /// Restores the trainer (adapter, AdamW moments and update count, schedule position, settings)
-/// and the loop's state from the checkpoint directory `path`, on `model`'s device.
+/// and the loop's state from the checkpoint directory `path`, on `model`'s device, with the CPU
+/// optimizer.
 pub fn load_checkpoint<'m>(
     path: impl AsRef<Path>,
     model: &'m LlamaModel,
 ) -> Result<(Trainer<'m, CpuAdamW>, TrainState)> {
+    load_checkpoint_with(path, model, |s| {
+        CpuAdamW::from_state(s.config, s.steps, s.moments)
+    })
+}
+
+/// [`load_checkpoint`] with the optimizer `make` builds from the checkpoint's
+/// [`OptimizerState`] (e.g. `CudaAdamW::from_state` for a model on a GPU; the adapter is loaded
+/// onto the model's device).
+pub fn load_checkpoint_with<'m, O: CheckpointOptimizer>(
+    path: impl AsRef<Path>,
+    model: &'m LlamaModel,
+    make: impl FnOnce(OptimizerState) -> Result<O>,
+) -> Result<(Trainer<'m, O>, TrainState)> {
     let path = path.as_ref();
     let file = read_state_file(path)?;
     let state_path = path.join(TRAINER_STATE_FILE);
@@ -370,7 +398,7 @@ pub fn load_checkpoint<'m>(
     };
 
     let adapter = LoraAdapter::load_pretrained(path, model.device())?;
-    let optimizer = read_optimizer(path, &adapter, adamw, file.optimizer_steps)?;
+    let optimizer = make(read_optimizer(path, &adapter, adamw, file.optimizer_steps)?)?;
     let trainer =
         Trainer::new(model, adapter, optimizer, config)?.with_skipped_batches(file.skipped_batches);
     let state = TrainState {
@@ -388,7 +416,7 @@ fn read_optimizer(
     adapter: &LoraAdapter,
     config: AdamWConfig,
     steps: u64,
-) -> Result<CpuAdamW> {
+) -> Result<OptimizerState> {
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)?;
@@ -430,7 +458,11 @@ fn read_optimizer(
             moments.insert((layer, module), [a, b]);
         }
     }
-    CpuAdamW::from_state(config, steps, moments)
+    Ok(OptimizerState {
+        config,
+        steps,
+        moments,
+    })
 }
 
 /// The f32 `[n]` tensor `key`.

@@ -18,7 +18,8 @@ use crate::kernels::paged::{PagedAdamWStates, PagingPolicy};
 use crate::model::backward::LoraGrads;
 use crate::peft::{LoraAdapter, LoraPair, TargetModule};
 use crate::train::trainer::{
-    check_grads_match, check_moments, lora_tensor_name, Moments, Optimizer,
+    check_grads_match, check_moments, lora_tensor_name, CheckpointOptimizer, MomentMap, Moments,
+    Optimizer,
 };
 use crate::{Error, Result};
 
@@ -190,6 +191,16 @@ fn update_tensor(
         other => Err(invalid(format!(
             "adapter parameters are {other:?}, not f32 or bf16"
         ))),
+    }
+}
+
+impl CheckpointOptimizer for CudaAdamW {
+    fn adamw_config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    fn host_moments(&self) -> Result<MomentMap> {
+        self.moments()
     }
 }
 

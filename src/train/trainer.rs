@@ -137,6 +137,28 @@ impl CpuAdamW {
     }
 }
 
+/// The `[A, B]` f32 moments of every adapted linear, as a checkpoint holds them.
+pub type MomentMap = BTreeMap<(usize, TargetModule), [Moments; 2]>;
+
+/// An AdamW optimizer a checkpoint can hold and rebuild, on the CPU or a device: its settings,
+/// its update count ([`Optimizer::steps`]) and its moments copied to the host.
+pub trait CheckpointOptimizer: Optimizer + Sized {
+    fn adamw_config(&self) -> &AdamWConfig;
+
+    /// The moments on the host (empty before the first update).
+    fn host_moments(&self) -> Result<MomentMap>;
+}
+
+impl CheckpointOptimizer for CpuAdamW {
+    fn adamw_config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    fn host_moments(&self) -> Result<MomentMap> {
+        Ok(self.moments.clone())
+    }
+}
+
 impl Optimizer for CpuAdamW {
     fn base_lr(&self) -> f64 {
         self.config.lr
