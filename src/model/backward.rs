@@ -9,6 +9,8 @@ use candle_core::{DType, Tensor, D};
 
 use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::fused::{FusedInputs, Qkv};
+use crate::model::fused_lora::{self, FusedLora, SavedProjections};
+use crate::model::fused_loss;
 use crate::model::llama::{repeat_kv, LlamaModel};
 use crate::model::weights::LayerWeights;
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
@@ -58,16 +60,45 @@ pub fn lora_gradients(
     attention_mask: Option<&Tensor>,
     labels: &Tensor,
 ) -> Result<StackGradients> {
+    let chunk = fused_loss::chunk_rows(model.config().vocab_size);
+    lora_gradients_chunked(model, adapter, input_ids, attention_mask, labels, chunk)
+}
+
+/// [`lora_gradients`] with the fused path's loss taken `chunk` rows of logits at a time (tests
+/// use tiny chunks; [`fused_loss::chunk_rows`] otherwise). Where the layers run through the fused
+/// kernels, the loss and dL/d(final norm output) come from the chunked cross-entropy kernels and
+/// the `[B · T, V]` logits never exist whole; else from the full f32 logits.
+pub(crate) fn lora_gradients_chunked(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    labels: &Tensor,
+    chunk: usize,
+) -> Result<StackGradients> {
     model.check_adapter(adapter)?;
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
     let (b, t) = input_ids.dims2()?;
-    let logits = final_logits(model, &forward.hidden, forward.rope.fused.is_some())?;
+    let checkpoints = forward.stats();
+    if forward.rope.fused.is_some() {
+        let w = model.weights();
+        let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
+        let (normed, rstd) = k.rms_norm(dt, &forward.hidden, &w.norm, eps)?;
+        let out = fused_loss::causal_lm_loss(model, &normed, labels, chunk)?;
+        let lora = backward_from_dnormed(model, adapter, forward, &out.dnormed, Some(&rstd))?;
+        return Ok(StackGradients {
+            loss: out.loss,
+            label_tokens: out.label_tokens,
+            lora,
+            checkpoints,
+        });
+    }
+    let logits = final_logits(model, &forward.hidden)?;
     let (loss, count) = LlamaModel::loss(&logits.reshape((b, t, ()))?, labels)?;
     if count == 0 {
         return Err(invalid("the labels hold no token to predict"));
     }
     let dlogits = causal_lm_loss_grad(&logits, labels, count)?;
-    let checkpoints = forward.stats();
     let lora = backward_from_logits(model, adapter, forward, &dlogits)?;
     Ok(StackGradients {
         loss: loss.to_scalar::<f32>()?,
@@ -235,20 +266,11 @@ fn checkpointed_forward(
     })
 }
 
-/// f32 logits `[B · T, V]` of the final hidden states (final norm, through the fused kernel when
-/// the layers ran through them, and lm_head).
-fn final_logits(model: &LlamaModel, hidden: &Tensor, fused: bool) -> Result<Tensor> {
+/// f32 logits `[B · T, V]` of the final hidden states (final norm and lm_head, as tensor ops; the
+/// fused path takes its loss in chunks, [`fused_loss::causal_lm_loss`]).
+fn final_logits(model: &LlamaModel, hidden: &Tensor) -> Result<Tensor> {
     let w = model.weights();
-    let normed = match fused {
-        true => {
-            let eps = model.config().rms_norm_eps;
-            model
-                .kernels()
-                .rms_norm(model.dtype(), hidden, &w.norm, eps)?
-                .0
-        }
-        false => model.rms_norm(hidden, &w.norm)?,
-    };
+    let normed = model.rms_norm(hidden, &w.norm)?;
     let v = model.config().vocab_size;
     Ok(model.dense_linear(&normed, w.lm_head())?.reshape(((), v))?)
 }
@@ -322,15 +344,30 @@ fn backward_from_logits(
     forward: CheckpointedForward,
     dlogits: &Tensor,
 ) -> Result<LoraGrads> {
-    let w = model.weights();
-    let lm_head = w.lm_head().to_dtype(DType::F32)?;
+    let lm_head = model.weights().lm_head().to_dtype(DType::F32)?;
     let dnormed = dlogits.matmul(&lm_head)?.reshape(forward.hidden.dims())?;
+    backward_from_dnormed(model, adapter, forward, &dnormed, None)
+}
+
+/// The final norm's backward from `dnormed` `[B, T, hidden]` (with the fused RMSNorm's `rstd`
+/// when the caller has it), then every layer from the last as [`backward_from_logits`].
+fn backward_from_dnormed(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    forward: CheckpointedForward,
+    dnormed: &Tensor,
+    rstd: Option<&Tensor>,
+) -> Result<LoraGrads> {
+    let w = model.weights();
     let mut dx = if forward.rope.fused.is_some() {
         let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
-        let (_, rstd) = k.rms_norm(dt, &forward.hidden, &w.norm, eps)?;
-        k.rms_norm_backward(dt, &dnormed, &forward.hidden, &w.norm, &rstd)?
+        let rstd = match rstd {
+            Some(r) => r.clone(),
+            None => k.rms_norm(dt, &forward.hidden, &w.norm, eps)?.1,
+        };
+        k.rms_norm_backward(dt, dnormed, &forward.hidden, &w.norm, &rstd)?
     } else {
-        rms_norm_backward(model, &forward.hidden, &w.norm, &dnormed)?
+        rms_norm_backward(model, &forward.hidden, &w.norm, dnormed)?
     };
     let mut lora = LoraGrads::new();
     let CheckpointedForward {
@@ -424,6 +461,8 @@ struct FusedActivations {
     gate: Tensor,
     up: Tensor,
     act: Tensor,
+    /// T = x·Aᵀ of each linear whose LoRA ran through the fused kernels.
+    lora_t: SavedProjections,
 }
 
 impl<'a> LayerPass<'a> {
@@ -471,6 +510,18 @@ impl<'a> LayerPass<'a> {
         }
     }
 
+    /// The frozen weight's pullback dy2 `[M, out]` · W → `[M, in]` (f32).
+    fn frozen_backward(&self, dy2: &Tensor, module: TargetModule) -> Result<Tensor> {
+        match &self.linears[module as usize] {
+            Some(w) => Ok(dy2.matmul(w)?),
+            // dy rounded to bf16 for the kernel's bf16 activations (tolerance::Op::LlamaCudaNf4Gemm).
+            None => self
+                .model
+                .nf4_gemm(GemmOp::InputGrad, dy2, self.layer, module)?
+                .ok_or_else(|| invalid(format!("layer {} {module}: no NF4 GEMM", self.layer))),
+        }
+    }
+
     /// The pullback of `module` on `x`: dx = dy·W + s·(dy·B)·A, and with u = x·Aᵀ,
     /// dB = s·dyᵀ·u and dA = s·(dy·B)ᵀ·x, stored in `grads`.
     fn linear_backward(
@@ -485,14 +536,7 @@ impl<'a> LayerPass<'a> {
         let rows = x.elem_count() / in_features.max(1);
         let x2 = x.reshape((rows, in_features))?;
         let dy2 = dy.reshape((rows, out_features))?;
-        let mut dx = match &self.linears[module as usize] {
-            Some(w) => dy2.matmul(w)?,
-            // dy rounded to bf16 for the kernel's bf16 activations (tolerance::Op::LlamaCudaNf4Gemm).
-            None => self
-                .model
-                .nf4_gemm(GemmOp::InputGrad, &dy2, self.layer, module)?
-                .ok_or_else(|| invalid(format!("layer {} {module}: no NF4 GEMM", self.layer)))?,
-        };
+        let mut dx = self.frozen_backward(&dy2, module)?;
         if let Some((adapter, pair)) = self
             .adapter
             .and_then(|a| a.pair(self.layer, module).map(|p| (a, p)))
@@ -507,6 +551,81 @@ impl<'a> LayerPass<'a> {
             dx = (dx + du.matmul(&a)?)?;
             grads.insert((self.layer, module), LoraPair { a: da, b: db });
         }
+        Ok(dx.reshape(x.dims())?)
+    }
+
+    /// This layer's adapter pair on `module` as the fused LoRA kernels take it for `x`, or None
+    /// (no adapter or pair there, or a rank or size beyond the kernels).
+    fn fused_lora(&self, x: &Tensor, module: TargetModule) -> Result<Option<FusedLora<'a>>> {
+        let Some(adapter) = self.adapter else {
+            return Ok(None);
+        };
+        let Some(pair) = adapter.pair(self.layer, module) else {
+            return Ok(None);
+        };
+        let in_features = pair.a.dim(1)?;
+        if x.dims().last() != Some(&in_features) {
+            return Err(invalid(format!(
+                "layer {} {module}: input {:?} for in_features {in_features}",
+                self.layer,
+                x.dims()
+            )));
+        }
+        FusedLora::new(
+            pair,
+            adapter.config().scaling(),
+            x.elem_count() / in_features,
+        )
+    }
+
+    /// [`Self::linear`] on the fused path: the base product as there, then the LoRA delta through
+    /// the fused kernels (no dropout, as [`LoraMode::Eval`]), which also give T = x·Aᵀ `[M, r]`
+    /// f32. The recomputed forward makes T anyway, so it is kept in `saved` for
+    /// [`Self::linear_backward_fused`] (r/in of x's size) instead of being made a third time there;
+    /// U = dy·B is the backward's own scratch. Pairs the kernels do not take run as tensor ops.
+    fn linear_fused(
+        &self,
+        x: &Tensor,
+        module: TargetModule,
+        saved: &mut SavedProjections,
+    ) -> Result<Tensor> {
+        let Some(lora) = self.fused_lora(x, module)? else {
+            return self.linear(x, module);
+        };
+        let y = match &self.linears[module as usize] {
+            Some(w) => self.model.dense_linear(x, w)?,
+            None => self.model.linear(x, self.layer, module)?,
+        };
+        let rows = lora.dims.tokens;
+        let x2 = x.reshape((rows, lora.dims.in_features))?;
+        let y2 = y.reshape((rows, lora.dims.out_features))?;
+        let (k, dt) = (self.model.kernels(), self.model.dtype());
+        let (y2, t) = fused_lora::forward(k, dt, &lora, &x2, &y2)?;
+        saved.insert(module, t);
+        Ok(y2.reshape(y.dims())?)
+    }
+
+    /// [`Self::linear_backward`] on the fused path: the frozen product as there, then the LoRA
+    /// pullback through the fused kernels from the forward's T in `saved` (dX in the compute
+    /// dtype); a linear with no saved T ran as tensor ops and is pulled back as them.
+    fn linear_backward_fused(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        module: TargetModule,
+        saved: &SavedProjections,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let (Some(t), Some(lora)) = (saved.get(&module), self.fused_lora(x, module)?) else {
+            return self.linear_backward(x, dy, module, grads);
+        };
+        let d = lora.dims;
+        let x2 = x.reshape((d.tokens, d.in_features))?;
+        let dy2 = dy.reshape((d.tokens, d.out_features))?;
+        let dx = self.frozen_backward(&dy2, module)?;
+        let (k, dt) = (self.model.kernels(), self.model.dtype());
+        let (dx, pair) = fused_lora::backward(k, dt, &lora, &x2, t, &dy2, &dx)?;
+        grads.insert((self.layer, module), pair);
         Ok(dx.reshape(x.dims())?)
     }
 
@@ -539,9 +658,10 @@ impl<'a> LayerPass<'a> {
         let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps;
         let (normed_attn, rstd_attn) = k.rms_norm(dt, x, &self.weights.input_layernorm, eps)?;
-        let q = self.linear(&normed_attn, TargetModule::QProj)?;
-        let kk = self.linear(&normed_attn, TargetModule::KProj)?;
-        let v = self.linear(&normed_attn, TargetModule::VProj)?;
+        let mut lora_t = SavedProjections::new();
+        let q = self.linear_fused(&normed_attn, TargetModule::QProj, &mut lora_t)?;
+        let kk = self.linear_fused(&normed_attn, TargetModule::KProj, &mut lora_t)?;
+        let v = self.linear_fused(&normed_attn, TargetModule::VProj, &mut lora_t)?;
         let (q, kk) = k.rope(dt, &q, &kk, &f.rope, false)?;
         let q = self.split_heads(&q, n_heads)?;
         let kk = self.split_heads(&kk, n_kv)?;
@@ -554,14 +674,14 @@ impl<'a> LayerPass<'a> {
         };
         let (o, lse) = k.attention(dt, &qkv, &f.key_mask)?;
         let attn_out = Self::merge_heads(&o)?;
-        let attn = self.linear(&attn_out, TargetModule::OProj)?;
+        let attn = self.linear_fused(&attn_out, TargetModule::OProj, &mut lora_t)?;
         let residual = m.round((x + attn)?)?;
         let post_norm = &self.weights.post_attention_layernorm;
         let (normed_mlp, rstd_mlp) = k.rms_norm(dt, &residual, post_norm, eps)?;
-        let gate = self.linear(&normed_mlp, TargetModule::GateProj)?;
-        let up = self.linear(&normed_mlp, TargetModule::UpProj)?;
+        let gate = self.linear_fused(&normed_mlp, TargetModule::GateProj, &mut lora_t)?;
+        let up = self.linear_fused(&normed_mlp, TargetModule::UpProj, &mut lora_t)?;
         let act = k.swiglu(dt, &gate, &up)?;
-        let mlp = self.linear(&act, TargetModule::DownProj)?;
+        let mlp = self.linear_fused(&act, TargetModule::DownProj, &mut lora_t)?;
         let output = m.round((&residual + mlp)?)?;
         Ok(FusedActivations {
             output,
@@ -579,6 +699,7 @@ impl<'a> LayerPass<'a> {
             gate,
             up,
             act,
+            lora_t,
         })
     }
 
@@ -594,17 +715,33 @@ impl<'a> LayerPass<'a> {
         let n_heads = self.model.config().num_attention_heads;
         let s = self.forward_fused(x, f)?;
 
-        let dact = self.linear_backward(&s.act, dy, TargetModule::DownProj, grads)?;
+        let dact =
+            self.linear_backward_fused(&s.act, dy, TargetModule::DownProj, &s.lora_t, grads)?;
         let (dgate, dup) = k.swiglu_backward(dt, &s.gate, &s.up, &dact)?;
-        let dnormed =
-            (self.linear_backward(&s.normed_mlp, &dgate, TargetModule::GateProj, grads)?
-                + self.linear_backward(&s.normed_mlp, &dup, TargetModule::UpProj, grads)?)?;
+        let dnormed = (self.linear_backward_fused(
+            &s.normed_mlp,
+            &dgate,
+            TargetModule::GateProj,
+            &s.lora_t,
+            grads,
+        )? + self.linear_backward_fused(
+            &s.normed_mlp,
+            &dup,
+            TargetModule::UpProj,
+            &s.lora_t,
+            grads,
+        )?)?;
         let post_norm = &self.weights.post_attention_layernorm;
         let dresidual =
             (dy + k.rms_norm_backward(dt, &dnormed, &s.residual, post_norm, &s.rstd_mlp)?)?;
 
-        let dattn_out =
-            self.linear_backward(&s.attn_out, &dresidual, TargetModule::OProj, grads)?;
+        let dattn_out = self.linear_backward_fused(
+            &s.attn_out,
+            &dresidual,
+            TargetModule::OProj,
+            &s.lora_t,
+            grads,
+        )?;
         let d_o = self.split_heads(&dattn_out, n_heads)?;
         let qkv = Qkv {
             shape: f.shape,
@@ -621,9 +758,11 @@ impl<'a> LayerPass<'a> {
             true,
         )?;
         let dv = Self::merge_heads(&dv)?;
-        let mut dnormed = self.linear_backward(&s.normed_attn, &dq, TargetModule::QProj, grads)?;
+        let mut dnormed =
+            self.linear_backward_fused(&s.normed_attn, &dq, TargetModule::QProj, &s.lora_t, grads)?;
         for (d, module) in [(dk, TargetModule::KProj), (dv, TargetModule::VProj)] {
-            dnormed = (dnormed + self.linear_backward(&s.normed_attn, &d, module, grads)?)?;
+            dnormed = (dnormed
+                + self.linear_backward_fused(&s.normed_attn, &d, module, &s.lora_t, grads)?)?;
         }
         let input_norm = &self.weights.input_layernorm;
         Ok((dresidual + k.rms_norm_backward(dt, &dnormed, x, input_norm, &s.rstd_attn)?)?)

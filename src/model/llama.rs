@@ -11,6 +11,7 @@ use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
 use crate::model::config::LlamaConfig;
 use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
+use crate::model::fused_lora::{self, FusedLora};
 use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use crate::peft::{LoraAdapter, LoraMode, TargetModule};
@@ -690,6 +691,38 @@ impl LlamaModel {
         self.round((x + mlp)?)
     }
 
+    /// [`Self::adapted_linear`] on the fused path: the LoRA delta through the fused LoRA kernels
+    /// when the adapter runs without dropout (eval, or a dropout of 0) and the kernels take the
+    /// pair's rank and sizes; otherwise as tensor ops.
+    fn adapted_linear_fused(
+        &self,
+        x: &Tensor,
+        layer: AdaptedLayer<'_>,
+        module: TargetModule,
+    ) -> Result<Tensor> {
+        let lora = layer.lora.and_then(|(adapter, mode)| {
+            let no_dropout = matches!(mode, LoraMode::Eval) || adapter.config().dropout == 0.0;
+            adapter
+                .pair(layer.index, module)
+                .filter(|_| no_dropout)
+                .map(|pair| (adapter, pair))
+        });
+        let Some((adapter, pair)) = lora else {
+            return self.adapted_linear(x, layer, module);
+        };
+        let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D activation"))?;
+        let rows = x.elem_count() / in_features.max(1);
+        let Some(fused) = FusedLora::new(pair, adapter.config().scaling(), rows)? else {
+            return self.adapted_linear(x, layer, module);
+        };
+        let y = self.linear(x, layer.index, module)?;
+        let d = fused.dims;
+        let x2 = x.reshape((rows, d.in_features))?;
+        let y2 = y.reshape((rows, d.out_features))?;
+        let (y2, _t) = fused_lora::forward(&self.kernels, self.dtype, &fused, &x2, &y2)?;
+        Ok(y2.reshape(y.dims())?)
+    }
+
     /// RMSNorm through the fused kernel (the statistics in f32, one rounding per op).
     fn fused_rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
@@ -709,9 +742,9 @@ impl LlamaModel {
         let (b, t, _) = x.dims3()?;
         let (n_heads, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let normed = self.fused_rms_norm(x, &layer.weights.input_layernorm)?;
-        let q = self.adapted_linear(&normed, layer, TargetModule::QProj)?;
-        let kk = self.adapted_linear(&normed, layer, TargetModule::KProj)?;
-        let v = self.adapted_linear(&normed, layer, TargetModule::VProj)?;
+        let q = self.adapted_linear_fused(&normed, layer, TargetModule::QProj)?;
+        let kk = self.adapted_linear_fused(&normed, layer, TargetModule::KProj)?;
+        let v = self.adapted_linear_fused(&normed, layer, TargetModule::VProj)?;
         let (q, kk) = k.rope(dt, &q, &kk, &fused.rope, false)?;
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
@@ -728,13 +761,13 @@ impl LlamaModel {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, n_heads * d))?;
-        let attn = self.adapted_linear(&o, layer, TargetModule::OProj)?;
+        let attn = self.adapted_linear_fused(&o, layer, TargetModule::OProj)?;
         let x = self.round((x + attn)?)?;
         let normed = self.fused_rms_norm(&x, &layer.weights.post_attention_layernorm)?;
-        let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj)?;
-        let up = self.adapted_linear(&normed, layer, TargetModule::UpProj)?;
+        let gate = self.adapted_linear_fused(&normed, layer, TargetModule::GateProj)?;
+        let up = self.adapted_linear_fused(&normed, layer, TargetModule::UpProj)?;
         let act = k.swiglu(dt, &gate, &up)?;
-        let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj)?;
+        let mlp = self.adapted_linear_fused(&act, layer, TargetModule::DownProj)?;
         self.round((x + mlp)?)
     }
 

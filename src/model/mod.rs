@@ -7,6 +7,8 @@ pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod fused;
+mod fused_lora;
+mod fused_loss;
 pub mod generate;
 pub mod init;
 pub mod llama;

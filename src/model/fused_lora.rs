@@ -1,0 +1,338 @@
+//! The fused LoRA kernels (`kernels/lora.cu`) on the runtime's tensors: the adapted linear's
+//! forward `y + s·(x·Aᵀ)·Bᵀ` in place of the base output, keeping T = x·Aᵀ `[M, r]` f32, and its
+//! backward from T, on the CPU emulation or the model's CUDA device, over compute and adapter dtypes.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+
+use crate::kernels::lora::{self, LoraDims, LoraOperands, MAX_LORA_RANK};
+use crate::model::fused::{from_host, host, FusedElement, KernelPath, Kernels};
+use crate::peft::{LoraPair, TargetModule};
+use crate::{Error, Result};
+
+/// T = x·Aᵀ `[M, r]` f32 of each adapted linear of one layer, from the recomputed forward: the
+/// backward's dB = s·dYᵀ·T reads it instead of a third product x·Aᵀ.
+pub(crate) type SavedProjections = BTreeMap<TargetModule, Tensor>;
+
+/// One adapted linear's operands for the kernels: the pair, its scaling and the sizes.
+pub(crate) struct FusedLora<'a> {
+    pub pair: &'a LoraPair,
+    pub scale: f32,
+    pub dims: LoraDims,
+}
+
+impl<'a> FusedLora<'a> {
+    /// The kernels' view of `pair` on `rows` rows, or None where they do not take it (rank above
+    /// [`MAX_LORA_RANK`], sizes beyond their grids): the caller then runs the tensor ops.
+    pub(crate) fn new(pair: &'a LoraPair, scale: f64, rows: usize) -> Result<Option<Self>> {
+        let (rank, in_features) = pair.a.dims2()?;
+        let (out_features, _) = pair.b.dims2()?;
+        if rank > MAX_LORA_RANK {
+            return Ok(None);
+        }
+        Ok(
+            LoraDims::new("fused lora", rows, in_features, out_features, rank)
+                .ok()
+                .map(|dims| FusedLora {
+                    pair,
+                    scale: scale as f32,
+                    dims,
+                }),
+        )
+    }
+}
+
+/// Runs `$f::<T, W>(args)` for the compute dtype `$t` and the adapter dtype `$w`.
+macro_rules! by_dtypes {
+    ($t:expr, $w:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match ($t, $w) {
+            (DType::F32, DType::F32) => $f::<f32, f32>($($arg),*),
+            (DType::F32, DType::BF16) => $f::<f32, bf16>($($arg),*),
+            (DType::BF16, DType::F32) => $f::<bf16, f32>($($arg),*),
+            (DType::BF16, DType::BF16) => $f::<bf16, bf16>($($arg),*),
+            (t, w) => Err(Error::invalid(
+                "fused lora",
+                format!("compute dtype {t:?} and adapter dtype {w:?} are not f32 or bf16"),
+            )),
+        }
+    };
+}
+
+fn unavailable(k: &Kernels) -> Error {
+    Error::invalid(
+        "fused lora",
+        format!("{} is not available in this build", k.path()),
+    )
+}
+
+/// The forward on `x` `[M, in]` and the base output `y` `[M, out]` (f32 holding `dtype` values):
+/// `(y + s·T·Bᵀ rounded once to dtype, T [M, r] f32)`.
+pub(crate) fn forward(
+    k: &Kernels,
+    dtype: DType,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    by_dtypes!(dtype, lora.pair.a.dtype(), forward_t(k, lora, x, y))
+}
+
+/// The backward from `x` `[M, in]`, the forward's `t` `[M, r]` and `dy` `[M, out]`, with the base
+/// input gradient `dx` `[M, in]`: `(dx + s·(dY·B)·A rounded once to dtype, dA [r, in], dB [out, r])`,
+/// the gradients f32.
+pub(crate) fn backward(
+    k: &Kernels,
+    dtype: DType,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    t: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<(Tensor, LoraPair)> {
+    by_dtypes!(
+        dtype,
+        lora.pair.a.dtype(),
+        backward_t(k, lora, x, t, dy, dx)
+    )
+}
+
+fn forward_t<T: FusedElement, W: FusedElement>(
+    k: &Kernels,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let d = lora.dims;
+    match k.path() {
+        KernelPath::Emulated => {
+            let (a, b) = (host::<W>(&lora.pair.a)?, host::<W>(&lora.pair.b)?);
+            let ops = LoraOperands {
+                dims: d,
+                a: &a[..],
+                b: &b[..],
+                scale: lora.scale,
+            };
+            let mut out = host::<T>(y)?;
+            let t = lora::lora_forward_emulated::<T, W>(&ops, &host::<T>(x)?, &mut out)?;
+            Ok((
+                from_host(out, y.dims())?,
+                Tensor::from_vec(t, (d.tokens, d.rank), &Device::Cpu)?,
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        KernelPath::Cuda => cuda::forward::<T, W>(k.device()?, lora, x, y),
+        _ => Err(unavailable(k)),
+    }
+}
+
+fn backward_t<T: FusedElement, W: FusedElement>(
+    k: &Kernels,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    t: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<(Tensor, LoraPair)> {
+    let d = lora.dims;
+    match k.path() {
+        KernelPath::Emulated => {
+            let (a, b) = (host::<W>(&lora.pair.a)?, host::<W>(&lora.pair.b)?);
+            let ops = LoraOperands {
+                dims: d,
+                a: &a[..],
+                b: &b[..],
+                scale: lora.scale,
+            };
+            let mut dx_out = host::<T>(dx)?;
+            let grads = lora::lora_backward_emulated::<T, W>(
+                &ops,
+                &host::<T>(x)?,
+                &t.flatten_all()?.to_vec1::<f32>()?,
+                &host::<T>(dy)?,
+                &mut dx_out,
+            )?;
+            Ok((
+                from_host(dx_out, dx.dims())?,
+                LoraPair {
+                    a: Tensor::from_vec(grads.da, (d.rank, d.in_features), &Device::Cpu)?,
+                    b: Tensor::from_vec(grads.db, (d.out_features, d.rank), &Device::Cpu)?,
+                },
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        KernelPath::Cuda => cuda::backward::<T, W>(k.device()?, lora, x, t, dy, dx),
+        _ => Err(unavailable(k)),
+    }
+}
+
+/// The CUDA side: the kernels on candle's stream over the tensors' device buffers.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::kernels::cuda::CudaDevice;
+    use crate::model::fused::cuda::{operand, output, read, tensor, writable};
+
+    pub(super) fn forward<T: FusedElement, W: FusedElement>(
+        dev: &CudaDevice,
+        lora: &FusedLora<'_>,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let d = lora.dims;
+        let (x_t, a_t, b_t) = (
+            operand::<T>(x)?,
+            operand::<W>(&lora.pair.a)?,
+            operand::<W>(&lora.pair.b)?,
+        );
+        let mut out = writable::<T>(dev, y)?;
+        let mut t = output::<f32>(dev, d.tokens * d.rank)?;
+        read::<T, _>(&x_t, |xs| {
+            read::<W, _>(&a_t, |a| {
+                read::<W, _>(&b_t, |b| {
+                    let ops = LoraOperands {
+                        dims: d,
+                        a,
+                        b,
+                        scale: lora.scale,
+                    };
+                    lora::lora_forward_cuda::<T, W>(dev, &ops, xs, &mut out, &mut t)
+                })
+            })
+        })?;
+        Ok((
+            tensor(dev, out, y.dims())?,
+            tensor(dev, t, &[d.tokens, d.rank])?,
+        ))
+    }
+
+    pub(super) fn backward<T: FusedElement, W: FusedElement>(
+        dev: &CudaDevice,
+        lora: &FusedLora<'_>,
+        x: &Tensor,
+        t: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+    ) -> Result<(Tensor, LoraPair)> {
+        let d = lora.dims;
+        let (x_t, t_t, dy_t) = (operand::<T>(x)?, operand::<f32>(t)?, operand::<T>(dy)?);
+        let (a_t, b_t) = (operand::<W>(&lora.pair.a)?, operand::<W>(&lora.pair.b)?);
+        let mut dx_out = writable::<T>(dev, dx)?;
+        let mut da = output::<f32>(dev, d.rank * d.in_features)?;
+        let mut db = output::<f32>(dev, d.out_features * d.rank)?;
+        let mut u = output::<f32>(dev, d.tokens * d.rank)?;
+        read::<T, _>(&x_t, |xs| {
+            read::<f32, _>(&t_t, |ts| {
+                read::<T, _>(&dy_t, |dys| {
+                    read::<W, _>(&a_t, |a| {
+                        read::<W, _>(&b_t, |b| {
+                            let ops = LoraOperands {
+                                dims: d,
+                                a,
+                                b,
+                                scale: lora.scale,
+                            };
+                            let grads = lora::LoraGradBuffers {
+                                da: &mut da,
+                                db: &mut db,
+                                u: &mut u,
+                            };
+                            lora::lora_backward_cuda::<T, W>(
+                                dev,
+                                &ops,
+                                xs,
+                                ts,
+                                dys,
+                                &mut dx_out,
+                                grads,
+                            )
+                        })
+                    })
+                })
+            })
+        })?;
+        Ok((
+            tensor(dev, dx_out, dx.dims())?,
+            LoraPair {
+                a: tensor(dev, da, &[d.rank, d.in_features])?,
+                b: tensor(dev, db, &[d.out_features, d.rank])?,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::emu::launches_on_this_thread;
+    use crate::tolerance::{lookup, Dtype, Op};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn random(dims: (usize, usize), seed: u64) -> Tensor {
+        let v = crate::testing::normal_vector(dims.0 * dims.1, 0.5, seed);
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn emulated_bridge_matches_the_tensor_products() {
+        // f32 everywhere: the bridge against x·Aᵀ, y + s·T·Bᵀ, dB = s·dyᵀ·T, dA = s·(dy·B)ᵀ·x
+        // and dx + s·(dy·B)·A as f32 tensor products (sums in another order).
+        let (m, kk, n, r) = (13, 24, 20, 5);
+        let (x, y, dy, dx) = (
+            random((m, kk), 1),
+            random((m, n), 2),
+            random((m, n), 3),
+            random((m, kk), 4),
+        );
+        let pair = LoraPair {
+            a: random((r, kk), 5),
+            b: random((n, r), 6),
+        };
+        let s = 0.75;
+        let lora = FusedLora::new(&pair, s, m).unwrap().unwrap();
+        let k = Kernels::new(KernelPath::Emulated, &Device::Cpu).unwrap();
+        let before = launches_on_this_thread("k_lora_xa");
+        let (y_got, t_got) = forward(&k, DType::F32, &lora, &x, &y).unwrap();
+        assert_eq!(launches_on_this_thread("k_lora_xa"), before + 1);
+        let (dx_got, g) = backward(&k, DType::F32, &lora, &x, &t_got, &dy, &dx).unwrap();
+
+        let t = x.matmul(&pair.a.t().unwrap()).unwrap();
+        let y_want = (&y + (t.matmul(&pair.b.t().unwrap()).unwrap() * s).unwrap()).unwrap();
+        let u = dy.matmul(&pair.b).unwrap();
+        let db = (dy.t().unwrap().matmul(&t).unwrap() * s).unwrap();
+        let da = (u.t().unwrap().matmul(&x).unwrap() * s).unwrap();
+        let dx_want = (&dx + (u.matmul(&pair.a).unwrap() * s).unwrap()).unwrap();
+        let fwd = lookup(Op::LoraFused, Dtype::F32);
+        let bwd = lookup(Op::LoraFusedBackward, Dtype::F32);
+        for (what, tol, got, want) in [
+            ("T", fwd, &t_got, &t),
+            ("y", fwd, &y_got, &y_want),
+            ("dx", bwd, &dx_got, &dx_want),
+            ("dA", bwd, &g.a, &da),
+            ("dB", bwd, &g.b, &db),
+        ] {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            if let Err(e) = tol.check(&values(got), &values(want)) {
+                panic!("{what}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_beyond_the_kernels_fall_back() {
+        let pair = LoraPair {
+            a: random((MAX_LORA_RANK + 1, 8), 1),
+            b: random((8, MAX_LORA_RANK + 1), 2),
+        };
+        assert!(FusedLora::new(&pair, 1.0, 4).unwrap().is_none());
+        let pair = LoraPair {
+            a: random((MAX_LORA_RANK, 8), 1),
+            b: random((8, MAX_LORA_RANK), 2),
+        };
+        assert!(FusedLora::new(&pair, 1.0, 4).unwrap().is_some());
+    }
+}
