@@ -112,6 +112,11 @@ pub enum Op {
     /// on tensor ops, each tensor divided by its largest |want| first: the fused LoRA backward
     /// reads dY in the compute dtype and rounds dX to it, and every fused op reorders its sums.
     FusedLoraGrad,
+    /// A few LoRA training steps on a CUDA device (fused AdamW) against the same steps on the
+    /// CPU: losses, adapters and moments. The AdamW update itself is bit-exact ([`Op::AdamW`]);
+    /// each step feeds it [`Op::LoraGradDevice`] gradients, and m̂/(√v̂ + eps) turns a relative
+    /// gradient error into about the same relative error of the update, carried step to step.
+    TrainDevice,
 }
 
 /// Memory plan (`train::plan`) against bytes counted by a global allocator (tests/plan.rs): host
@@ -993,6 +998,34 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 4e-3,
         },
     ),
+    // LoraGradDevice f32's error carried through ≤ 4 updates (lr 1e-3: parameters move ~1e-3 per
+    // step, so atol 1e-6 is ~0.1% of one update); not yet measured on a GPU.
+    (
+        Op::TrainDevice,
+        Dtype::F32,
+        Tolerance {
+            atol: 1e-6,
+            rtol: 1e-3,
+        },
+    ),
+    // The device training tests run in f32 compute; these entries keep the table total, as
+    // LoraGradDevice's bf16 and f16 rows carried through the updates.
+    (
+        Op::TrainDevice,
+        Dtype::BF16,
+        Tolerance {
+            atol: 2e-2,
+            rtol: 4e-2,
+        },
+    ),
+    (
+        Op::TrainDevice,
+        Dtype::F16,
+        Tolerance {
+            atol: 4e-3,
+            rtol: 8e-3,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -1040,6 +1073,7 @@ mod tests {
             Op::FusedLogits,
             Op::FusedLoss,
             Op::FusedLoraGrad,
+            Op::TrainDevice,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

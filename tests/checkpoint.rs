@@ -402,3 +402,70 @@ fn the_optimizer_state_is_handed_to_the_loader_of_the_callers_choice() {
     assert!(matches!(err, Error::Cuda(_)), "{err}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Rewrites `optimizer.safetensors` of checkpoint `path` with its `step` metadata set to `step`
+/// and the tensor `from` (if any) renamed to `to` (or left out when `to` is empty).
+fn rewrite_optimizer(path: &Path, step: &str, edit: Option<(&str, &str)>) {
+    let file = path.join(OPTIMIZER_FILE);
+    let bytes = fs::read(&file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| match edit {
+            Some((from, "")) if name == from => None,
+            Some((from, to)) if name == from => Some((to.to_string(), view)),
+            _ => Some((name, view)),
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("step".to_string(), step.to_string()),
+    ]);
+    fs::write(&file, safetensors::serialize(kept, Some(metadata)).unwrap()).unwrap();
+}
+
+#[test]
+fn a_wrong_step_or_a_missing_moment_fails_before_any_optimizer_is_built() {
+    let model = common::llama::load("base", DType::F32, false);
+    let mut trainer = fresh_trainer(&model);
+    train(&mut trainer, 0..1);
+    let dir = temp_dir("mutations");
+    let path = save_checkpoint(&dir, &trainer, &train_state(1), 1).unwrap();
+    let missing = "layers.1.self_attn.v_proj.lora_B.exp_avg_sq";
+    // (step metadata, tensor renamed (to "" for removed), the error's words)
+    type Mutation<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str);
+    let cases: [Mutation<'_>; 4] = [
+        ("2", None, "step 2, but trainer_state.json says 1"),
+        ("one", None, "no integer `step`"),
+        ("1", Some((missing, "")), "55 tensors, expected 56"),
+        // The right count with one tensor renamed away is caught by name.
+        (
+            "1",
+            Some((missing, "layers.1.self_attn.v_proj.lora_B.stray")),
+            "no tensor `layers.1.self_attn.v_proj.lora_B.exp_avg_sq`",
+        ),
+    ];
+    for (step, edit, want) in cases {
+        let copy = dir.join("mutated");
+        let _ = fs::remove_dir_all(&copy);
+        fs::create_dir(&copy).unwrap();
+        for entry in fs::read_dir(&path).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+        rewrite_optimizer(&copy, step, edit);
+        let mut built = false;
+        let err = load_checkpoint_with(&copy, &model, |s| {
+            built = true;
+            CpuAdamW::from_state(s.config, s.steps, s.moments)
+        })
+        .err()
+        .unwrap();
+        assert!(!built, "{step} {edit:?}: an optimizer was built");
+        assert!(err.to_string().contains(want), "{step} {edit:?}: {err}");
+    }
+    // Untouched, the same directory loads.
+    load_checkpoint(&path, &model).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -902,7 +902,7 @@ fn train_on_cuda_matches_the_cpu_and_resumes_across_devices() {
     let losses =
         |d: &Path| -> Vec<f32> { read_metrics(d).unwrap().iter().map(|r| r.loss).collect() };
     let tol = qlora::tolerance::lookup(
-        qlora::tolerance::Op::LoraGradDevice,
+        qlora::tolerance::Op::TrainDevice,
         qlora::tolerance::Dtype::F32,
     );
     if let Err(m) = tol.check(&losses(&gpu), &losses(&cpu)) {
