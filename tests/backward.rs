@@ -14,7 +14,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use half::bf16;
 use qlora::model::backward::{
-    decoder_layer_backward, lora_gradients, lora_gradients_from_dlogits, LoraGrads,
+    decoder_layer_backward, lora_gradients, lora_gradients_from_dlogits, lora_gradients_in,
+    LoraGrads,
 };
 use qlora::model::llama::LlamaModel;
 use qlora::model::{Linear, LlamaConfig, LlamaWeights};
@@ -119,9 +120,24 @@ struct Oracle<'a> {
     mask: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// LoRA dropout factors per (layer, module), `[B · T, in]`; empty without dropout.
+    dropout: BTreeMap<(usize, TargetModule), Tensor>,
 }
 
 impl<'a> Oracle<'a> {
+    /// The oracle with the adapter's inputs dropped out as `adapter` does in `mode` for a batch
+    /// of `rows` tokens: the masks come from [`LoraAdapter::dropout_mask`], so both sides draw
+    /// the same ones.
+    fn with_dropout(mut self, adapter: &LoraAdapter, mode: &LoraMode, rows: usize) -> Self {
+        for ((layer, module), pair) in adapter.pairs() {
+            let dims = [rows, pair.a.dim(1).unwrap()];
+            if let Some(m) = adapter.dropout_mask(layer, module, &dims, mode).unwrap() {
+                self.dropout.insert((layer, module), m);
+            }
+        }
+        self
+    }
+
     fn new(
         config: &'a LlamaConfig,
         weights: &'a LlamaWeights,
@@ -190,6 +206,7 @@ impl<'a> Oracle<'a> {
             mask: Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu).unwrap(),
             cos: table(angles.cos().unwrap()),
             sin: table(angles.sin().unwrap()),
+            dropout: BTreeMap::new(),
         }
     }
 
@@ -212,6 +229,11 @@ impl<'a> Oracle<'a> {
         let mut y = self.round(&x2.matmul(&w.t().unwrap()).unwrap());
         if let Some((a, bm)) = self.lora.get(&(layer, module)) {
             let xa = self.round_adapter(&x2);
+            // PEFT drops out the adapter-dtype input: round(x · mask).
+            let xa = match self.dropout.get(&(layer, module)) {
+                Some(m) => self.round_adapter(&(xa * m).unwrap()),
+                None => xa,
+            };
             let ax = self.round_adapter(&xa.matmul(&a.as_tensor().t().unwrap()).unwrap());
             let bax = self.round_adapter(&ax.matmul(&bm.as_tensor().t().unwrap()).unwrap());
             let delta = self.round_adapter(&(bax * self.scaling).unwrap());
@@ -805,4 +827,91 @@ fn lora_a_gradient_matches_finite_differences() {
 /// Fixture model `name` in f32 with its weights (the oracle rebuilds the layers from them).
 fn load(name: &'static str) -> (LlamaModel, LlamaWeights) {
     Case::f32(name, false).load()
+}
+
+/// `adapter` with LoRA dropout `p` (same A and B).
+fn with_dropout(adapter: &LoraAdapter, model: &LlamaModel, p: f64) -> LoraAdapter {
+    let config = LoraConfig {
+        dropout: p,
+        ..adapter.config().clone()
+    };
+    let mut out =
+        LoraAdapter::init(config, model.config(), adapter.dtype(), &Device::Cpu, 0).unwrap();
+    for ((layer, module), pair) in adapter.pairs() {
+        out.set_pair(layer, module, pair.clone()).unwrap();
+    }
+    out
+}
+
+#[test]
+fn dropout_gradients_match_candle_autograd_through_the_same_masks() {
+    let case = Case::f32("base", false);
+    let (model, weights) = case.load();
+    let plain = adapter_in(&model, &TargetModule::ALL, false, DType::F32);
+    let adapter = with_dropout(&plain, &model, 0.3);
+    let batch = padded_batch();
+    let (b, t) = batch.input_ids.dims2().unwrap();
+    let mode = LoraMode::Train { seed: 9 };
+    let got = lora_gradients_in(
+        &model,
+        &adapter,
+        &batch.input_ids,
+        Some(&batch.attention_mask),
+        &batch.labels,
+        &mode,
+    )
+    .unwrap();
+    let oracle = Oracle::new(
+        model.config(),
+        &weights,
+        case.dtype,
+        &adapter,
+        &batch.attention_mask,
+    )
+    .with_dropout(&adapter, &mode, b * t);
+    assert_eq!(
+        oracle.dropout.len(),
+        2 * 7,
+        "every adapted linear drops out"
+    );
+    let loss = oracle.loss(&batch);
+    let want = oracle.lora_grads(&loss.backward().unwrap());
+    let worst = check_lora_grads_within("dropout stack", &got.lora, &want, case.tol_dtype());
+    eprintln!(
+        "dropout stack: max |dA, dB diff| {worst:e} (|dA, dB| ≤ {:e})",
+        largest_grad(&want)
+    );
+    lookup(Op::LlamaLogits, case.tol_dtype())
+        .check(&[got.loss], &[loss.to_scalar::<f32>().unwrap()])
+        .unwrap();
+    // The checkpointed forward is the model's forward with the same masks.
+    let logits = model
+        .forward_with_adapter(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            &adapter,
+            &mode,
+        )
+        .unwrap();
+    let (forward_loss, _) = LlamaModel::loss(&logits, &batch.labels).unwrap();
+    assert_eq!(got.loss, forward_loss.to_scalar::<f32>().unwrap());
+    // Dropout changes the gradients (the masks are not all ones), and Eval drops nothing.
+    let eval = lora_gradients(
+        &model,
+        &adapter,
+        &batch.input_ids,
+        Some(&batch.attention_mask),
+        &batch.labels,
+    )
+    .unwrap();
+    let plain_grads = lora_gradients(
+        &model,
+        &plain,
+        &batch.input_ids,
+        Some(&batch.attention_mask),
+        &batch.labels,
+    )
+    .unwrap();
+    assert_eq!(eval.loss, plain_grads.loss);
+    assert_ne!(got.loss, eval.loss);
 }

@@ -37,9 +37,15 @@ fn temp_dir(name: &str) -> PathBuf {
 /// A fresh trainer: r = 4 on every target, AdamW with weight decay, cosine with warmup over 6
 /// updates, clipping at a norm small enough to bite.
 fn fresh_trainer(model: &LlamaModel) -> Trainer<'_, CpuAdamW> {
+    fresh_trainer_with_dropout(model, 0.0)
+}
+
+/// [`fresh_trainer`] with LoRA dropout `p`.
+fn fresh_trainer_with_dropout(model: &LlamaModel, p: f64) -> Trainer<'_, CpuAdamW> {
     let lora = LoraConfig {
         r: 4,
         alpha: 8.0,
+        dropout: p,
         target_modules: TargetModule::ALL.to_vec(),
         ..LoraConfig::default()
     };
@@ -467,5 +473,30 @@ fn a_wrong_step_or_a_missing_moment_fails_before_any_optimizer_is_built() {
     }
     // Untouched, the same directory loads.
     load_checkpoint(&path, &model).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn dropout_masks_follow_the_run_seed_and_resume_bit_identically() {
+    let model = common::llama::load("base", DType::F32, false);
+    let fresh = |seed| fresh_trainer_with_dropout(&model, 0.2).with_dropout_seed(seed);
+    let mut straight = fresh(5);
+    let straight_metrics = train(&mut straight, 0..4);
+    // Another seed draws other masks; no dropout differs again.
+    let other = train(&mut fresh(6), 0..4);
+    let none = train(&mut fresh_trainer(&model), 0..4);
+    assert_ne!(metric_bits(&other), metric_bits(&straight_metrics));
+    assert_ne!(metric_bits(&none)[0], metric_bits(&straight_metrics)[0]);
+
+    let dir = temp_dir("dropout-resume");
+    let mut first = fresh(5);
+    let mut metrics = train(&mut first, 0..2);
+    let saved = save_checkpoint(&dir, &first, &train_state(2), 1).unwrap();
+    let (second, _) = load_checkpoint(&saved, &model).unwrap();
+    assert_eq!(second.adapter().config().dropout, 0.2);
+    let mut second = second.with_dropout_seed(5);
+    metrics.extend(train(&mut second, 2..4));
+    assert_eq!(metric_bits(&metrics), metric_bits(&straight_metrics));
+    assert_eq!(state_bits(&second), state_bits(&straight));
     fs::remove_dir_all(&dir).unwrap();
 }

@@ -853,6 +853,48 @@ fn paged_optimizer_is_a_setting_with_three_values() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: off, auto, all"));
 }
 
+#[test]
+fn lora_dropout_is_a_setting_saved_in_the_adapter() {
+    let config: TrainConfig = toml::from_str("lora_dropout = 0.05").unwrap();
+    assert_eq!(config.lora().unwrap().dropout, 0.05);
+    let saved = config.to_toml().unwrap();
+    assert!(saved.contains("lora_dropout = 0.05"), "{saved}");
+    assert_eq!(TrainConfig::default().lora_dropout, 0.0);
+
+    let dir = temp_dir("lora-dropout");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &instruction_lines(4));
+    let output = dir.join("out");
+    let paths = [
+        ("--model", model.as_path()),
+        ("--data", data.as_path()),
+        ("--output", output.as_path()),
+    ];
+    let args = |p: &'static str| {
+        [
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "40",
+            "--lora-dropout",
+            p,
+        ]
+    };
+    assert_success(&qlora(&args("0.1"), &paths));
+    let adapter_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(output.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter_config["lora_dropout"], serde_json::json!(0.1));
+    let stderr = assert_clean_failure(&qlora(&args("1.5"), &paths));
+    assert!(stderr.contains("lora_dropout"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// On a GPU: the same run on CUDA (CudaAdamW, paged states) and on the CPU give the same losses
 /// within the device tolerance, and a CUDA checkpoint resumes on the CPU to the CUDA run's end.
 /// Skips without a GPU.

@@ -174,6 +174,8 @@ pub struct TrainConfig {
     /// down_proj, or "all".
     pub targets: Vec<String>,
     pub use_rslora: bool,
+    /// LoRA dropout on each adapted linear's input while training, in [0, 1).
+    pub lora_dropout: f64,
 
     pub compute_dtype: ComputeDtype,
     pub quantize: Quantize,
@@ -229,6 +231,7 @@ impl Default for TrainConfig {
             alpha: 32.0,
             targets: vec!["all".to_string()],
             use_rslora: false,
+            lora_dropout: 0.0,
             compute_dtype: ComputeDtype::Bf16,
             quantize: Quantize::Nf4,
             device: DeviceName::Cpu,
@@ -338,7 +341,7 @@ impl TrainConfig {
         Ok(LoraConfig {
             r: self.r,
             alpha: self.alpha,
-            dropout: 0.0,
+            dropout: self.lora_dropout,
             target_modules: self.target_modules()?,
             use_rslora: self.use_rslora,
             bias: "none".to_string(),

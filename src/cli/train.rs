@@ -135,6 +135,10 @@ pub struct TrainArgs {
     /// Where to run: cpu, or cuda / cuda:N (a build with `--features cuda`) [default: cpu].
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceName>,
+    /// LoRA dropout on each adapted linear's input while training, in [0, 1) (QLoRA used 0.05
+    /// up to 13B and 0.1 above) [default: 0].
+    #[arg(long, value_name = "P")]
+    pub lora_dropout: Option<f64>,
     /// AdamW states paged to host memory on CUDA: off, auto (the largest, until the rest fits
     /// 1/16 of the device's memory) or all (every state of 1e5 elements or more). The CPU
     /// ignores it [default: auto].
@@ -201,6 +205,7 @@ impl TrainArgs {
         set(&mut c.quantize, &self.quantize);
         set(&mut c.device, &self.device);
         set(&mut c.paged_optimizer, &self.paged_optimizer);
+        set(&mut c.lora_dropout, &self.lora_dropout);
         set(&mut c.save_steps, &self.save_steps);
         set(&mut c.keep_last, &self.keep_last);
         set(&mut c.log_steps, &self.log_steps);
@@ -343,14 +348,19 @@ fn check_resumed<O: CheckpointOptimizer>(
         ));
     }
     let (got, expected) = (trainer.adapter().config(), want.adapter().config());
-    if (got.r, got.alpha, &got.target_modules, got.use_rslora)
-        != (
-            expected.r,
-            expected.alpha,
-            &expected.target_modules,
-            expected.use_rslora,
-        )
-    {
+    if (
+        got.r,
+        got.alpha,
+        &got.target_modules,
+        got.use_rslora,
+        got.dropout,
+    ) != (
+        expected.r,
+        expected.alpha,
+        &expected.target_modules,
+        expected.use_rslora,
+        expected.dropout,
+    ) {
         return Err(mismatch(
             "LoRA",
             format!("{got:?}"),
@@ -552,7 +562,7 @@ impl Run<'_> {
             })?,
             config.trainer(total_steps),
         )?;
-        let (mut trainer, state) = match &args.resume {
+        let (trainer, state) = match &args.resume {
             Some(path) => {
                 let checkpoint = resolve_resume(path)?;
                 let (trainer, state) = load_checkpoint_with(&checkpoint, model, &make)?;
@@ -582,6 +592,7 @@ impl Run<'_> {
                 },
             ),
         };
+        let mut trainer = trainer.with_dropout_seed(config.seed);
         if state.step >= total_steps {
             return Err(invalid(format!(
                 "the checkpoint is at step {}, the run has {total_steps} steps: nothing left to do",

@@ -60,8 +60,38 @@ pub fn lora_gradients(
     attention_mask: Option<&Tensor>,
     labels: &Tensor,
 ) -> Result<StackGradients> {
+    lora_gradients_in(
+        model,
+        adapter,
+        input_ids,
+        attention_mask,
+        labels,
+        &LoraMode::Eval,
+    )
+}
+
+/// [`lora_gradients`] with the adapter in `mode`: in [`LoraMode::Train`] with a LoRA dropout,
+/// each adapted linear's input is dropped out by the mask [`LoraAdapter::dropout_mask`] draws
+/// (the same in the forward, its recomputation and the backward, which pulls dA and the input
+/// gradient back through it), as PEFT trains.
+pub fn lora_gradients_in(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    labels: &Tensor,
+    mode: &LoraMode,
+) -> Result<StackGradients> {
     let chunk = fused_loss::chunk_rows(model.config().vocab_size);
-    lora_gradients_chunked(model, adapter, input_ids, attention_mask, labels, chunk)
+    lora_gradients_chunked(
+        model,
+        adapter,
+        input_ids,
+        attention_mask,
+        labels,
+        chunk,
+        mode,
+    )
 }
 
 /// [`lora_gradients`] with the fused path's loss taken `chunk` rows of logits at a time (tests
@@ -75,9 +105,10 @@ pub(crate) fn lora_gradients_chunked(
     attention_mask: Option<&Tensor>,
     labels: &Tensor,
     chunk: usize,
+    mode: &LoraMode,
 ) -> Result<StackGradients> {
     model.check_adapter(adapter)?;
-    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
+    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask, *mode)?;
     let (b, t) = input_ids.dims2()?;
     let checkpoints = forward.stats();
     if forward.rope.fused.is_some() {
@@ -118,7 +149,7 @@ pub fn lora_gradients_from_dlogits(
     dlogits: &Tensor,
 ) -> Result<(LoraGrads, CheckpointStats)> {
     model.check_adapter(adapter)?;
-    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask)?;
+    let forward = checkpointed_forward(model, adapter, input_ids, attention_mask, LoraMode::Eval)?;
     let (b, t) = input_ids.dims2()?;
     let v = model.config().vocab_size;
     if dlogits.dims() != [b, t, v] || dlogits.dtype() != DType::F32 {
@@ -219,6 +250,8 @@ struct CheckpointedForward {
     inputs: Vec<Tensor>,
     /// The last layer's output `[B, T, hidden]`, before the final norm.
     hidden: Tensor,
+    /// How the adapter ran (its dropout masks), for the backward's recomputation.
+    mode: LoraMode,
 }
 
 impl CheckpointedForward {
@@ -239,6 +272,7 @@ fn checkpointed_forward(
     adapter: &LoraAdapter,
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
+    mode: LoraMode,
 ) -> Result<CheckpointedForward> {
     let (b, t) = model.check_ids(input_ids)?;
     let rope = AttentionInputs::new(model, attention_mask, b, t)?;
@@ -252,7 +286,7 @@ fn checkpointed_forward(
         .reshape((b, t, h))?;
     let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
     for layer in 0..model.config().num_hidden_layers {
-        let pass = LayerPass::new(model, Some(adapter), layer)?;
+        let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
         let next = pass.forward_output(&x, &rope)?;
         // The input holds compute-dtype values: kept in that dtype (exactly), half the bytes in
         // bf16, and widened again when its layer is pulled back.
@@ -263,6 +297,7 @@ fn checkpointed_forward(
         rope,
         inputs,
         hidden: x,
+        mode,
     })
 }
 
@@ -371,14 +406,17 @@ fn backward_from_dnormed(
     };
     let mut lora = LoraGrads::new();
     let CheckpointedForward {
-        rope, mut inputs, ..
+        rope,
+        mut inputs,
+        mode,
+        ..
     } = forward;
     for layer in (0..inputs.len()).rev() {
         let x = inputs
             .pop()
             .ok_or_else(|| invalid(format!("no saved input for layer {layer}")))?
             .to_dtype(DType::F32)?;
-        let pass = LayerPass::new(model, Some(adapter), layer)?;
+        let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
         dx = pass.backward(&x, &rope, &dx, &mut lora)?;
     }
     Ok(lora)
@@ -422,6 +460,8 @@ struct LayerPass<'a> {
     /// The seven linears' weights `[out, in]`, in [`TargetModule::ALL`] order; None where the
     /// products go through the NF4 dequant-GEMM ([`LlamaModel::uses_nf4_gemm`]).
     linears: Vec<Option<Tensor>>,
+    /// How the adapter runs: its dropout masks in [`LoraMode::Train`].
+    mode: LoraMode,
 }
 
 /// The intermediates of one layer's forward that its backward reads.
@@ -492,7 +532,19 @@ impl<'a> LayerPass<'a> {
             layer,
             weights,
             linears,
+            mode: LoraMode::Eval,
         })
+    }
+
+    fn with_mode(mut self, mode: LoraMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Whether the adapter drops its inputs out in this pass.
+    fn drops_out(&self) -> bool {
+        matches!(self.mode, LoraMode::Train { .. })
+            && self.adapter.is_some_and(|a| a.config().dropout > 0.0)
     }
 
     /// `module` on `x`, with the adapter's LoRA delta, rounded as `LlamaModel`'s forward rounds.
@@ -502,10 +554,9 @@ impl<'a> LayerPass<'a> {
             None => self.model.linear(x, self.layer, module)?,
         };
         match self.adapter {
-            Some(adapter) => {
-                self.model
-                    .round(adapter.apply(self.layer, module, x, &y, &LoraMode::Eval)?)
-            }
+            Some(adapter) => self
+                .model
+                .round(adapter.apply(self.layer, module, x, &y, &self.mode)?),
             None => Ok(y),
         }
     }
@@ -523,7 +574,8 @@ impl<'a> LayerPass<'a> {
     }
 
     /// The pullback of `module` on `x`: dx = dy·W + s·(dy·B)·A, and with u = x·Aᵀ,
-    /// dB = s·dyᵀ·u and dA = s·(dy·B)ᵀ·x, stored in `grads`.
+    /// dB = s·dyᵀ·u and dA = s·(dy·B)ᵀ·x, stored in `grads`. With dropout mask m (inverted
+    /// scaling included), x is m ⊙ x in u and dA, and the adapter's share of dx is m ⊙ (s·(dy·B)·A).
     fn linear_backward(
         &self,
         x: &Tensor,
@@ -544,11 +596,21 @@ impl<'a> LayerPass<'a> {
             let s = adapter.config().scaling();
             let a = pair.a.to_dtype(DType::F32)?;
             let b = pair.b.to_dtype(DType::F32)?;
-            let u = x2.matmul(&a.t()?)?;
+            let mask = adapter.dropout_mask(self.layer, module, x2.dims(), &self.mode)?;
+            let xd = match &mask {
+                Some(m) => (&x2 * m)?,
+                None => x2.clone(),
+            };
+            let u = xd.matmul(&a.t()?)?;
             let du = (dy2.matmul(&b)? * s)?;
             let db = (dy2.t()?.matmul(&u)? * s)?;
-            let da = du.t()?.matmul(&x2)?;
-            dx = (dx + du.matmul(&a)?)?;
+            let da = du.t()?.matmul(&xd)?;
+            let dx_lora = du.matmul(&a)?;
+            let dx_lora = match &mask {
+                Some(m) => (dx_lora * m)?,
+                None => dx_lora,
+            };
+            dx = (dx + dx_lora)?;
             grads.insert((self.layer, module), LoraPair { a: da, b: db });
         }
         Ok(dx.reshape(x.dims())?)
@@ -560,6 +622,10 @@ impl<'a> LayerPass<'a> {
         let Some(adapter) = self.adapter else {
             return Ok(None);
         };
+        // The kernels add the unmasked s·U·A into dX; dropout runs as tensor ops.
+        if self.drops_out() {
+            return Ok(None);
+        }
         let Some(pair) = adapter.pair(self.layer, module) else {
             return Ok(None);
         };

@@ -254,6 +254,7 @@ mod tests {
                 Some(&mask),
                 &labels,
                 chunk,
+                &crate::peft::LoraMode::Eval,
             )
             .unwrap()
         };

@@ -431,11 +431,46 @@ impl LoraAdapter {
     /// Inverted dropout as torch's: each element kept with probability `1 - p` and scaled by
     /// `1 / (1 - p)`. The stream for (seed, layer, module) is distinct per layer and module.
     fn dropout(&self, x: &Tensor, seed: u64, layer: usize, module: TargetModule) -> Result<Tensor> {
+        let mask = self.dropout_scale(seed, layer, module, x.dims(), x.device())?;
+        self.round(x.mul(&mask)?)
+    }
+
+    /// The dropout factors [`Self::apply`] multiplies an input of `dims` by in `mode` for
+    /// `module` of `layer` (0 or `1 / (1 - p)`, rounded to the adapter dtype): the same draw
+    /// for the same (seed, layer, module, dims), so a backward can pull its gradient back
+    /// through the same mask. None when the mode or the config drops nothing.
+    pub fn dropout_mask(
+        &self,
+        layer: usize,
+        module: TargetModule,
+        dims: &[usize],
+        mode: &LoraMode,
+    ) -> Result<Option<Tensor>> {
+        match *mode {
+            LoraMode::Train { seed } if self.config.dropout > 0.0 => {
+                let device = self.device().unwrap_or(&candle_core::Device::Cpu).clone();
+                Ok(Some(
+                    self.dropout_scale(seed, layer, module, dims, &device)?,
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn dropout_scale(
+        &self,
+        seed: u64,
+        layer: usize,
+        module: TargetModule,
+        dims: &[usize],
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
         let p = self.config.dropout;
         let site = ((layer as u64) << 3) | module as u64;
         let mut rng = StdRng::seed_from_u64(seed ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keep_scale = 1.0 / (1.0 - p as f32);
-        let mask: Vec<f32> = (0..x.elem_count())
+        let n: usize = dims.iter().product();
+        let mask: Vec<f32> = (0..n)
             .map(|_| {
                 if rng.random::<f64>() < p {
                     0.0
@@ -444,8 +479,7 @@ impl LoraAdapter {
                 }
             })
             .collect();
-        let mask = self.round(Tensor::from_vec(mask, x.dims(), x.device())?)?;
-        self.round(x.mul(&mask)?)
+        self.round(Tensor::from_vec(mask, dims, device)?)
     }
 
     /// Writes the PEFT adapter directory `dir` (created if missing): `adapter_config.json` with

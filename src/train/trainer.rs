@@ -10,9 +10,9 @@ use half::bf16;
 
 use crate::kernels::adamw::{reference_step, AdamWConfig, AdamWStep};
 use crate::kernels::launch::Element;
-use crate::model::backward::{lora_gradients, LoraGrads};
+use crate::model::backward::{lora_gradients_in, LoraGrads};
 use crate::model::llama::{LlamaModel, IGNORE_INDEX};
-use crate::peft::{LoraAdapter, LoraPair, TargetModule};
+use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
 use crate::train::data::Batch;
 use crate::train::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -317,6 +317,16 @@ pub fn accumulate_gradients(
     adapter: &LoraAdapter,
     micro_batches: &[Batch],
 ) -> Result<AccumulatedGradients> {
+    accumulate_gradients_in(model, adapter, micro_batches, |_| LoraMode::Eval)
+}
+
+/// [`accumulate_gradients`] with micro-batch i's adapter in `mode(i)` (its dropout masks).
+pub fn accumulate_gradients_in(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    micro_batches: &[Batch],
+    mode: impl Fn(usize) -> LoraMode,
+) -> Result<AccumulatedGradients> {
     let total: usize = micro_batches.iter().map(predicted_label_tokens).sum();
     if total == 0 {
         return Err(invalid("the micro-batches hold no label token"));
@@ -324,13 +334,13 @@ pub fn accumulate_gradients(
     let mut loss_sum = 0f64;
     let mut tokens = 0usize;
     let mut grads = LoraGrads::new();
-    for batch in micro_batches {
+    for (i, batch) in micro_batches.iter().enumerate() {
         tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
         if predicted_label_tokens(batch) == 0 {
             continue;
         }
         let (ids, mask, labels) = batch_tensors(model, batch)?;
-        let micro = lora_gradients(model, adapter, &ids, Some(&mask), &labels)?;
+        let micro = lora_gradients_in(model, adapter, &ids, Some(&mask), &labels, &mode(i))?;
         let weight = micro.label_tokens as f64 / total as f64;
         loss_sum += micro.loss as f64 * micro.label_tokens as f64;
         for (key, pair) in micro.lora {
@@ -449,6 +459,19 @@ pub struct Trainer<'m, O: Optimizer = CpuAdamW> {
     optimizer: O,
     config: TrainerConfig,
     skipped_batches: u64,
+    /// Seed of the LoRA dropout masks (used when the adapter has a dropout).
+    dropout_seed: u64,
+}
+
+/// The dropout seed of micro-batch `micro` in the `batch`-th batch of a run seeded `seed`
+/// (splitmix64 of the three), so a resumed run draws the masks of the straight one.
+pub fn dropout_seed(seed: u64, batch: u64, micro: usize) -> u64 {
+    let mut z = seed
+        ^ batch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (micro as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl<'m, O: Optimizer> Trainer<'m, O> {
@@ -466,7 +489,14 @@ impl<'m, O: Optimizer> Trainer<'m, O> {
             optimizer,
             config,
             skipped_batches: 0,
+            dropout_seed: 0,
         })
+    }
+
+    /// The same trainer drawing its LoRA dropout masks from `seed` (the run's seed; 0 unless set).
+    pub fn with_dropout_seed(mut self, seed: u64) -> Self {
+        self.dropout_seed = seed;
+        self
     }
 
     pub fn adapter(&self) -> &LoraAdapter {
@@ -505,7 +535,22 @@ impl<'m, O: Optimizer> Trainer<'m, O> {
     pub fn train_step(&mut self, micro_batches: &[Batch]) -> Result<StepMetrics> {
         let done = self.optimizer.steps();
         let lr = self.config.schedule.lr(self.optimizer.base_lr(), done);
-        let acc = accumulate_gradients(self.model, &self.adapter, micro_batches)?;
+        // Batches seen so far, skipped ones included, so every batch draws its own masks.
+        let batch = done + self.skipped_batches;
+        let dropout = self.adapter.config().dropout > 0.0;
+        let seed = self.dropout_seed;
+        let acc =
+            accumulate_gradients_in(
+                self.model,
+                &self.adapter,
+                micro_batches,
+                |i| match dropout {
+                    true => LoraMode::Train {
+                        seed: dropout_seed(seed, batch, i),
+                    },
+                    false => LoraMode::Eval,
+                },
+            )?;
         let mut metrics = StepMetrics {
             step: done + 1,
             loss: acc.loss,
