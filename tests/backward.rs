@@ -562,15 +562,24 @@ fn layer_backward_matches_candle_autograd_rslora_tied_llama3() {
 }
 
 fn check_stack(case: Case) {
+    check_stack_in(case, 0.0, LoraMode::Eval);
+}
+
+/// The stack's gradients against the oracle with LoRA dropout `p` and the adapter in `mode`;
+/// returns the loss.
+fn check_stack_in(case: Case, p: f64, mode: LoraMode) -> f32 {
     let (model, weights) = case.load();
     let adapter = adapter_in(&model, &TargetModule::ALL, case.rslora, case.adapter_dtype);
+    let adapter = with_dropout(&adapter, &model, p);
     let batch = padded_batch();
-    let got = lora_gradients(
+    let (b, t) = batch.input_ids.dims2().unwrap();
+    let got = lora_gradients_in(
         &model,
         &adapter,
         &batch.input_ids,
         Some(&batch.attention_mask),
         &batch.labels,
+        &mode,
     )
     .unwrap();
 
@@ -580,14 +589,16 @@ fn check_stack(case: Case) {
         case.dtype,
         &adapter,
         &batch.attention_mask,
-    );
+    )
+    .with_dropout(&adapter, &mode, b * t);
     let loss = oracle.loss(&batch);
     let want = oracle.lora_grads(&loss.backward().unwrap());
     let worst =
         check_lora_grads_within(&format!("{case} stack"), &got.lora, &want, case.tol_dtype());
     let want_loss = loss.to_scalar::<f32>().unwrap();
     eprintln!(
-        "{case} stack: loss {} vs candle {want_loss}, max |dA, dB diff| {worst:e} (|dA, dB| ≤ {:e})",
+        "{case} stack (dropout {p}): loss {} vs candle {want_loss}, max |dA, dB diff| {worst:e} \
+         (|dA, dB| ≤ {:e})",
         got.loss,
         largest_grad(&want)
     );
@@ -599,7 +610,7 @@ fn check_stack(case: Case) {
             &batch.input_ids,
             Some(&batch.attention_mask),
             &adapter,
-            &LoraMode::Eval,
+            &mode,
         )
         .unwrap();
     let (forward_loss, count) = LlamaModel::loss(&logits, &batch.labels).unwrap();
@@ -609,6 +620,7 @@ fn check_stack(case: Case) {
         forward_loss.to_scalar::<f32>().unwrap(),
         "the checkpointed forward is LlamaModel's forward"
     );
+    got.loss
 }
 
 #[test]
@@ -845,73 +857,13 @@ fn with_dropout(adapter: &LoraAdapter, model: &LlamaModel, p: f64) -> LoraAdapte
 
 #[test]
 fn dropout_gradients_match_candle_autograd_through_the_same_masks() {
-    let case = Case::f32("base", false);
-    let (model, weights) = case.load();
-    let plain = adapter_in(&model, &TargetModule::ALL, false, DType::F32);
-    let adapter = with_dropout(&plain, &model, 0.3);
-    let batch = padded_batch();
-    let (b, t) = batch.input_ids.dims2().unwrap();
-    let mode = LoraMode::Train { seed: 9 };
-    let got = lora_gradients_in(
-        &model,
-        &adapter,
-        &batch.input_ids,
-        Some(&batch.attention_mask),
-        &batch.labels,
-        &mode,
-    )
-    .unwrap();
-    let oracle = Oracle::new(
-        model.config(),
-        &weights,
-        case.dtype,
-        &adapter,
-        &batch.attention_mask,
-    )
-    .with_dropout(&adapter, &mode, b * t);
-    assert_eq!(
-        oracle.dropout.len(),
-        2 * 7,
-        "every adapted linear drops out"
-    );
-    let loss = oracle.loss(&batch);
-    let want = oracle.lora_grads(&loss.backward().unwrap());
-    let worst = check_lora_grads_within("dropout stack", &got.lora, &want, case.tol_dtype());
-    eprintln!(
-        "dropout stack: max |dA, dB diff| {worst:e} (|dA, dB| ≤ {:e})",
-        largest_grad(&want)
-    );
-    lookup(Op::LlamaLogits, case.tol_dtype())
-        .check(&[got.loss], &[loss.to_scalar::<f32>().unwrap()])
-        .unwrap();
-    // The checkpointed forward is the model's forward with the same masks.
-    let logits = model
-        .forward_with_adapter(
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-            &adapter,
-            &mode,
-        )
-        .unwrap();
-    let (forward_loss, _) = LlamaModel::loss(&logits, &batch.labels).unwrap();
-    assert_eq!(got.loss, forward_loss.to_scalar::<f32>().unwrap());
-    // Dropout changes the gradients (the masks are not all ones), and Eval drops nothing.
-    let eval = lora_gradients(
-        &model,
-        &adapter,
-        &batch.input_ids,
-        Some(&batch.attention_mask),
-        &batch.labels,
-    )
-    .unwrap();
-    let plain_grads = lora_gradients(
-        &model,
-        &plain,
-        &batch.input_ids,
-        Some(&batch.attention_mask),
-        &batch.labels,
-    )
-    .unwrap();
-    assert_eq!(eval.loss, plain_grads.loss);
-    assert_ne!(got.loss, eval.loss);
+    // Both sides draw the masks from `LoraAdapter::dropout_mask`; the oracle applies them where
+    // PEFT does and candle's autograd differentiates through them.
+    let train = LoraMode::Train { seed: 9 };
+    let dropped = check_stack_in(Case::f32("base", false), 0.3, train);
+    // The masks matter, and without them (Eval, or p = 0) the loss is the plain one.
+    let eval = check_stack_in(Case::f32("base", false), 0.3, LoraMode::Eval);
+    let plain = check_stack_in(Case::f32("base", false), 0.0, train);
+    assert_ne!(dropped, eval);
+    assert_eq!(eval, plain);
 }

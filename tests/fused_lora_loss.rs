@@ -2,11 +2,13 @@
 //! `.cu` sources) against the same model on tensor ops: a tiny random Llama (GQA, head_dim 16, an
 //! intermediate size no tile divides) with an adapter on all seven linears, f32 and bf16 compute.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use qlora::kernels::emu::launches_on_this_thread;
 use qlora::model::backward::{lora_gradients, StackGradients};
 use qlora::model::llama::LlamaModel;
-use qlora::model::{KernelPath, LlamaConfig, LlamaWeights, RopeScaling};
+use qlora::model::{KernelPath, LlamaConfig, LlamaWeights};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -23,25 +25,7 @@ const KERNELS: [&str; 8] = [
 ];
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        vocab_size: 97,
-        max_position_embeddings: 64,
-        torch_dtype: None,
-        bos_token_id: Some(0),
-        eos_token_ids: vec![1],
-        pad_token_id: Some(2),
-        quantization: None,
-    }
+    common::llama::tiny_gqa_config(96)
 }
 
 /// An adapter of rank 8 on every linear with random A and B (B non-zero, so every gradient and

@@ -12,32 +12,14 @@ use common::llama::seeded;
 use qlora::kernels::emu::launches_on_this_thread;
 use qlora::model::backward::lora_gradients;
 use qlora::model::llama::LlamaModel;
-use qlora::model::{KernelPath, LlamaConfig, LlamaWeights, RopeScaling};
+use qlora::model::{KernelPath, LlamaConfig, LlamaWeights};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 use qlora::tolerance::{lookup, Dtype, Op};
 
 /// 2 layers, 4 query heads of 16 over 2 kv heads, an intermediate size and vocab that are not
 /// multiples of any tile.
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 88,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
-        tie_word_embeddings: false,
-        vocab_size: 97,
-        max_position_embeddings: 64,
-        torch_dtype: None,
-        bos_token_id: Some(0),
-        eos_token_ids: vec![1],
-        pad_token_id: Some(2),
-        quantization: None,
-    }
+    common::llama::tiny_gqa_config(88)
 }
 
 /// The model in `dtype` with RMSNorm weights away from 1, so a dropped weight shows.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use qlora::model::llama::LlamaModel;
-use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions};
+use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions, RopeScaling};
 
 /// `tests/fixtures/llama/<name>`.
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -68,4 +68,29 @@ pub fn seeded(seed: u64, dims: &[usize], scale: f32) -> Tensor {
         .map(|u| u as f32 * scale)
         .collect();
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+/// A tiny GQA Llama the fused kernels take (head_dim 16, a multiple of 8): 2 layers, hidden 64,
+/// 4 query heads over 2 kv heads, vocab 97 and the given intermediate size (pick one that is not
+/// a multiple of any tile).
+pub fn tiny_gqa_config(intermediate_size: usize) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 64,
+        intermediate_size,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: false,
+        vocab_size: 97,
+        max_position_embeddings: 64,
+        torch_dtype: None,
+        bos_token_id: Some(0),
+        eos_token_ids: vec![1],
+        pad_token_id: Some(2),
+        quantization: None,
+    }
 }
