@@ -302,9 +302,10 @@ QL_EMU_ENTRY(k_emu_atomics, QlEmuTestParams)
 /* cp.async ordering, per thread t of one block (a: f32 [4 * blockDim], out: f32 [4 * blockDim],
  * out_u32: [4 * blockDim]). Chunk 0 = buf[4t..4t+4), chunk 1 = buf[4 * 256 + 4t..), both set
  * to -1 first. Group 0 copies a[4t..4t+4) to chunk 0; group 1 copies the first k bytes of it to
- * chunk 1 and zero-fills the rest. out[4t..] = chunk 0 word 0 before any wait, chunk 0 after
- * wait_group 1, chunk 1 after wait_group 1, chunk 0 word 1; out_u32[4t..] = chunk 1 after
- * wait_group 0. Before a wait the GPU may show either value; the emulation always the old one. */
+ * chunk 1 and zero-fills the rest. flags 0: out[4t..] = chunk 0 after wait_group 1, out_u32[4t..]
+ * = chunk 1 after wait_group 0. The other flags race with a copy in flight, as a missing or early
+ * wait does: 1 reads chunk 0 before any wait, 2 writes chunk 1 after wait_group 1 (group 1 still
+ * in flight), 3 issues a second cp.async into chunk 0 before group 0 is waited for. */
 extern "C" __global__ void k_emu_cp_async(const QlEmuTestParams p) {
   QL_SHARED_ARRAY(float, buf, 2 * 4 * 256);
   const float* a = static_cast<const float*>(p.a);
@@ -315,13 +316,13 @@ extern "C" __global__ void k_emu_cp_async(const QlEmuTestParams p) {
   }
   cp_async_16(&buf[4 * t], a + 4 * t);
   cp_async_commit();
+  if (p.flags == 3) cp_async_16(&buf[4 * t], a + 4 * t);
   cp_async_16_zfill(&buf[4 * 256 + 4 * t], a + 4 * t, p.k);
   cp_async_commit();
-  p.out[4 * t] = buf[4 * t];
+  if (p.flags == 1) p.out[4 * t] = buf[4 * t];
   cp_async_wait<1>();
-  p.out[4 * t + 1] = buf[4 * t];
-  p.out[4 * t + 2] = buf[4 * 256 + 4 * t];
-  p.out[4 * t + 3] = buf[4 * t + 1];
+  if (p.flags == 2) buf[4 * 256 + 4 * t] = 0.0f;
+  for (int j = 0; j < 4; ++j) p.out[4 * t + j] = buf[4 * t + j];
   cp_async_wait<0>();
   for (int j = 0; j < 4; ++j) p.out_u32[4 * t + j] = __float_as_uint(buf[4 * 256 + 4 * t + j]);
 }

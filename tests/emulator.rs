@@ -751,52 +751,58 @@ fn atomics_from_many_threads_and_blocks_are_exact() {
     check_atomics(&Backend::Emulated(&EmuOptions::default()));
 }
 
-/// Emulation only: the read before any wait races with the copy in flight, which a GPU may or may
-/// not have landed. (Correct cp.async use — commit groups, waits, zero-fill — runs on the GPU
-/// too, in the mma GEMM's pipeline.)
+/// Commit groups, waits and zero-fill land each copy where the PTX ISA says; any access to a
+/// destination still in flight (a read or write before the wait that retires its group, or a
+/// second copy into it) is reported, since a GPU may run it before or after the copy lands.
 #[test]
-fn cp_async_reads_before_wait_see_stale_data() {
+fn cp_async_lands_at_its_wait_and_reports_accesses_in_flight() {
     let threads = 64usize;
     let values: Vec<f32> = (0..4 * threads).map(|i| 1.5 + i as f32).collect();
-    let launch = Launch {
-        a: Input::new(&values, f32::to_ne_bytes),
-        out: vec![0.0; 4 * threads],
-        out_u32: vec![0; 4 * threads],
-        k: 6, // zero-filled copy of 6 of the 16 bytes
-        ..Launch::default()
-    };
-    let Outputs {
-        out,
-        out_u32: words,
-    } = Backend::Emulated(&EmuOptions::default())
-        .run(
+    let run = |flags: i32| {
+        let launch = Launch {
+            a: Input::new(&values, f32::to_ne_bytes),
+            out: vec![0.0; 4 * threads],
+            out_u32: vec![0; 4 * threads],
+            k: 6, // zero-filled copy of 6 of the 16 bytes
+            flags,
+            ..Launch::default()
+        };
+        Backend::Emulated(&EmuOptions::default()).run(
             selftest::CP_ASYNC,
             cfg((1, 1, 1), (threads as u32, 1, 1), 0),
             launch,
         )
-        .unwrap();
+    };
+    let Outputs {
+        out,
+        out_u32: words,
+    } = run(0).unwrap();
     for t in 0..threads {
         let x = &values[4 * t..4 * t + 4];
-        // The emulation lands a copy only when a wait retires its group: before that, the old
-        // contents (-1) are visible, which is what a kernel missing a wait would see at worst.
-        assert_eq!(out[4 * t], -1.0, "thread {t}: read before any wait");
         assert_eq!(
-            out[4 * t + 1],
-            x[0],
+            &out[4 * t..4 * t + 4],
+            x,
             "thread {t}: group 0 after wait_group 1"
         );
-        assert_eq!(
-            out[4 * t + 2],
-            -1.0,
-            "thread {t}: group 1 still pending after wait_group 1"
-        );
-        assert_eq!(out[4 * t + 3], x[1]);
         let zfill = [x[0].to_bits(), x[1].to_bits() & 0xFFFF, 0, 0];
         assert_eq!(
             &words[4 * t..4 * t + 4],
             &zfill,
             "thread {t}: zero-filled copy"
         );
+    }
+    for (flags, what) in [
+        (1, "read before any wait"),
+        (2, "write while group 1 is in flight"),
+        (3, "second copy into a destination in flight"),
+    ] {
+        match run(flags) {
+            Err(Error::Emulation { reason, .. }) => assert!(
+                reason.contains("while a cp.async into it is in flight"),
+                "{what}: {reason}"
+            ),
+            other => panic!("{what}: expected an emulation fault, got {other:?}"),
+        }
     }
 }
 

@@ -84,6 +84,9 @@ struct Region {
   unsigned char* base;
   size_t bytes;
   std::vector<Shadow> shadow;
+  /* Per byte, the cp.async copies into it not yet retired by their issuing thread's wait (with
+   * the race check only, as `shadow`). Any other access to such a byte is a race on the GPU. */
+  std::vector<uint8_t> cp_pending;
 };
 
 namespace {
@@ -244,8 +247,11 @@ void race_check(Region& r, size_t off, size_t n, bool write, const std::string& 
 }
 
 Region* add_region(Launch& L, const std::string& name, unsigned char* base, size_t bytes) {
-  std::unique_ptr<Region> r(new Region{name, base, bytes, {}});
-  if (L.race_check) r->shadow.assign(bytes, Shadow{0, 0, 0, 0, kNone, kNone, kNone, kNone});
+  std::unique_ptr<Region> r(new Region{name, base, bytes, {}, {}});
+  if (L.race_check) {
+    r->shadow.assign(bytes, Shadow{0, 0, 0, 0, kNone, kNone, kNone, kNone});
+    r->cp_pending.assign(bytes, 0);
+  }
   /* Shared memory starts undefined on the GPU: NaN-filled here so that uninitialized reads show. */
   std::memset(base, 0xFF, bytes);
   L.regions.push_back(std::move(r));
@@ -271,14 +277,54 @@ Region* region_of(const void* p, size_t n, size_t* off, const char* what) {
   fault(std::string(what) + ": address is not inside any shared array of this launch");
 }
 
+/* Whether bytes [off, off + n) of `r` are the destination of a cp.async that its thread has not
+ * yet waited for (the caller holds `shm_m`): on the GPU the copy may land before or after. */
+bool cp_pending_locked(const Region& r, size_t off, size_t n) {
+  for (size_t b = off; b < off + n; ++b) {
+    if (r.cp_pending[b] != 0) return true;
+  }
+  return false;
+}
+
+[[noreturn]] void cp_pending_fault(const std::string& what) {
+  fault("shared memory " + what + " is accessed by " + thread_str(*tls->L, tls->tid) +
+        " while a cp.async into it is in flight (before cp.async.wait_group retires it)");
+}
+
+/* Counts a cp.async into bytes [off, off + 16) of `r` in flight (+1) or landed (-1). */
+void cp_pending_add(Region& r, size_t off, int delta) {
+  Launch& L = *tls->L;
+  if (!L.race_check) return;
+  std::lock_guard<std::mutex> g(L.shm_m);
+  for (size_t b = off; b < off + 16; ++b) r.cp_pending[b] = static_cast<uint8_t>(r.cp_pending[b] + delta);
+}
+
+/* `r`'s name and the byte offset and instruction of an access, for fault messages. */
+std::string access_str(const Region& r, size_t off, const char* what) {
+  return "`" + r.name + "` (byte offset " + std::to_string(off) + ", by " + what + ")";
+}
+
 void raw_access(const void* p, size_t n, bool write, const char* what) {
   size_t off = 0;
   Region* r = region_of(p, n, &off, what);
-  race_check(*r, off, n, write, "`" + r->name + "` (byte offset " + std::to_string(off) + ", by " + what + ")");
+  if (r->cp_pending.empty()) {
+    race_check(*r, off, n, write, access_str(*r, off, what));
+    return;
+  }
+  bool pending;
+  {
+    std::lock_guard<std::mutex> g(tls->L->shm_m);
+    pending = cp_pending_locked(*r, off, n);
+  }
+  if (pending) cp_pending_fault(access_str(*r, off, what));
+  race_check(*r, off, n, write, access_str(*r, off, what));
 }
 
 void perform_copies(std::vector<Copy>& copies) {
   for (const Copy& c : copies) {
+    size_t off = 0;
+    Region* r = region_of(c.dst, 16, &off, "cp.async");
+    cp_pending_add(*r, off, -1);
     raw_access(c.dst, 16, true, "cp.async");
     std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
     std::memset(c.dst + c.src_bytes, 0, static_cast<size_t>(16 - c.src_bytes));
@@ -524,10 +570,16 @@ void* element_access(const ArrayDesc& a, std::ptrdiff_t row, std::ptrdiff_t col,
   if (tls->L->race_check && a.region != nullptr) {
     const size_t region_off = static_cast<size_t>(a.base - a.region->base) + off;
     std::string conflict;
-    bool ok;
+    bool ok, pending;
     {
       std::lock_guard<std::mutex> g(tls->L->shm_m);
-      ok = race_check_locked(*a.region, region_off, a.elem_bytes, write, &conflict);
+      pending = cp_pending_locked(*a.region, region_off, a.elem_bytes);
+      ok = pending || race_check_locked(*a.region, region_off, a.elem_bytes, write, &conflict);
+    }
+    if (pending) {
+      const std::string idx = a.cols != 0 ? "[" + std::to_string(row) + "][" + std::to_string(col) + "]"
+                                          : "[" + std::to_string(row) + "]";
+      cp_pending_fault("`" + std::string(a.name) + idx + "`");
     }
     if (!ok) {
       const std::string idx = a.cols != 0 ? "[" + std::to_string(row) + "][" + std::to_string(col) + "]"
@@ -691,8 +743,9 @@ void ldmatrix(uint32_t* r, int count, bool trans, const void* row_ptr) {
 }
 
 /* cp.async is made as asynchronous as the PTX ISA allows: copies wait in per-thread commit
- * groups and land only when a wait retires their group (or the thread exits), so a read before
- * the wait sees the old contents. */
+ * groups and land only when a wait retires their group (or the thread exits). Until then (with
+ * the race check) any access to the destination bytes, by any thread, is reported: on the GPU it
+ * may see or overwrite either side of the copy. */
 void cp_async(void* smem_dst, const void* gmem_src, int src_bytes) {
   check_abort();
   if (src_bytes < 0 || src_bytes > 16) fault("cp.async source size " + std::to_string(src_bytes) + " is outside 0..16");
@@ -701,7 +754,17 @@ void cp_async(void* smem_dst, const void* gmem_src, int src_bytes) {
     fault("cp.async global source is not 16-byte aligned");
   }
   size_t off = 0;
-  region_of(smem_dst, 16, &off, "cp.async");
+  Region* r = region_of(smem_dst, 16, &off, "cp.async");
+  /* A second copy into bytes still in flight is a race like any other access. */
+  if (!r->cp_pending.empty()) {
+    bool pending;
+    {
+      std::lock_guard<std::mutex> g(tls->L->shm_m);
+      pending = cp_pending_locked(*r, off, 16);
+    }
+    if (pending) cp_pending_fault(access_str(*r, off, "cp.async"));
+  }
+  cp_pending_add(*r, off, +1);
   tls->cp_open.push_back(Copy{static_cast<unsigned char*>(smem_dst), static_cast<const unsigned char*>(gmem_src), src_bytes});
 }
 
