@@ -87,7 +87,8 @@ pub(crate) fn causal_lm_loss(
     let lm_head = model.weights().lm_head().to_dtype(DType::F32)?;
     let lm_head_t = lm_head.t()?;
     let (k, dtype) = (model.kernels(), model.dtype());
-    let mut sum = 0f64;
+    // Per-row losses stay where they were made (no host sync per chunk); read once at the end.
+    let mut losses = Vec::with_capacity(rows.div_ceil(chunk.max(1)));
     let mut pieces = Vec::with_capacity(rows.div_ceil(chunk.max(1)));
     for start in (0..rows).step_by(chunk.max(1)) {
         let n = chunk.max(1).min(rows - start);
@@ -97,7 +98,7 @@ pub(crate) fn causal_lm_loss(
             continue;
         }
         let logits = model.round(normed.narrow(0, start, n)?.matmul(&lm_head_t)?)?;
-        let (losses, dlogits) = match dtype {
+        let (chunk_losses, dlogits) = match dtype {
             DType::F32 => chunk_t::<f32>(k, &logits, labels_c, vocab, grad_scale)?,
             DType::BF16 => chunk_t::<bf16>(k, &logits, labels_c, vocab, grad_scale)?,
             other => {
@@ -106,9 +107,14 @@ pub(crate) fn causal_lm_loss(
                 )))
             }
         };
-        sum += losses.iter().map(|&l| f64::from(l)).sum::<f64>();
+        losses.push(chunk_losses);
         pieces.push(dlogits.matmul(&lm_head)?);
     }
+    let sum: f64 = Tensor::cat(&losses, 0)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&l| f64::from(l))
+        .sum();
     Ok(ChunkedLoss {
         loss: (sum / count as f64) as f32,
         label_tokens: count,
@@ -116,20 +122,25 @@ pub(crate) fn causal_lm_loss(
     })
 }
 
-/// One chunk's per-row losses (0 on ignored rows) and dlogits `[n, V]` (f32 holding `T` values).
+/// One chunk's per-row losses `[n]` f32 (0 on ignored rows) and dlogits `[n, V]` (f32 holding
+/// `T` values), both where the logits are.
 fn chunk_t<T: FusedElement>(
     k: &Kernels,
     logits: &Tensor,
     labels: &[i32],
     vocab: usize,
     grad_scale: f32,
-) -> Result<(Vec<f32>, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     match k.path() {
         KernelPath::Emulated => {
             let mut values = host::<T>(logits)?;
             let (losses, lse) = ce::cross_entropy_forward_emulated::<T>(&values, labels, vocab)?;
             ce::cross_entropy_backward_emulated::<T>(&mut values, labels, &lse, vocab, grad_scale)?;
-            Ok((losses, from_host(values, logits.dims())?))
+            let n = losses.len();
+            Ok((
+                Tensor::from_vec(losses, n, &candle_core::Device::Cpu)?,
+                from_host(values, logits.dims())?,
+            ))
         }
         #[cfg(feature = "cuda")]
         KernelPath::Cuda => cuda::chunk::<T>(k.device()?, logits, labels, vocab, grad_scale),
@@ -137,8 +148,8 @@ fn chunk_t<T: FusedElement>(
     }
 }
 
-/// The CUDA side: the logits stay on the device; only the chunk's labels go up and its per-row
-/// losses come back.
+/// The CUDA side: the logits and the per-row losses stay on the device; only the chunk's labels
+/// go up.
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -151,14 +162,17 @@ mod cuda {
         labels: &[i32],
         vocab: usize,
         grad_scale: f32,
-    ) -> Result<(Vec<f32>, Tensor)> {
+    ) -> Result<(Tensor, Tensor)> {
         let stream = dev.stream();
         let labels_d = stream.clone_htod(labels).map_err(cuda_err)?;
         let mut values = writable::<T>(dev, logits)?;
         let (losses, lse) = ce::cross_entropy_forward_cuda::<T>(dev, &values, &labels_d, vocab)?;
         ce::cross_entropy_backward_cuda::<T>(dev, &mut values, &labels_d, &lse, vocab, grad_scale)?;
-        let losses = stream.clone_dtoh(&losses).map_err(cuda_err)?;
-        Ok((losses, tensor(dev, values, logits.dims())?))
+        let n = losses.len();
+        Ok((
+            dev.tensor_from_slice(losses, n)?,
+            tensor(dev, values, logits.dims())?,
+        ))
     }
 }
 
