@@ -24,6 +24,21 @@ pub(crate) struct FusedLora<'a> {
 }
 
 impl<'a> FusedLora<'a> {
+    /// A and B as host values of `W` (the emulated path).
+    pub(crate) fn host_weights<W: FusedElement>(&self) -> Result<(Vec<W>, Vec<W>)> {
+        Ok((host::<W>(&self.pair.a)?, host::<W>(&self.pair.b)?))
+    }
+
+    /// The kernels' operands over `a` and `b` (host slices or device buffers).
+    pub(crate) fn operands<'s, S: ?Sized>(&self, a: &'s S, b: &'s S) -> LoraOperands<'s, S> {
+        LoraOperands {
+            dims: self.dims,
+            a,
+            b,
+            scale: self.scale,
+        }
+    }
+
     /// The kernels' view of `pair` on `rows` rows, or None where they do not take it (rank above
     /// [`MAX_LORA_RANK`], sizes beyond their grids): the caller then runs the tensor ops.
     pub(crate) fn new(pair: &'a LoraPair, scale: f64, rows: usize) -> Result<Option<Self>> {
@@ -107,13 +122,8 @@ fn forward_t<T: FusedElement, W: FusedElement>(
     let d = lora.dims;
     match k.path() {
         KernelPath::Emulated => {
-            let (a, b) = (host::<W>(&lora.pair.a)?, host::<W>(&lora.pair.b)?);
-            let ops = LoraOperands {
-                dims: d,
-                a: &a[..],
-                b: &b[..],
-                scale: lora.scale,
-            };
+            let (a, b) = lora.host_weights::<W>()?;
+            let ops = lora.operands(&a[..], &b[..]);
             let mut out = host::<T>(y)?;
             let t = lora::lora_forward_emulated::<T, W>(&ops, &host::<T>(x)?, &mut out)?;
             Ok((
@@ -138,13 +148,8 @@ fn backward_t<T: FusedElement, W: FusedElement>(
     let d = lora.dims;
     match k.path() {
         KernelPath::Emulated => {
-            let (a, b) = (host::<W>(&lora.pair.a)?, host::<W>(&lora.pair.b)?);
-            let ops = LoraOperands {
-                dims: d,
-                a: &a[..],
-                b: &b[..],
-                scale: lora.scale,
-            };
+            let (a, b) = lora.host_weights::<W>()?;
+            let ops = lora.operands(&a[..], &b[..]);
             let mut dx_out = host::<T>(dx)?;
             let grads = lora::lora_backward_emulated::<T, W>(
                 &ops,
@@ -191,12 +196,7 @@ mod cuda {
         read::<T, _>(&x_t, |xs| {
             read::<W, _>(&a_t, |a| {
                 read::<W, _>(&b_t, |b| {
-                    let ops = LoraOperands {
-                        dims: d,
-                        a,
-                        b,
-                        scale: lora.scale,
-                    };
+                    let ops = lora.operands(a, b);
                     lora::lora_forward_cuda::<T, W>(dev, &ops, xs, &mut out, &mut t)
                 })
             })
@@ -227,12 +227,7 @@ mod cuda {
                 read::<T, _>(&dy_t, |dys| {
                     read::<W, _>(&a_t, |a| {
                         read::<W, _>(&b_t, |b| {
-                            let ops = LoraOperands {
-                                dims: d,
-                                a,
-                                b,
-                                scale: lora.scale,
-                            };
+                            let ops = lora.operands(a, b);
                             let grads = lora::LoraGradBuffers {
                                 da: &mut da,
                                 db: &mut db,
