@@ -235,12 +235,15 @@ impl Kernels {
 
 /// The RoPE cos/sin tables `[P, d / 2]` (values rounded to the compute dtype, as the runtime's
 /// tables) and one position per token.
-#[derive(Clone, Debug)]
 pub(crate) struct RopeTables {
     pub head_dim: usize,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub positions: Vec<i32>,
+    /// Their device copies, uploaded by the first CUDA RoPE of the batch and reused by every
+    /// later one (a layer's forward, its recomputation and its backward).
+    #[cfg(feature = "cuda")]
+    pub device: std::sync::OnceLock<cuda::DeviceRope>,
 }
 
 /// What the fused kernels take for one batch instead of the additive mask and the broadcast RoPE
@@ -576,6 +579,13 @@ pub(crate) mod cuda {
         tensor(dev, dx, x.dims())
     }
 
+    /// [`RopeTables`] on the device.
+    pub(crate) struct DeviceRope {
+        cos: CudaSlice<f32>,
+        sin: CudaSlice<f32>,
+        positions: CudaSlice<i32>,
+    }
+
     pub(super) fn rope<T: FusedElement>(
         dev: &CudaDevice,
         q: &Tensor,
@@ -584,19 +594,27 @@ pub(crate) mod cuda {
         (q_heads, kv_heads): (usize, usize),
         inverse: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let stream = dev.stream();
         let mut qs = writable::<T>(dev, q)?;
         let mut ks = writable::<T>(dev, k)?;
-        let cos = stream.clone_htod(&rope.cos).map_err(cuda_err)?;
-        let sin = stream.clone_htod(&rope.sin).map_err(cuda_err)?;
-        let positions = stream.clone_htod(&rope.positions).map_err(cuda_err)?;
+        let tables = match rope.device.get() {
+            Some(t) => t,
+            None => {
+                let stream = dev.stream();
+                let uploaded = DeviceRope {
+                    cos: stream.clone_htod(&rope.cos).map_err(cuda_err)?,
+                    sin: stream.clone_htod(&rope.sin).map_err(cuda_err)?,
+                    positions: stream.clone_htod(&rope.positions).map_err(cuda_err)?,
+                };
+                rope.device.get_or_init(|| uploaded)
+            }
+        };
         ops::rope_cuda::<T>(
             dev,
             &mut qs,
             &mut ks,
-            &cos,
-            &sin,
-            &positions,
+            &tables.cos,
+            &tables.sin,
+            &tables.positions,
             q_heads,
             kv_heads,
             rope.head_dim,

@@ -510,6 +510,8 @@ impl LlamaModel {
             cos,
             sin,
             positions: (0..rows).flat_map(|_| 0..t as i32).collect(),
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
         }
     }
 
