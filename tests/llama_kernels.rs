@@ -5,6 +5,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use half::{bf16, f16};
+use qlora::kernels::device::{Emulator, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::kernels::llama::*;
 use qlora::testing::normal_vector;
@@ -58,44 +59,94 @@ fn rms_inputs<T: Element>(rows: usize, h: usize, seed: u64) -> (Vec<T>, Vec<T>, 
     (x, cast(&w), dy)
 }
 
-fn rmsnorm_parity<T: Element>(rows: usize, h: usize, seed: u64) {
+fn rmsnorm_parity<D: LaunchDevice, T: Element>(dev: &D, rows: usize, h: usize, seed: u64) {
     let (x, w, dy) = rms_inputs::<T>(rows, h, seed);
-    let what = format!("rmsnorm rows={rows} h={h}");
+    let what = format!("{} rmsnorm rows={rows} h={h}", dev.label());
+    let (dx_, dw_, ddy) = (
+        dev.upload(&x).unwrap(),
+        dev.upload(&w).unwrap(),
+        dev.upload(&dy).unwrap(),
+    );
     let (want_y, want_rstd) = rmsnorm_forward_ref(&x, &w, h, EPS).unwrap();
-    let (y, rstd) = rmsnorm_forward_emulated(&x, &w, h, EPS).unwrap();
-    check(&what, Op::RmsNorm, &y, &want_y);
-    check_f32(&what, Op::RmsNorm, &rstd, &want_rstd);
+    let (y, rstd) = rmsnorm_forward(dev, &dx_, &dw_, h, EPS).unwrap();
+    check(&what, Op::RmsNorm, &dev.download(&y).unwrap(), &want_y);
+    check_f32(
+        &what,
+        Op::RmsNorm,
+        &dev.download(&rstd).unwrap(),
+        &want_rstd,
+    );
 
     let (want_dx, want_dw) = rmsnorm_backward_ref(&dy, &x, &w, &want_rstd, h).unwrap();
-    let (dx, dw) = rmsnorm_backward_emulated(&dy, &x, &w, &want_rstd, h).unwrap();
-    check(&what, Op::RmsNormBackward, &dx, &want_dx);
-    check_f32(&what, Op::RmsNormBackward, &dw, &want_dw);
+    let (dx, dw) = rmsnorm_backward(dev, &ddy, &dx_, &dw_, &rstd, h).unwrap();
+    check(
+        &what,
+        Op::RmsNormBackward,
+        &dev.download(&dx).unwrap(),
+        &want_dx,
+    );
+    check_f32(
+        &what,
+        Op::RmsNormBackward,
+        &dev.download(&dw).unwrap(),
+        &want_dw,
+    );
 }
 
-#[test]
-fn emulated_rmsnorm_matches_reference_forward_and_backward() {
+fn rmsnorm_every_shape_and_dtype<D: LaunchDevice>(dev: &D) {
     for (i, &(rows, h)) in RMS_SHAPES.iter().enumerate() {
-        rmsnorm_parity::<f32>(rows, h, i as u64);
-        rmsnorm_parity::<bf16>(rows, h, 10 + i as u64);
+        rmsnorm_parity::<D, f32>(dev, rows, h, i as u64);
+        rmsnorm_parity::<D, bf16>(dev, rows, h, 10 + i as u64);
     }
-    rmsnorm_parity::<f16>(37, 96, 20);
-    rmsnorm_parity::<f16>(3, 4097, 21);
+    rmsnorm_parity::<D, f16>(dev, 37, 96, 20);
+    rmsnorm_parity::<D, f16>(dev, 3, 4097, 21);
 }
+qlora::device_test!(
+    rmsnorm_matches_reference_forward_and_backward,
+    rmsnorm_every_shape_and_dtype
+);
 
-#[test]
-fn emulated_rmsnorm_takes_the_scalar_path_on_misaligned_rows() {
+fn rmsnorm_misaligned<D: LaunchDevice>(dev: &D) {
     // Offsetting every buffer by one element breaks 16-byte alignment with h % 4 == 0.
     let (rows, h) = (9, 96);
     let (x, w, dy) = rms_inputs::<f32>(rows, h + 1, 30);
-    let (x, dy) = (&x[1..rows * h + 1], &dy[1..rows * h + 1]);
-    let w = &w[1..];
+    let (xb, wb, dyb) = (
+        dev.upload(&x).unwrap(),
+        dev.upload(&w).unwrap(),
+        dev.upload(&dy).unwrap(),
+    );
+    let (xd, wd, dyd) = (
+        dev.slice(&xb, 1..rows * h + 1).unwrap(),
+        dev.slice(&wb, 1..h + 1).unwrap(),
+        dev.slice(&dyb, 1..rows * h + 1).unwrap(),
+    );
+    let (x, dy, w) = (&x[1..rows * h + 1], &dy[1..rows * h + 1], &w[1..]);
     let (want_y, rstd) = rmsnorm_forward_ref(x, w, h, EPS).unwrap();
-    let (y, _) = rmsnorm_forward_emulated(x, w, h, EPS).unwrap();
-    check("misaligned rmsnorm", Op::RmsNorm, &y, &want_y);
+    let (y, rstd_d) = rmsnorm_forward(dev, &xd, &wd, h, EPS).unwrap();
+    check(
+        "misaligned rmsnorm",
+        Op::RmsNorm,
+        &dev.download(&y).unwrap(),
+        &want_y,
+    );
     let (want_dx, want_dw) = rmsnorm_backward_ref(dy, x, w, &rstd, h).unwrap();
-    let (dx, dw) = rmsnorm_backward_emulated(dy, x, w, &rstd, h).unwrap();
+    let (dx, dw) = rmsnorm_backward(dev, &dyd, &xd, &wd, &rstd_d, h).unwrap();
+    let dx = dev.download(&dx).unwrap();
     check("misaligned rmsnorm", Op::RmsNormBackward, &dx, &want_dx);
+    let dw = dev.download(&dw).unwrap();
     check_f32("misaligned rmsnorm dw", Op::RmsNormBackward, &dw, &want_dw);
+}
+qlora::device_test!(
+    rmsnorm_takes_the_scalar_path_on_misaligned_rows,
+    rmsnorm_misaligned
+);
+
+#[test]
+fn rmsnorm_4096_square_bf16_on_a_gpu() {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = qlora::kernels::cuda::CudaDevice::first_available() {
+        rmsnorm_parity::<_, bf16>(&dev, 4096, 4096, 99);
+    }
 }
 
 fn var(v: &[f32], shape: &[usize]) -> Var {
@@ -154,29 +205,63 @@ fn rope_positions(tokens: usize) -> Vec<i32> {
     (0..tokens).map(|t| ((t * 7 + 3) % 12) as i32).collect()
 }
 
-fn rope_parity<T: Element>(tokens: usize, qh: usize, kh: usize, d: usize, seed: u64) {
+fn rope_parity<D: LaunchDevice, T: Element>(
+    dev: &D,
+    (tokens, qh, kh, d): (usize, usize, usize, usize),
+    seed: u64,
+) {
     let (cos, sin) = rope_tables(12, d);
     let pos = rope_positions(tokens);
     let q: Vec<T> = cast(&normal_vector(tokens * qh * d, 1.0, seed));
     let k: Vec<T> = cast(&normal_vector(tokens * kh * d, 1.0, seed + 1));
-    let what = format!("rope t={tokens} heads={qh}/{kh} d={d}");
+    let what = format!("{} rope t={tokens} heads={qh}/{kh} d={d}", dev.label());
+    let (dcos, dsin, dpos) = (
+        dev.upload(&cos).unwrap(),
+        dev.upload(&sin).unwrap(),
+        dev.upload(&pos).unwrap(),
+    );
     for inverse in [false, true] {
         let (wq, wk) = rope_ref(&q, &k, &cos, &sin, &pos, qh, kh, d, inverse).unwrap();
-        let (mut gq, mut gk) = (q.clone(), k.clone());
-        rope_emulated(&mut gq, &mut gk, &cos, &sin, &pos, qh, kh, d, inverse).unwrap();
-        check(&what, Op::Rope, &gq, &wq);
-        check(&what, Op::Rope, &gk, &wk);
+        let (mut gq, mut gk) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap());
+        rope(
+            dev, &mut gq, &mut gk, &dcos, &dsin, &dpos, qh, kh, d, inverse,
+        )
+        .unwrap();
+        check(&what, Op::Rope, &dev.download(&gq).unwrap(), &wq);
+        check(&what, Op::Rope, &dev.download(&gk).unwrap(), &wk);
     }
 }
 
-#[test]
-fn emulated_rope_matches_reference_forward_and_inverse() {
-    for (i, &(t, qh, kh, d)) in ROPE_SHAPES.iter().enumerate() {
-        rope_parity::<f32>(t, qh, kh, d, i as u64);
-        rope_parity::<bf16>(t, qh, kh, d, 10 + i as u64);
-        rope_parity::<f16>(t, qh, kh, d, 20 + i as u64);
+fn rope_every_shape_and_dtype<D: LaunchDevice>(dev: &D) {
+    for (i, &shape) in ROPE_SHAPES.iter().enumerate() {
+        rope_parity::<D, f32>(dev, shape, i as u64);
+        rope_parity::<D, bf16>(dev, shape, 10 + i as u64);
+        rope_parity::<D, f16>(dev, shape, 20 + i as u64);
     }
 }
+qlora::device_test!(
+    rope_matches_reference_forward_and_inverse,
+    rope_every_shape_and_dtype
+);
+
+/// A position outside the cos/sin tables poisons that token's rows with NaN (the kernel bounds
+/// every table read) and leaves the other tokens rotated.
+fn rope_bad_position<D: LaunchDevice>(dev: &D) {
+    let (cos, sin) = rope_tables(4, 4);
+    let (dcos, dsin) = (dev.upload(&cos).unwrap(), dev.upload(&sin).unwrap());
+    for bad in [4, -1] {
+        let (mut q, mut k) = (
+            dev.upload(&[1f32; 2 * 2 * 4]).unwrap(),
+            dev.upload(&[1f32; 2 * 4]).unwrap(),
+        );
+        let pos = dev.upload(&[0, bad]).unwrap();
+        rope(dev, &mut q, &mut k, &dcos, &dsin, &pos, 2, 1, 4, false).unwrap();
+        let (q, k) = (dev.download(&q).unwrap(), dev.download(&k).unwrap());
+        assert!(q[..8].iter().chain(&k[..4]).all(|v| v.is_finite()), "{q:?}");
+        assert!(q[8..].iter().chain(&k[4..]).all(|v| v.is_nan()), "{q:?}");
+    }
+}
+qlora::device_test!(rope_position_outside_the_tables_is_nan, rope_bad_position);
 
 #[test]
 fn rope_backward_inverts_forward() {
@@ -186,12 +271,13 @@ fn rope_backward_inverts_forward() {
     let q0 = normal_vector(t * qh * d, 1.0, 50);
     let k0 = normal_vector(t * kh * d, 1.0, 51);
     let (mut q, mut k) = (q0.clone(), k0.clone());
-    rope_emulated(&mut q, &mut k, &cos, &sin, &pos, qh, kh, d, false).unwrap();
+    let (dev, pos) = (Emulator::default(), &pos[..]);
+    rope(&dev, &mut q, &mut k, &cos, &sin, pos, qh, kh, d, false).unwrap();
     assert!(
         q.iter().zip(&q0).any(|(a, b)| a != b),
         "rotation is not the identity"
     );
-    rope_emulated(&mut q, &mut k, &cos, &sin, &pos, qh, kh, d, true).unwrap();
+    rope(&dev, &mut q, &mut k, &cos, &sin, pos, qh, kh, d, true).unwrap();
     check_f32("rope round trip q", Op::Rope, &q, &q0);
     check_f32("rope round trip k", Op::Rope, &k, &k0);
 }
@@ -218,33 +304,37 @@ fn rope_inverse_is_the_adjoint_of_the_forward() {
     check_f32("rope adjoint", Op::Reduction, &[lhs], &[rhs]);
 }
 
-fn swiglu_parity<T: Element>(tokens: usize, inter: usize, seed: u64) {
+fn swiglu_parity<D: LaunchDevice, T: Element>(dev: &D, tokens: usize, inter: usize, seed: u64) {
     let n = tokens * inter;
     let g: Vec<T> = cast(&normal_vector(n, 3.0, seed));
     let u: Vec<T> = cast(&normal_vector(n, 1.0, seed + 1));
     let dh: Vec<T> = cast(&normal_vector(n, 1.0, seed + 2));
-    let what = format!("swiglu {tokens}x{inter}");
-    let want = swiglu_forward_ref(&g, &u).unwrap();
-    check(
-        &what,
-        Op::Swiglu,
-        &swiglu_forward_emulated(&g, &u).unwrap(),
-        &want,
+    let (dg_in, du_in, ddh) = (
+        dev.upload(&g).unwrap(),
+        dev.upload(&u).unwrap(),
+        dev.upload(&dh).unwrap(),
     );
+    let what = format!("{} swiglu {tokens}x{inter}", dev.label());
+    let want = swiglu_forward_ref(&g, &u).unwrap();
+    let h = swiglu_forward(dev, &dg_in, &du_in).unwrap();
+    check(&what, Op::Swiglu, &dev.download(&h).unwrap(), &want);
     let (want_dg, want_du) = swiglu_backward_ref(&g, &u, &dh).unwrap();
-    let (dg, du) = swiglu_backward_emulated(&g, &u, &dh).unwrap();
-    check(&what, Op::Swiglu, &dg, &want_dg);
-    check(&what, Op::Swiglu, &du, &want_du);
+    let (dg, du) = swiglu_backward(dev, &dg_in, &du_in, &ddh).unwrap();
+    check(&what, Op::Swiglu, &dev.download(&dg).unwrap(), &want_dg);
+    check(&what, Op::Swiglu, &dev.download(&du).unwrap(), &want_du);
 }
 
-#[test]
-fn emulated_swiglu_matches_reference_forward_and_backward() {
+fn swiglu_every_shape_and_dtype<D: LaunchDevice>(dev: &D) {
     for (i, &(t, inter)) in SWIGLU_SHAPES.iter().enumerate() {
-        swiglu_parity::<f32>(t, inter, i as u64);
-        swiglu_parity::<bf16>(t, inter, 10 + i as u64);
-        swiglu_parity::<f16>(t, inter, 20 + i as u64);
+        swiglu_parity::<D, f32>(dev, t, inter, i as u64);
+        swiglu_parity::<D, bf16>(dev, t, inter, 10 + i as u64);
+        swiglu_parity::<D, f16>(dev, t, inter, 20 + i as u64);
     }
 }
+qlora::device_test!(
+    swiglu_matches_reference_forward_and_backward,
+    swiglu_every_shape_and_dtype
+);
 
 #[test]
 fn swiglu_backward_reference_matches_candle_autograd() {
@@ -268,233 +358,81 @@ fn swiglu_backward_reference_matches_candle_autograd() {
     check_f32("candle du", Op::Swiglu, &du, &grad_of(&grads, &uv));
 }
 
-fn is_invalid<T: std::fmt::Debug>(r: qlora::Result<T>) -> bool {
+fn is_invalid<T>(r: qlora::Result<T>) -> bool {
     matches!(r, Err(Error::InvalidArgument { .. }))
 }
 
-#[test]
-fn invalid_arguments_are_rejected() {
-    let x = vec![1f32; 12];
-    let w = vec![1f32; 4];
-    assert!(is_invalid(rmsnorm_forward_emulated(&x, &w, 5, EPS)));
-    assert!(is_invalid(rmsnorm_forward_emulated(&x, &w[..3], 4, EPS)));
-    assert!(is_invalid(rmsnorm_forward_emulated(&x, &w, 0, EPS)));
-    assert!(is_invalid(rmsnorm_forward_emulated::<f32>(&[], &w, 4, EPS)));
-    assert!(is_invalid(rmsnorm_forward_emulated(&x, &w, 4, f32::NAN)));
-    let wide = vec![1f32; MAX_HIDDEN + 1];
-    assert!(is_invalid(rmsnorm_forward_emulated(
+fn invalid_arguments<D: LaunchDevice>(dev: &D) {
+    let up = |v: &[f32]| dev.upload(v).unwrap();
+    let part = |b, r| dev.slice(b, r).unwrap();
+    let (x, w, empty) = (up(&[1f32; 12]), up(&[1f32; 4]), up(&[]));
+    assert!(is_invalid(rmsnorm_forward(dev, &x, &w, 5, EPS)));
+    assert!(is_invalid(rmsnorm_forward(
+        dev,
+        &x,
+        &part(&w, 0..3),
+        4,
+        EPS
+    )));
+    assert!(is_invalid(rmsnorm_forward(dev, &x, &w, 0, EPS)));
+    assert!(is_invalid(rmsnorm_forward(dev, &empty, &w, 4, EPS)));
+    assert!(is_invalid(rmsnorm_forward(dev, &x, &w, 4, f32::NAN)));
+    let wide = up(&vec![1f32; MAX_HIDDEN + 1]);
+    assert!(is_invalid(rmsnorm_forward(
+        dev,
         &wide,
         &wide,
         MAX_HIDDEN + 1,
         EPS
     )));
-    assert!(is_invalid(rmsnorm_backward_emulated(
-        &x, &x, &w, &[1.0; 2], 4
-    )));
-    assert!(is_invalid(rmsnorm_backward_emulated(
-        &x[..8],
+    let (r2, r3) = (up(&[1.0; 2]), up(&[1.0; 3]));
+    assert!(is_invalid(rmsnorm_backward(dev, &x, &x, &w, &r2, 4)));
+    assert!(is_invalid(rmsnorm_backward(
+        dev,
+        &part(&x, 0..8),
         &x,
         &w,
-        &[1.0; 3],
+        &r3,
         4
+    )));
+    let mut small = up(&[0f32; 11]);
+    let (mut dw, mut partial) = (up(&[0f32; 4]), up(&[0f32; 4]));
+    assert!(is_invalid(rmsnorm_backward_into(
+        dev,
+        &x,
+        &x,
+        &w,
+        &r3,
+        4,
+        &mut small,
+        &mut dw,
+        &mut partial
     )));
 
     let (cos, sin) = rope_tables(4, 4);
-    let (mut q, mut k) = (vec![0f32; 2 * 2 * 4], vec![0f32; 2 * 4]);
-    assert!(is_invalid(rope_emulated(
-        &mut q,
-        &mut k,
-        &cos,
-        &sin,
-        &[0, 4],
-        2,
-        1,
-        4,
-        false
+    let (cos, sin) = (up(&cos), up(&sin));
+    let (mut q, mut k) = (up(&[0f32; 2 * 2 * 4]), up(&[0f32; 2 * 4]));
+    let p1 = dev.upload(&[0i32]).unwrap();
+    let p2 = dev.upload(&[0i32, 1]).unwrap();
+    let sin6 = part(&sin, 0..6);
+    let mut q15 = up(&[0f32; 15]);
+    assert!(is_invalid(rope(
+        dev, &mut q, &mut k, &cos, &sin, &p1, 2, 1, 4, false
     )));
-    assert!(is_invalid(rope_emulated(
-        &mut q,
-        &mut k,
-        &cos,
-        &sin,
-        &[0, -1],
-        2,
-        1,
-        4,
-        false
+    assert!(is_invalid(rope(
+        dev, &mut q, &mut k, &cos, &sin6, &p2, 2, 1, 4, false
     )));
-    assert!(is_invalid(rope_emulated(
-        &mut q,
-        &mut k,
-        &cos,
-        &sin,
-        &[0],
-        2,
-        1,
-        4,
-        false
+    assert!(is_invalid(rope(
+        dev, &mut q, &mut k, &cos, &sin, &p2, 4, 0, 4, false
     )));
-    assert!(is_invalid(rope_emulated(
-        &mut q,
-        &mut k,
-        &cos,
-        &sin[..6],
-        &[0, 1],
-        2,
-        1,
-        4,
-        false
-    )));
-    assert!(is_invalid(rope_emulated(
-        &mut q,
-        &mut k,
-        &cos,
-        &sin,
-        &[0, 1],
-        4,
-        0,
-        4,
-        false
-    )));
-    assert!(is_invalid(rope_emulated(
-        &mut q[..15],
-        &mut k,
-        &cos,
-        &sin,
-        &[0, 1],
-        2,
-        1,
-        3,
-        false
+    assert!(is_invalid(rope(
+        dev, &mut q15, &mut k, &cos, &sin, &p2, 2, 1, 3, false
     )));
 
-    assert!(is_invalid(swiglu_forward_emulated::<f32>(&[], &[])));
-    assert!(is_invalid(swiglu_forward_emulated(&x, &w)));
-    assert!(is_invalid(swiglu_backward_emulated(&x, &x, &w)));
+    assert!(is_invalid(swiglu_forward(dev, &empty, &empty)));
+    assert!(is_invalid(swiglu_forward(dev, &x, &w)));
+    assert!(is_invalid(swiglu_backward(dev, &x, &x, &w)));
+    let mut h11 = up(&[0f32; 11]);
+    assert!(is_invalid(swiglu_forward_into(dev, &x, &x, &mut h11)));
 }
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use qlora::kernels::cuda::CudaDevice;
-
-    fn rmsnorm_on_gpu<T: Element>(dev: &CudaDevice, rows: usize, h: usize, seed: u64) {
-        let (x, w, dy) = rms_inputs::<T>(rows, h, seed);
-        let what = format!("cuda rmsnorm rows={rows} h={h}");
-        let s = dev.stream();
-        let (dx_, dw_, ddy) = (
-            s.clone_htod(&x).unwrap(),
-            s.clone_htod(&w).unwrap(),
-            s.clone_htod(&dy).unwrap(),
-        );
-        let (want_y, want_rstd) = rmsnorm_forward_ref(&x, &w, h, EPS).unwrap();
-        let (y, rstd) = rmsnorm_forward_cuda(dev, &dx_, &dw_, h, EPS).unwrap();
-        check(&what, Op::RmsNorm, &s.clone_dtoh(&y).unwrap(), &want_y);
-        check_f32(
-            &what,
-            Op::RmsNorm,
-            &s.clone_dtoh(&rstd).unwrap(),
-            &want_rstd,
-        );
-        let (want_dx, want_dw) = rmsnorm_backward_ref(&dy, &x, &w, &want_rstd, h).unwrap();
-        let (gdx, gdw) = rmsnorm_backward_cuda(dev, &ddy, &dx_, &dw_, &rstd, h).unwrap();
-        check(
-            &what,
-            Op::RmsNormBackward,
-            &s.clone_dtoh(&gdx).unwrap(),
-            &want_dx,
-        );
-        check_f32(
-            &what,
-            Op::RmsNormBackward,
-            &s.clone_dtoh(&gdw).unwrap(),
-            &want_dw,
-        );
-    }
-
-    #[test]
-    fn cuda_rmsnorm_matches_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        for (i, &(rows, h)) in RMS_SHAPES.iter().enumerate() {
-            rmsnorm_on_gpu::<f32>(&dev, rows, h, i as u64);
-            rmsnorm_on_gpu::<bf16>(&dev, rows, h, 10 + i as u64);
-        }
-        rmsnorm_on_gpu::<bf16>(&dev, 4096, 4096, 99);
-    }
-
-    fn rope_on_gpu<T: Element>(dev: &CudaDevice, t: usize, qh: usize, kh: usize, d: usize) {
-        let (cos, sin) = rope_tables(12, d);
-        let pos = rope_positions(t);
-        let q: Vec<T> = cast(&normal_vector(t * qh * d, 1.0, 80));
-        let k: Vec<T> = cast(&normal_vector(t * kh * d, 1.0, 81));
-        let s = dev.stream();
-        let (dcos, dsin, dpos) = (
-            s.clone_htod(&cos).unwrap(),
-            s.clone_htod(&sin).unwrap(),
-            s.clone_htod(&pos).unwrap(),
-        );
-        for inverse in [false, true] {
-            let (wq, wk) = rope_ref(&q, &k, &cos, &sin, &pos, qh, kh, d, inverse).unwrap();
-            let (mut dq, mut dk) = (s.clone_htod(&q).unwrap(), s.clone_htod(&k).unwrap());
-            rope_cuda(
-                dev, &mut dq, &mut dk, &dcos, &dsin, &dpos, qh, kh, d, inverse,
-            )
-            .unwrap();
-            check("cuda rope q", Op::Rope, &s.clone_dtoh(&dq).unwrap(), &wq);
-            check("cuda rope k", Op::Rope, &s.clone_dtoh(&dk).unwrap(), &wk);
-        }
-    }
-
-    #[test]
-    fn cuda_rope_matches_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        for &(t, qh, kh, d) in ROPE_SHAPES {
-            rope_on_gpu::<f32>(&dev, t, qh, kh, d);
-            rope_on_gpu::<bf16>(&dev, t, qh, kh, d);
-        }
-    }
-
-    fn swiglu_on_gpu<T: Element>(dev: &CudaDevice, n: usize) {
-        let g: Vec<T> = cast(&normal_vector(n, 3.0, 90));
-        let u: Vec<T> = cast(&normal_vector(n, 1.0, 91));
-        let dh: Vec<T> = cast(&normal_vector(n, 1.0, 92));
-        let s = dev.stream();
-        let (dg_in, du_in, ddh) = (
-            s.clone_htod(&g).unwrap(),
-            s.clone_htod(&u).unwrap(),
-            s.clone_htod(&dh).unwrap(),
-        );
-        let h = swiglu_forward_cuda(dev, &dg_in, &du_in).unwrap();
-        let want = swiglu_forward_ref(&g, &u).unwrap();
-        check("cuda swiglu", Op::Swiglu, &s.clone_dtoh(&h).unwrap(), &want);
-        let (dg, du) = swiglu_backward_cuda(dev, &dg_in, &du_in, &ddh).unwrap();
-        let (want_dg, want_du) = swiglu_backward_ref(&g, &u, &dh).unwrap();
-        check(
-            "cuda swiglu dg",
-            Op::Swiglu,
-            &s.clone_dtoh(&dg).unwrap(),
-            &want_dg,
-        );
-        check(
-            "cuda swiglu du",
-            Op::Swiglu,
-            &s.clone_dtoh(&du).unwrap(),
-            &want_du,
-        );
-    }
-
-    #[test]
-    fn cuda_swiglu_matches_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        for &(t, inter) in SWIGLU_SHAPES {
-            swiglu_on_gpu::<f32>(&dev, t * inter);
-            swiglu_on_gpu::<bf16>(&dev, t * inter);
-        }
-    }
-}
+qlora::device_test!(invalid_arguments_are_rejected, invalid_arguments);

@@ -2,7 +2,6 @@
 //! candle ops share one queue), the PTX modules built by nvcc (loaded on first use), the one place
 //! kernels are launched through cudarc, and the bridge between candle tensors and device buffers.
 
-use super::abi::{QlEmuTestParams, QlNf4DequantizeParams, QlNf4QuantizeParams};
 use super::launch::{Kernel, LaunchConfig};
 use crate::{Error, Result};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
@@ -16,46 +15,6 @@ use std::sync::{Arc, Mutex};
 pub mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
-
-// SAFETY: these are `#[repr(C)]` plain-data structs generated from kernels/abi.h (layout-tested by
-// bindgen); a kernel receives exactly one of them by value, as its C signature declares.
-unsafe impl DeviceRepr for QlNf4QuantizeParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for QlNf4DequantizeParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for QlEmuTestParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlRmsNormForwardParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlRmsNormBackwardParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlRmsNormDwReduceParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlRopeParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlSwigluParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlAdamWParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlAdamW8bitParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlNf4GemvParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlNf4GemmParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlCrossEntropyForwardParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlCrossEntropyBackwardParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlLoraProjectParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlLoraExpandParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlLoraGradWParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlAttentionForwardParams {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for super::abi::QlAttentionBackwardParams {}
 
 fn module_ptx(module: &str) -> Option<&'static str> {
     match module {
@@ -348,4 +307,105 @@ pub struct DeviceInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub peak_bandwidth_gbs: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launch-device implementation: the only CUDA-specific part of every launcher
+// (docs/ARCHITECTURE.md, "Launch devices").
+
+use super::device::{check_range, Guard, KernelArg, KernelArgMut, LaunchDevice, Ptr, Scalar};
+use super::launch::KernelParams;
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+impl<T: Scalar> KernelArg<CudaDevice, T> for CudaSlice<T> {
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+    fn ptr<'a>(&'a self, dev: &'a CudaDevice) -> Ptr<'a> {
+        let (addr, guard) = self.device_ptr(&dev.stream);
+        Ptr::new(addr as usize, Guard::Cuda(guard))
+    }
+}
+
+impl<T: Scalar> KernelArgMut<CudaDevice, T> for CudaSlice<T> {
+    fn ptr_mut<'a>(&'a mut self, dev: &'a CudaDevice) -> Ptr<'a> {
+        let (addr, guard) = self.device_ptr_mut(&dev.stream);
+        Ptr::new(addr as usize, Guard::Cuda(guard))
+    }
+}
+
+impl<T: Scalar> KernelArg<CudaDevice, T> for CudaView<'_, T> {
+    fn len(&self) -> usize {
+        cudarc::driver::DeviceSlice::len(self)
+    }
+    fn ptr<'a>(&'a self, dev: &'a CudaDevice) -> Ptr<'a> {
+        let (addr, guard) = self.device_ptr(&dev.stream);
+        Ptr::new(addr as usize, Guard::Cuda(guard))
+    }
+}
+
+impl<T: Scalar> KernelArg<CudaDevice, T> for CudaViewMut<'_, T> {
+    fn len(&self) -> usize {
+        cudarc::driver::DeviceSlice::len(self)
+    }
+    fn ptr<'a>(&'a self, dev: &'a CudaDevice) -> Ptr<'a> {
+        let (addr, guard) = self.device_ptr(&dev.stream);
+        Ptr::new(addr as usize, Guard::Cuda(guard))
+    }
+}
+
+impl<T: Scalar> KernelArgMut<CudaDevice, T> for CudaViewMut<'_, T> {
+    fn ptr_mut<'a>(&'a mut self, dev: &'a CudaDevice) -> Ptr<'a> {
+        let (addr, guard) = self.device_ptr_mut(&dev.stream);
+        Ptr::new(addr as usize, Guard::Cuda(guard))
+    }
+}
+
+impl LaunchDevice for CudaDevice {
+    type Buffer<T: Scalar> = CudaSlice<T>;
+    type View<'a, T: Scalar> = CudaView<'a, T>;
+
+    fn label(&self) -> String {
+        format!("CUDA device {}", self.ctx.ordinal())
+    }
+
+    fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(len).map_err(cuda_err)
+    }
+
+    unsafe fn alloc<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the caller writes every element before reading any (this method's contract).
+        unsafe { self.stream.alloc::<T>(len) }.map_err(cuda_err)
+    }
+
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(cuda_err)
+    }
+
+    fn download<T: Scalar>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(buf).map_err(cuda_err)
+    }
+
+    fn slice<'a, T: Scalar>(
+        &'a self,
+        buf: &'a CudaSlice<T>,
+        range: std::ops::Range<usize>,
+    ) -> Result<CudaView<'a, T>> {
+        check_range("CudaDevice::slice", &range, buf.len())?;
+        Ok(buf.slice(range))
+    }
+
+    unsafe fn launch<P: KernelParams>(
+        &self,
+        kernel: &Kernel,
+        cfg: &LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        // SAFETY: the caller upholds the inherent launch's contract, which is this method's.
+        unsafe { CudaDevice::launch(self, kernel, cfg, params) }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self)
+    }
 }

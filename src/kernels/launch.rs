@@ -64,24 +64,66 @@ impl LaunchConfig {
     }
 }
 
-/// Element types kernels read and write, with their `QlDtype` tag.
-pub trait Element: Copy + Default + Send + Sync + DeviceElement + 'static {
+/// Element types kernels compute on, with their `QlDtype` tag.
+pub trait Element: super::device::Scalar {
     const DTYPE: QlDtype;
     fn to_f32(self) -> f32;
     /// Round-to-nearest-even conversion (exact for f32).
     fn from_f32(v: f32) -> Self;
 }
 
-/// What the CUDA backend additionally needs of an element type (nothing without `cuda`).
+/// What the CUDA backend needs of a kernel's parameter struct (nothing without `cuda`).
 #[cfg(feature = "cuda")]
-pub trait DeviceElement: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+pub trait ParamsRepr: cudarc::driver::DeviceRepr {}
 #[cfg(feature = "cuda")]
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElement for T {}
-/// What the CUDA backend additionally needs of an element type (nothing without `cuda`).
+impl<T: cudarc::driver::DeviceRepr> ParamsRepr for T {}
+/// What the CUDA backend needs of a kernel's parameter struct (nothing without `cuda`).
 #[cfg(not(feature = "cuda"))]
-pub trait DeviceElement {}
+pub trait ParamsRepr {}
 #[cfg(not(feature = "cuda"))]
-impl<T> DeviceElement for T {}
+impl<T> ParamsRepr for T {}
+
+/// A kernel's by-value parameter struct from `kernels/abi.h`.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` plain-data structs generated from `kernels/abi.h` (layout-tested
+/// by bindgen), each exactly the one parameter a kernel's C signature declares.
+pub unsafe trait KernelParams: Copy + ParamsRepr {}
+
+macro_rules! kernel_params {
+    ($($t:ident),+ $(,)?) => {
+        $(
+            // SAFETY: a `#[repr(C)]` plain-data struct generated from kernels/abi.h; a kernel
+            // receives exactly one of them by value, as its C signature declares.
+            unsafe impl KernelParams for super::abi::$t {}
+            // SAFETY: as above: plain data copied by value into the launch's argument buffer.
+            #[cfg(feature = "cuda")]
+            unsafe impl cudarc::driver::DeviceRepr for super::abi::$t {}
+        )+
+    };
+}
+
+kernel_params!(
+    QlNf4QuantizeParams,
+    QlNf4DequantizeParams,
+    QlEmuTestParams,
+    QlRmsNormForwardParams,
+    QlRmsNormBackwardParams,
+    QlRmsNormDwReduceParams,
+    QlRopeParams,
+    QlSwigluParams,
+    QlAdamWParams,
+    QlAdamW8bitParams,
+    QlNf4GemvParams,
+    QlNf4GemmParams,
+    QlCrossEntropyForwardParams,
+    QlCrossEntropyBackwardParams,
+    QlLoraProjectParams,
+    QlLoraExpandParams,
+    QlLoraGradWParams,
+    QlAttentionForwardParams,
+    QlAttentionBackwardParams,
+);
 
 impl Element for f32 {
     const DTYPE: QlDtype = QlDtype::QL_DTYPE_F32;

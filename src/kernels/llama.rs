@@ -7,9 +7,9 @@ use super::abi::{
     QlRmsNormBackwardParams, QlRmsNormDwReduceParams, QlRmsNormForwardParams, QlRopeParams,
     QlSwigluParams,
 };
+use super::device::{KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
-use std::ffi::c_void;
 
 declare_kernels! {
     module "llama";
@@ -433,95 +433,148 @@ pub fn swiglu_backward_ref<T: Element>(g: &[T], u: &[T], dh: &[T]) -> Result<(Ve
 }
 
 // ---------------------------------------------------------------------------------------------
-// Emulated launches (host buffers).
+// Launchers: one per kernel, generic over the launch device (docs/ARCHITECTURE.md, "Launch
+// devices"). `*_into` writes caller-owned buffers; the plain form allocates its outputs.
 
-/// RMSNorm forward through the CPU emulation of `k_rmsnorm_forward`. Returns `(y, rstd)`.
-pub fn rmsnorm_forward_emulated<T: Element>(
-    x: &[T],
-    w: &[T],
+/// RMSNorm forward (`k_rmsnorm_forward`) into caller-owned `y` `[rows, h]` and `rstd` `[rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    w: &(impl KernelArg<D, T> + ?Sized),
     h: usize,
     eps: f32,
-) -> Result<(Vec<T>, Vec<f32>)> {
+    y: &mut (impl KernelArgMut<D, T> + ?Sized),
+    rstd: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()> {
     const OP: &str = "rmsnorm_forward";
     let shape = RmsNormShape::from_len(OP, x.len(), h)?;
     shape.check_len(OP, "w", w.len(), h)?;
+    shape.check_len(OP, "y", y.len(), x.len())?;
+    shape.check_len(OP, "rstd", rstd.len(), shape.rows)?;
     check_eps(OP, eps)?;
     let cfg = rmsnorm_forward_launch(&shape)?;
-    let mut y = vec![T::default(); x.len()];
-    let mut rstd = vec![0f32; shape.rows];
+    let (xp, wp, yp, rp) = (x.ptr(dev), w.ptr(dev), y.ptr_mut(dev), rstd.ptr_mut(dev));
     let params = QlRmsNormForwardParams {
-        x: x.as_ptr().cast(),
-        w: w.as_ptr().cast(),
-        y: y.as_mut_ptr().cast(),
-        rstd: rstd.as_mut_ptr(),
+        x: xp.void(),
+        w: wp.void(),
+        y: yp.void_mut(),
+        rstd: rp.get_mut(),
         rows: shape.rows as i64,
         h: h as i32,
         eps,
         dtype: T::DTYPE as i32,
     };
-    // SAFETY: x and y hold rows × h elements, w h and rstd rows (validated above); all outlive
-    // the synchronous launch.
-    unsafe { super::emu::launch(&RMSNORM_FORWARD, &cfg, &params)? };
+    // SAFETY: x and y hold rows × h elements, w h and rstd rows (validated above); the pointers'
+    // guards keep every buffer alive and ordered until the launch is queued.
+    unsafe { dev.launch(&RMSNORM_FORWARD, &cfg, &params) }
+}
+
+/// RMSNorm forward (`k_rmsnorm_forward`). Returns `(y, rstd)`.
+pub fn rmsnorm_forward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    w: &(impl KernelArg<D, T> + ?Sized),
+    h: usize,
+    eps: f32,
+) -> Result<(D::Buffer<T>, D::Buffer<f32>)> {
+    let shape = RmsNormShape::from_len("rmsnorm_forward", x.len(), h)?;
+    // SAFETY: the kernel writes every element of both buffers (one output per row and column).
+    let (mut y, mut rstd) = unsafe { (dev.alloc::<T>(x.len())?, dev.alloc::<f32>(shape.rows)?) };
+    rmsnorm_forward_into(dev, x, w, h, eps, &mut y, &mut rstd)?;
     Ok((y, rstd))
 }
 
-/// RMSNorm backward through the CPU emulation of `k_rmsnorm_backward` + `k_rmsnorm_dw_reduce`.
-/// Returns `(dx, dw)`, dw in f32.
-pub fn rmsnorm_backward_emulated<T: Element>(
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    rstd: &[f32],
+/// RMSNorm backward (`k_rmsnorm_backward` + `k_rmsnorm_dw_reduce`) into caller-owned `dx`
+/// `[rows, h]`, `dw` `[h]` (f32) and scratch `dw_partial` of [`RmsNormShape::dw_partial_rows`] ×
+/// h floats.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    dy: &(impl KernelArg<D, T> + ?Sized),
+    x: &(impl KernelArg<D, T> + ?Sized),
+    w: &(impl KernelArg<D, T> + ?Sized),
+    rstd: &(impl KernelArg<D, f32> + ?Sized),
     h: usize,
-) -> Result<(Vec<T>, Vec<f32>)> {
+    dx: &mut (impl KernelArgMut<D, T> + ?Sized),
+    dw: &mut (impl KernelArgMut<D, f32> + ?Sized),
+    dw_partial: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()> {
     const OP: &str = "rmsnorm_backward";
     let shape = RmsNormShape::from_len(OP, x.len(), h)?;
     shape.check_len(OP, "dy", dy.len(), x.len())?;
     shape.check_len(OP, "w", w.len(), h)?;
     shape.check_len(OP, "rstd", rstd.len(), shape.rows)?;
+    shape.check_len(OP, "dx", dx.len(), x.len())?;
+    shape.check_len(OP, "dw", dw.len(), h)?;
+    let partial_len = shape.dw_partial_rows() * h;
+    shape.check_len(OP, "dw_partial", dw_partial.len(), partial_len)?;
     let cfg = rmsnorm_backward_launch(&shape)?;
-    let mut dx = vec![T::default(); x.len()];
-    let mut partial = vec![0f32; shape.dw_partial_rows() * h];
-    let mut dw = vec![0f32; h];
+    let (dyp, xp, wp, rp) = (dy.ptr(dev), x.ptr(dev), w.ptr(dev), rstd.ptr(dev));
+    let (dxp, pp, dwp) = (dx.ptr_mut(dev), dw_partial.ptr_mut(dev), dw.ptr_mut(dev));
     let params = QlRmsNormBackwardParams {
-        dy: dy.as_ptr().cast(),
-        x: x.as_ptr().cast(),
-        w: w.as_ptr().cast(),
-        rstd: rstd.as_ptr(),
-        dx: dx.as_mut_ptr().cast(),
-        dw_partial: partial.as_mut_ptr(),
+        dy: dyp.void(),
+        x: xp.void(),
+        w: wp.void(),
+        rstd: rp.get(),
+        dx: dxp.void_mut(),
+        dw_partial: pp.get_mut(),
         rows: shape.rows as i64,
         h: h as i32,
         dtype: T::DTYPE as i32,
     };
-    // SAFETY: dy, x and dx hold rows × h elements, w h, rstd rows, and the partials one row of h
-    // per block of `cfg` (validated and sized above); all outlive the synchronous launch.
-    unsafe { super::emu::launch(&RMSNORM_BACKWARD, &cfg, &params)? };
     let reduce = QlRmsNormDwReduceParams {
-        dw_partial: partial.as_ptr(),
-        dw: dw.as_mut_ptr(),
+        dw_partial: pp.get(),
+        dw: dwp.get_mut(),
         partial_rows: shape.dw_partial_rows() as i32,
         h: h as i32,
     };
-    // SAFETY: the partials hold partial_rows × h floats and dw h; both outlive the launch.
+    // SAFETY: every buffer has the length validated above (the partials one row of h per block
+    // of `cfg`); the two launches run in order on the device, and the guards keep the buffers
+    // alive and ordered until both are queued.
     unsafe {
-        super::emu::launch(
+        dev.launch(&RMSNORM_BACKWARD, &cfg, &params)?;
+        dev.launch(
             &RMSNORM_DW_REDUCE,
             &rmsnorm_dw_reduce_launch(&shape),
             &reduce,
-        )?
+        )
+    }
+}
+
+/// RMSNorm backward. Returns `(dx, dw)`, dw in f32.
+pub fn rmsnorm_backward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    dy: &(impl KernelArg<D, T> + ?Sized),
+    x: &(impl KernelArg<D, T> + ?Sized),
+    w: &(impl KernelArg<D, T> + ?Sized),
+    rstd: &(impl KernelArg<D, f32> + ?Sized),
+    h: usize,
+) -> Result<(D::Buffer<T>, D::Buffer<f32>)> {
+    let shape = RmsNormShape::from_len("rmsnorm_backward", x.len(), h)?;
+    // SAFETY: the backward writes every dx element and every partial; the reduce every dw.
+    let (mut dx, mut dw, mut partial) = unsafe {
+        (
+            dev.alloc::<T>(x.len())?,
+            dev.alloc::<f32>(h)?,
+            dev.alloc::<f32>(shape.dw_partial_rows() * h)?,
+        )
     };
+    rmsnorm_backward_into(dev, dy, x, w, rstd, h, &mut dx, &mut dw, &mut partial)?;
     Ok((dx, dw))
 }
 
-/// RoPE in place through the CPU emulation of `k_rope`; `inverse` applies the backward rotation.
+/// RoPE in place on q and k (`k_rope`; `inverse` applies the backward rotation, for dq / dk).
+/// The positions are checked on the host when the device is the emulator; on CUDA the kernel
+/// bounds every table read and writes NaN into a token whose position is outside the tables.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_emulated<T: Element>(
-    q: &mut [T],
-    k: &mut [T],
-    cos: &[f32],
-    sin: &[f32],
-    positions: &[i32],
+pub fn rope<D: LaunchDevice, T: Element>(
+    dev: &D,
+    q: &mut (impl KernelArgMut<D, T> + ?Sized),
+    k: &mut (impl KernelArgMut<D, T> + ?Sized),
+    cos: &(impl KernelArg<D, f32> + ?Sized),
+    sin: &(impl KernelArg<D, f32> + ?Sized),
+    positions: &(impl KernelArg<D, i32> + ?Sized),
     q_heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -538,374 +591,109 @@ pub fn rope_emulated<T: Element>(
         kv_heads,
         head_dim,
     )?;
-    check_positions(OP, positions, shape.num_positions)?;
-    let params = rope_params(
-        &shape,
-        q.as_mut_ptr().cast(),
-        k.as_mut_ptr().cast(),
-        (cos.as_ptr(), sin.as_ptr()),
-        positions.as_ptr(),
-        inverse,
-        T::DTYPE as i32,
-    );
-    // SAFETY: q, k, the tables and the positions have the lengths `shape` was validated against,
-    // every position indexes the tables, and all outlive the synchronous launch.
-    unsafe { super::emu::launch(&ROPE, &rope_launch(&shape), &params) }
-}
-
-fn rope_params(
-    shape: &RopeShape,
-    q: *mut c_void,
-    k: *mut c_void,
-    (cos, sin): (*const f32, *const f32),
-    positions: *const i32,
-    inverse: bool,
-    dtype: i32,
-) -> QlRopeParams {
-    QlRopeParams {
-        q,
-        k,
-        cos,
-        sin,
-        positions,
+    let (qp, kp) = (q.ptr_mut(dev), k.ptr_mut(dev));
+    let (cp, sp, pp) = (cos.ptr(dev), sin.ptr(dev), positions.ptr(dev));
+    let params = QlRopeParams {
+        q: qp.void_mut(),
+        k: kp.void_mut(),
+        cos: cp.get(),
+        sin: sp.get(),
+        positions: pp.get(),
         tokens: shape.tokens as i64,
         q_heads: shape.q_heads as i32,
         kv_heads: shape.kv_heads as i32,
         head_dim: shape.head_dim as i32,
         num_positions: shape.num_positions as i32,
         inverse: i32::from(inverse),
-        dtype,
-    }
+        dtype: T::DTYPE as i32,
+    };
+    // SAFETY: q, k, the tables and the positions have the lengths `shape` was validated against;
+    // the kernel checks each position against `num_positions` before reading the tables; the
+    // guards keep every buffer alive and ordered until the launch is queued.
+    unsafe { dev.launch(&ROPE, &rope_launch(&shape), &params) }
 }
 
-/// SwiGLU forward through the CPU emulation of `k_swiglu_forward`.
-pub fn swiglu_forward_emulated<T: Element>(g: &[T], u: &[T]) -> Result<Vec<T>> {
-    check_swiglu("swiglu_forward", g.len(), &[("u", u.len())])?;
-    let mut h = vec![T::default(); g.len()];
+/// SwiGLU forward (`k_swiglu_forward`) into a caller-owned `h`.
+pub fn swiglu_forward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    g: &(impl KernelArg<D, T> + ?Sized),
+    u: &(impl KernelArg<D, T> + ?Sized),
+    h: &mut (impl KernelArgMut<D, T> + ?Sized),
+) -> Result<()> {
+    check_swiglu("swiglu_forward", g.len(), &[("u", u.len()), ("h", h.len())])?;
+    let (gp, up, hp) = (g.ptr(dev), u.ptr(dev), h.ptr_mut(dev));
     let params = QlSwigluParams {
-        g: g.as_ptr().cast(),
-        u: u.as_ptr().cast(),
-        h: h.as_mut_ptr().cast(),
+        g: gp.void(),
+        u: up.void(),
+        h: hp.void_mut(),
         n: g.len() as i64,
         dtype: T::DTYPE as i32,
         ..Default::default()
     };
-    // SAFETY: g, u and h all hold n elements and outlive the synchronous launch.
-    unsafe { super::emu::launch(&SWIGLU_FORWARD, &swiglu_launch(g.len()), &params)? };
+    // SAFETY: g, u and h hold n elements (validated above); the guards keep them alive and
+    // ordered until the launch is queued.
+    unsafe { dev.launch(&SWIGLU_FORWARD, &swiglu_launch(g.len()), &params) }
+}
+
+/// SwiGLU forward (`k_swiglu_forward`).
+pub fn swiglu_forward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    g: &(impl KernelArg<D, T> + ?Sized),
+    u: &(impl KernelArg<D, T> + ?Sized),
+) -> Result<D::Buffer<T>> {
+    check_swiglu("swiglu_forward", g.len(), &[])?;
+    // SAFETY: the kernel writes every element.
+    let mut h = unsafe { dev.alloc::<T>(g.len())? };
+    swiglu_forward_into(dev, g, u, &mut h)?;
     Ok(h)
 }
 
-/// SwiGLU backward through the CPU emulation of `k_swiglu_backward`. Returns `(dg, du)`.
-pub fn swiglu_backward_emulated<T: Element>(
-    g: &[T],
-    u: &[T],
-    dh: &[T],
-) -> Result<(Vec<T>, Vec<T>)> {
+/// SwiGLU backward (`k_swiglu_backward`) into caller-owned `dg` and `du`.
+pub fn swiglu_backward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    g: &(impl KernelArg<D, T> + ?Sized),
+    u: &(impl KernelArg<D, T> + ?Sized),
+    dh: &(impl KernelArg<D, T> + ?Sized),
+    dg: &mut (impl KernelArgMut<D, T> + ?Sized),
+    du: &mut (impl KernelArgMut<D, T> + ?Sized),
+) -> Result<()> {
     check_swiglu(
         "swiglu_backward",
         g.len(),
-        &[("u", u.len()), ("dh", dh.len())],
+        &[
+            ("u", u.len()),
+            ("dh", dh.len()),
+            ("dg", dg.len()),
+            ("du", du.len()),
+        ],
     )?;
-    let mut dg = vec![T::default(); g.len()];
-    let mut du = vec![T::default(); g.len()];
+    let (gp, up, dhp) = (g.ptr(dev), u.ptr(dev), dh.ptr(dev));
+    let (dgp, dup) = (dg.ptr_mut(dev), du.ptr_mut(dev));
     let params = QlSwigluParams {
-        g: g.as_ptr().cast(),
-        u: u.as_ptr().cast(),
-        dh: dh.as_ptr().cast(),
-        dg: dg.as_mut_ptr().cast(),
-        du: du.as_mut_ptr().cast(),
+        g: gp.void(),
+        u: up.void(),
+        dh: dhp.void(),
+        dg: dgp.void_mut(),
+        du: dup.void_mut(),
         n: g.len() as i64,
         dtype: T::DTYPE as i32,
         ..Default::default()
     };
-    // SAFETY: g, u, dh, dg and du all hold n elements and outlive the synchronous launch.
-    unsafe { super::emu::launch(&SWIGLU_BACKWARD, &swiglu_launch(g.len()), &params)? };
-    Ok((dg, du))
+    // SAFETY: all five buffers hold n elements (validated above); the guards keep them alive and
+    // ordered until the launch is queued.
+    unsafe { dev.launch(&SWIGLU_BACKWARD, &swiglu_launch(g.len()), &params) }
 }
 
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
-
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-
-    /// RMSNorm forward on the device. Returns `(y, rstd)`.
-    pub fn rmsnorm_forward_cuda<T: Element>(
-        dev: &CudaDevice,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        h: usize,
-        eps: f32,
-    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        let shape = RmsNormShape::from_len("rmsnorm_forward", x.len(), h)?;
-        let stream = dev.stream();
-        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
-        let mut y = unsafe { stream.alloc::<T>(x.len()) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut rstd = unsafe { stream.alloc::<f32>(shape.rows) }.map_err(cuda_err)?;
-        rmsnorm_forward_cuda_into(dev, x, w, h, eps, &mut y, &mut rstd)?;
-        Ok((y, rstd))
-    }
-
-    /// [`rmsnorm_forward_cuda`] into caller-owned `y` `[rows, h]` and `rstd` `[rows]`.
-    pub fn rmsnorm_forward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        h: usize,
-        eps: f32,
-        y: &mut CudaSlice<T>,
-        rstd: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "rmsnorm_forward";
-        let shape = RmsNormShape::from_len(OP, x.len(), h)?;
-        shape.check_len(OP, "w", w.len(), h)?;
-        shape.check_len(OP, "y", y.len(), x.len())?;
-        shape.check_len(OP, "rstd", rstd.len(), shape.rows)?;
-        check_eps(OP, eps)?;
-        let cfg = rmsnorm_forward_launch(&shape)?;
-        let stream = dev.stream();
-        let (x_ptr, _g0) = x.device_ptr(stream);
-        let (w_ptr, _g1) = w.device_ptr(stream);
-        let (y_ptr, _g2) = y.device_ptr_mut(stream);
-        let (rstd_ptr, _g3) = rstd.device_ptr_mut(stream);
-        let params = QlRmsNormForwardParams {
-            x: x_ptr as *const c_void,
-            w: w_ptr as *const c_void,
-            y: y_ptr as *mut c_void,
-            rstd: rstd_ptr as *mut f32,
-            rows: shape.rows as i64,
-            h: h as i32,
-            eps,
-            dtype: T::DTYPE as i32,
-        };
-        // SAFETY: the device buffers have the lengths validated above; the guards keep them
-        // ordered on `stream` until the launch is queued.
-        unsafe { dev.launch(&RMSNORM_FORWARD, &cfg, &params) }
-    }
-
-    /// RMSNorm backward on the device. Returns `(dx, dw)`, dw in f32.
-    pub fn rmsnorm_backward_cuda<T: Element>(
-        dev: &CudaDevice,
-        dy: &CudaSlice<T>,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        rstd: &CudaSlice<f32>,
-        h: usize,
-    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        let shape = RmsNormShape::from_len("rmsnorm_backward", x.len(), h)?;
-        let stream = dev.stream();
-        // SAFETY: every buffer is fully written by the kernels before anyone reads it.
-        let mut dx = unsafe { stream.alloc::<T>(x.len()) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut dw = unsafe { stream.alloc::<f32>(h) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut partial =
-            unsafe { stream.alloc::<f32>(shape.dw_partial_rows() * h) }.map_err(cuda_err)?;
-        rmsnorm_backward_cuda_into(dev, dy, x, w, rstd, h, &mut dx, &mut dw, &mut partial)?;
-        Ok((dx, dw))
-    }
-
-    /// [`rmsnorm_backward_cuda`] into caller-owned `dx` `[rows, h]`, `dw` `[h]` and scratch
-    /// `dw_partial` of [`RmsNormShape::dw_partial_rows`] × h floats.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_backward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        dy: &CudaSlice<T>,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        rstd: &CudaSlice<f32>,
-        h: usize,
-        dx: &mut CudaSlice<T>,
-        dw: &mut CudaSlice<f32>,
-        dw_partial: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "rmsnorm_backward";
-        let shape = RmsNormShape::from_len(OP, x.len(), h)?;
-        shape.check_len(OP, "dy", dy.len(), x.len())?;
-        shape.check_len(OP, "w", w.len(), h)?;
-        shape.check_len(OP, "rstd", rstd.len(), shape.rows)?;
-        shape.check_len(OP, "dx", dx.len(), x.len())?;
-        shape.check_len(OP, "dw", dw.len(), h)?;
-        let partial_len = shape.dw_partial_rows() * h;
-        shape.check_len(OP, "dw_partial", dw_partial.len(), partial_len)?;
-        let cfg = rmsnorm_backward_launch(&shape)?;
-        let stream = dev.stream();
-        let (dy_ptr, _g0) = dy.device_ptr(stream);
-        let (x_ptr, _g1) = x.device_ptr(stream);
-        let (w_ptr, _g2) = w.device_ptr(stream);
-        let (rstd_ptr, _g3) = rstd.device_ptr(stream);
-        let (dx_ptr, _g4) = dx.device_ptr_mut(stream);
-        let (partial_ptr, _g5) = dw_partial.device_ptr_mut(stream);
-        let (dw_ptr, _g6) = dw.device_ptr_mut(stream);
-        let params = QlRmsNormBackwardParams {
-            dy: dy_ptr as *const c_void,
-            x: x_ptr as *const c_void,
-            w: w_ptr as *const c_void,
-            rstd: rstd_ptr as *const f32,
-            dx: dx_ptr as *mut c_void,
-            dw_partial: partial_ptr as *mut f32,
-            rows: shape.rows as i64,
-            h: h as i32,
-            dtype: T::DTYPE as i32,
-        };
-        let reduce = QlRmsNormDwReduceParams {
-            dw_partial: partial_ptr as *const f32,
-            dw: dw_ptr as *mut f32,
-            partial_rows: shape.dw_partial_rows() as i32,
-            h: h as i32,
-        };
-        // SAFETY: every device buffer has the length validated above (the partials one row of h
-        // per block of `cfg`); both launches are queued in order on `stream`, and the guards keep
-        // the buffers ordered there until then.
-        unsafe {
-            dev.launch(&RMSNORM_BACKWARD, &cfg, &params)?;
-            dev.launch(
-                &RMSNORM_DW_REDUCE,
-                &rmsnorm_dw_reduce_launch(&shape),
-                &reduce,
-            )
-        }
-    }
-
-    /// RoPE in place on device q and k (`inverse` for the backward on dq / dk). Positions are not
-    /// checked on the host: a position outside the tables writes NaN into that token's heads.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rope_cuda<T: Element>(
-        dev: &CudaDevice,
-        q: &mut CudaSlice<T>,
-        k: &mut CudaSlice<T>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
-        positions: &CudaSlice<i32>,
-        q_heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        inverse: bool,
-    ) -> Result<()> {
-        let shape = RopeShape::new(
-            "rope",
-            q.len(),
-            k.len(),
-            (cos.len(), sin.len()),
-            positions.len(),
-            q_heads,
-            kv_heads,
-            head_dim,
-        )?;
-        let stream = dev.stream();
-        let (q_ptr, _g0) = q.device_ptr_mut(stream);
-        let (k_ptr, _g1) = k.device_ptr_mut(stream);
-        let (cos_ptr, _g2) = cos.device_ptr(stream);
-        let (sin_ptr, _g3) = sin.device_ptr(stream);
-        let (pos_ptr, _g4) = positions.device_ptr(stream);
-        let params = rope_params(
-            &shape,
-            q_ptr as *mut c_void,
-            k_ptr as *mut c_void,
-            (cos_ptr as *const f32, sin_ptr as *const f32),
-            pos_ptr as *const i32,
-            inverse,
-            T::DTYPE as i32,
-        );
-        // SAFETY: the device buffers have the lengths validated above, table reads are bounded by
-        // the kernel's position check, and the guards keep them ordered on `stream`.
-        unsafe { dev.launch(&ROPE, &rope_launch(&shape), &params) }
-    }
-
-    /// SwiGLU forward on the device.
-    pub fn swiglu_forward_cuda<T: Element>(
-        dev: &CudaDevice,
-        g: &CudaSlice<T>,
-        u: &CudaSlice<T>,
-    ) -> Result<CudaSlice<T>> {
-        check_swiglu("swiglu_forward", g.len(), &[])?;
-        // SAFETY: every element is written by the kernel before anyone reads it.
-        let mut h = unsafe { dev.stream().alloc::<T>(g.len()) }.map_err(cuda_err)?;
-        swiglu_forward_cuda_into(dev, g, u, &mut h)?;
-        Ok(h)
-    }
-
-    /// [`swiglu_forward_cuda`] into a caller-owned `h`.
-    pub fn swiglu_forward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        g: &CudaSlice<T>,
-        u: &CudaSlice<T>,
-        h: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        check_swiglu("swiglu_forward", g.len(), &[("u", u.len()), ("h", h.len())])?;
-        let stream = dev.stream();
-        let (g_ptr, _g0) = g.device_ptr(stream);
-        let (u_ptr, _g1) = u.device_ptr(stream);
-        let (h_ptr, _g2) = h.device_ptr_mut(stream);
-        let params = QlSwigluParams {
-            g: g_ptr as *const c_void,
-            u: u_ptr as *const c_void,
-            h: h_ptr as *mut c_void,
-            n: g.len() as i64,
-            dtype: T::DTYPE as i32,
-            ..Default::default()
-        };
-        // SAFETY: g, u and h hold n elements (validated above); the guards keep them ordered.
-        unsafe { dev.launch(&SWIGLU_FORWARD, &swiglu_launch(g.len()), &params) }
-    }
-
-    /// SwiGLU backward on the device. Returns `(dg, du)`.
-    pub fn swiglu_backward_cuda<T: Element>(
-        dev: &CudaDevice,
-        g: &CudaSlice<T>,
-        u: &CudaSlice<T>,
-        dh: &CudaSlice<T>,
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
-        check_swiglu("swiglu_backward", g.len(), &[])?;
-        let stream = dev.stream();
-        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
-        let mut dg = unsafe { stream.alloc::<T>(g.len()) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut du = unsafe { stream.alloc::<T>(g.len()) }.map_err(cuda_err)?;
-        swiglu_backward_cuda_into(dev, g, u, dh, &mut dg, &mut du)?;
-        Ok((dg, du))
-    }
-
-    /// [`swiglu_backward_cuda`] into caller-owned `dg` and `du`.
-    pub fn swiglu_backward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        g: &CudaSlice<T>,
-        u: &CudaSlice<T>,
-        dh: &CudaSlice<T>,
-        dg: &mut CudaSlice<T>,
-        du: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        check_swiglu(
-            "swiglu_backward",
-            g.len(),
-            &[
-                ("u", u.len()),
-                ("dh", dh.len()),
-                ("dg", dg.len()),
-                ("du", du.len()),
-            ],
-        )?;
-        let stream = dev.stream();
-        let (g_ptr, _g0) = g.device_ptr(stream);
-        let (u_ptr, _g1) = u.device_ptr(stream);
-        let (dh_ptr, _g2) = dh.device_ptr(stream);
-        let (dg_ptr, _g3) = dg.device_ptr_mut(stream);
-        let (du_ptr, _g4) = du.device_ptr_mut(stream);
-        let params = QlSwigluParams {
-            g: g_ptr as *const c_void,
-            u: u_ptr as *const c_void,
-            dh: dh_ptr as *const c_void,
-            dg: dg_ptr as *mut c_void,
-            du: du_ptr as *mut c_void,
-            n: g.len() as i64,
-            dtype: T::DTYPE as i32,
-            ..Default::default()
-        };
-        // SAFETY: all five buffers hold n elements (validated above); the guards keep them ordered.
-        unsafe { dev.launch(&SWIGLU_BACKWARD, &swiglu_launch(g.len()), &params) }
-    }
+/// SwiGLU backward (`k_swiglu_backward`). Returns `(dg, du)`.
+pub fn swiglu_backward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    g: &(impl KernelArg<D, T> + ?Sized),
+    u: &(impl KernelArg<D, T> + ?Sized),
+    dh: &(impl KernelArg<D, T> + ?Sized),
+) -> Result<(D::Buffer<T>, D::Buffer<T>)> {
+    check_swiglu("swiglu_backward", g.len(), &[])?;
+    // SAFETY: the kernel writes every element of both.
+    let (mut dg, mut du) = unsafe { (dev.alloc::<T>(g.len())?, dev.alloc::<T>(g.len())?) };
+    swiglu_backward_into(dev, g, u, dh, &mut dg, &mut du)?;
+    Ok((dg, du))
 }

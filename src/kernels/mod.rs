@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod emu;
 pub mod launch;
 pub mod llama;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use half::bf16;
 
 use crate::kernels::attention::{self, AttentionShape};
+use crate::kernels::device::{Emulator, KernelArg, LaunchDevice};
 use crate::kernels::launch::Element;
 use crate::kernels::llama as ops;
 use crate::{Error, Result};
@@ -298,26 +299,123 @@ pub(crate) fn from_host<T: FusedElement>(values: Vec<T>, dims: &[usize]) -> Resu
     Ok(Tensor::from_vec(values, dims, &Device::Cpu)?.to_dtype(DType::F32)?)
 }
 
+/// Runs `$body` with `$dev` bound to the launch device of `$k`'s path: the body is written once
+/// and compiled for the emulator and (feature `cuda`) the CUDA device.
+macro_rules! on_device {
+    ($k:expr, |$dev:ident| $body:expr) => {
+        match $k.path {
+            KernelPath::Emulated => {
+                let $dev = &crate::kernels::device::Emulator::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            KernelPath::Cuda => {
+                let $dev = $k.device()?;
+                $body
+            }
+            _ => Err($k.unavailable()),
+        }
+    };
+}
+
+/// A launch device the runtime's tensors meet its kernels on (docs/ARCHITECTURE.md, "Launch
+/// devices"): tensors in, kernel buffers, tensors out. The emulator copies through host vectors;
+/// CUDA hands kernels the tensors' own device buffers on candle's stream.
+pub(crate) trait TensorDevice: LaunchDevice {
+    /// A kernel input made from a tensor.
+    type Input<T: FusedElement>: KernelArg<Self, T>;
+
+    /// `t` in `T` for a kernel to read.
+    fn input<T: FusedElement>(&self, t: &Tensor) -> Result<Self::Input<T>>;
+
+    /// A copy of `t` in `T` that a kernel may overwrite.
+    fn writable<T: FusedElement>(&self, t: &Tensor) -> Result<Self::Buffer<T>>;
+
+    /// A kernel's output as an f32 tensor of `dims` (f32 holding `T` values, as the runtime keeps
+    /// activations today).
+    fn tensor<T: FusedElement>(&self, buf: Self::Buffer<T>, dims: &[usize]) -> Result<Tensor>;
+
+    /// Runs `f` on the batch's RoPE tables `(cos, sin, positions)` on this device.
+    fn with_rope<R>(
+        &self,
+        rope: &RopeTables,
+        f: impl FnOnce(&RopeArgs<'_, Self>) -> Result<R>,
+    ) -> Result<R>;
+}
+
+/// The RoPE tables and positions as kernel arguments.
+pub(crate) struct RopeArgs<'a, D: ?Sized> {
+    pub cos: &'a dyn KernelArg<D, f32>,
+    pub sin: &'a dyn KernelArg<D, f32>,
+    pub positions: &'a dyn KernelArg<D, i32>,
+}
+
+impl TensorDevice for Emulator {
+    type Input<T: FusedElement> = Vec<T>;
+
+    fn input<T: FusedElement>(&self, t: &Tensor) -> Result<Vec<T>> {
+        host(t)
+    }
+
+    fn writable<T: FusedElement>(&self, t: &Tensor) -> Result<Vec<T>> {
+        host(t)
+    }
+
+    fn tensor<T: FusedElement>(&self, buf: Vec<T>, dims: &[usize]) -> Result<Tensor> {
+        from_host(buf, dims)
+    }
+
+    fn with_rope<R>(
+        &self,
+        rope: &RopeTables,
+        f: impl FnOnce(&RopeArgs<'_, Self>) -> Result<R>,
+    ) -> Result<R> {
+        f(&RopeArgs {
+            cos: &rope.cos,
+            sin: &rope.sin,
+            positions: &rope.positions,
+        })
+    }
+}
+
+fn rms_norm_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let h = weight.elem_count();
+    let (xs, ws) = (dev.input::<T>(x)?, dev.input::<T>(weight)?);
+    let (y, rstd) = ops::rmsnorm_forward(dev, &xs, &ws, h, eps)?;
+    let rows = rstd.len();
+    Ok((dev.tensor(y, x.dims())?, dev.tensor(rstd, &[rows])?))
+}
+
 fn rms_norm_t<T: FusedElement>(
     k: &Kernels,
     x: &Tensor,
     weight: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
+    on_device!(k, |dev| rms_norm_on::<_, T>(dev, x, weight, eps))
+}
+
+fn rms_norm_backward_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+) -> Result<Tensor> {
     let h = weight.elem_count();
-    let rows = x.elem_count() / h.max(1);
-    match k.path {
-        KernelPath::Emulated => {
-            let (y, rstd) = ops::rmsnorm_forward_emulated::<T>(&host(x)?, &host(weight)?, h, eps)?;
-            Ok((
-                from_host(y, x.dims())?,
-                Tensor::from_vec(rstd, rows, &Device::Cpu)?,
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::rms_norm::<T>(k.device()?, x, weight, eps),
-        _ => Err(k.unavailable()),
-    }
+    let (dys, xs, ws) = (
+        dev.input::<T>(dy)?,
+        dev.input::<T>(x)?,
+        dev.input::<T>(weight)?,
+    );
+    let rs = dev.input::<f32>(rstd)?;
+    let (dx, _dw) = ops::rmsnorm_backward(dev, &dys, &xs, &ws, &rs, h)?;
+    dev.tensor(dx, x.dims())
 }
 
 fn rms_norm_backward_t<T: FusedElement>(
@@ -327,22 +425,9 @@ fn rms_norm_backward_t<T: FusedElement>(
     weight: &Tensor,
     rstd: &Tensor,
 ) -> Result<Tensor> {
-    let h = weight.elem_count();
-    match k.path {
-        KernelPath::Emulated => {
-            let (dx, _dw) = ops::rmsnorm_backward_emulated::<T>(
-                &host(dy)?,
-                &host(x)?,
-                &host(weight)?,
-                &rstd.flatten_all()?.to_vec1::<f32>()?,
-                h,
-            )?;
-            from_host(dx, x.dims())
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::rms_norm_backward::<T>(k.device()?, dy, x, weight, rstd),
-        _ => Err(k.unavailable()),
-    }
+    on_device!(k, |dev| rms_norm_backward_on::<_, T>(
+        dev, dy, x, weight, rstd
+    ))
 }
 
 /// `(q_heads, kv_heads)` of q and k `[.., heads · d]` for RoPE.
@@ -361,6 +446,50 @@ fn rope_heads(q: &Tensor, k: &Tensor, rope: &RopeTables) -> Result<(usize, usize
     Ok((q_last / d, k_last / d))
 }
 
+fn rope_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    q: &Tensor,
+    key: &Tensor,
+    rope: &RopeTables,
+    inverse: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (q_heads, kv_heads) = rope_heads(q, key, rope)?;
+    // Host positions are checked here: on the device a bad one would only poison its token.
+    check_rope_positions(rope)?;
+    let (mut qs, mut ks) = (dev.writable::<T>(q)?, dev.writable::<T>(key)?);
+    dev.with_rope(rope, |t| {
+        ops::rope(
+            dev,
+            &mut qs,
+            &mut ks,
+            t.cos,
+            t.sin,
+            t.positions,
+            q_heads,
+            kv_heads,
+            rope.head_dim,
+            inverse,
+        )
+    })?;
+    Ok((dev.tensor(qs, q.dims())?, dev.tensor(ks, key.dims())?))
+}
+
+/// Every position indexes the tables' rows.
+fn check_rope_positions(rope: &RopeTables) -> Result<()> {
+    let rows = rope.cos.len() / (rope.head_dim / 2).max(1);
+    match rope
+        .positions
+        .iter()
+        .find(|&&p| p < 0 || p as usize >= rows)
+    {
+        Some(p) => Err(Error::invalid(
+            "rope",
+            format!("position {p} outside the {rows} rows of the cos/sin tables"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn rope_t<T: FusedElement>(
     k: &Kernels,
     q: &Tensor,
@@ -368,41 +497,28 @@ fn rope_t<T: FusedElement>(
     rope: &RopeTables,
     inverse: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let (q_heads, kv_heads) = rope_heads(q, key, rope)?;
-    match k.path {
-        KernelPath::Emulated => {
-            let (mut qv, mut kv) = (host::<T>(q)?, host::<T>(key)?);
-            ops::rope_emulated::<T>(
-                &mut qv,
-                &mut kv,
-                &rope.cos,
-                &rope.sin,
-                &rope.positions,
-                q_heads,
-                kv_heads,
-                rope.head_dim,
-                inverse,
-            )?;
-            Ok((from_host(qv, q.dims())?, from_host(kv, key.dims())?))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => {
-            cuda::rope::<T>(k.device()?, q, key, rope, (q_heads, kv_heads), inverse)
-        }
-        _ => Err(k.unavailable()),
-    }
+    on_device!(k, |dev| rope_on::<_, T>(dev, q, key, rope, inverse))
+}
+
+fn swiglu_on<D: TensorDevice, T: FusedElement>(dev: &D, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let (gs, us) = (dev.input::<T>(g)?, dev.input::<T>(u)?);
+    let h = ops::swiglu_forward(dev, &gs, &us)?;
+    dev.tensor(h, g.dims())
 }
 
 fn swiglu_t<T: FusedElement>(k: &Kernels, g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    match k.path {
-        KernelPath::Emulated => {
-            let h = ops::swiglu_forward_emulated::<T>(&host(g)?, &host(u)?)?;
-            from_host(h, g.dims())
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::swiglu::<T>(k.device()?, g, u),
-        _ => Err(k.unavailable()),
-    }
+    on_device!(k, |dev| swiglu_on::<_, T>(dev, g, u))
+}
+
+fn swiglu_backward_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    g: &Tensor,
+    u: &Tensor,
+    dh: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (gs, us, dhs) = (dev.input::<T>(g)?, dev.input::<T>(u)?, dev.input::<T>(dh)?);
+    let (dg, du) = ops::swiglu_backward(dev, &gs, &us, &dhs)?;
+    Ok((dev.tensor(dg, g.dims())?, dev.tensor(du, g.dims())?))
 }
 
 fn swiglu_backward_t<T: FusedElement>(
@@ -411,15 +527,7 @@ fn swiglu_backward_t<T: FusedElement>(
     u: &Tensor,
     dh: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    match k.path {
-        KernelPath::Emulated => {
-            let (dg, du) = ops::swiglu_backward_emulated::<T>(&host(g)?, &host(u)?, &host(dh)?)?;
-            Ok((from_host(dg, g.dims())?, from_host(du, g.dims())?))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::swiglu_backward::<T>(k.device()?, g, u, dh),
-        _ => Err(k.unavailable()),
-    }
+    on_device!(k, |dev| swiglu_backward_on::<_, T>(dev, g, u, dh))
 }
 
 fn attention_t<T: FusedElement>(
@@ -492,7 +600,8 @@ pub(crate) mod cuda {
     use super::*;
     use crate::kernels::attention::DeviceAttentionInputs;
     use crate::kernels::cuda::{cuda_err, storage_slice, CudaDevice};
-    use cudarc::driver::CudaSlice;
+    use crate::kernels::device::{Guard, KernelArg, Ptr};
+    use cudarc::driver::{CudaSlice, DevicePtr};
 
     /// `x` in `T` as one whole contiguous device buffer (a fresh copy unless it already is one),
     /// as [`storage_slice`] hands kernels their inputs.
@@ -540,43 +649,74 @@ pub(crate) mod cuda {
         Ok(dev.tensor_from_slice(slice, dims)?.to_dtype(DType::F32)?)
     }
 
-    pub(super) fn rms_norm<T: FusedElement>(
-        dev: &CudaDevice,
-        x: &Tensor,
-        weight: &Tensor,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)> {
-        let h = weight.elem_count();
-        let (x_t, w_t) = (operand::<T>(x)?, operand::<T>(weight)?);
-        let (y, rstd) = read::<T, _>(&x_t, |xs| {
-            read::<T, _>(&w_t, |ws| {
-                ops::rmsnorm_forward_cuda::<T>(dev, xs, ws, h, eps)
-            })
-        })?;
-        let rows = rstd.len();
-        Ok((tensor(dev, y, x.dims())?, tensor(dev, rstd, &[rows])?))
+    /// A tensor's own device buffer as a kernel input: the tensor (kept alive here) and the
+    /// address and length of its whole contiguous storage.
+    pub(crate) struct TensorInput<T> {
+        _tensor: Tensor,
+        addr: usize,
+        len: usize,
+        _t: std::marker::PhantomData<T>,
     }
 
-    pub(super) fn rms_norm_backward<T: FusedElement>(
-        dev: &CudaDevice,
-        dy: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        rstd: &Tensor,
-    ) -> Result<Tensor> {
-        let h = weight.elem_count();
-        let (dy_t, x_t, w_t) = (operand::<T>(dy)?, operand::<T>(x)?, operand::<T>(weight)?);
-        let rstd_t = operand::<f32>(rstd)?;
-        let (dx, _dw) = read::<T, _>(&dy_t, |dys| {
-            read::<T, _>(&x_t, |xs| {
-                read::<T, _>(&w_t, |ws| {
-                    read::<f32, _>(&rstd_t, |rs| {
-                        ops::rmsnorm_backward_cuda::<T>(dev, dys, xs, ws, rs, h)
-                    })
-                })
+    impl<T: FusedElement> KernelArg<CudaDevice, T> for TensorInput<T> {
+        fn len(&self) -> usize {
+            self.len
+        }
+        fn ptr<'a>(&'a self, _dev: &'a CudaDevice) -> Ptr<'a> {
+            // The buffer lives as long as `_tensor`; kernels and candle share one stream (a
+            // `Kernels` device is made by `CudaDevice::from_candle`), so stream order is the
+            // only ordering a launch needs.
+            Ptr::new(self.addr, Guard::Borrow(std::marker::PhantomData))
+        }
+    }
+
+    impl TensorDevice for CudaDevice {
+        type Input<T: FusedElement> = TensorInput<T>;
+
+        fn input<T: FusedElement>(&self, t: &Tensor) -> Result<TensorInput<T>> {
+            let t = operand::<T>(t)?;
+            let (addr, len) = read::<T, _>(&t, |s| {
+                let (addr, _guard) = s.device_ptr(self.stream());
+                Ok((addr as usize, s.len()))
+            })?;
+            Ok(TensorInput {
+                _tensor: t,
+                addr,
+                len,
+                _t: std::marker::PhantomData,
             })
-        })?;
-        tensor(dev, dx, x.dims())
+        }
+
+        fn writable<T: FusedElement>(&self, t: &Tensor) -> Result<CudaSlice<T>> {
+            writable::<T>(self, t)
+        }
+
+        fn tensor<T: FusedElement>(&self, buf: CudaSlice<T>, dims: &[usize]) -> Result<Tensor> {
+            tensor::<T>(self, buf, dims)
+        }
+
+        fn with_rope<R>(
+            &self,
+            rope: &RopeTables,
+            f: impl FnOnce(&RopeArgs<'_, Self>) -> Result<R>,
+        ) -> Result<R> {
+            let tables = match rope.device.get() {
+                Some(t) => t,
+                None => {
+                    let uploaded = DeviceRope {
+                        cos: self.upload(&rope.cos)?,
+                        sin: self.upload(&rope.sin)?,
+                        positions: self.upload(&rope.positions)?,
+                    };
+                    rope.device.get_or_init(|| uploaded)
+                }
+            };
+            f(&RopeArgs {
+                cos: &tables.cos,
+                sin: &tables.sin,
+                positions: &tables.positions,
+            })
+        }
     }
 
     /// [`RopeTables`] on the device.
@@ -584,72 +724,6 @@ pub(crate) mod cuda {
         cos: CudaSlice<f32>,
         sin: CudaSlice<f32>,
         positions: CudaSlice<i32>,
-    }
-
-    pub(super) fn rope<T: FusedElement>(
-        dev: &CudaDevice,
-        q: &Tensor,
-        k: &Tensor,
-        rope: &RopeTables,
-        (q_heads, kv_heads): (usize, usize),
-        inverse: bool,
-    ) -> Result<(Tensor, Tensor)> {
-        let mut qs = writable::<T>(dev, q)?;
-        let mut ks = writable::<T>(dev, k)?;
-        let tables = match rope.device.get() {
-            Some(t) => t,
-            None => {
-                let stream = dev.stream();
-                let uploaded = DeviceRope {
-                    cos: stream.clone_htod(&rope.cos).map_err(cuda_err)?,
-                    sin: stream.clone_htod(&rope.sin).map_err(cuda_err)?,
-                    positions: stream.clone_htod(&rope.positions).map_err(cuda_err)?,
-                };
-                rope.device.get_or_init(|| uploaded)
-            }
-        };
-        ops::rope_cuda::<T>(
-            dev,
-            &mut qs,
-            &mut ks,
-            &tables.cos,
-            &tables.sin,
-            &tables.positions,
-            q_heads,
-            kv_heads,
-            rope.head_dim,
-            inverse,
-        )?;
-        Ok((tensor(dev, qs, q.dims())?, tensor(dev, ks, k.dims())?))
-    }
-
-    pub(super) fn swiglu<T: FusedElement>(
-        dev: &CudaDevice,
-        g: &Tensor,
-        u: &Tensor,
-    ) -> Result<Tensor> {
-        let (g_t, u_t) = (operand::<T>(g)?, operand::<T>(u)?);
-        let h = read::<T, _>(&g_t, |gs| {
-            read::<T, _>(&u_t, |us| ops::swiglu_forward_cuda::<T>(dev, gs, us))
-        })?;
-        tensor(dev, h, g.dims())
-    }
-
-    pub(super) fn swiglu_backward<T: FusedElement>(
-        dev: &CudaDevice,
-        g: &Tensor,
-        u: &Tensor,
-        dh: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (g_t, u_t, dh_t) = (operand::<T>(g)?, operand::<T>(u)?, operand::<T>(dh)?);
-        let (dg, du) = read::<T, _>(&g_t, |gs| {
-            read::<T, _>(&u_t, |us| {
-                read::<T, _>(&dh_t, |dhs| {
-                    ops::swiglu_backward_cuda::<T>(dev, gs, us, dhs)
-                })
-            })
-        })?;
-        Ok((tensor(dev, dg, g.dims())?, tensor(dev, du, g.dims())?))
     }
 
     /// q, k, v (and the mask) as device buffers, for `f`.
