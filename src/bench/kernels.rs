@@ -652,9 +652,7 @@ pub mod gpu {
     /// RMSNorm forward over [M, hidden], RoPE on q and k [M, heads, head_dim], SwiGLU forward
     /// over [M, intermediate], bf16, at every M.
     pub fn llama(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::llama::{
-            rmsnorm_forward_cuda_into, rope_cuda, swiglu_forward_cuda_into,
-        };
+        use crate::kernels::llama::{rmsnorm_forward_into, rope, swiglu_forward_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let shape = b.opts.shape;
         let (h, inter, heads, hd) = (
@@ -673,7 +671,7 @@ pub mod gpu {
             let mut d_y = s.alloc_zeros::<bf16>(m * h).map_err(cuda_err)?;
             let mut d_rstd = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                rmsnorm_forward_cuda_into(dev, &d_x, &d_w, h, 1e-5, &mut d_y, &mut d_rstd)
+                rmsnorm_forward_into(dev, &d_x, &d_w, h, 1e-5, &mut d_y, &mut d_rstd)
             })?;
             rows.push(memory_row(
                 "rmsnorm fwd bf16",
@@ -703,7 +701,7 @@ pub mod gpu {
                 .clone_htod(&bf16_normal(m * h, 1.0, 4))
                 .map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                rope_cuda(
+                rope(
                     dev, &mut d_q, &mut d_k, &d_cos, &d_sin, &d_pos, heads, heads, hd, false,
                 )
             })?;
@@ -724,7 +722,7 @@ pub mod gpu {
                 .map_err(cuda_err)?;
             let mut d_h = s.alloc_zeros::<bf16>(m * inter).map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                swiglu_forward_cuda_into(dev, &d_g, &d_u, &mut d_h)
+                swiglu_forward_into(dev, &d_g, &d_u, &mut d_h)
             })?;
             rows.push(memory_row(
                 "swiglu fwd bf16",

@@ -111,7 +111,7 @@ pub(crate) fn lora_gradients_chunked(
     let forward = checkpointed_forward(model, adapter, input_ids, attention_mask, *mode)?;
     let (b, t) = input_ids.dims2()?;
     let checkpoints = forward.stats();
-    if forward.rope.fused.is_some() {
+    if forward.rope.fused() {
         let w = model.weights();
         let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
         let (normed, rstd) = k.rms_norm(dt, &forward.hidden, &w.norm, eps)?;
@@ -210,13 +210,17 @@ pub fn decoder_layer_backward(
     Ok(LayerGradients { dx, lora })
 }
 
-/// The additive attention mask `[B, 1, T, T]` and RoPE tables `[1, 1, T, head_dim]` of a batch,
-/// and the fused kernels' inputs when they run ([`LlamaModel::fused_attention_shape`]).
-struct AttentionInputs {
-    mask: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    fused: Option<FusedInputs>,
+/// What a batch's attention needs: the fused kernels' inputs when they run
+/// ([`LlamaModel::fused_attention_shape`]: key flags and half tables with positions), else the
+/// additive mask `[B, 1, T, T]` and RoPE tables `[1, 1, T, head_dim]` of the tensor ops. Only one
+/// of the two is ever built.
+enum AttentionInputs {
+    Tables {
+        mask: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+    },
+    Kernels(FusedInputs),
 }
 
 impl AttentionInputs {
@@ -230,16 +234,17 @@ impl AttentionInputs {
             Some(mask) => model.check_mask(mask, b, t)?,
             None => vec![true; b * t],
         };
-        let fused = FusedInputs::new(model, &keep, b, t);
+        if let Some(fused) = FusedInputs::new(model, &keep, b, t) {
+            return Ok(Self::Kernels(fused));
+        }
         let mask = model.additive_mask(&keep, b, 0, t)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = model.rope_tables(1, &positions)?;
-        Ok(Self {
-            mask,
-            cos,
-            sin,
-            fused,
-        })
+        Ok(Self::Tables { mask, cos, sin })
+    }
+
+    fn fused(&self) -> bool {
+        matches!(self, Self::Kernels(_))
     }
 }
 
@@ -287,7 +292,7 @@ fn checkpointed_forward(
     let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
     for layer in 0..model.config().num_hidden_layers {
         let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
-        let next = pass.forward_output(&x, &rope)?;
+        let next = pass.forward(&x, &rope)?.output;
         // The input holds compute-dtype values: kept in that dtype (exactly), half the bytes in
         // bf16, and widened again when its layer is pulled back.
         inputs.push(x.to_dtype(model.dtype())?);
@@ -394,7 +399,7 @@ fn backward_from_dnormed(
     rstd: Option<&Tensor>,
 ) -> Result<LoraGrads> {
     let w = model.weights();
-    let mut dx = if forward.rope.fused.is_some() {
+    let mut dx = if forward.rope.fused() {
         let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
         let rstd = match rstd {
             Some(r) => r.clone(),
@@ -468,41 +473,39 @@ struct LayerPass<'a> {
 struct LayerActivations {
     output: Tensor,
     normed_attn: Tensor,
-    /// Rotated queries `[B, heads, T, d]`, keys and values repeated to `heads`.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    probs: Tensor,
+    /// Each RMSNorm's rstd when the fused kernel ran it (the tensor-op backward recomputes it).
+    rstd_attn: Option<Tensor>,
+    attention: AttentionState,
     attn_out: Tensor,
     residual: Tensor,
     normed_mlp: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
-}
-
-/// The intermediates of one layer's forward through the fused kernels: no `[B, H, T, T]`
-/// probabilities, keys and values at their kv heads, and each RMSNorm's rstd.
-struct FusedActivations {
-    output: Tensor,
-    normed_attn: Tensor,
-    rstd_attn: Tensor,
-    /// Rotated queries `[B, heads, T, d]`, rotated keys and values `[B, kv_heads, T, d]`.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// The attention output `[B, heads, T, d]` and its per-row logsumexp.
-    o: Tensor,
-    lse: Tensor,
-    attn_out: Tensor,
-    residual: Tensor,
-    normed_mlp: Tensor,
-    rstd_mlp: Tensor,
+    rstd_mlp: Option<Tensor>,
     gate: Tensor,
     up: Tensor,
     act: Tensor,
     /// T = x·Aᵀ of each linear whose LoRA ran through the fused kernels.
     lora_t: SavedProjections,
+}
+
+/// What the attention backward reads, by path.
+enum AttentionState {
+    /// Tensor ops: rotated queries `[B, heads, T, d]`, keys and values repeated to `heads`, and
+    /// the `[B, heads, T, T]` probabilities.
+    Ops {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        probs: Tensor,
+    },
+    /// The fused kernel: rotated queries `[B, heads, T, d]`, rotated keys and values
+    /// `[B, kv_heads, T, d]`, the output `[B, heads, T, d]` and its per-row logsumexp.
+    Kernels {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        o: Tensor,
+        lse: Tensor,
+    },
 }
 
 impl<'a> LayerPass<'a> {
@@ -548,11 +551,32 @@ impl<'a> LayerPass<'a> {
     }
 
     /// `module` on `x`, with the adapter's LoRA delta, rounded as `LlamaModel`'s forward rounds.
-    fn linear(&self, x: &Tensor, module: TargetModule) -> Result<Tensor> {
+    /// With `fused`, the delta goes through the fused LoRA kernels (no dropout, as
+    /// [`LoraMode::Eval`]), which also give T = x·Aᵀ `[M, r]` f32: the recomputed forward makes T
+    /// anyway, so it is kept in `saved` for [`Self::linear_backward`] (r/in of x's size) instead of
+    /// being made a third time there. Pairs the kernels do not take run as tensor ops.
+    fn linear(
+        &self,
+        x: &Tensor,
+        module: TargetModule,
+        saved: &mut SavedProjections,
+        fused: bool,
+    ) -> Result<Tensor> {
         let y = match &self.linears[module as usize] {
             Some(w) => self.model.dense_linear(x, w)?,
             None => self.model.linear(x, self.layer, module)?,
         };
+        if fused {
+            if let Some(lora) = self.fused_lora(x, module)? {
+                let rows = lora.dims.tokens;
+                let x2 = x.reshape((rows, lora.dims.in_features))?;
+                let y2 = y.reshape((rows, lora.dims.out_features))?;
+                let (k, dt) = (self.model.kernels(), self.model.dtype());
+                let (y2, t) = fused_lora::forward(k, dt, &lora, &x2, &y2)?;
+                saved.insert(module, t);
+                return Ok(y2.reshape(y.dims())?);
+            }
+        }
         match self.adapter {
             Some(adapter) => self
                 .model
@@ -573,10 +597,34 @@ impl<'a> LayerPass<'a> {
         }
     }
 
+    /// The pullback of `module` on `x`: through the fused LoRA kernels from the forward's T in
+    /// `saved` (dX in the compute dtype) when the forward ran them, else as tensor ops
+    /// ([`Self::linear_backward_ops`]).
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        module: TargetModule,
+        saved: &SavedProjections,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        let (Some(t), Some(lora)) = (saved.get(&module), self.fused_lora(x, module)?) else {
+            return self.linear_backward_ops(x, dy, module, grads);
+        };
+        let d = lora.dims;
+        let x2 = x.reshape((d.tokens, d.in_features))?;
+        let dy2 = dy.reshape((d.tokens, d.out_features))?;
+        let dx = self.frozen_backward(&dy2, module)?;
+        let (k, dt) = (self.model.kernels(), self.model.dtype());
+        let (dx, pair) = fused_lora::backward(k, dt, &lora, &x2, t, &dy2, &dx)?;
+        grads.insert((self.layer, module), pair);
+        Ok(dx.reshape(x.dims())?)
+    }
+
     /// The pullback of `module` on `x`: dx = dy·W + s·(dy·B)·A, and with u = x·Aᵀ,
     /// dB = s·dyᵀ·u and dA = s·(dy·B)ᵀ·x, stored in `grads`. With dropout mask m (inverted
     /// scaling included), x is m ⊙ x in u and dA, and the adapter's share of dx is m ⊙ (s·(dy·B)·A).
-    fn linear_backward(
+    fn linear_backward_ops(
         &self,
         x: &Tensor,
         dy: &Tensor,
@@ -644,57 +692,6 @@ impl<'a> LayerPass<'a> {
         )
     }
 
-    /// [`Self::linear`] on the fused path: the base product as there, then the LoRA delta through
-    /// the fused kernels (no dropout, as [`LoraMode::Eval`]), which also give T = x·Aᵀ `[M, r]`
-    /// f32. The recomputed forward makes T anyway, so it is kept in `saved` for
-    /// [`Self::linear_backward_fused`] (r/in of x's size) instead of being made a third time there;
-    /// U = dy·B is the backward's own scratch. Pairs the kernels do not take run as tensor ops.
-    fn linear_fused(
-        &self,
-        x: &Tensor,
-        module: TargetModule,
-        saved: &mut SavedProjections,
-    ) -> Result<Tensor> {
-        let Some(lora) = self.fused_lora(x, module)? else {
-            return self.linear(x, module);
-        };
-        let y = match &self.linears[module as usize] {
-            Some(w) => self.model.dense_linear(x, w)?,
-            None => self.model.linear(x, self.layer, module)?,
-        };
-        let rows = lora.dims.tokens;
-        let x2 = x.reshape((rows, lora.dims.in_features))?;
-        let y2 = y.reshape((rows, lora.dims.out_features))?;
-        let (k, dt) = (self.model.kernels(), self.model.dtype());
-        let (y2, t) = fused_lora::forward(k, dt, &lora, &x2, &y2)?;
-        saved.insert(module, t);
-        Ok(y2.reshape(y.dims())?)
-    }
-
-    /// [`Self::linear_backward`] on the fused path: the frozen product as there, then the LoRA
-    /// pullback through the fused kernels from the forward's T in `saved` (dX in the compute
-    /// dtype); a linear with no saved T ran as tensor ops and is pulled back as them.
-    fn linear_backward_fused(
-        &self,
-        x: &Tensor,
-        dy: &Tensor,
-        module: TargetModule,
-        saved: &SavedProjections,
-        grads: &mut LoraGrads,
-    ) -> Result<Tensor> {
-        let (Some(t), Some(lora)) = (saved.get(&module), self.fused_lora(x, module)?) else {
-            return self.linear_backward(x, dy, module, grads);
-        };
-        let d = lora.dims;
-        let x2 = x.reshape((d.tokens, d.in_features))?;
-        let dy2 = dy.reshape((d.tokens, d.out_features))?;
-        let dx = self.frozen_backward(&dy2, module)?;
-        let (k, dt) = (self.model.kernels(), self.model.dtype());
-        let (dx, pair) = fused_lora::backward(k, dt, &lora, &x2, t, &dy2, &dx)?;
-        grads.insert((self.layer, module), pair);
-        Ok(dx.reshape(x.dims())?)
-    }
-
     /// `[B, T, n · d]` → `[B, n, T, d]`.
     fn split_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -708,56 +705,192 @@ impl<'a> LayerPass<'a> {
         Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * d))?)
     }
 
-    /// The layer's output from its input `x`, through the fused kernels when they run.
-    fn forward_output(&self, x: &Tensor, rope: &AttentionInputs) -> Result<Tensor> {
-        match &rope.fused {
-            Some(fused) => Ok(self.forward_fused(x, fused)?.output),
-            None => Ok(self.forward(x, rope)?.output),
+    /// RMSNorm with `weight`: `(y, rstd)`, rstd only from the fused kernel.
+    fn norm(&self, x: &Tensor, weight: &Tensor, fused: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let m = self.model;
+        if !fused {
+            return Ok((m.rms_norm(x, weight)?, None));
+        }
+        let (y, rstd) = m
+            .kernels()
+            .rms_norm(m.dtype(), x, weight, m.config().rms_norm_eps)?;
+        Ok((y, Some(rstd)))
+    }
+
+    /// The RMSNorm pullback of `dy`: through the kernel from the forward's rstd, or as tensor ops.
+    fn norm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        rstd: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let m = self.model;
+        match rstd {
+            Some(rstd) => m
+                .kernels()
+                .rms_norm_backward(m.dtype(), dy, x, weight, rstd),
+            None => rms_norm_backward(m, x, weight, dy),
         }
     }
 
-    /// The layer's forward through the fused RMSNorm, RoPE, attention and SwiGLU kernels (the
-    /// linears as in [`Self::forward`]), keeping what [`Self::backward_fused`] reads.
-    fn forward_fused(&self, x: &Tensor, f: &FusedInputs) -> Result<FusedActivations> {
+    /// SwiGLU `silu(gate) · up`, rounded as `LlamaModel`'s forward rounds.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, fused: bool) -> Result<Tensor> {
         let m = self.model;
-        let (k, dt, c) = (m.kernels(), m.dtype(), m.config());
+        if fused {
+            return m.kernels().swiglu(m.dtype(), gate, up);
+        }
+        m.round(m.round(gate.silu()?)?.mul(up)?)
+    }
+
+    /// The SwiGLU pullback: `(dgate, dup)`.
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dact: &Tensor,
+        fused: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let m = self.model;
+        if fused {
+            return m.kernels().swiglu_backward(m.dtype(), gate, up, dact);
+        }
+        let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (gate * &sig)?;
+        let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let dgate = ((dact * up)? * dsilu)?;
+        let dup = (dact * silu)?;
+        Ok((dgate, dup))
+    }
+
+    /// Causal self-attention with RoPE on the projections q `[B, T, heads · d]`, k and v
+    /// `[B, T, kv_heads · d]`: the merged output `[B, T, heads · d]` and what the backward reads.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &AttentionInputs,
+    ) -> Result<(Tensor, AttentionState)> {
+        let m = self.model;
+        let c = m.config();
         let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
-        let eps = c.rms_norm_eps;
-        let (normed_attn, rstd_attn) = k.rms_norm(dt, x, &self.weights.input_layernorm, eps)?;
+        match rope {
+            AttentionInputs::Kernels(f) => {
+                let (kernels, dt) = (m.kernels(), m.dtype());
+                let (q, k) = kernels.rope(dt, q, k, &f.rope, false)?;
+                let q = self.split_heads(&q, n_heads)?;
+                let k = self.split_heads(&k, n_kv)?;
+                let v = self.split_heads(v, n_kv)?;
+                let qkv = Qkv {
+                    shape: f.shape,
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                };
+                let (o, lse) = kernels.attention(dt, &qkv, &f.key_mask)?;
+                let out = Self::merge_heads(&o)?;
+                Ok((out, AttentionState::Kernels { q, k, v, o, lse }))
+            }
+            AttentionInputs::Tables { mask, cos, sin } => {
+                let q = m.rope(&self.split_heads(q, n_heads)?, cos, sin)?;
+                let k = repeat_kv(
+                    &m.rope(&self.split_heads(k, n_kv)?, cos, sin)?,
+                    n_heads / n_kv,
+                )?;
+                let v = repeat_kv(&self.split_heads(v, n_kv)?, n_heads / n_kv)?;
+                let scores = m.round(q.matmul(&k.t()?.contiguous()?)?)?;
+                let scores = m.round((scores * f64::from(attention_scaling(c.head_dim)))?)?;
+                let scores = m.round(scores.broadcast_add(mask)?)?;
+                let max = scores.max_keepdim(D::Minus1)?;
+                let exp = scores.broadcast_sub(&max)?.exp()?;
+                let probs = m.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
+                let out = Self::merge_heads(&m.round(probs.matmul(&v)?)?)?;
+                Ok((out, AttentionState::Ops { q, k, v, probs }))
+            }
+        }
+    }
+
+    /// The attention pullback of the merged output's gradient: `(dq, dk, dv)` as the projections
+    /// `[B, T, heads · d]` and `[B, T, kv_heads · d]` (through the inverse RoPE; a GQA group's
+    /// query heads summed into their kv head).
+    fn attention_backward(
+        &self,
+        state: &AttentionState,
+        dattn_out: &Tensor,
+        rope: &AttentionInputs,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = self.model;
+        let c = m.config();
+        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let dout = self.split_heads(dattn_out, n_heads)?;
+        match (state, rope) {
+            (AttentionState::Kernels { q, k, v, o, lse }, AttentionInputs::Kernels(f)) => {
+                let (kernels, dt) = (m.kernels(), m.dtype());
+                let qkv = Qkv {
+                    shape: f.shape,
+                    q,
+                    k,
+                    v,
+                };
+                let (dq, dk, dv) =
+                    kernels.attention_backward(dt, &qkv, &f.key_mask, o, lse, &dout)?;
+                let (dq, dk) = kernels.rope(
+                    dt,
+                    &Self::merge_heads(&dq)?,
+                    &Self::merge_heads(&dk)?,
+                    &f.rope,
+                    true,
+                )?;
+                Ok((dq, dk, Self::merge_heads(&dv)?))
+            }
+            (AttentionState::Ops { q, k, v, probs }, AttentionInputs::Tables { cos, sin, .. }) => {
+                let dprobs = dout.matmul(&v.t()?)?;
+                let dv = probs.t()?.matmul(&dout)?;
+                let row_dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+                let dscores = (probs.mul(&dprobs.broadcast_sub(&row_dot)?)?
+                    * f64::from(attention_scaling(c.head_dim)))?;
+                let dq = dscores.matmul(k)?;
+                let dk = dscores.t()?.matmul(q)?;
+                let dq = rope_backward(&dq, cos, sin)?;
+                let dk = rope_backward(&sum_repeated_kv(&dk, n_kv)?, cos, sin)?;
+                let dv = sum_repeated_kv(&dv, n_kv)?;
+                Ok((
+                    Self::merge_heads(&dq)?,
+                    Self::merge_heads(&dk)?,
+                    Self::merge_heads(&dv)?,
+                ))
+            }
+            _ => Err(invalid("the attention state is not of the batch's path")),
+        }
+    }
+
+    /// The layer's forward as `LlamaModel`'s `decoder_layer` computes it (through the fused
+    /// kernels when the batch has their inputs), keeping what the backward reads. One layer for
+    /// every path (docs/ARCHITECTURE.md, "The decoder layer").
+    fn forward(&self, x: &Tensor, rope: &AttentionInputs) -> Result<LayerActivations> {
+        let m = self.model;
+        let fused = rope.fused();
         let mut lora_t = SavedProjections::new();
-        let q = self.linear_fused(&normed_attn, TargetModule::QProj, &mut lora_t)?;
-        let kk = self.linear_fused(&normed_attn, TargetModule::KProj, &mut lora_t)?;
-        let v = self.linear_fused(&normed_attn, TargetModule::VProj, &mut lora_t)?;
-        let (q, kk) = k.rope(dt, &q, &kk, &f.rope, false)?;
-        let q = self.split_heads(&q, n_heads)?;
-        let kk = self.split_heads(&kk, n_kv)?;
-        let v = self.split_heads(&v, n_kv)?;
-        let qkv = Qkv {
-            shape: f.shape,
-            q: &q,
-            k: &kk,
-            v: &v,
-        };
-        let (o, lse) = k.attention(dt, &qkv, &f.key_mask)?;
-        let attn_out = Self::merge_heads(&o)?;
-        let attn = self.linear_fused(&attn_out, TargetModule::OProj, &mut lora_t)?;
+        let (normed_attn, rstd_attn) = self.norm(x, &self.weights.input_layernorm, fused)?;
+        let q = self.linear(&normed_attn, TargetModule::QProj, &mut lora_t, fused)?;
+        let k = self.linear(&normed_attn, TargetModule::KProj, &mut lora_t, fused)?;
+        let v = self.linear(&normed_attn, TargetModule::VProj, &mut lora_t, fused)?;
+        let (attn_out, attention) = self.attention(&q, &k, &v, rope)?;
+        let attn = self.linear(&attn_out, TargetModule::OProj, &mut lora_t, fused)?;
         let residual = m.round((x + attn)?)?;
         let post_norm = &self.weights.post_attention_layernorm;
-        let (normed_mlp, rstd_mlp) = k.rms_norm(dt, &residual, post_norm, eps)?;
-        let gate = self.linear_fused(&normed_mlp, TargetModule::GateProj, &mut lora_t)?;
-        let up = self.linear_fused(&normed_mlp, TargetModule::UpProj, &mut lora_t)?;
-        let act = k.swiglu(dt, &gate, &up)?;
-        let mlp = self.linear_fused(&act, TargetModule::DownProj, &mut lora_t)?;
+        let (normed_mlp, rstd_mlp) = self.norm(&residual, post_norm, fused)?;
+        let gate = self.linear(&normed_mlp, TargetModule::GateProj, &mut lora_t, fused)?;
+        let up = self.linear(&normed_mlp, TargetModule::UpProj, &mut lora_t, fused)?;
+        let act = self.swiglu(&gate, &up, fused)?;
+        let mlp = self.linear(&act, TargetModule::DownProj, &mut lora_t, fused)?;
         let output = m.round((&residual + mlp)?)?;
-        Ok(FusedActivations {
+        Ok(LayerActivations {
             output,
             normed_attn,
             rstd_attn,
-            q,
-            k: kk,
-            v,
-            o,
-            lse,
+            attention,
             attn_out,
             residual,
             normed_mlp,
@@ -766,115 +899,6 @@ impl<'a> LayerPass<'a> {
             up,
             act,
             lora_t,
-        })
-    }
-
-    /// [`Self::backward`] through the fused kernels' backward passes.
-    fn backward_fused(
-        &self,
-        x: &Tensor,
-        f: &FusedInputs,
-        dy: &Tensor,
-        grads: &mut LoraGrads,
-    ) -> Result<Tensor> {
-        let (k, dt) = (self.model.kernels(), self.model.dtype());
-        let n_heads = self.model.config().num_attention_heads;
-        let s = self.forward_fused(x, f)?;
-
-        let dact =
-            self.linear_backward_fused(&s.act, dy, TargetModule::DownProj, &s.lora_t, grads)?;
-        let (dgate, dup) = k.swiglu_backward(dt, &s.gate, &s.up, &dact)?;
-        let dnormed = (self.linear_backward_fused(
-            &s.normed_mlp,
-            &dgate,
-            TargetModule::GateProj,
-            &s.lora_t,
-            grads,
-        )? + self.linear_backward_fused(
-            &s.normed_mlp,
-            &dup,
-            TargetModule::UpProj,
-            &s.lora_t,
-            grads,
-        )?)?;
-        let post_norm = &self.weights.post_attention_layernorm;
-        let dresidual =
-            (dy + k.rms_norm_backward(dt, &dnormed, &s.residual, post_norm, &s.rstd_mlp)?)?;
-
-        let dattn_out = self.linear_backward_fused(
-            &s.attn_out,
-            &dresidual,
-            TargetModule::OProj,
-            &s.lora_t,
-            grads,
-        )?;
-        let d_o = self.split_heads(&dattn_out, n_heads)?;
-        let qkv = Qkv {
-            shape: f.shape,
-            q: &s.q,
-            k: &s.k,
-            v: &s.v,
-        };
-        let (dq, dk, dv) = k.attention_backward(dt, &qkv, &f.key_mask, &s.o, &s.lse, &d_o)?;
-        let (dq, dk) = k.rope(
-            dt,
-            &Self::merge_heads(&dq)?,
-            &Self::merge_heads(&dk)?,
-            &f.rope,
-            true,
-        )?;
-        let dv = Self::merge_heads(&dv)?;
-        let mut dnormed =
-            self.linear_backward_fused(&s.normed_attn, &dq, TargetModule::QProj, &s.lora_t, grads)?;
-        for (d, module) in [(dk, TargetModule::KProj), (dv, TargetModule::VProj)] {
-            dnormed = (dnormed
-                + self.linear_backward_fused(&s.normed_attn, &d, module, &s.lora_t, grads)?)?;
-        }
-        let input_norm = &self.weights.input_layernorm;
-        Ok((dresidual + k.rms_norm_backward(dt, &dnormed, x, input_norm, &s.rstd_attn)?)?)
-    }
-
-    /// The layer's forward as `LlamaModel`'s `decoder_layer` computes it, keeping what the
-    /// backward reads.
-    fn forward(&self, x: &Tensor, rope: &AttentionInputs) -> Result<LayerActivations> {
-        let m = self.model;
-        let c = m.config();
-        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
-        let normed_attn = m.rms_norm(x, &self.weights.input_layernorm)?;
-        let q = self.split_heads(&self.linear(&normed_attn, TargetModule::QProj)?, n_heads)?;
-        let k = self.split_heads(&self.linear(&normed_attn, TargetModule::KProj)?, n_kv)?;
-        let v = self.split_heads(&self.linear(&normed_attn, TargetModule::VProj)?, n_kv)?;
-        let q = m.rope(&q, &rope.cos, &rope.sin)?;
-        let k = repeat_kv(&m.rope(&k, &rope.cos, &rope.sin)?, n_heads / n_kv)?;
-        let v = repeat_kv(&v, n_heads / n_kv)?;
-        let scores = m.round(q.matmul(&k.t()?.contiguous()?)?)?;
-        let scores = m.round((scores * f64::from(attention_scaling(c.head_dim)))?)?;
-        let scores = m.round(scores.broadcast_add(&rope.mask)?)?;
-        let max = scores.max_keepdim(D::Minus1)?;
-        let exp = scores.broadcast_sub(&max)?.exp()?;
-        let probs = m.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
-        let attn_out = Self::merge_heads(&m.round(probs.matmul(&v)?)?)?;
-        let attn = self.linear(&attn_out, TargetModule::OProj)?;
-        let residual = m.round((x + attn)?)?;
-        let normed_mlp = m.rms_norm(&residual, &self.weights.post_attention_layernorm)?;
-        let gate = self.linear(&normed_mlp, TargetModule::GateProj)?;
-        let up = self.linear(&normed_mlp, TargetModule::UpProj)?;
-        let act = m.round(m.round(gate.silu()?)?.mul(&up)?)?;
-        let mlp = self.linear(&act, TargetModule::DownProj)?;
-        let output = m.round((&residual + mlp)?)?;
-        Ok(LayerActivations {
-            output,
-            normed_attn,
-            q,
-            k,
-            v,
-            probs,
-            attn_out,
-            residual,
-            normed_mlp,
-            gate,
-            up,
-            act,
         })
     }
 
@@ -887,53 +911,31 @@ impl<'a> LayerPass<'a> {
         dy: &Tensor,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
-        if let Some(fused) = &rope.fused {
-            return self.backward_fused(x, fused, dy, grads);
-        }
-        let c = self.model.config();
-        let (n_heads, n_kv) = (c.num_attention_heads, c.num_key_value_heads);
         let s = self.forward(x, rope)?;
+        let t = &s.lora_t;
 
         // MLP: output = residual + down(silu(gate) ⊙ up).
-        let dact = self.linear_backward(&s.act, dy, TargetModule::DownProj, grads)?;
-        let sig = (s.gate.neg()?.exp()? + 1.0)?.recip()?;
-        let silu = (&s.gate * &sig)?;
-        let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
-        let dgate = ((&dact * &s.up)? * dsilu)?;
-        let dup = (&dact * silu)?;
+        let dact = self.linear_backward(&s.act, dy, TargetModule::DownProj, t, grads)?;
+        let (dgate, dup) = self.swiglu_backward(&s.gate, &s.up, &dact, rope.fused())?;
         let dnormed =
-            (self.linear_backward(&s.normed_mlp, &dgate, TargetModule::GateProj, grads)?
-                + self.linear_backward(&s.normed_mlp, &dup, TargetModule::UpProj, grads)?)?;
+            (self.linear_backward(&s.normed_mlp, &dgate, TargetModule::GateProj, t, grads)?
+                + self.linear_backward(&s.normed_mlp, &dup, TargetModule::UpProj, t, grads)?)?;
         let post_norm = &self.weights.post_attention_layernorm;
-        let dresidual = (dy + rms_norm_backward(self.model, &s.residual, post_norm, &dnormed)?)?;
+        let dresidual =
+            (dy + self.norm_backward(&dnormed, &s.residual, post_norm, s.rstd_mlp.as_ref())?)?;
 
         // Attention: residual = x + o(softmax(q·kᵀ·scale + mask)·v).
         let dattn_out =
-            self.linear_backward(&s.attn_out, &dresidual, TargetModule::OProj, grads)?;
-        let dout = self.split_heads(&dattn_out, n_heads)?;
-        let dprobs = dout.matmul(&s.v.t()?)?;
-        let dv = s.probs.t()?.matmul(&dout)?;
-        let row_dot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
-        let dscores = (s.probs.mul(&dprobs.broadcast_sub(&row_dot)?)?
-            * f64::from(attention_scaling(c.head_dim)))?;
-        let dq = dscores.matmul(&s.k)?;
-        let dk = dscores.t()?.matmul(&s.q)?;
-        let dq = rope_backward(&dq, &rope.cos, &rope.sin)?;
-        let dk = rope_backward(&sum_repeated_kv(&dk, n_kv)?, &rope.cos, &rope.sin)?;
-        let dv = sum_repeated_kv(&dv, n_kv)?;
-        let mut dnormed = self.linear_backward(
-            &s.normed_attn,
-            &Self::merge_heads(&dq)?,
-            TargetModule::QProj,
-            grads,
-        )?;
+            self.linear_backward(&s.attn_out, &dresidual, TargetModule::OProj, t, grads)?;
+        let (dq, dk, dv) = self.attention_backward(&s.attention, &dattn_out, rope)?;
+        let mut dnormed =
+            self.linear_backward(&s.normed_attn, &dq, TargetModule::QProj, t, grads)?;
         for (d, module) in [(dk, TargetModule::KProj), (dv, TargetModule::VProj)] {
-            let dm =
-                self.linear_backward(&s.normed_attn, &Self::merge_heads(&d)?, module, grads)?;
+            let dm = self.linear_backward(&s.normed_attn, &d, module, t, grads)?;
             dnormed = (dnormed + dm)?;
         }
         let input_norm = &self.weights.input_layernorm;
-        Ok((dresidual + rms_norm_backward(self.model, x, input_norm, &dnormed)?)?)
+        Ok((dresidual + self.norm_backward(&dnormed, x, input_norm, s.rstd_attn.as_ref())?)?)
     }
 }
 

@@ -228,10 +228,7 @@ impl LlamaModel {
             fused: fused.as_ref(),
         };
         let x = self.decoder_stack(input_ids, &mask, &rope, None, lora)?;
-        let x = match &fused {
-            Some(_) => self.fused_rms_norm(&x, &self.weights.norm)?,
-            None => self.rms_norm(&x, &self.weights.norm)?,
-        };
+        let x = self.layer_norm(&x, &self.weights.norm, fused.is_some())?;
         let logits = self.dense_linear(&x, self.weights.lm_head())?;
         Ok(logits.to_dtype(self.dtype)?)
     }
@@ -642,18 +639,36 @@ impl LlamaModel {
     }
 
     /// `module` of `layer` on `x`, plus the adapter's LoRA delta when it targets the module, the
-    /// sum rounded to the compute dtype as PEFT's `result.to(torch_result_dtype)`.
+    /// sum rounded to the compute dtype as PEFT's `result.to(torch_result_dtype)`. With `fused`
+    /// kernels the delta goes through the fused LoRA kernels when the adapter runs without
+    /// dropout (eval, or a dropout of 0) and the kernels take the pair's rank and sizes.
     fn adapted_linear(
         &self,
         x: &Tensor,
         layer: AdaptedLayer<'_>,
         module: TargetModule,
+        fused: bool,
     ) -> Result<Tensor> {
         let y = self.linear(x, layer.index, module)?;
-        match layer.lora {
-            Some((adapter, mode)) => self.round(adapter.apply(layer.index, module, x, &y, mode)?),
-            None => Ok(y),
+        let Some((adapter, mode)) = layer.lora else {
+            return Ok(y);
+        };
+        let no_dropout = matches!(mode, LoraMode::Eval) || adapter.config().dropout == 0.0;
+        let pair = adapter
+            .pair(layer.index, module)
+            .filter(|_| fused && no_dropout);
+        if let Some(pair) = pair {
+            let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D activation"))?;
+            let rows = x.elem_count() / in_features.max(1);
+            if let Some(lora) = FusedLora::new(pair, adapter.config().scaling(), rows)? {
+                let d = lora.dims;
+                let x2 = x.reshape((rows, d.in_features))?;
+                let y2 = y.reshape((rows, d.out_features))?;
+                let (y2, _t) = fused_lora::forward(&self.kernels, self.dtype, &lora, &x2, &y2)?;
+                return Ok(y2.reshape(y.dims())?);
+            }
         }
+        self.round(adapter.apply(layer.index, module, x, &y, mode)?)
     }
 
     /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs.
@@ -670,6 +685,9 @@ impl LlamaModel {
         self.round(y.reshape(out_dims)?)
     }
 
+    /// One decoder layer, for every path: each op (RMSNorm, attention with RoPE, SwiGLU, the
+    /// adapted linears) runs through the fused kernels when the batch has `rope.fused` inputs and
+    /// as tensor ops otherwise (docs/ARCHITECTURE.md, "The decoder layer").
     fn decoder_layer(
         &self,
         x: &Tensor,
@@ -678,62 +696,38 @@ impl LlamaModel {
         rope: &StepRope<'_>,
         cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
-        if let Some(fused) = rope.fused {
-            return self.decoder_layer_fused(x, layer, fused);
-        }
-        let (cos, sin) = (rope.cos, rope.sin);
-        let normed = self.rms_norm(x, &layer.weights.input_layernorm)?;
-        let attn = self.attention(&normed, layer, mask, cos, sin, cache)?;
+        let fused = rope.fused.is_some();
+        let normed = self.layer_norm(x, &layer.weights.input_layernorm, fused)?;
+        let attn = match rope.fused {
+            Some(inputs) => self.attention_kernels(&normed, layer, inputs)?,
+            None => self.attention(&normed, layer, mask, rope.cos, rope.sin, cache)?,
+        };
         let x = self.round((x + attn)?)?;
-        let normed = self.rms_norm(&x, &layer.weights.post_attention_layernorm)?;
-        let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj)?;
-        let up = self.adapted_linear(&normed, layer, TargetModule::UpProj)?;
-        let act = self.round(self.round(gate.silu()?)?.mul(&up)?)?;
-        let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj)?;
+        let normed = self.layer_norm(&x, &layer.weights.post_attention_layernorm, fused)?;
+        let gate = self.adapted_linear(&normed, layer, TargetModule::GateProj, fused)?;
+        let up = self.adapted_linear(&normed, layer, TargetModule::UpProj, fused)?;
+        let act = if fused {
+            self.kernels.swiglu(self.dtype, &gate, &up)?
+        } else {
+            self.round(self.round(gate.silu()?)?.mul(&up)?)?
+        };
+        let mlp = self.adapted_linear(&act, layer, TargetModule::DownProj, fused)?;
         self.round((x + mlp)?)
     }
 
-    /// [`Self::adapted_linear`] on the fused path: the LoRA delta through the fused LoRA kernels
-    /// when the adapter runs without dropout (eval, or a dropout of 0) and the kernels take the
-    /// pair's rank and sizes; otherwise as tensor ops.
-    fn adapted_linear_fused(
-        &self,
-        x: &Tensor,
-        layer: AdaptedLayer<'_>,
-        module: TargetModule,
-    ) -> Result<Tensor> {
-        let lora = layer.lora.and_then(|(adapter, mode)| {
-            let no_dropout = matches!(mode, LoraMode::Eval) || adapter.config().dropout == 0.0;
-            adapter
-                .pair(layer.index, module)
-                .filter(|_| no_dropout)
-                .map(|pair| (adapter, pair))
-        });
-        let Some((adapter, pair)) = lora else {
-            return self.adapted_linear(x, layer, module);
-        };
-        let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D activation"))?;
-        let rows = x.elem_count() / in_features.max(1);
-        let Some(fused) = FusedLora::new(pair, adapter.config().scaling(), rows)? else {
-            return self.adapted_linear(x, layer, module);
-        };
-        let y = self.linear(x, layer.index, module)?;
-        let d = fused.dims;
-        let x2 = x.reshape((rows, d.in_features))?;
-        let y2 = y.reshape((rows, d.out_features))?;
-        let (y2, _t) = fused_lora::forward(&self.kernels, self.dtype, &fused, &x2, &y2)?;
-        Ok(y2.reshape(y.dims())?)
-    }
-
-    /// RMSNorm through the fused kernel (the statistics in f32, one rounding per op).
-    fn fused_rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    /// RMSNorm through the fused kernel (the statistics in f32, one rounding per op) or as tensor
+    /// ops.
+    fn layer_norm(&self, x: &Tensor, weight: &Tensor, fused: bool) -> Result<Tensor> {
+        if !fused {
+            return self.rms_norm(x, weight);
+        }
         let eps = self.config.rms_norm_eps;
         Ok(self.kernels.rms_norm(self.dtype, x, weight, eps)?.0)
     }
 
-    /// [`Self::decoder_layer`] through the fused RMSNorm, RoPE, attention and SwiGLU kernels (no
-    /// KV cache: a whole batch from position 0).
-    fn decoder_layer_fused(
+    /// Self-attention through the fused RoPE and attention kernels (no KV cache: a whole batch
+    /// from position 0).
+    fn attention_kernels(
         &self,
         x: &Tensor,
         layer: AdaptedLayer<'_>,
@@ -743,10 +737,9 @@ impl LlamaModel {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (n_heads, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let normed = self.fused_rms_norm(x, &layer.weights.input_layernorm)?;
-        let q = self.adapted_linear_fused(&normed, layer, TargetModule::QProj)?;
-        let kk = self.adapted_linear_fused(&normed, layer, TargetModule::KProj)?;
-        let v = self.adapted_linear_fused(&normed, layer, TargetModule::VProj)?;
+        let q = self.adapted_linear(x, layer, TargetModule::QProj, true)?;
+        let kk = self.adapted_linear(x, layer, TargetModule::KProj, true)?;
+        let v = self.adapted_linear(x, layer, TargetModule::VProj, true)?;
         let (q, kk) = k.rope(dt, &q, &kk, &fused.rope, false)?;
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
@@ -763,14 +756,7 @@ impl LlamaModel {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, n_heads * d))?;
-        let attn = self.adapted_linear_fused(&o, layer, TargetModule::OProj)?;
-        let x = self.round((x + attn)?)?;
-        let normed = self.fused_rms_norm(&x, &layer.weights.post_attention_layernorm)?;
-        let gate = self.adapted_linear_fused(&normed, layer, TargetModule::GateProj)?;
-        let up = self.adapted_linear_fused(&normed, layer, TargetModule::UpProj)?;
-        let act = k.swiglu(dt, &gate, &up)?;
-        let mlp = self.adapted_linear_fused(&act, layer, TargetModule::DownProj)?;
-        self.round((x + mlp)?)
+        self.adapted_linear(&o, layer, TargetModule::OProj, true)
     }
 
     /// `[B, T, hidden]` → `[B, heads, T, head_dim]` for projection `module`.
@@ -783,7 +769,7 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         Ok(self
-            .adapted_linear(x, layer, module)?
+            .adapted_linear(x, layer, module, false)?
             .reshape((b, t, n_heads, self.config.head_dim))?
             .transpose(1, 2)?
             .contiguous()?)
@@ -835,7 +821,7 @@ impl LlamaModel {
         let probs = self.round(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)?;
         let out = self.round(probs.matmul(&v)?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, n_heads * d))?;
-        self.adapted_linear(&out, layer, TargetModule::OProj)
+        self.adapted_linear(&out, layer, TargetModule::OProj, false)
     }
 }
 
