@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod driver;
 pub mod emu;
 pub mod launch;
 pub mod llama;
@@ -16,5 +17,6 @@ pub mod nf4;
 pub mod nf4_gemm;
 pub mod nf4_gemv;
 pub mod paged;
+pub mod toolchain;
 
 pub use launch::{Kernel, LaunchConfig};
