@@ -1,5 +1,5 @@
 //! CUDA kernels, each with three backends side by side: a plain Rust reference, the same `.cu`
-//! source run on the CPU through the emulation in `kernels/emu/`, and (feature `cuda`) the PTX
+//! source run on the CPU through the emulation in `kernels/emu/`, and (feature `cuda`) the fatbin
 //! built by nvcc launched through cudarc.
 
 pub mod abi;
