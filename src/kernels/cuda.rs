@@ -297,6 +297,8 @@ impl CudaDevice {
             .filter(|(m, _, _)| *m == name)
             .map(|(_, k, _)| *k)
             .collect();
+        // The table lists each kernel once per architecture.
+        kernels.sort_unstable();
         kernels.dedup();
         for kernel in kernels {
             let read = module.load_function(kernel).and_then(|f| {
@@ -410,6 +412,9 @@ impl CudaDevice {
                     ),
                 ));
             }
+            // cudarc's set_attribute does not make the context current; the driver call is on a
+            // function of this context.
+            self.ctx.bind_to_thread().map_err(cuda_err)?;
             loaded
                 .func
                 .set_attribute(
