@@ -11,9 +11,13 @@ use std::ffi::c_void;
 declare_kernels! {
     module "nf4";
     /// `k_nf4_quantize`: one warp per quantization block.
-    QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize;
+    QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
     /// `k_nf4_dequantize`: one thread per 4 packed bytes.
-    DEQUANTIZE = k_nf4_dequantize / qlemu_k_nf4_dequantize;
+    DEQUANTIZE = k_nf4_dequantize / qlemu_k_nf4_dequantize {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
 }
 
 const THREADS: u32 = 256;
@@ -68,13 +72,17 @@ impl Nf4Layout {
 /// configuration the GPU runs).
 pub fn quantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
     let blocks = (layout.blocks() as u64).div_ceil(WARPS_PER_BLOCK);
-    grid("nf4_quantize", blocks)
+    let cfg = grid("nf4_quantize", blocks)?;
+    QUANTIZE.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// Launch geometry of `k_nf4_dequantize`.
 pub fn dequantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
     let threads = (layout.packed_bytes() as u64).div_ceil(PACKED_BYTES_PER_THREAD);
-    grid("nf4_dequantize", threads.div_ceil(THREADS as u64))
+    let cfg = grid("nf4_dequantize", threads.div_ceil(THREADS as u64))?;
+    DEQUANTIZE.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 fn grid(op: &'static str, blocks: u64) -> Result<LaunchConfig> {
