@@ -463,7 +463,7 @@ pub mod gpu {
     /// NF4 dequantize (double quant) to bf16 and quantize from bf16 on the q/k/v/o and gate/up
     /// weights (down has gate/up's element count).
     pub fn nf4(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::nf4::{dequantize_cuda_into, quantize_cuda_into};
+        use crate::kernels::nf4::{dequantize_cuda_into, quantize_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let mut rows = Vec::new();
         for (n, k) in b.opts.shape.linears().into_iter().take(2) {
@@ -484,7 +484,7 @@ pub mod gpu {
                 w.bytes() + len * 2,
             ));
             let secs = time(dev, 50, || {
-                quantize_cuda_into(dev, &d_in, 64, &w.d_code, &mut d_qout, &mut d_qabsmax)
+                quantize_into(dev, &d_in, 64, &w.d_code, &mut d_qout, &mut d_qabsmax)
             })?;
             rows.push(memory_row(
                 "nf4 quantize bf16",
@@ -652,9 +652,7 @@ pub mod gpu {
     /// RMSNorm forward over [M, hidden], RoPE on q and k [M, heads, head_dim], SwiGLU forward
     /// over [M, intermediate], bf16, at every M.
     pub fn llama(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::llama::{
-            rmsnorm_forward_cuda_into, rope_cuda, swiglu_forward_cuda_into,
-        };
+        use crate::kernels::llama::{rmsnorm_forward_into, rope, swiglu_forward_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let shape = b.opts.shape;
         let (h, inter, heads, hd) = (
@@ -673,7 +671,7 @@ pub mod gpu {
             let mut d_y = s.alloc_zeros::<bf16>(m * h).map_err(cuda_err)?;
             let mut d_rstd = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                rmsnorm_forward_cuda_into(dev, &d_x, &d_w, h, 1e-5, &mut d_y, &mut d_rstd)
+                rmsnorm_forward_into(dev, &d_x, &d_w, h, 1e-5, &mut d_y, &mut d_rstd)
             })?;
             rows.push(memory_row(
                 "rmsnorm fwd bf16",
@@ -703,7 +701,7 @@ pub mod gpu {
                 .clone_htod(&bf16_normal(m * h, 1.0, 4))
                 .map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                rope_cuda(
+                rope(
                     dev, &mut d_q, &mut d_k, &d_cos, &d_sin, &d_pos, heads, heads, hd, false,
                 )
             })?;
@@ -724,7 +722,7 @@ pub mod gpu {
                 .map_err(cuda_err)?;
             let mut d_h = s.alloc_zeros::<bf16>(m * inter).map_err(cuda_err)?;
             let secs = time(dev, iters, || {
-                swiglu_forward_cuda_into(dev, &d_g, &d_u, &mut d_h)
+                swiglu_forward_into(dev, &d_g, &d_u, &mut d_h)
             })?;
             rows.push(memory_row(
                 "swiglu fwd bf16",
