@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in one go, with every result in one markdown file
 # (gpu-check-<UTC date>.md, or the path given): the pinned CUDA toolchain, CUDA_COMPUTE_CAP from
-# nvidia-smi, `cargo test --release --features cuda` (GPU tests; a test that skips for want of a
-# device counts as a failure here), the emulator self-tests on the device, every `*_gpu` bench
+# nvidia-smi, the emulator self-tests on the device first (a mismatch with the emulation stops the
+# run there), `cargo test --release --features cuda` (GPU tests; a test that skips for want of a
+# device counts as a failure here), every `*_gpu` bench
 # declared in Cargo.toml, and the 13B-shaped training step (the `train_step_gpu` bench) once the
 # runtime has a CUDA path. Exits non-zero, naming the failed steps, if anything fails.
 # This is the entry point for `qlora bench kernels` until the CLI grows that command.
@@ -78,10 +79,32 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.s
   --format=csv | tee -a "$report"
 say '```'
 
+# First the emulator's self-tests on the device (tests/emulator.rs `mod cuda`: barriers, warp
+# collectives, mma/ldmatrix layouts, cp.async, conversions, atomics, the shared-memory opt-in, each
+# checked against the same Rust references the emulation is): every kernel test below trusts the
+# emulation, so a mismatch here stops the run before anything else.
+selftests_ran() {
+  cargo test --release --features cuda --test emulator -- --nocapture cuda:: || return
+  # A filter that matches nothing passes too: insist that the GPU self-tests ran.
+  local ran
+  ran=$(grep -oE 'test result: ok\. [0-9]+ passed' "$log" | awk '{ n += $4 } END { print n + 0 }')
+  if [ "$ran" -lt 1 ]; then
+    echo "no GPU self-test ran (the \`cuda::\` filter matched nothing)"
+    return 1
+  fi
+}
+step "emulator self-tests on the device" selftests_ran
+if [ ${#failed[@]} -gt 0 ]; then
+  say ""
+  say "## Result: FAILED"
+  say "- emulator self-tests on the device: the GPU disagrees with the emulation (or a self-test"
+  say "  could not run), so no kernel result below would mean anything; nothing else was run."
+  echo "gpu-check: the emulator self-tests failed on the device; see $report" >&2
+  exit 1
+fi
+
 step "GPU tests (cargo test --release --features cuda)" \
   cargo test --release --features cuda -- --nocapture
-step "emulator self-tests on the device" \
-  cargo test --release --features cuda --test emulator -- --nocapture cuda::
 
 # Every bench named *_gpu in Cargo.toml, so new ones are picked up; the training step has its own step.
 mapfile -t benches < <(awk '/^\[\[bench\]\]/ { b = 1; next } b && /^name *=/ { gsub(/[" ]/, "", $0); sub(/^name=/, "", $0); print; b = 0 }' Cargo.toml | grep '_gpu$' | grep -v '^train_step_gpu$')

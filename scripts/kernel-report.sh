@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static performance report of every kernel, no GPU needed: for sm_80 and sm_90, the block and grid
 # each launcher picks at Llama-2-13B shapes (printed by tests/kernel_launch_table.rs), registers
-# and static shared memory (ptxas on the PTX that build.rs embeds, as the driver's JIT sees it),
+# and static shared memory (ptxas on compute_80 PTX, as nvcc builds the SASS build.rs embeds),
 # the dynamic shared memory of the launch, theoretical occupancy by the formulas of CUDA's
 # cuda_occupancy.h and its limiting factor, and from the SASS (cuobjdump) the tensor-core
 # instructions per kernel: HMMA (and how many sit inside loops), LDSM (ldmatrix), LDGSTS (cp.async).
@@ -30,7 +30,7 @@ cargo test -q --test kernel_launch_table -- --nocapture --test-threads=1 >"$tmp/
   || { cat "$tmp/launch.log" >&2; echo "kernel-report: launch table test failed" >&2; exit 1; }
 grep '^LAUNCH' "$tmp/launch.log" >"$tmp/launch.tsv" || { echo "kernel-report: no LAUNCH lines" >&2; exit 1; }
 
-# The PTX build.rs embeds (compute_80), then ptxas per target as the driver's JIT would run it.
+# compute_80 PTX, then ptxas per target: the SASS of build.rs's fatbin is compiled the same way.
 for src in kernels/*.cu; do
   stem=$(basename "$src" .cu)
   nvcc --ptx -std=c++17 -O3 -lineinfo --expt-relaxed-constexpr --gpu-architecture=compute_80 \
@@ -50,10 +50,11 @@ tmp, archs = sys.argv[1], sys.argv[2:]
 
 # Per-SM limits. Formulas and granularities follow CUDA 13.0's include/cuda_occupancy.h: 4 register
 # sub-partitions, registers allocated per warp in units of 256, shared memory in units of 128 B
-# plus 1 KB reserved per block (sm_80+), 48 KB per block without the opt-in attribute (our
-# launcher never sets it). Per-SM totals from the CUDA C++ Programming Guide's compute-capability
-# table: 8.0 and 9.0 both hold 2048 threads, 32 blocks and 64 K registers per SM; shared memory
-# 164 KB (8.0) and 228 KB (9.0), the default carve-out being the largest.
+# plus 1 KB reserved per block (sm_80+), 48 KB per block without the opt-in attribute (the CUDA
+# launcher sets it only for kernels that declare `dynamic_shared_opt_in`; none does yet). Per-SM
+# totals from the CUDA C++ Programming Guide's compute-capability table: 8.0 and 9.0 both hold
+# 2048 threads, 32 blocks and 64 K registers per SM; shared memory 164 KB (8.0) and 228 KB (9.0),
+# the default carve-out being the largest.
 LIMITS = {
     "sm_80": dict(threads=2048, blocks=32, regs=65536, smem=164 * 1024),
     "sm_90": dict(threads=2048, blocks=32, regs=65536, smem=228 * 1024),

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every kernels/*.cu for sm_80 and sm_90 with `ptxas -v` and prints, per kernel and
 # architecture: registers, shared memory, stack frame and spill bytes. Fails if anything spills.
+# Each SASS comes from compute_80 PTX, as in the fatbin build.rs embeds (which records the same
+# figures for every architecture it ships and compares them with the driver's at module load).
 # Usage: bash scripts/ptxas-report.sh [ARCH ...]   (needs nvcc: eval "$(bash scripts/install-cuda.sh)")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ spills=0
 for arch in "${archs[@]}"; do
   for src in kernels/*.cu; do
     log="$tmp/$(basename "$src").$arch.log"
-    nvcc -cubin -arch="$arch" -O3 -std=c++17 --expt-relaxed-constexpr -Ikernels -Xptxas -v \
+    nvcc -cubin -gencode "arch=compute_80,code=$arch" -O3 -std=c++17 --expt-relaxed-constexpr -Ikernels -Xptxas -v \
       -o "$tmp/out.cubin" "$src" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
     # ptxas prints per entry: "Compiling entry function 'NAME'", then the stack/spill line, then
     # the "Used N registers ... smem" line.

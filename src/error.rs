@@ -21,6 +21,20 @@ pub enum Error {
     #[error("CUDA: {0}")]
     Cuda(String),
 
+    /// The NVIDIA driver is older than the CUDA release the kernels were built with, so it cannot
+    /// load them.
+    #[error(
+        "the NVIDIA driver supports CUDA {driver}, but the kernels were built with CUDA {built}: \
+         {advice}"
+    )]
+    CudaDriverTooOld {
+        /// The newest CUDA release the driver supports (`cuDriverGetVersion`).
+        driver: String,
+        /// The CUDA release of the nvcc that built the kernels.
+        built: String,
+        advice: String,
+    },
+
     /// No usable CUDA device (feature off, no driver, or no GPU).
     #[error("no CUDA device available: {0}")]
     NoCudaDevice(String),

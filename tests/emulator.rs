@@ -824,6 +824,75 @@ fn invalid_launch_configs_are_rejected() {
     }
 }
 
+/// A launch asking 48 KiB + 4 bytes of dynamic shared memory: refused before launching when the
+/// kernel has not opted in (as a GPU launch without the attribute fails), run when it has (the
+/// CUDA backend sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+fn check_dynamic_shared_opt_in(backend: &Backend) {
+    let over = 48 * 1024 + 4;
+    let a: Vec<f32> = (0..1000).map(|i| (i % 7) as f32 - 3.0).collect();
+    let want: Vec<f32> = a.chunks(250).map(|c| c.iter().sum()).collect();
+    let launch = || Launch {
+        a: Input::new(&a, f32::to_ne_bytes),
+        out: vec![f32::NAN; 4],
+        n: a.len() as i32,
+        k: 250,
+        ..Launch::default()
+    };
+    let refused = backend.run(
+        selftest::BLOCK_REDUCE,
+        cfg((4, 1, 1), (128, 1, 1), over),
+        launch(),
+    );
+    match refused {
+        Err(Error::InvalidArgument { op, reason }) => {
+            assert_eq!(op, "k_emu_block_reduce");
+            assert!(
+                reason.contains(&format!("{over} bytes of dynamic shared memory"))
+                    && reason.contains("49152")
+                    && reason.contains("opting in"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    let opted_in = Kernel {
+        dynamic_shared_opt_in: Some(over),
+        ..selftest::BLOCK_REDUCE
+    };
+    let out = backend
+        .run(opted_in, cfg((4, 1, 1), (128, 1, 1), over), launch())
+        .unwrap()
+        .out;
+    assert_eq!(out, want);
+    // Past its own opt-in, the kernel is refused again.
+    match backend.run(opted_in, cfg((4, 1, 1), (128, 1, 1), over + 4), launch()) {
+        Err(Error::InvalidArgument { reason, .. }) => {
+            assert!(reason.contains("opted in to"), "{reason}")
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[test]
+fn dynamic_shared_memory_over_48_kib_needs_an_opt_in() {
+    check_dynamic_shared_opt_in(&Backend::Emulated(&EmuOptions::default()));
+}
+
+#[test]
+fn an_opt_in_beyond_every_target_architecture_is_refused() {
+    let greedy = Kernel {
+        dynamic_shared_opt_in: Some(100 * 1024),
+        ..selftest::BLOCK_REDUCE
+    };
+    let backend = Backend::Emulated(&EmuOptions::default());
+    match backend.run(greedy, cfg((1, 1, 1), (32, 1, 1), 128), Launch::default()) {
+        Err(Error::InvalidArgument { reason, .. }) => {
+            assert!(reason.contains("every target architecture"), "{reason}")
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
 fn bad_sync(flags: i32, options: &EmuOptions) -> String {
     let launch = Launch {
         out: vec![0.0; 32],
@@ -970,5 +1039,6 @@ mod cuda {
         syncwarp_orders_shared_memory_within_a_warp => check_syncwarp_orders;
         bf16_and_f16_rounding_matches_half_crate => check_conversions;
         atomics_from_many_threads_and_blocks_are_exact => check_atomics;
+        dynamic_shared_memory_over_48_kib_needs_an_opt_in => check_dynamic_shared_opt_in;
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use half::bf16;
 use qlora::kernels::attention::{self, AttentionShape};
-use qlora::kernels::launch::{Kernel, LaunchConfig};
+use qlora::kernels::launch::{BlockShape, Kernel, LaunchConfig, DEFAULT_DYNAMIC_SHARED_BYTES};
 use qlora::kernels::nf4_gemm::{self, GemmOp, GemmShape};
 use qlora::kernels::{adamw, cross_entropy, llama, lora, nf4, nf4_gemv};
 
@@ -230,6 +230,10 @@ fn every_kernel_has_a_launch_config_at_13b_shapes() {
         );
         assert!(cfg.threads_per_block() >= 1 && cfg.threads_per_block() <= 1024);
         assert!(g.0 >= 1 && g.1 >= 1 && g.2 >= 1, "{k:?}");
+        // The launcher's geometry fits the shape the kernel declares (barriers, launch bounds,
+        // shared memory), as every launch on every backend checks.
+        k.check_launch(cfg)
+            .unwrap_or_else(|e| panic!("{k:?} at {shape}: {e}"));
     }
     let listed: BTreeSet<String> = rows.iter().map(|(k, _, _)| k.name.to_string()).collect();
     let declared = declared_kernels();
@@ -238,4 +242,150 @@ fn every_kernel_has_a_launch_config_at_13b_shapes() {
         missing.is_empty(),
         "kernels without a row in tests/kernel_launch_table.rs: {missing:?}"
     );
+}
+
+/// The value of `__launch_bounds__` (its first argument, a literal or a `constexpr int` of the same
+/// file) on each `extern "C" __global__` kernel of kernels/*.cu.
+fn launch_bounds() -> std::collections::BTreeMap<String, u32> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut bounds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        let constant = |name: &str| -> Option<u32> {
+            let decl = format!("constexpr int {name} = ");
+            let at = src.find(&decl)? + decl.len();
+            src[at..].split(';').next()?.trim().parse().ok()
+        };
+        for decl in src.split("extern \"C\" __global__").skip(1) {
+            let sig = decl.split('{').next().unwrap();
+            let Some(at) = sig.find("__launch_bounds__(") else {
+                continue;
+            };
+            let args = &sig[at + "__launch_bounds__(".len()..];
+            let first = args.split([',', ')']).next().unwrap().trim();
+            let value = first
+                .parse()
+                .ok()
+                .or_else(|| constant(first))
+                .unwrap_or_else(|| {
+                    panic!("{}: cannot read __launch_bounds__({first})", path.display())
+                });
+            let name = args.split(')').nth(1).unwrap().split('(').next().unwrap();
+            bounds.insert(name.trim().to_string(), value);
+        }
+    }
+    bounds
+}
+
+#[test]
+fn declared_block_shapes_match_the_kernels_launch_bounds() {
+    let bounds = launch_bounds();
+    for (k, _, _) in table() {
+        let declared = match k.block {
+            BlockShape::Exact(x, y, z) => x * y * z,
+            BlockShape::Linear { max_threads }
+            | BlockShape::Warps { max_threads }
+            | BlockShape::Rows { max_threads } => max_threads,
+            BlockShape::Any => panic!("{k:?}: a production kernel must declare its block shape"),
+        };
+        let bound = bounds
+            .get(k.name)
+            .unwrap_or_else(|| panic!("{k:?} has no __launch_bounds__ in kernels/{}.cu", k.module));
+        assert_eq!(declared, *bound, "{k:?}: declared {:?}", k.block);
+    }
+}
+
+fn block(x: u32, y: u32, z: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (x, y, z),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn refusal(k: Kernel, cfg: LaunchConfig) -> String {
+    match k.check_launch(&cfg) {
+        Err(qlora::Error::InvalidArgument { op, reason }) => {
+            assert_eq!(op, k.name);
+            reason
+        }
+        other => panic!("{k:?} {cfg:?}: expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[test]
+fn rmsnorm_refuses_blocks_its_early_return_would_deadlock() {
+    for k in [llama::RMSNORM_FORWARD, llama::RMSNORM_BACKWARD] {
+        // A warp per row (any rows per block) or a block per row is what row_sum supports.
+        for ok in [
+            block(32, 1, 1),
+            block(32, 4, 1),
+            block(32, 32, 1),
+            block(512, 1, 1),
+        ] {
+            k.check_launch(&ok).unwrap();
+        }
+        // Several block-wide rows: threads past the last row would leave before the barrier.
+        let reason = refusal(k, block(256, 2, 1));
+        assert!(reason.contains("early return"), "{reason}");
+        refusal(k, block(48, 1, 1));
+        refusal(k, block(32, 1, 2));
+        let reason = refusal(k, block(32, 33, 1));
+        assert!(reason.contains("__launch_bounds__ of 1024"), "{reason}");
+    }
+}
+
+#[test]
+fn other_block_shapes_are_enforced() {
+    // Exact: the NF4 GEMM's loops stride by 256 threads.
+    nf4_gemm::GEMM.check_launch(&block(256, 1, 1)).unwrap();
+    assert!(refusal(nf4_gemm::GEMM, block(128, 1, 1)).contains("exactly (256, 1, 1)"));
+    // Warps: the cross-entropy block reduction holds 16 warp partials.
+    let xent = cross_entropy::CROSS_ENTROPY_FORWARD;
+    xent.check_launch(&block(512, 1, 1)).unwrap();
+    refusal(xent, block(544, 1, 1));
+    refusal(xent, block(100, 1, 1));
+    refusal(xent, block(32, 2, 1));
+    // Linear: elementwise kernels, 1-D within __launch_bounds__(256).
+    llama::ROPE.check_launch(&block(100, 1, 1)).unwrap();
+    refusal(llama::ROPE, block(512, 1, 1));
+    refusal(llama::ROPE, block(16, 16, 1));
+}
+
+#[test]
+fn geometry_functions_stay_within_their_kernels_limits_at_every_width() {
+    for h in 1..=llama::MAX_HIDDEN {
+        for rows in [1, 3, 4, 5, 1000] {
+            let shape = llama::RmsNormShape::from_len("sweep", rows * h, h).unwrap();
+            llama::rmsnorm_forward_launch(&shape).unwrap();
+            let back = llama::rmsnorm_backward_launch(&shape).unwrap();
+            assert!(
+                back.shared_mem_bytes <= DEFAULT_DYNAMIC_SHARED_BYTES,
+                "h {h}"
+            );
+        }
+    }
+    for vocab in (1..=70_000).step_by(97).chain([32_000, 128_256, 151_936]) {
+        let shape = cross_entropy::CrossEntropyShape::new("sweep", 3 * vocab, 3, vocab).unwrap();
+        let cfg = cross_entropy::cross_entropy_launch(&shape);
+        cross_entropy::CROSS_ENTROPY_FORWARD
+            .check_launch(&cfg)
+            .unwrap();
+        cross_entropy::CROSS_ENTROPY_BACKWARD
+            .check_launch(&cfg)
+            .unwrap();
+    }
+}
+
+#[test]
+fn the_rmsnorm_backward_shared_memory_needs_no_opt_in() {
+    assert_eq!(llama::RMSNORM_BACKWARD.dynamic_shared_opt_in, None);
+    let mut cfg = block(512, 1, 1);
+    cfg.shared_mem_bytes = DEFAULT_DYNAMIC_SHARED_BYTES + 4;
+    let reason = refusal(llama::RMSNORM_BACKWARD, cfg);
+    assert!(reason.contains("without opting in"), "{reason}");
 }

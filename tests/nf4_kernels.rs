@@ -6,8 +6,9 @@ mod common;
 
 use common::{assert_same_bits, fixture_bytes, Fixtures};
 use half::{bf16, f16};
+use qlora::kernels::device::LaunchDevice;
 use qlora::kernels::launch::Element;
-use qlora::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
+use qlora::kernels::nf4::{dequantize_emulated, quantize, Scales};
 use qlora::quant::dynamic8::dynamic_map_signed;
 use qlora::quant::nf4::{
     dequantize_absmax, dequantize_nf4, double_quantize, quantize_nf4, NF4_CODE,
@@ -24,11 +25,17 @@ fn as_dtype<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-fn check_quantize<T: Element>(n: usize, blocksize: usize, seed: u64) {
+fn check_quantize<D: LaunchDevice, T: Element>(dev: &D, n: usize, blocksize: usize, seed: u64) {
     let input: Vec<T> = as_dtype(&quantizer_stress_vector(n, seed));
     let widened: Vec<f32> = input.iter().map(|x| x.to_f32()).collect();
     let (want_packed, want_absmax) = quantize_nf4(&widened, blocksize).unwrap();
-    let (packed, absmax) = quantize_emulated(&input, blocksize, &NF4_CODE).unwrap();
+    let d_in = dev.upload(&input).unwrap();
+    let d_code = dev.upload(&NF4_CODE).unwrap();
+    let (d_packed, d_absmax) = quantize(dev, &d_in, blocksize, &d_code).unwrap();
+    let (packed, absmax) = (
+        dev.download(&d_packed).unwrap(),
+        dev.download(&d_absmax).unwrap(),
+    );
     assert_eq!(absmax.len(), want_absmax.len());
     for (b, (g, w)) in absmax.iter().zip(&want_absmax).enumerate() {
         assert_eq!(
@@ -48,16 +55,19 @@ fn check_quantize<T: Element>(n: usize, blocksize: usize, seed: u64) {
     assert_eq!(packed.len(), want_packed.len());
 }
 
-#[test]
-fn emulated_quantize_matches_reference_bytes_for_every_input_dtype() {
+fn quantize_every_size_and_dtype<D: LaunchDevice>(dev: &D) {
     for (i, &n) in SIZES.iter().enumerate() {
         for &bs in BLOCKSIZES {
-            check_quantize::<f32>(n, bs, i as u64);
-            check_quantize::<bf16>(n, bs, 100 + i as u64);
-            check_quantize::<f16>(n, bs, 200 + i as u64);
+            check_quantize::<D, f32>(dev, n, bs, i as u64);
+            check_quantize::<D, bf16>(dev, n, bs, 100 + i as u64);
+            check_quantize::<D, f16>(dev, n, bs, 200 + i as u64);
         }
     }
 }
+qlora::device_test!(
+    quantize_matches_reference_bytes_for_every_input_dtype,
+    quantize_every_size_and_dtype
+);
 
 fn check_dequantize<T: Element>(n: usize, blocksize: usize, double: bool, dtype: Dtype) {
     let input = quantizer_stress_vector(n, n as u64 + 7);
@@ -105,27 +115,23 @@ fn emulated_dequantize_handles_nested_blocks_beyond_the_first() {
     check_dequantize::<f32>(n, 64, true, Dtype::F32);
 }
 
-#[test]
-fn emulated_kernels_reproduce_every_bitsandbytes_fixture() {
+/// `k_nf4_quantize` from the stored dtype, as bitsandbytes did, on every fixture.
+fn quantize_fixtures<D: LaunchDevice>(dev: &D) {
     let buffer = fixture_bytes("cases.safetensors");
     let fx = Fixtures::load(&buffer);
-    let nested_code = fx.nested_map();
+    let d_code = dev.upload(&NF4_CODE).unwrap();
     for c in &fx.configs {
         let cfg = &c.config;
-        let n = fx.input(c).len();
-        // Quantize from the stored dtype, as bitsandbytes did.
-        let (packed, absmax) = if c.dtype == "bfloat16" {
-            quantize_emulated(
-                &fx.bf16s(&format!("{}.input", c.case)),
-                c.blocksize,
-                &NF4_CODE,
-            )
+        let (d_packed, d_absmax) = if c.dtype == "bfloat16" {
+            let d_in = dev.upload(&fx.bf16s(&format!("{}.input", c.case))).unwrap();
+            quantize(dev, &d_in, c.blocksize, &d_code)
         } else {
-            quantize_emulated(&fx.input(c), c.blocksize, &NF4_CODE)
+            let d_in = dev.upload(&fx.input(c)).unwrap();
+            quantize(dev, &d_in, c.blocksize, &d_code)
         }
         .unwrap();
         assert_eq!(
-            packed,
+            dev.download(&d_packed).unwrap(),
             fx.u8s(&format!("{cfg}.packed")),
             "{cfg}: packed bytes"
         );
@@ -134,8 +140,26 @@ fn emulated_kernels_reproduce_every_bitsandbytes_fixture() {
         } else {
             format!("{cfg}.absmax")
         };
-        assert_same_bits(&absmax, &fx.f32s(&absmax_key), cfg);
+        assert_same_bits(
+            &dev.download(&d_absmax).unwrap(),
+            &fx.f32s(&absmax_key),
+            cfg,
+        );
+    }
+}
+qlora::device_test!(
+    quantize_reproduces_every_bitsandbytes_fixture,
+    quantize_fixtures
+);
 
+#[test]
+fn emulated_dequantize_reproduces_every_bitsandbytes_fixture() {
+    let buffer = fixture_bytes("cases.safetensors");
+    let fx = Fixtures::load(&buffer);
+    let nested_code = fx.nested_map();
+    for c in &fx.configs {
+        let cfg = &c.config;
+        let n = fx.input(c).len();
         let key = format!("{cfg}.dequant");
         if !fx.has(&key) {
             continue;
@@ -165,13 +189,32 @@ fn emulated_kernels_reproduce_every_bitsandbytes_fixture() {
     }
 }
 
+fn quantize_bad_arguments<D: LaunchDevice>(dev: &D) {
+    let x = dev.upload(&[0.5f32; 100]).unwrap();
+    let code = dev.upload(&NF4_CODE).unwrap();
+    let err = quantize(dev, &x, 100, &code)
+        .err()
+        .expect("blocksize 100 is rejected");
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    let empty = dev.zeros::<f32>(0).unwrap();
+    let err = quantize(dev, &empty, 64, &code)
+        .err()
+        .expect("an empty input is rejected");
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    let short_code = dev.upload(&NF4_CODE[..15]).unwrap();
+    let err = quantize(dev, &x, 64, &short_code)
+        .err()
+        .expect("a 15-value code is rejected");
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+}
+qlora::device_test!(
+    quantize_rejects_bad_arguments_before_launching,
+    quantize_bad_arguments
+);
+
 #[test]
 fn launchers_reject_bad_arguments_before_launching() {
     let x = vec![0.5f32; 100];
-    let err = quantize_emulated(&x, 100, &NF4_CODE).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
-    let err = quantize_emulated::<f32>(&[], 64, &NF4_CODE).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 
     let (packed, absmax) = quantize_nf4(&x, 64).unwrap();
     let short = &packed[..packed.len() - 1];
@@ -197,7 +240,7 @@ fn launchers_reject_bad_arguments_before_launching() {
 mod cuda {
     use super::*;
     use qlora::kernels::cuda::CudaDevice;
-    use qlora::kernels::nf4::{dequantize_cuda, quantize_cuda, DeviceScales};
+    use qlora::kernels::nf4::{dequantize_cuda, DeviceScales};
 
     #[test]
     fn opening_a_device_succeeds_or_fails_cleanly() {
@@ -211,73 +254,6 @@ mod cuda {
                 dev.synchronize().unwrap();
             }
             Err(err) => assert!(matches!(err, Error::NoCudaDevice(_)), "{err}"),
-        }
-    }
-
-    fn quantize_on_gpu<T: Element>(dev: &CudaDevice, n: usize, bs: usize, seed: u64) {
-        let input: Vec<T> = as_dtype(&quantizer_stress_vector(n, seed));
-        let widened: Vec<f32> = input.iter().map(|x| x.to_f32()).collect();
-        let (want_packed, want_absmax) = quantize_nf4(&widened, bs).unwrap();
-        let s = dev.stream();
-        let d_in = s.clone_htod(&input).unwrap();
-        let d_code = s.clone_htod(&NF4_CODE).unwrap();
-        let (d_packed, d_absmax) = quantize_cuda(dev, &d_in, bs, &d_code).unwrap();
-        assert_eq!(
-            s.clone_dtoh(&d_packed).unwrap(),
-            want_packed,
-            "n={n} bs={bs}"
-        );
-        let absmax = s.clone_dtoh(&d_absmax).unwrap();
-        assert!(absmax
-            .iter()
-            .zip(&want_absmax)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
-
-    #[test]
-    fn cuda_quantize_matches_reference_bytes() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        for (i, &n) in SIZES.iter().enumerate() {
-            for &bs in BLOCKSIZES {
-                quantize_on_gpu::<f32>(&dev, n, bs, i as u64);
-                quantize_on_gpu::<bf16>(&dev, n, bs, 100 + i as u64);
-            }
-        }
-    }
-
-    #[test]
-    fn cuda_quantize_reproduces_every_bitsandbytes_fixture() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        let buffer = fixture_bytes("cases.safetensors");
-        let fx = Fixtures::load(&buffer);
-        let s = dev.stream();
-        let d_code = s.clone_htod(&NF4_CODE).unwrap();
-        for c in &fx.configs {
-            let (d_packed, d_absmax) = if c.dtype == "bfloat16" {
-                let d_in = s
-                    .clone_htod(&fx.bf16s(&format!("{}.input", c.case)))
-                    .unwrap();
-                quantize_cuda(&dev, &d_in, c.blocksize, &d_code).unwrap()
-            } else {
-                let d_in = s.clone_htod(&fx.input(c)).unwrap();
-                quantize_cuda(&dev, &d_in, c.blocksize, &d_code).unwrap()
-            };
-            let cfg = &c.config;
-            assert_eq!(
-                s.clone_dtoh(&d_packed).unwrap(),
-                fx.u8s(&format!("{cfg}.packed")),
-                "{cfg}"
-            );
-            let key = if c.double_quant {
-                format!("{cfg}.absmax_f32")
-            } else {
-                format!("{cfg}.absmax")
-            };
-            assert_same_bits(&s.clone_dtoh(&d_absmax).unwrap(), &fx.f32s(&key), cfg);
         }
     }
 

@@ -463,7 +463,7 @@ pub mod gpu {
     /// NF4 dequantize (double quant) to bf16 and quantize from bf16 on the q/k/v/o and gate/up
     /// weights (down has gate/up's element count).
     pub fn nf4(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::nf4::{dequantize_cuda_into, quantize_cuda_into};
+        use crate::kernels::nf4::{dequantize_cuda_into, quantize_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let mut rows = Vec::new();
         for (n, k) in b.opts.shape.linears().into_iter().take(2) {
@@ -484,7 +484,7 @@ pub mod gpu {
                 w.bytes() + len * 2,
             ));
             let secs = time(dev, 50, || {
-                quantize_cuda_into(dev, &d_in, 64, &w.d_code, &mut d_qout, &mut d_qabsmax)
+                quantize_into(dev, &d_in, 64, &w.d_code, &mut d_qout, &mut d_qabsmax)
             })?;
             rows.push(memory_row(
                 "nf4 quantize bf16",

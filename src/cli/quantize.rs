@@ -10,7 +10,8 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::cli::merge::{parse_shard_size, DtypeArg};
-use crate::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
+use crate::kernels::device::Emulator;
+use crate::kernels::nf4::{dequantize_emulated, quantize, Scales};
 use crate::quant::bnb::nf4_to_tensors;
 use crate::quant::model_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
@@ -218,7 +219,7 @@ fn check_emulated_kernels(weight: &[bf16], blocksize: usize) -> Result<()> {
     let widened: Vec<f32> = weight.iter().map(|x| x.to_f32()).collect();
     let (want_packed, want_absmax) = crate::quant::nf4::quantize_nf4(&widened, blocksize)?;
     let t0 = Instant::now();
-    let (packed, absmax) = quantize_emulated(weight, blocksize, &NF4_CODE)?;
+    let (packed, absmax) = quantize(&Emulator::default(), weight, blocksize, &NF4_CODE[..])?;
     let out: Vec<f32> = dequantize_emulated(
         &packed,
         Scales::F32(&absmax),

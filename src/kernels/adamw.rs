@@ -12,9 +12,13 @@ use std::sync::OnceLock;
 declare_kernels! {
     module "adamw";
     /// `k_adamw_f32`: grid-stride, one element per thread per iteration.
-    ADAMW_F32 = k_adamw_f32 / qlemu_k_adamw_f32;
+    ADAMW_F32 = k_adamw_f32 / qlemu_k_adamw_f32 {
+        block: super::launch::BlockShape::Linear { max_threads: 256 }
+    };
     /// `k_adamw_8bit`: one CUDA block of 256 threads per state block of 256 elements.
-    ADAMW_8BIT = k_adamw_8bit / qlemu_k_adamw_8bit;
+    ADAMW_8BIT = k_adamw_8bit / qlemu_k_adamw_8bit {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
 }
 
 /// Elements per 8-bit state block (one absmax per block and moment), as bitsandbytes uses.
@@ -284,7 +288,9 @@ pub fn launch_8bit(n: usize) -> Result<LaunchConfig> {
             format!("{blocks} state blocks exceed the grid limit"),
         ));
     }
-    Ok(LaunchConfig::linear(blocks.max(1) as u32, THREADS))
+    let cfg = LaunchConfig::linear(blocks.max(1) as u32, THREADS);
+    ADAMW_8BIT.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// The plain-Rust reference of one AdamW step with f32 moments, all updated in place.

@@ -21,20 +21,34 @@ declare_kernels! {
     module "attention";
     /// `k_attention_fwd` (f32 on CUDA cores): 16 query rows per block, key tiles of 32 with an
     /// online softmax.
-    FORWARD = k_attention_fwd / qlemu_k_attention_fwd;
+    FORWARD = k_attention_fwd / qlemu_k_attention_fwd {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_fwd_mma` (bf16 on tensor cores): 64 query rows per block, key tiles of 64.
-    FORWARD_MMA = k_attention_fwd_mma / qlemu_k_attention_fwd_mma;
+    FORWARD_MMA = k_attention_fwd_mma / qlemu_k_attention_fwd_mma {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_bwd_delta`: `delta = rowsum(do ∘ o)`, one warp per row.
-    BACKWARD_DELTA = k_attention_bwd_delta / qlemu_k_attention_bwd_delta;
+    BACKWARD_DELTA = k_attention_bwd_delta / qlemu_k_attention_bwd_delta {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_bwd_dq` (f32): 8 query rows per block, walking the key tiles like the forward.
-    BACKWARD_DQ = k_attention_bwd_dq / qlemu_k_attention_bwd_dq;
+    BACKWARD_DQ = k_attention_bwd_dq / qlemu_k_attention_bwd_dq {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_bwd_dkdv` (f32): 32 keys per block, summing the GQA group's query heads in
     /// order.
-    BACKWARD_DKDV = k_attention_bwd_dkdv / qlemu_k_attention_bwd_dkdv;
+    BACKWARD_DKDV = k_attention_bwd_dkdv / qlemu_k_attention_bwd_dkdv {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_bwd_dq_mma` (bf16 on tensor cores): 64 query rows per block, key tiles of 32.
-    BACKWARD_DQ_MMA = k_attention_bwd_dq_mma / qlemu_k_attention_bwd_dq_mma;
+    BACKWARD_DQ_MMA = k_attention_bwd_dq_mma / qlemu_k_attention_bwd_dq_mma {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_attention_bwd_dkdv_mma` (bf16 on tensor cores): 64 keys per block, query tiles of 16.
-    BACKWARD_DKDV_MMA = k_attention_bwd_dkdv_mma / qlemu_k_attention_bwd_dkdv_mma;
+    BACKWARD_DKDV_MMA = k_attention_bwd_dkdv_mma / qlemu_k_attention_bwd_dkdv_mma {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
 }
 
 /// Widest head the kernels take (their shared tiles are sized for it).

@@ -15,9 +15,13 @@ use crate::{Error, Result};
 declare_kernels! {
     module "cross_entropy";
     /// `k_cross_entropy_fwd`: a block per row, online (max, sum-exp) reduced across the block.
-    CROSS_ENTROPY_FORWARD = k_cross_entropy_fwd / qlemu_k_cross_entropy_fwd;
+    CROSS_ENTROPY_FORWARD = k_cross_entropy_fwd / qlemu_k_cross_entropy_fwd {
+        block: super::launch::BlockShape::Warps { max_threads: 512 }
+    };
     /// `k_cross_entropy_bwd`: a block per row, dlogits written over the logits.
-    CROSS_ENTROPY_BACKWARD = k_cross_entropy_bwd / qlemu_k_cross_entropy_bwd;
+    CROSS_ENTROPY_BACKWARD = k_cross_entropy_bwd / qlemu_k_cross_entropy_bwd {
+        block: super::launch::BlockShape::Warps { max_threads: 512 }
+    };
 }
 
 /// The label of a position that has no target (prompt, padding), as in PyTorch and Hugging Face.

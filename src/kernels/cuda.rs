@@ -1,34 +1,69 @@
 //! The CUDA backend: one device context and stream (our own, or candle's so that kernels and
-//! candle ops share one queue), the PTX modules built by nvcc (loaded on first use), the one place
-//! kernels are launched through cudarc, and the bridge between candle tensors and device buffers.
+//! candle ops share one queue), the fatbin modules built by nvcc (SASS for sm_80/86/89/90 and
+//! compute_80 PTX; loaded on first use, their kernels' registers and local memory checked against
+//! ptxas's build-time figures), the one place kernels are launched through cudarc, and the bridge
+//! between candle tensors and device buffers. Opening a device first checks that the driver
+//! supports the CUDA release the fatbins were built with.
 
 use super::launch::{Kernel, LaunchConfig};
 use crate::{Error, Result};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{Layout, Shape, Storage, Tensor};
-use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// PTX of every `kernels/*.cu`, embedded at build time (`NF4`, `EMU_SELFTEST`, ...).
-pub mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+/// The fatbin of every `kernels/*.cu` (`NF4`, `EMU_SELFTEST`, ...), embedded at build time, with
+/// the CUDA release that built them (`BUILT_WITH`), their SASS architectures (`SASS_ARCHS`) and
+/// what ptxas reported per kernel and architecture (`PTXAS`).
+pub mod fatbin {
+    include!(concat!(env!("OUT_DIR"), "/fatbin.rs"));
 }
 
-fn module_ptx(module: &str) -> Option<&'static str> {
+fn module_fatbin(module: &str) -> Option<&'static [u8]> {
     match module {
-        "nf4" => Some(ptx::NF4),
-        "emu_selftest" => Some(ptx::EMU_SELFTEST),
-        "llama" => Some(ptx::LLAMA),
-        "adamw" => Some(ptx::ADAMW),
-        "nf4_gemv" => Some(ptx::NF4_GEMV),
-        "nf4_gemm" => Some(ptx::NF4_GEMM),
-        "cross_entropy" => Some(ptx::CROSS_ENTROPY),
-        "lora" => Some(ptx::LORA),
-        "attention" => Some(ptx::ATTENTION),
+        "nf4" => Some(fatbin::NF4),
+        "emu_selftest" => Some(fatbin::EMU_SELFTEST),
+        "llama" => Some(fatbin::LLAMA),
+        "adamw" => Some(fatbin::ADAMW),
+        "nf4_gemv" => Some(fatbin::NF4_GEMV),
+        "nf4_gemm" => Some(fatbin::NF4_GEMM),
+        "cross_entropy" => Some(fatbin::CROSS_ENTROPY),
+        "lora" => Some(fatbin::LORA),
+        "attention" => Some(fatbin::ATTENTION),
         _ => None,
     }
+}
+
+/// The CUDA release the fatbins were built with.
+pub fn built_with() -> super::driver::CudaVersion {
+    super::driver::CudaVersion {
+        major: fatbin::BUILT_WITH.0,
+        minor: fatbin::BUILT_WITH.1,
+    }
+}
+
+/// Checks that the installed driver supports [`built_with`] ([`Error::CudaDriverTooOld`]
+/// otherwise, naming both releases). No driver, or the stub libcuda, is [`Error::NoCudaDevice`].
+pub fn check_driver() -> Result<()> {
+    let mut version: std::ffi::c_int = 0;
+    // SAFETY: cuDriverGetVersion writes one int through the pointer, which points at a live local;
+    // it needs no cuInit and no context.
+    let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    rc.result()
+        .map_err(|e| Error::NoCudaDevice(format!("cuDriverGetVersion: {e}")))?;
+    super::driver::check_driver_version(version, built_with())
+}
+
+/// A kernel's function handle, loaded once per device, and the dynamic shared memory limit set on
+/// it so far (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`; 0 while unset).
+struct LoadedFunction {
+    func: CudaFunction,
+    static_shared_bytes: u32,
+    dynamic_shared_set: u32,
 }
 
 pub(crate) fn cuda_err(e: cudarc::driver::DriverError) -> Error {
@@ -40,6 +75,8 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Functions by `(module, kernel)`, loaded on their first launch.
+    functions: Mutex<HashMap<(&'static str, &'static str), LoadedFunction>>,
     /// The candle device whose context and stream these are ([`CudaDevice::from_candle`]); None
     /// for a device opened on its own by [`CudaDevice::new`].
     candle: Option<candle_core::Device>,
@@ -53,14 +90,17 @@ impl std::fmt::Debug for CudaDevice {
 
 impl CudaDevice {
     /// Opens device `ordinal`. Fails with [`Error::NoCudaDevice`] when there is no driver or GPU
-    /// (a stub libcuda answers every call with CUDA_ERROR_STUB_LIBRARY).
+    /// (a stub libcuda answers every call with CUDA_ERROR_STUB_LIBRARY), and with
+    /// [`Error::CudaDriverTooOld`] when the driver cannot load our fatbins ([`check_driver`]).
     pub fn new(ordinal: usize) -> Result<Self> {
+        check_driver()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoCudaDevice(e.to_string()))?;
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
             candle: None,
         })
     }
@@ -75,11 +115,13 @@ impl CudaDevice {
                 format!("{:?} is not a CUDA device", device.location()),
             ));
         };
+        check_driver()?;
         let stream = cuda.cuda_stream();
         Ok(CudaDevice {
             ctx: stream.context().clone(),
             stream,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
             candle: Some(device.clone()),
         })
     }
@@ -103,8 +145,10 @@ impl CudaDevice {
     }
 
     /// Opens device `ordinal` as a candle device (the device models and tensors are placed on).
-    /// Fails with [`Error::NoCudaDevice`] when there is no driver or GPU, as [`CudaDevice::new`].
+    /// Fails with [`Error::NoCudaDevice`] when there is no driver or GPU and with
+    /// [`Error::CudaDriverTooOld`] for an old driver, as [`CudaDevice::new`].
     pub fn candle_device(ordinal: usize) -> Result<candle_core::Device> {
+        check_driver()?;
         // candle appends a backtrace (under RUST_BACKTRACE) after the first line: keep the reason.
         candle_core::Device::new_cuda(ordinal).map_err(|e| {
             let message = e.to_string();
@@ -188,10 +232,56 @@ impl CudaDevice {
         if let Some(m) = modules.get(name) {
             return Ok(m.clone());
         }
-        let src = module_ptx(name).ok_or_else(|| Error::Cuda(format!("no PTX module `{name}`")))?;
-        let m = self.ctx.load_module(Ptx::from_src(src)).map_err(cuda_err)?;
+        let image =
+            module_fatbin(name).ok_or_else(|| Error::Cuda(format!("no CUDA module `{name}`")))?;
+        // `from_binary` hands the bytes to cuModuleLoadData, which takes a fatbin as well as a
+        // cubin; the copy is heap memory, aligned as the fatbin header needs (16 bytes from
+        // malloc), which the `include_bytes!` static does not promise.
+        let m = self
+            .ctx
+            .load_module(Ptx::from_binary(image.to_vec()))
+            .map_err(|e| Error::Cuda(format!("loading module `{name}`: {e}")))?;
+        self.check_loaded_kernels(name, &m);
         modules.insert(name, m.clone());
         Ok(m)
+    }
+
+    /// Compares each kernel of module `name`, as the driver loaded it, with what ptxas reported
+    /// at build time for that architecture, and warns on stderr about a difference, spills or
+    /// local memory ([`super::toolchain::load_warning`]). Only warns: the module works either way.
+    fn check_loaded_kernels(&self, name: &str, module: &Arc<CudaModule>) {
+        use super::toolchain::{load_warning, DriverFigures};
+        let mut kernels: Vec<&str> = fatbin::PTXAS
+            .iter()
+            .filter(|(m, _, _)| *m == name)
+            .map(|(_, k, _)| *k)
+            .collect();
+        // The table lists each kernel once per architecture.
+        kernels.sort_unstable();
+        kernels.dedup();
+        for kernel in kernels {
+            let read = module.load_function(kernel).and_then(|f| {
+                Ok(DriverFigures {
+                    binary_arch: u32::try_from(f.binary_version()?).unwrap_or(0),
+                    registers: u32::try_from(f.num_regs()?).unwrap_or(0),
+                    local_bytes: u32::try_from(f.local_size_bytes()?).unwrap_or(0),
+                })
+            });
+            let loaded = match read {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    eprintln!("qlora: warning: kernel `{kernel}`: cannot read its attributes: {e}");
+                    continue;
+                }
+            };
+            let built = fatbin::PTXAS
+                .iter()
+                .find(|(m, k, f)| *m == name && *k == kernel && f.arch == loaded.binary_arch)
+                .map(|(_, _, f)| f);
+            if let Some(warning) = load_warning(kernel, built, &loaded) {
+                eprintln!("qlora: warning: {warning}");
+            }
+        }
     }
 
     /// Queues `kernel` on the stream with `params` as its one argument.
@@ -205,10 +295,10 @@ impl CudaDevice {
         cfg: &LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        let func = self
-            .module(kernel.module)?
-            .load_function(kernel.name)
-            .map_err(cuda_err)?;
+        // The same checks as the emulation makes, so a launch that fails or deadlocks on a GPU
+        // has failed there first; here they also come before any driver call.
+        kernel.check_launch(cfg)?;
+        let func = self.function(kernel, cfg.shared_mem_bytes)?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: cfg.grid_dim,
             block_dim: cfg.block_dim,
@@ -220,6 +310,85 @@ impl CudaDevice {
         // kernel's single by-value parameter of type `P`.
         unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
+    }
+
+    /// `kernel`'s function, loaded on first use, with its dynamic shared memory limit raised to
+    /// `dynamic_shared_bytes` when a launch needs more than the default 48 KiB (static and dynamic
+    /// together): only for a kernel that opted in ([`Kernel::dynamic_shared_opt_in`]), and within
+    /// the device's opt-in limit; otherwise a typed error before the launch.
+    fn function(&self, kernel: &Kernel, dynamic_shared_bytes: u32) -> Result<CudaFunction> {
+        use super::launch::DEFAULT_DYNAMIC_SHARED_BYTES;
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let mut functions = self
+            .functions
+            .lock()
+            .map_err(|_| Error::Cuda("function cache poisoned".into()))?;
+        let key = (kernel.module, kernel.name);
+        let loaded = match functions.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let func = self
+                    .module(kernel.module)?
+                    .load_function(kernel.name)
+                    .map_err(cuda_err)?;
+                let static_shared_bytes = func.shared_size_bytes().map_err(cuda_err)?.max(0) as u32;
+                e.insert(LoadedFunction {
+                    func,
+                    static_shared_bytes,
+                    dynamic_shared_set: 0,
+                })
+            }
+        };
+        let total = loaded.static_shared_bytes as u64 + dynamic_shared_bytes as u64;
+        if total > DEFAULT_DYNAMIC_SHARED_BYTES as u64
+            && dynamic_shared_bytes > loaded.dynamic_shared_set
+        {
+            if kernel.dynamic_shared_opt_in.is_none() {
+                return Err(Error::invalid(
+                    kernel.name,
+                    format!(
+                        "{} bytes of static and {dynamic_shared_bytes} of dynamic shared memory \
+                         exceed the {DEFAULT_DYNAMIC_SHARED_BYTES} a kernel gets without opting \
+                         in",
+                        loaded.static_shared_bytes
+                    ),
+                ));
+            }
+            let device_max = self
+                .ctx
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .map_err(cuda_err)?
+                .max(0) as u64;
+            if total > device_max {
+                return Err(Error::invalid(
+                    kernel.name,
+                    format!(
+                        "{} bytes of static and {dynamic_shared_bytes} of dynamic shared memory \
+                         exceed this device's {device_max}-byte opt-in limit per block",
+                        loaded.static_shared_bytes
+                    ),
+                ));
+            }
+            // cudarc's set_attribute does not make the context current; the driver call is on a
+            // function of this context.
+            self.ctx.bind_to_thread().map_err(cuda_err)?;
+            loaded
+                .func
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic_shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    Error::Cuda(format!(
+                        "{}: setting {dynamic_shared_bytes} bytes of dynamic shared memory: {e}",
+                        kernel.name
+                    ))
+                })?;
+            loaded.dynamic_shared_set = dynamic_shared_bytes;
+        }
+        Ok(loaded.func.clone())
     }
 
     /// Waits for all queued work.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 /// Most threads in one block.
 pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
-/// Most dynamic shared memory per block (sm_80 / sm_90 opt-in limit).
+/// Most dynamic shared memory per block on any device (sm_90's opt-in limit); a kernel gets 48 KiB
+/// unless it opts in ([`Kernel::check_launch`]).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
 const ERR_BUF_BYTES: usize = 1024;
 
@@ -39,7 +40,8 @@ impl Default for EmuOptions {
     }
 }
 
-/// Checks `cfg` against the limits a CUDA launch has (and the emulation enforces).
+/// Checks `cfg` against the limits a CUDA launch has (and the emulation enforces), then against
+/// the kernel's own ([`Kernel::check_launch`]).
 pub fn validate_config(kernel: &Kernel, cfg: &LaunchConfig) -> Result<()> {
     let (gx, gy, gz) = cfg.grid_dim;
     let (bx, by, bz) = cfg.block_dim;
@@ -65,7 +67,9 @@ pub fn validate_config(kernel: &Kernel, cfg: &LaunchConfig) -> Result<()> {
             cfg.shared_mem_bytes
         ));
     }
-    Ok(())
+    // The kernel's own limits: its block shape, and dynamic shared memory over 48 KiB only when
+    // it opted in, as a GPU launch without the attribute fails.
+    kernel.check_launch(cfg)
 }
 
 thread_local! {

@@ -14,17 +14,29 @@ use crate::{Error, Result};
 declare_kernels! {
     module "llama";
     /// `k_rmsnorm_forward`: a warp per row (h ≤ 1024, four rows per block) or a block per row.
-    RMSNORM_FORWARD = k_rmsnorm_forward / qlemu_k_rmsnorm_forward;
+    RMSNORM_FORWARD = k_rmsnorm_forward / qlemu_k_rmsnorm_forward {
+        block: super::launch::BlockShape::Rows { max_threads: 1024 }
+    };
     /// `k_rmsnorm_backward`: dx and per-block dw partial sums, same block shape as the forward.
-    RMSNORM_BACKWARD = k_rmsnorm_backward / qlemu_k_rmsnorm_backward;
+    RMSNORM_BACKWARD = k_rmsnorm_backward / qlemu_k_rmsnorm_backward {
+        block: super::launch::BlockShape::Rows { max_threads: 1024 }
+    };
     /// `k_rmsnorm_dw_reduce`: the dw partials summed in a fixed order, one thread per column.
-    RMSNORM_DW_REDUCE = k_rmsnorm_dw_reduce / qlemu_k_rmsnorm_dw_reduce;
+    RMSNORM_DW_REDUCE = k_rmsnorm_dw_reduce / qlemu_k_rmsnorm_dw_reduce {
+        block: super::launch::BlockShape::Linear { max_threads: 256 }
+    };
     /// `k_rope`: one thread per rotated pair, forward or inverse, in place.
-    ROPE = k_rope / qlemu_k_rope;
+    ROPE = k_rope / qlemu_k_rope {
+        block: super::launch::BlockShape::Linear { max_threads: 256 }
+    };
     /// `k_swiglu_forward`: one thread per element.
-    SWIGLU_FORWARD = k_swiglu_forward / qlemu_k_swiglu_forward;
+    SWIGLU_FORWARD = k_swiglu_forward / qlemu_k_swiglu_forward {
+        block: super::launch::BlockShape::Linear { max_threads: 256 }
+    };
     /// `k_swiglu_backward`: one thread per element.
-    SWIGLU_BACKWARD = k_swiglu_backward / qlemu_k_swiglu_backward;
+    SWIGLU_BACKWARD = k_swiglu_backward / qlemu_k_swiglu_backward {
+        block: super::launch::BlockShape::Linear { max_threads: 256 }
+    };
 }
 
 /// Widest RMSNorm row: the backward keeps `h` f32 dw sums per row group in shared memory, within
@@ -120,25 +132,33 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     }
 }
 
-/// Launch geometry of `k_rmsnorm_forward` (shared by every backend).
+/// Launch geometry of `k_rmsnorm_forward` (shared by every backend). Checked against the kernel's
+/// [`BlockShape::Rows`](super::launch::BlockShape::Rows): its early return before `row_sum`'s
+/// barrier is safe only while a row is one warp or the whole block.
 pub fn rmsnorm_forward_launch(shape: &RmsNormShape) -> Result<LaunchConfig> {
     let (tx, ty) = shape.block();
-    Ok(LaunchConfig {
+    let cfg = LaunchConfig {
         grid_dim: (check_grid("rmsnorm_forward", shape.row_blocks())?, 1, 1),
         block_dim: (tx, ty, 1),
         shared_mem_bytes: 0,
-    })
+    };
+    RMSNORM_FORWARD.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// Launch geometry of `k_rmsnorm_backward`: `dw_partial_rows` blocks, `rows_per_block × h` f32
-/// of dynamic shared memory.
+/// of dynamic shared memory, which must stay within the 48 KiB the kernel gets without opting in
+/// (at most 32 KiB up to [`MAX_HIDDEN`]); checked with the block shape, as for the forward.
 pub fn rmsnorm_backward_launch(shape: &RmsNormShape) -> Result<LaunchConfig> {
     let (tx, ty) = shape.block();
-    Ok(LaunchConfig {
+    let smem = (ty as u64) * (shape.h as u64) * 4;
+    let cfg = LaunchConfig {
         grid_dim: (shape.dw_partial_rows() as u32, 1, 1),
         block_dim: (tx, ty, 1),
-        shared_mem_bytes: ty * shape.h as u32 * 4,
-    })
+        shared_mem_bytes: u32::try_from(smem).unwrap_or(u32::MAX),
+    };
+    RMSNORM_BACKWARD.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// Launch geometry of `k_rmsnorm_dw_reduce`.

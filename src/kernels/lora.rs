@@ -20,21 +20,37 @@ declare_kernels! {
     module "lora";
     /// `k_lora_xa`: T = X·Aᵀ for rank ≤ 16, a block per 8 rows of X, A staged in shared memory
     /// per 32 columns.
-    LORA_XA = k_lora_xa / qlemu_k_lora_xa;
+    LORA_XA = k_lora_xa / qlemu_k_lora_xa {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_xa_wide`: `k_lora_xa` for rank ≤ 64 (four times the accumulators).
-    LORA_XA_WIDE = k_lora_xa_wide / qlemu_k_lora_xa_wide;
+    LORA_XA_WIDE = k_lora_xa_wide / qlemu_k_lora_xa_wide {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_add`: Y += s·T·Bᵀ in place, a block per 16 × 64 tile of Y.
-    LORA_ADD = k_lora_add / qlemu_k_lora_add;
+    LORA_ADD = k_lora_add / qlemu_k_lora_add {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_dyb`: U = dY·B for rank ≤ 16, a block per 8 rows of dY.
-    LORA_DYB = k_lora_dyb / qlemu_k_lora_dyb;
+    LORA_DYB = k_lora_dyb / qlemu_k_lora_dyb {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_dyb_wide`: `k_lora_dyb` for rank ≤ 64.
-    LORA_DYB_WIDE = k_lora_dyb_wide / qlemu_k_lora_dyb_wide;
+    LORA_DYB_WIDE = k_lora_dyb_wide / qlemu_k_lora_dyb_wide {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_db`: dB = s·dYᵀ·T, a block per 64 columns of dY looping over all rows.
-    LORA_DB = k_lora_db / qlemu_k_lora_db;
+    LORA_DB = k_lora_db / qlemu_k_lora_db {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_da`: dA = s·Uᵀ·X, a block per 64 columns of X looping over all rows.
-    LORA_DA = k_lora_da / qlemu_k_lora_da;
+    LORA_DA = k_lora_da / qlemu_k_lora_da {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_lora_dx`: dX += s·U·A in place, a block per 16 × 64 tile of dX.
-    LORA_DX = k_lora_dx / qlemu_k_lora_dx;
+    LORA_DX = k_lora_dx / qlemu_k_lora_dx {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
 }
 
 /// Largest rank the kernels take (their shared-memory tiles and accumulators are sized by it).

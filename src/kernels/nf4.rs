@@ -4,6 +4,7 @@
 //! `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
 
 use super::abi::{QlNf4DequantizeParams, QlNf4QuantizeParams};
+use super::device::{KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
 use std::ffi::c_void;
@@ -11,9 +12,13 @@ use std::ffi::c_void;
 declare_kernels! {
     module "nf4";
     /// `k_nf4_quantize`: one warp per quantization block.
-    QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize;
+    QUANTIZE = k_nf4_quantize / qlemu_k_nf4_quantize {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
     /// `k_nf4_dequantize`: one thread per 4 packed bytes.
-    DEQUANTIZE = k_nf4_dequantize / qlemu_k_nf4_dequantize;
+    DEQUANTIZE = k_nf4_dequantize / qlemu_k_nf4_dequantize {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
 }
 
 const THREADS: u32 = 256;
@@ -68,13 +73,17 @@ impl Nf4Layout {
 /// configuration the GPU runs).
 pub fn quantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
     let blocks = (layout.blocks() as u64).div_ceil(WARPS_PER_BLOCK);
-    grid("nf4_quantize", blocks)
+    let cfg = grid("nf4_quantize", blocks)?;
+    QUANTIZE.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// Launch geometry of `k_nf4_dequantize`.
 pub fn dequantize_launch(layout: &Nf4Layout) -> Result<LaunchConfig> {
     let threads = (layout.packed_bytes() as u64).div_ceil(PACKED_BYTES_PER_THREAD);
-    grid("nf4_dequantize", threads.div_ceil(THREADS as u64))
+    let cfg = grid("nf4_dequantize", threads.div_ceil(THREADS as u64))?;
+    DEQUANTIZE.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 fn grid(op: &'static str, blocks: u64) -> Result<LaunchConfig> {
@@ -161,29 +170,58 @@ impl Scales<'_> {
     }
 }
 
-/// Quantizes `input` to NF4 with `code` through the CPU emulation of `k_nf4_quantize`.
-/// Returns `(packed, absmax)`.
-pub fn quantize_emulated<T: Element>(
-    input: &[T],
+/// Quantizes `input` to NF4 with `code` (16 values) by `k_nf4_quantize` into caller-owned
+/// `packed` (`(n + 1) / 2` bytes) and `absmax` (`ceil(n / blocksize)` scales).
+pub fn quantize_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    input: &(impl KernelArg<D, T> + ?Sized),
     blocksize: usize,
-    code: &[f32; 16],
-) -> Result<(Vec<u8>, Vec<f32>)> {
+    code: &(impl KernelArg<D, f32> + ?Sized),
+    packed: &mut (impl KernelArgMut<D, u8> + ?Sized),
+    absmax: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()> {
     const OP: &str = "nf4_quantize";
     let layout = Nf4Layout::new(OP, input.len(), blocksize)?;
-    let mut packed = vec![0u8; layout.packed_bytes()];
-    let mut absmax = vec![0f32; layout.blocks()];
+    layout.check_len(OP, "code", code.len(), 16)?;
+    layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
+    layout.check_len(OP, "absmax", absmax.len(), layout.blocks())?;
+    let cfg = quantize_launch(&layout)?;
+    let (ip, cp, pp, ap) = (
+        input.ptr(dev),
+        code.ptr(dev),
+        packed.ptr_mut(dev),
+        absmax.ptr_mut(dev),
+    );
     let params = QlNf4QuantizeParams {
-        input: input.as_ptr().cast(),
-        code: code.as_ptr(),
-        packed: packed.as_mut_ptr(),
-        absmax: absmax.as_mut_ptr(),
+        input: ip.void(),
+        code: cp.get(),
+        packed: pp.get_mut(),
+        absmax: ap.get_mut(),
         n: layout.n as i64,
         blocksize: layout.blocksize as i32,
         in_dtype: T::DTYPE as i32,
     };
-    // SAFETY: every pointer in `params` points into a live buffer of exactly the length the kernel
-    // indexes for `layout` (checked above), and the buffers outlive the synchronous launch.
-    unsafe { super::emu::launch(&QUANTIZE, &quantize_launch(&layout)?, &params)? };
+    // SAFETY: every buffer has exactly the length the kernel indexes for `layout` (validated
+    // above); the pointers' guards keep them alive and ordered until the launch is queued.
+    unsafe { dev.launch(&QUANTIZE, &cfg, &params) }
+}
+
+/// Quantizes `input` to NF4 with `code` by `k_nf4_quantize`. Returns `(packed, absmax)`.
+pub fn quantize<D: LaunchDevice, T: Element>(
+    dev: &D,
+    input: &(impl KernelArg<D, T> + ?Sized),
+    blocksize: usize,
+    code: &(impl KernelArg<D, f32> + ?Sized),
+) -> Result<(D::Buffer<u8>, D::Buffer<f32>)> {
+    let layout = Nf4Layout::new("nf4_quantize", input.len(), blocksize)?;
+    // SAFETY: the kernel writes every packed byte and every block scale.
+    let (mut packed, mut absmax) = unsafe {
+        (
+            dev.alloc::<u8>(layout.packed_bytes())?,
+            dev.alloc::<f32>(layout.blocks())?,
+        )
+    };
+    quantize_into(dev, input, blocksize, code, &mut packed, &mut absmax)?;
     Ok((packed, absmax))
 }
 
@@ -349,57 +387,6 @@ mod cuda_impl {
                 },
             }
         }
-    }
-
-    /// Quantizes a device buffer to NF4 with `k_nf4_quantize`. Returns `(packed, absmax)`.
-    pub fn quantize_cuda<T: Element>(
-        dev: &CudaDevice,
-        input: &CudaSlice<T>,
-        blocksize: usize,
-        code: &CudaSlice<f32>,
-    ) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
-        let layout = Nf4Layout::new("nf4_quantize", input.len(), blocksize)?;
-        let stream = dev.stream();
-        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
-        let mut packed = unsafe { stream.alloc::<u8>(layout.packed_bytes()) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut absmax = unsafe { stream.alloc::<f32>(layout.blocks()) }.map_err(cuda_err)?;
-        quantize_cuda_into(dev, input, blocksize, code, &mut packed, &mut absmax)?;
-        Ok((packed, absmax))
-    }
-
-    /// [`quantize_cuda`] into caller-owned buffers of `(n + 1) / 2` bytes and `ceil(n / blocksize)` scales.
-    pub fn quantize_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        input: &CudaSlice<T>,
-        blocksize: usize,
-        code: &CudaSlice<f32>,
-        packed: &mut CudaSlice<u8>,
-        absmax: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "nf4_quantize";
-        let layout = Nf4Layout::new(OP, input.len(), blocksize)?;
-        layout.check_len(OP, "code", code.len(), 16)?;
-        layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
-        layout.check_len(OP, "absmax", absmax.len(), layout.blocks())?;
-        let cfg = quantize_launch(&layout)?;
-        let stream = dev.stream();
-        let (input_ptr, _g0) = input.device_ptr(stream);
-        let (code_ptr, _g1) = code.device_ptr(stream);
-        let (packed_ptr, _g2) = packed.device_ptr_mut(stream);
-        let (absmax_ptr, _g3) = absmax.device_ptr_mut(stream);
-        let params = QlNf4QuantizeParams {
-            input: input_ptr as *const c_void,
-            code: code_ptr as *const f32,
-            packed: packed_ptr as *mut u8,
-            absmax: absmax_ptr as *mut f32,
-            n: layout.n as i64,
-            blocksize: layout.blocksize as i32,
-            in_dtype: T::DTYPE as i32,
-        };
-        // SAFETY: the device buffers have the lengths the kernel indexes for `layout` (validated
-        // above); the guards keep them ordered on `stream` until the launch is queued.
-        unsafe { dev.launch(&QUANTIZE, &cfg, &params) }
     }
 
     /// Dequantizes NF4 device data with `k_nf4_dequantize` into a new device buffer of `T`.

@@ -25,13 +25,21 @@ declare_kernels! {
     module "nf4_gemm";
     /// `k_nf4_gemm`: y = x · dequant(W)^T, 128 × 128 output tiles, 256 threads; aligned
     /// shapes only (see [`fast_path`]).
-    GEMM = k_nf4_gemm / qlemu_k_nf4_gemm;
+    GEMM = k_nf4_gemm / qlemu_k_nf4_gemm {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
     /// `k_nf4_gemm_dx`: dx = dy · dequant(W), as [`GEMM`].
-    GEMM_DX = k_nf4_gemm_dx / qlemu_k_nf4_gemm_dx;
+    GEMM_DX = k_nf4_gemm_dx / qlemu_k_nf4_gemm_dx {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
     /// `k_nf4_gemm_general`: [`GEMM`] for any shape and alignment (tiles built per element).
-    GEMM_GENERAL = k_nf4_gemm_general / qlemu_k_nf4_gemm_general;
+    GEMM_GENERAL = k_nf4_gemm_general / qlemu_k_nf4_gemm_general {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
     /// `k_nf4_gemm_dx_general`: [`GEMM_DX`] for any shape and alignment.
-    GEMM_DX_GENERAL = k_nf4_gemm_dx_general / qlemu_k_nf4_gemm_dx_general;
+    GEMM_DX_GENERAL = k_nf4_gemm_dx_general / qlemu_k_nf4_gemm_dx_general {
+        block: super::launch::BlockShape::Exact(256, 1, 1)
+    };
 }
 
 const THREADS: u32 = 256;

@@ -12,9 +12,13 @@ use crate::{Error, Result};
 declare_kernels! {
     module "nf4_gemv";
     /// `k_nf4_gemv`: M = 1 (decode), one warp per output row, four rows per block.
-    GEMV = k_nf4_gemv / qlemu_k_nf4_gemv;
+    GEMV = k_nf4_gemv / qlemu_k_nf4_gemv {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
     /// `k_nf4_gemv_rows`: M in 2..=16, the same geometry, passes of up to 8 rows of x.
-    GEMV_ROWS = k_nf4_gemv_rows / qlemu_k_nf4_gemv_rows;
+    GEMV_ROWS = k_nf4_gemv_rows / qlemu_k_nf4_gemv_rows {
+        block: super::launch::BlockShape::Exact(128, 1, 1)
+    };
 }
 
 /// Most rows of x (tokens) one launch takes; larger batches belong to the dequant-GEMM.
@@ -88,7 +92,11 @@ pub fn gemv_launch(shape: &GemvShape) -> Result<LaunchConfig> {
             format!("{blocks} blocks exceed the grid limit"),
         ));
     }
-    Ok(LaunchConfig::linear(blocks as u32, THREADS))
+    let cfg = LaunchConfig::linear(blocks as u32, THREADS);
+    // Both kernels take the same block (a warp per row, its early return uniform per warp).
+    GEMV.check_launch(&cfg)?;
+    GEMV_ROWS.check_launch(&cfg)?;
+    Ok(cfg)
 }
 
 /// An NF4 weight `[n, k]` in host memory, quantized over its flattened `n · k` elements.
