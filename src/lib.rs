@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cli;
 pub mod error;
+pub mod hf;
 pub mod kernels;
 pub mod model;
 pub mod peft;

@@ -13,14 +13,15 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::model::config::TorchDtype;
-use crate::model::weights::{widen, NF4_LOAD_BLOCKSIZE};
-use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
-use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
-use crate::quant::hf_folder::{
+use crate::hf::checkpoint::widen;
+use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
+use crate::model::config::TorchDtype;
+use crate::model::weights::NF4_LOAD_BLOCKSIZE;
+use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
+use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
 

@@ -8,7 +8,6 @@
 
 pub mod bnb;
 pub mod dynamic8;
-pub mod hf_folder;
 pub mod model_dir;
 pub mod nf4;
 

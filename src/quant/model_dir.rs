@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-use crate::model::config::TorchDtype;
-use crate::model::weights::widen;
-use crate::peft::merge::{is_linear, torch_dtype_name};
-use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
-use crate::quant::dynamic8;
-use crate::quant::hf_folder::{
+use crate::hf::checkpoint::widen;
+use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
     ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
+use crate::model::config::TorchDtype;
+use crate::peft::merge::{is_linear, torch_dtype_name};
+use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
+use crate::quant::dynamic8;
 use crate::quant::nf4::{nf4_absmax, nf4_scales, Nf4Scales, Nf4Tensor, NF4_CODE};
 use crate::{Error, Result};
 
