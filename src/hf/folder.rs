@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 
 use crate::hf::checkpoint::{map_file, shard_files, Checkpoint, INDEX_FILE, SINGLE_FILE};
 use crate::hf::json::python_json;
-use crate::model::LlamaConfig;
 use crate::{Error, Result};
 
 /// The model config file of a folder.
@@ -93,18 +92,11 @@ impl ModelFolder {
         Checkpoint::new(&self.maps)
     }
 
-    /// `config.json` as a JSON object, and validated as a Llama config.
-    pub fn config(&self) -> Result<(Map<String, Value>, LlamaConfig)> {
+    /// The text of `config.json` (what it configures is for the layer that reads it:
+    /// `model::config::read_folder_config` for a Llama).
+    pub fn config_text(&self) -> Result<String> {
         let path = self.dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config = LlamaConfig::from_json_str(&text)?;
-        match serde_json::from_str(&text)? {
-            Value::Object(map) => Ok((map, config)),
-            _ => Err(Error::Config {
-                field: "config.json",
-                reason: "not a JSON object".to_string(),
-            }),
-        }
+        fs::read_to_string(&path).map_err(|e| Error::io(&path, e))
     }
 }
 

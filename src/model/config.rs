@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::hf::folder::ModelFolder;
 use crate::{Error, Result};
 
 /// transformers' default `rope_theta`.
@@ -542,5 +543,19 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
                 })
                 .collect()
         }
+    }
+}
+
+/// `config.json` of the model folder `folder` as a JSON object (kept whole, so a folder written
+/// from it keeps every field) and validated as a Llama config.
+pub fn read_folder_config(folder: &ModelFolder) -> Result<(Map<String, Value>, LlamaConfig)> {
+    let text = folder.config_text()?;
+    let config = LlamaConfig::from_json_str(&text)?;
+    match serde_json::from_str(&text)? {
+        Value::Object(map) => Ok((map, config)),
+        _ => Err(Error::Config {
+            field: "config.json",
+            reason: "not a JSON object".to_string(),
+        }),
     }
 }

@@ -18,7 +18,7 @@ use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::TorchDtype;
+use crate::model::config::{read_folder_config, TorchDtype};
 use crate::model::weights::NF4_LOAD_BLOCKSIZE;
 use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
 use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
@@ -257,7 +257,7 @@ fn merge(
     other_inputs: &[&Path],
 ) -> Result<MergeSummary> {
     let folder = ModelFolder::open(base_dir)?;
-    let (mut raw_config, config) = folder.config()?;
+    let (mut raw_config, config) = read_folder_config(&folder)?;
     adapter.check_fits(&config).map_err(|e| match e {
         Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
         other => other,

@@ -15,7 +15,7 @@ use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
     ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::TorchDtype;
+use crate::model::config::{read_folder_config, TorchDtype};
 use crate::peft::merge::{is_linear, torch_dtype_name};
 use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
 use crate::quant::dynamic8;
@@ -173,7 +173,7 @@ pub fn quantize_model_dir(
     let (input, output) = (input.as_ref(), output.as_ref());
     crate::quant::nf4::check_blocksize("quantize_model_dir", options.blocksize)?;
     let folder = ModelFolder::open(input)?;
-    let (mut raw_config, config) = folder.config()?;
+    let (mut raw_config, config) = read_folder_config(&folder)?;
     if config.quantization.is_some() {
         return Err(Error::Config {
             field: "quantization_config",
