@@ -546,6 +546,20 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
     }
 }
 
+/// `[out, in]` of the linear `name` (one of `model::llama::linears`' names).
+pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
+    let (h, m) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    match name {
+        "q_proj" => [q, h],
+        "k_proj" | "v_proj" => [kv, h],
+        "o_proj" => [h, q],
+        "down_proj" => [h, m],
+        _ => [m, h],
+    }
+}
+
 /// `config.json` of the model folder `folder` as a JSON object (kept whole, so a folder written
 /// from it keeps every field) and validated as a Llama config.
 pub fn read_folder_config(folder: &ModelFolder) -> Result<(Map<String, Value>, LlamaConfig)> {

@@ -16,8 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
-use crate::model::config::LlamaConfig;
-use crate::model::llama::linear_shape;
+use crate::model::config::{linear_shape, LlamaConfig};
 use crate::{Error, Result};
 
 /// The adapter config file of a PEFT adapter directory.

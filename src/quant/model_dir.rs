@@ -207,7 +207,7 @@ pub fn quantize_model_dir(
         }
         let prefix = name.trim_end_matches(".weight").to_string();
         let module = prefix.rsplit('.').next().unwrap_or_default();
-        let expected = crate::model::llama::linear_shape(&config, module);
+        let expected = crate::model::config::linear_shape(&config, module);
         if view.shape() != expected {
             return Err(Error::BadTensor {
                 key: name.clone(),
