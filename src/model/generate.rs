@@ -6,8 +6,8 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::model::adapter::LoraAdapter;
 use crate::model::llama::LlamaModel;
-use crate::peft::LoraAdapter;
 use crate::{Error, Result};
 
 fn invalid(reason: impl Into<String>) -> Error {

@@ -9,12 +9,12 @@ use half::{bf16, f16};
 
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
+use crate::model::adapter::{LoraAdapter, LoraMode, TargetModule};
 use crate::model::config::{linear_shape, LlamaConfig};
 use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
 use crate::model::fused_lora::{self, FusedLora};
 use crate::model::generate::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
-use crate::peft::{LoraAdapter, LoraMode, TargetModule};
 use crate::{Error, Result};
 
 /// The label value the loss skips (PyTorch's `ignore_index` default).

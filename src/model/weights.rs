@@ -14,8 +14,8 @@ use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::hf::checkpoint::{map_file, shard_files, widen, Checkpoint};
+use crate::model::adapter::TargetModule;
 use crate::model::config::LlamaConfig;
-use crate::peft::TargetModule;
 use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
