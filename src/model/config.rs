@@ -546,6 +546,15 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
     }
 }
 
+/// The torch name of a dtype as configs write it.
+pub fn torch_dtype_name(dtype: TorchDtype) -> &'static str {
+    match dtype {
+        TorchDtype::F32 => "float32",
+        TorchDtype::F16 => "float16",
+        TorchDtype::BF16 => "bfloat16",
+    }
+}
+
 /// `[out, in]` of the linear `name` (one of `model::llama::linears`' names).
 pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
     let (h, m) = (c.hidden_size, c.intermediate_size);

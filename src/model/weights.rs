@@ -99,6 +99,20 @@ pub struct LlamaWeights {
     pub lm_head: Option<Tensor>,
 }
 
+/// Whether `name` is the weight of one of the seven linears of a decoder layer.
+pub fn is_linear(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((index, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    index.parse::<usize>().is_ok()
+        && TargetModule::ALL
+            .iter()
+            .any(|m| rest == format!("{}.{}.weight", m.block(), m.name()))
+}
+
 /// How to load: dense tensors' dtype and device, and whether to quantize the seven linears. NF4
 /// linears are read into host memory whatever the device; `LlamaModel::new` on a CUDA device
 /// uploads them there once.

@@ -18,8 +18,8 @@ use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{read_folder_config, TorchDtype};
-use crate::model::weights::NF4_LOAD_BLOCKSIZE;
+use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::weights::{is_linear, NF4_LOAD_BLOCKSIZE};
 use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
 use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
 use crate::quant::nf4::Nf4Tensor;
@@ -94,15 +94,6 @@ pub struct MergeSummary {
     /// Tokenizer and generation files copied from the base.
     pub copied_files: Vec<String>,
     pub report: Option<RequantizeReport>,
-}
-
-/// The torch name of a dtype as configs write it.
-pub fn torch_dtype_name(dtype: TorchDtype) -> &'static str {
-    match dtype {
-        TorchDtype::F32 => "float32",
-        TorchDtype::F16 => "float16",
-        TorchDtype::BF16 => "bfloat16",
-    }
 }
 
 fn safetensors_dtype(dtype: TorchDtype) -> Dtype {
@@ -448,20 +439,6 @@ fn merge(
 /// `model.layers.{layer}.{block}.{module}`.
 pub fn linear_prefix(layer: usize, module: TargetModule) -> String {
     format!("model.layers.{layer}.{}.{}", module.block(), module.name())
-}
-
-/// Whether `name` is the weight of one of the seven linears of a decoder layer.
-pub fn is_linear(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return false;
-    };
-    let Some((index, rest)) = rest.split_once('.') else {
-        return false;
-    };
-    index.parse::<usize>().is_ok()
-        && TargetModule::ALL
-            .iter()
-            .any(|m| rest == format!("{}.{}.weight", m.block(), m.name()))
 }
 
 fn copied_tensor<'a>(name: &str, view: TensorView<'a>) -> OutTensor<'a> {

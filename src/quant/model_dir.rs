@@ -15,8 +15,8 @@ use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
     ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{read_folder_config, TorchDtype};
-use crate::peft::merge::{is_linear, torch_dtype_name};
+use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::weights::is_linear;
 use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
 use crate::quant::dynamic8;
 use crate::quant::nf4::{nf4_absmax, nf4_scales, Nf4Scales, Nf4Tensor, NF4_CODE};
