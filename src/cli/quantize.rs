@@ -11,8 +11,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::cli::merge::{parse_shard_size, DtypeArg};
 use crate::kernels::nf4::{dequantize_emulated, quantize_emulated, Scales};
+use crate::model::quantize_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::bnb::nf4_to_tensors;
-use crate::quant::model_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
 use crate::{Error, Result};
 

@@ -13,6 +13,7 @@ mod fused_loss;
 pub mod generate;
 pub mod init;
 pub mod llama;
+pub mod quantize_dir;
 pub mod tokenizer;
 pub mod weights;
 
