@@ -13,7 +13,7 @@ use crate::model::adapter::{LoraAdapter, LoraMode, TargetModule};
 use crate::model::config::{linear_shape, LlamaConfig};
 use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
 use crate::model::fused_lora::{self, FusedLora};
-use crate::model::generate::{KvCache, LayerKvCache};
+use crate::model::kv_cache::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use crate::{Error, Result};
 
