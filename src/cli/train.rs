@@ -27,6 +27,7 @@ use crate::train::checkpoint::{
 use crate::train::data::{collate, load_jsonl, pack, read_records, Batch, Dataset, Example};
 use crate::train::eval::evaluate_loss;
 use crate::train::metrics::{rss_mib, write_loss_curve, MetricsWriter, StepRecord};
+use crate::train::train_loop::DataStream;
 use crate::train::trainer::{CheckpointOptimizer, CpuAdamW, Trainer};
 use crate::{Error, Result};
 
@@ -227,61 +228,6 @@ impl TrainArgs {
             ..TrainArgs::default()
         };
         *self != demo_only
-    }
-}
-
-/// The training rows in a fixed per-epoch order: epoch e visits the rows in a permutation drawn
-/// from the run's seed and e alone, so a position (epoch, index) resumes the stream exactly.
-struct DataStream<'a> {
-    rows: &'a [Example],
-    seed: u64,
-    position: DataPosition,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
-}
-
-impl<'a> DataStream<'a> {
-    fn new(rows: &'a [Example], seed: u64, position: DataPosition) -> Self {
-        DataStream {
-            rows,
-            seed,
-            position,
-            order: (0..rows.len()).collect(),
-            order_epoch: None,
-        }
-    }
-
-    fn epoch_order(&mut self) -> &[usize] {
-        if self.order_epoch != Some(self.position.epoch) {
-            let mix = (self.position.epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let mut rng = StdRng::seed_from_u64(self.seed ^ mix);
-            self.order = (0..self.rows.len()).collect();
-            self.order.shuffle(&mut rng);
-            self.order_epoch = Some(self.position.epoch);
-        }
-        &self.order
-    }
-
-    fn next_examples(&mut self, n: usize) -> Vec<Example> {
-        let mut picked = Vec::with_capacity(n);
-        while picked.len() < n {
-            if self.position.index as usize >= self.rows.len() {
-                self.position = DataPosition {
-                    epoch: self.position.epoch + 1,
-                    index: 0,
-                };
-            }
-            let i = self.position.index as usize;
-            let row = self.epoch_order()[i];
-            picked.push(self.rows[row].clone());
-            self.position.index += 1;
-        }
-        picked
-    }
-
-    /// Passes completed, fractional.
-    fn epochs_done(&self) -> f64 {
-        self.position.epoch as f64 + self.position.index as f64 / self.rows.len().max(1) as f64
     }
 }
 

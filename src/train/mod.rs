@@ -11,4 +11,5 @@ pub mod eval;
 pub mod metrics;
 pub mod plan;
 pub mod schedule;
+pub mod train_loop;
 pub mod trainer;
