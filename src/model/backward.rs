@@ -1,5 +1,5 @@
-//! The explicit backward of the Llama decoder stack for LoRA training (DESIGN.md, "Training without
-//! an autograd tape"): a layer's forward is recomputed from its saved input `[B, T, hidden]`, keeping
+//! The explicit backward of the Llama decoder stack for LoRA training (docs/ARCHITECTURE.md,
+//! "Training without an autograd tape"): a layer's forward is recomputed from its saved input `[B, T, hidden]`, keeping
 //! the intermediates, and hand-written gradients give dL/dx `[B, T, hidden]` and, for every adapted
 //! linear, dA `[r, in]` and dB `[out, r]` in f32. Frozen weights get no gradients; no autograd runs.
 
