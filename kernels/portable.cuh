@@ -30,7 +30,8 @@
   T* name = reinterpret_cast<T*>(name##_ql_bytes)
 #define QL_EMU_ENTRY(kernel, Params)
 
-/* mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: d = a·b + c, fragments as in DESIGN.md. */
+/* mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: d = a·b + c, fragments as in
+ * docs/ARCHITECTURE.md, "Tensor-core fragments". */
 __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2],
                                                   const float c[4]) {
   asm volatile(

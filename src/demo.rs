@@ -21,8 +21,9 @@ use qlora::model::tokenizer::Tokenizer;
 use qlora::model::weights::NF4_LOAD_BLOCKSIZE;
 use qlora::model::{LlamaConfig, LlamaWeights, RopeScaling};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraMode, TargetModule};
-use qlora::train::data::{collate, Example};
+use qlora::train::data::{collate, Batch, Example};
 use qlora::train::schedule::{LrSchedule, ScheduleKind};
+use qlora::train::train_loop::{run_steps, MicroBatches};
 use qlora::train::trainer::{CpuAdamW, NonFinitePolicy, Trainer, TrainerConfig};
 use qlora::{Error, Result};
 use rand::rngs::StdRng;
@@ -235,6 +236,31 @@ fn accuracy(
     Ok(correct as f64 / questions.len().max(1) as f64)
 }
 
+/// The demo's batches: [`BATCH_SIZE`] examples per step from a seeded order, reshuffled whenever
+/// fewer than a batch are left (the tail of a pass is dropped).
+struct Shuffled<'a> {
+    examples: &'a [Example],
+    order: Vec<usize>,
+    rng: StdRng,
+    cursor: usize,
+    tokenizer: &'a Tokenizer,
+}
+
+impl MicroBatches for Shuffled<'_> {
+    fn next_micro_batches(&mut self) -> Result<Vec<Batch>> {
+        if self.cursor + BATCH_SIZE > self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.cursor = 0;
+        }
+        let picked: Vec<Example> = self.order[self.cursor..self.cursor + BATCH_SIZE]
+            .iter()
+            .map(|&i| self.examples[i].clone())
+            .collect();
+        self.cursor += BATCH_SIZE;
+        Ok(vec![collate(&picked, self.tokenizer.pad_id()?)?])
+    }
+}
+
 fn write_line(out: &mut BufWriter<File>, path: &Path, value: serde_json::Value) -> Result<()> {
     writeln!(out, "{value}").map_err(|e| Error::io(path, e))
 }
@@ -333,32 +359,22 @@ pub fn run(options: &DemoOptions) -> Result<()> {
     );
     let bar = ProgressBar::new(options.steps).with_style(qlora::cli::progress_style()?);
     let log_every = (options.steps / 10).max(1);
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    let mut rng = StdRng::seed_from_u64(options.seed ^ 0x5eed);
-    let mut cursor = order.len();
+    let mut source = Shuffled {
+        examples: &examples,
+        order: (0..examples.len()).collect(),
+        rng: StdRng::seed_from_u64(options.seed ^ 0x5eed),
+        cursor: examples.len(),
+        tokenizer: &tokenizer,
+    };
     let mut losses = Vec::with_capacity(options.steps as usize);
-    let mut tokens = 0usize;
-    let train_started = Instant::now();
-    for _ in 0..options.steps {
-        if cursor + BATCH_SIZE > order.len() {
-            order.shuffle(&mut rng);
-            cursor = 0;
-        }
-        let picked: Vec<Example> = order[cursor..cursor + BATCH_SIZE]
-            .iter()
-            .map(|&i| examples[i].clone())
-            .collect();
-        cursor += BATCH_SIZE;
-        let batch = collate(&picked, tokenizer.pad_id()?)?;
-        let m = trainer.train_step(std::slice::from_ref(&batch))?;
-        tokens += m.tokens;
+    let summary = run_steps(&mut trainer, 1..=options.steps, &mut source, |_, _, r| {
+        let (m, tokens_per_s) = (r.metrics, r.tokens_per_s());
         losses.push(m.loss);
-        let tokens_per_s = tokens as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
         write_line(
             &mut metrics,
             &metrics_path,
             json!({"step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-                   "tokens": m.tokens, "elapsed_s": train_started.elapsed().as_secs_f64()}),
+                   "tokens": m.tokens, "elapsed_s": r.elapsed_s}),
         )?;
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tokens/s",
@@ -373,9 +389,10 @@ pub fn run(options: &DemoOptions) -> Result<()> {
                 )
             });
         }
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
-    let train_s = train_started.elapsed().as_secs_f64();
+    let (tokens, train_s) = (summary.tokens, summary.seconds);
     let window = losses.len().clamp(1, 10);
     let mean = |xs: &[f32]| xs.iter().sum::<f32>() / xs.len() as f32;
     let (first, last) = (

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use common::llama::{fixture_dir, kept_rows};
 use qlora::model::config::TorchDtype;
 use qlora::model::llama::LlamaModel;
+use qlora::model::quantize_dir::{bnb_quantization_config, quantize_model_dir, QuantizeDirOptions};
 use qlora::model::{Linear, LlamaConfig, LlamaWeights, LoadOptions};
-use qlora::quant::model_dir::{bnb_quantization_config, quantize_model_dir, QuantizeDirOptions};
 use qlora::Error;
 use serde_json::Value;
 

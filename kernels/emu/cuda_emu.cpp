@@ -679,8 +679,9 @@ unsigned lane_id() { return tls->lane; }
 void fail(const char* what) { fault(what); }
 
 /* D = A·B + C for one warp, PTX ISA layouts of mma.m16n8k16.row.col.f32.bf16.bf16.f32 (see
- * DESIGN.md): bf16 products are exact in f32 and are accumulated in f32 in k order onto C. The
- * tensor cores may order or round the accumulation differently, by a few ulp. */
+ * docs/ARCHITECTURE.md, "Tensor-core fragments"): bf16 products are exact in f32 and are
+ * accumulated in f32 in k order onto C. The tensor cores may order or round the accumulation
+ * differently, by a few ulp. */
 void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
   struct Fragments {
     uint32_t a[4], b[2];

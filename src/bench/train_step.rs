@@ -26,6 +26,7 @@ use crate::model::{LlamaConfig, LlamaWeights, RopeScaling};
 use crate::peft::{LoraAdapter, LoraConfig};
 use crate::train::data::Batch;
 use crate::train::schedule::LrSchedule;
+use crate::train::train_loop::{run_steps, RepeatBatch};
 use crate::train::trainer::{CpuAdamW, NonFinitePolicy, Trainer, TrainerConfig};
 use crate::{Error, Result};
 
@@ -316,16 +317,20 @@ fn child(spec: &ChildSpec) -> Result<()> {
     let setup_peak = vm_bytes("VmHWM:");
 
     let mut losses = Vec::new();
-    for _ in 0..o.warmup {
-        losses.push(trainer.train_step(std::slice::from_ref(&batch))?.loss);
-    }
+    let mut source = RepeatBatch(batch);
+    let warmup = o.warmup as u64;
+    run_steps(&mut trainer, 1..=warmup, &mut source, |_, _, r| {
+        losses.push(r.metrics.loss);
+        Ok(())
+    })?;
     let reset = reset_peak_rss();
     let mut times = Vec::new();
-    for _ in 0..o.steps {
-        let t0 = Instant::now();
-        losses.push(trainer.train_step(std::slice::from_ref(&batch))?.loss);
-        times.push(t0.elapsed().as_secs_f64());
-    }
+    let timed = warmup + 1..=warmup + o.steps as u64;
+    run_steps(&mut trainer, timed, &mut source, |_, _, r| {
+        losses.push(r.metrics.loss);
+        times.push(r.step_s);
+        Ok(())
+    })?;
     let s_per_step = times.iter().sum::<f64>() / times.len() as f64;
     let report = json!({
         "impl": "qlora",

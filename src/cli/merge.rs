@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::hf::folder::parse_size;
 use crate::model::config::TorchDtype;
 use crate::peft::merge::{merge_adapter_dir, MergeOptions, RequantizeReport};
-use crate::quant::hf_folder::parse_size;
 use crate::{Error, Result};
 
 const MIB: f64 = 1024.0 * 1024.0;

@@ -12,8 +12,8 @@ use safetensors::{Dtype, SafeTensors};
 use crate::cli::merge::{parse_shard_size, DtypeArg};
 use crate::kernels::device::Emulator;
 use crate::kernels::nf4::{dequantize_emulated, quantize, Scales};
+use crate::model::quantize_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::bnb::nf4_to_tensors;
-use crate::quant::model_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
 use crate::{Error, Result};
 

@@ -1,8 +1,9 @@
 //! `qlora train`: QLoRA fine-tuning of a Hugging Face Llama folder on a JSONL dataset, on the CPU
 //! (`CpuAdamW`) or a CUDA device (`CudaAdamW`, optionally paged states).
-//! Settings come from defaults < `--config run.toml` < flags; the loop feeds `[batch_size, T]`
-//! micro-batches (`grad_accum` per update) in a seeded per-epoch order to the [`Trainer`], writes
-//! metrics, checkpoints every `save_steps`, and resumes bit-identically from a checkpoint.
+//! Settings come from defaults < `--config run.toml` < flags; the shared loop
+//! (`train::train_loop::run_steps`) feeds `[batch_size, T]` micro-batches (`grad_accum` per
+//! update) in a seeded per-epoch order to the [`Trainer`]; this file's hook writes metrics,
+//! evaluates, checkpoints every `save_steps`, and a run resumes bit-identically from a checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,9 +25,10 @@ use crate::train::checkpoint::{
     latest_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition, OptimizerState,
     RngState, TrainState, TRAINER_STATE_FILE,
 };
-use crate::train::data::{collate, load_jsonl, pack, read_records, Batch, Dataset, Example};
+use crate::train::data::{load_jsonl, pack, read_records, Dataset, Example};
 use crate::train::eval::evaluate_loss;
 use crate::train::metrics::{rss_mib, write_loss_curve, MetricsWriter, StepRecord};
+use crate::train::train_loop::{run_steps, DataStream, StreamBatches};
 use crate::train::trainer::{CheckpointOptimizer, CpuAdamW, Trainer};
 use crate::{Error, Result};
 
@@ -227,61 +229,6 @@ impl TrainArgs {
             ..TrainArgs::default()
         };
         *self != demo_only
-    }
-}
-
-/// The training rows in a fixed per-epoch order: epoch e visits the rows in a permutation drawn
-/// from the run's seed and e alone, so a position (epoch, index) resumes the stream exactly.
-struct DataStream<'a> {
-    rows: &'a [Example],
-    seed: u64,
-    position: DataPosition,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
-}
-
-impl<'a> DataStream<'a> {
-    fn new(rows: &'a [Example], seed: u64, position: DataPosition) -> Self {
-        DataStream {
-            rows,
-            seed,
-            position,
-            order: (0..rows.len()).collect(),
-            order_epoch: None,
-        }
-    }
-
-    fn epoch_order(&mut self) -> &[usize] {
-        if self.order_epoch != Some(self.position.epoch) {
-            let mix = (self.position.epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let mut rng = StdRng::seed_from_u64(self.seed ^ mix);
-            self.order = (0..self.rows.len()).collect();
-            self.order.shuffle(&mut rng);
-            self.order_epoch = Some(self.position.epoch);
-        }
-        &self.order
-    }
-
-    fn next_examples(&mut self, n: usize) -> Vec<Example> {
-        let mut picked = Vec::with_capacity(n);
-        while picked.len() < n {
-            if self.position.index as usize >= self.rows.len() {
-                self.position = DataPosition {
-                    epoch: self.position.epoch + 1,
-                    index: 0,
-                };
-            }
-            let i = self.position.index as usize;
-            let row = self.epoch_order()[i];
-            picked.push(self.rows[row].clone());
-            self.position.index += 1;
-        }
-        picked
-    }
-
-    /// Passes completed, fractional.
-    fn epochs_done(&self) -> f64 {
-        self.position.epoch as f64 + self.position.index as f64 / self.rows.len().max(1) as f64
     }
 }
 
@@ -625,20 +572,20 @@ impl Run<'_> {
 
         let resumed = args.resume.is_some().then_some(state.step);
         let mut metrics = MetricsWriter::create(output, resumed)?;
-        let mut stream = DataStream::new(train_rows, config.seed, state.data_position);
+        let mut source = StreamBatches {
+            stream: DataStream::new(train_rows, config.seed, state.data_position),
+            batch_size: config.batch_size,
+            grad_accum: config.grad_accum,
+            pad_id,
+        };
         let bar = ProgressBar::new(total_steps).with_style(progress_style()?);
         bar.set_position(state.step);
-        let loop_started = Instant::now();
-        let mut tokens = 0usize;
         let mut last_eval = None;
-        for step in state.step + 1..=total_steps {
-            let micro_batches = (0..config.grad_accum)
-                .map(|_| collate(&stream.next_examples(config.batch_size), pad_id))
-                .collect::<Result<Vec<Batch>>>()?;
-            let m = trainer.train_step(&micro_batches)?;
-            tokens += m.tokens;
-            let elapsed = loop_started.elapsed().as_secs_f64();
-            let tokens_per_s = tokens as f64 / elapsed.max(1e-9);
+        let steps = state.step + 1..=total_steps;
+        let summary = run_steps(&mut trainer, steps, &mut source, |trainer, source, r| {
+            let (step, m, elapsed, tokens_per_s) =
+                (r.step, r.metrics, r.elapsed_s, r.tokens_per_s());
+            let stream = &source.stream;
             let eval_now = !eval_rows.is_empty()
                 && (step == total_steps
                     || (config.eval_steps > 0 && step % config.eval_steps == 0));
@@ -705,13 +652,15 @@ impl Run<'_> {
                     data_position: stream.position,
                     rng_state: state.rng_state,
                 };
-                let path = save_checkpoint(output, &trainer, &train_state, config.keep_last)?;
+                let path = save_checkpoint(output, trainer, &train_state, config.keep_last)?;
                 bar.suspend(|| println!("saved {}", path.display()));
             }
-        }
+            Ok(())
+        })?;
         bar.finish_and_clear();
         metrics.flush()?;
-        let train_s = loop_started.elapsed().as_secs_f64();
+        let (tokens, train_s) = (summary.tokens, summary.seconds);
+        let stream = source.stream;
 
         let adapter_dir = output.join(ADAPTER_DIR);
         trainer.adapter().save_pretrained(&adapter_dir)?;

@@ -1,4 +1,4 @@
-//! Paged AdamW states (DESIGN.md "Paged optimizer states"): where each tensor's f32 moments `m`,
+//! Paged AdamW states (docs/ARCHITECTURE.md, "Paged optimizer states"): where each tensor's f32 moments `m`,
 //! `v` (`[n]` each) live, decided by a pure policy from element counts, the device's
 //! concurrent-managed-access attribute and a device-memory budget; and (feature `cuda`) the buffers
 //! that follow it, with the AdamW step that moves a paged tensor's states in and out around its update.

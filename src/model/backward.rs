@@ -1,5 +1,5 @@
-//! The explicit backward of the Llama decoder stack for LoRA training (DESIGN.md, "Training without
-//! an autograd tape"): a layer's forward is recomputed from its saved input `[B, T, hidden]`, keeping
+//! The explicit backward of the Llama decoder stack for LoRA training (docs/ARCHITECTURE.md,
+//! "Training without an autograd tape"): a layer's forward is recomputed from its saved input `[B, T, hidden]`, keeping
 //! the intermediates, and hand-written gradients give dL/dx `[B, T, hidden]` and, for every adapted
 //! linear, dA `[r, in]` and dB `[out, r]` in f32. Frozen weights get no gradients; no autograd runs.
 
@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, D};
 
 use crate::kernels::nf4_gemm::GemmOp;
+use crate::model::adapter::{LoraAdapter, LoraMode, LoraPair, TargetModule};
 use crate::model::fused::{FusedInputs, Qkv};
 use crate::model::fused_lora::{self, FusedLora, SavedProjections};
 use crate::model::fused_loss;
 use crate::model::llama::{repeat_kv, LlamaModel};
 use crate::model::weights::LayerWeights;
-use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
 use crate::{Error, Result};
 
 /// LoRA gradients by (layer, module): `a` holds dL/dA `[r, in]`, `b` holds dL/dB `[out, r]`, f32.

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::hf::folder::ModelFolder;
 use crate::{Error, Result};
 
 /// transformers' default `rope_theta`.
@@ -542,5 +543,42 @@ pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<
                 })
                 .collect()
         }
+    }
+}
+
+/// The torch name of a dtype as configs write it.
+pub fn torch_dtype_name(dtype: TorchDtype) -> &'static str {
+    match dtype {
+        TorchDtype::F32 => "float32",
+        TorchDtype::F16 => "float16",
+        TorchDtype::BF16 => "bfloat16",
+    }
+}
+
+/// `[out, in]` of the linear `name` (one of `model::llama::linears`' names).
+pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
+    let (h, m) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    match name {
+        "q_proj" => [q, h],
+        "k_proj" | "v_proj" => [kv, h],
+        "o_proj" => [h, q],
+        "down_proj" => [h, m],
+        _ => [m, h],
+    }
+}
+
+/// `config.json` of the model folder `folder` as a JSON object (kept whole, so a folder written
+/// from it keeps every field) and validated as a Llama config.
+pub fn read_folder_config(folder: &ModelFolder) -> Result<(Map<String, Value>, LlamaConfig)> {
+    let text = folder.config_text()?;
+    let config = LlamaConfig::from_json_str(&text)?;
+    match serde_json::from_str(&text)? {
+        Value::Object(map) => Ok((map, config)),
+        _ => Err(Error::Config {
+            field: "config.json",
+            reason: "not a JSON object".to_string(),
+        }),
     }
 }

@@ -12,8 +12,8 @@ use half::bf16;
 use crate::kernels::cuda::{cuda_err, storage_slice, CudaDevice};
 use crate::kernels::nf4::Nf4DeviceTensor;
 use crate::kernels::nf4_gemm::{GemmOp, Nf4Matmul, Nf4MatmulPlan};
+use crate::model::adapter::TargetModule;
 use crate::model::weights::{Linear, LlamaWeights};
-use crate::peft::TargetModule;
 use crate::{Error, Result};
 
 /// The device copies of a model's NF4 linears and the kernel device that dequantizes them.

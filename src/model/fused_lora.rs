@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
 use crate::kernels::lora::{self, LoraDims, LoraOperands, MAX_LORA_RANK};
+use crate::model::adapter::{LoraPair, TargetModule};
 use crate::model::fused::{from_host, host, FusedElement, KernelPath, Kernels};
-use crate::peft::{LoraPair, TargetModule};
 use crate::{Error, Result};
 
 /// T = x·Aᵀ `[M, r]` f32 of each adapted linear of one layer, from the recomputed forward: the

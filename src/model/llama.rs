@@ -9,12 +9,12 @@ use half::{bf16, f16};
 
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::nf4_gemm::GemmOp;
-use crate::model::config::LlamaConfig;
+use crate::model::adapter::{LoraAdapter, LoraMode, TargetModule};
+use crate::model::config::{linear_shape, LlamaConfig};
 use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
 use crate::model::fused_lora::{self, FusedLora};
-use crate::model::generate::{KvCache, LayerKvCache};
+use crate::model::kv_cache::{KvCache, LayerKvCache};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
-use crate::peft::{LoraAdapter, LoraMode, TargetModule};
 use crate::{Error, Result};
 
 /// The label value the loss skips (PyTorch's `ignore_index` default).
@@ -910,20 +910,6 @@ fn linears(layer: &LayerWeights) -> [(&'static str, &Linear); 7] {
         ("up_proj", &layer.up_proj),
         ("down_proj", &layer.down_proj),
     ]
-}
-
-/// `[out, in]` of the linear `name` (one of [`linears`]' names).
-pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
-    let (h, m) = (c.hidden_size, c.intermediate_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    match name {
-        "q_proj" => [q, h],
-        "k_proj" | "v_proj" => [kv, h],
-        "o_proj" => [h, q],
-        "down_proj" => [h, m],
-        _ => [m, h],
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! (`config`), and checkpoint loading from one safetensors file or shards, dense or NF4 (`weights`);
 //! the forward, backward and generation run on the CPU or, with feature `cuda`, a CUDA device.
 
+pub mod adapter;
 pub mod backward;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -11,7 +12,9 @@ mod fused_lora;
 mod fused_loss;
 pub mod generate;
 pub mod init;
+pub mod kv_cache;
 pub mod llama;
+pub mod quantize_dir;
 pub mod tokenizer;
 pub mod weights;
 

@@ -7,30 +7,21 @@
 //! peak is the loaded result plus one tensor's converted copy — for a quantized model, the NF4
 //! linears, the dense embeddings/norms/lm_head and one linear in f32 — never the bf16 model.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
-use serde::Deserialize;
 
+use crate::hf::checkpoint::{map_file, shard_files, widen, Checkpoint};
+use crate::model::adapter::TargetModule;
 use crate::model::config::LlamaConfig;
-use crate::peft::TargetModule;
-use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors, TensorSource};
+use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
 
 /// Block size of quantize-on-load (bitsandbytes' default for `load_in_4bit`).
 pub const NF4_LOAD_BLOCKSIZE: usize = 64;
-
-/// The single-file checkpoint name.
-pub const SINGLE_FILE: &str = "model.safetensors";
-/// The shard index name.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// A frozen linear weight `[out, in]`: dense, or NF4 as bitsandbytes stores it. Seven per layer,
 /// so the inline 1 KiB nested map of `Nf4Tensor` costs nothing worth a box.
@@ -108,6 +99,20 @@ pub struct LlamaWeights {
     pub lm_head: Option<Tensor>,
 }
 
+/// Whether `name` is the weight of one of the seven linears of a decoder layer.
+pub fn is_linear(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((index, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    index.parse::<usize>().is_ok()
+        && TargetModule::ALL
+            .iter()
+            .any(|m| rest == format!("{}.{}.weight", m.block(), m.name()))
+}
+
 /// How to load: dense tensors' dtype and device, and whether to quantize the seven linears. NF4
 /// linears are read into host memory whatever the device; `LlamaModel::new` on a CUDA device
 /// uploads them there once.
@@ -175,89 +180,6 @@ impl LlamaWeights {
     }
 }
 
-/// The safetensors files of the checkpoint in `dir`, in index order.
-pub(crate) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    #[derive(Deserialize)]
-    struct Index {
-        weight_map: HashMap<String, String>,
-    }
-    let index_path = dir.join(INDEX_FILE);
-    if !index_path.exists() {
-        return Ok(vec![dir.join(SINGLE_FILE)]);
-    }
-    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-    let index: Index = serde_json::from_str(&text)?;
-    let mut names: Vec<&String> = index.weight_map.values().collect();
-    names.sort();
-    names.dedup();
-    names
-        .into_iter()
-        .map(|name| {
-            let plain = Path::new(name)
-                .file_name()
-                .is_some_and(|f| f == name.as_str());
-            if plain {
-                Ok(dir.join(name))
-            } else {
-                Err(Error::invalid(
-                    "LlamaWeights::load",
-                    format!(
-                        "{}: shard {name:?} is not a file name",
-                        index_path.display()
-                    ),
-                ))
-            }
-        })
-        .collect()
-}
-
-pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and lives only while loading; like every safetensors reader
-    // that maps, we rely on nobody truncating or rewriting the checkpoint file meanwhile.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
-}
-
-/// The parsed headers of every shard and which shard holds each tensor.
-pub(crate) struct Checkpoint<'a> {
-    shards: Vec<SafeTensors<'a>>,
-    pub(crate) shard_of: HashMap<String, usize>,
-}
-
-impl<'a> Checkpoint<'a> {
-    pub(crate) fn new(maps: &'a [Mmap]) -> Result<Self> {
-        let shards = maps
-            .iter()
-            .map(|m| SafeTensors::deserialize(m))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut shard_of = HashMap::new();
-        for (i, shard) in shards.iter().enumerate() {
-            for name in shard.names() {
-                shard_of.insert(name.to_string(), i);
-            }
-        }
-        Ok(Self { shards, shard_of })
-    }
-
-    pub(crate) fn shard(&self, key: &str) -> Option<&SafeTensors<'a>> {
-        self.shard_of.get(key).map(|&i| &self.shards[i])
-    }
-
-    pub(crate) fn view(&self, key: &str) -> Result<TensorView<'a>> {
-        self.shard(key)
-            .and_then(|st| st.tensor(key).ok())
-            .ok_or_else(|| Error::MissingTensor {
-                key: key.to_string(),
-            })
-    }
-}
-
-impl<'a> TensorSource<'a> for Checkpoint<'a> {
-    fn tensor_view(&self, key: &str) -> Result<TensorView<'a>> {
-        self.view(key)
-    }
-}
-
 fn bad(key: &str, reason: impl Into<String>) -> Error {
     Error::BadTensor {
         key: key.to_string(),
@@ -270,15 +192,6 @@ enum HostValues {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
-}
-
-pub(crate) fn widen(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    let width = dtype.bitsize() / 8;
-    bytes.chunks_exact(width).map(move |b| match dtype {
-        Dtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-    })
 }
 
 /// Converts `view` (F32, F16 or BF16) to `dtype` with round-to-nearest-even, as torch's `.to()`.

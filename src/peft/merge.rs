@@ -13,14 +13,15 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::model::config::TorchDtype;
-use crate::model::weights::{widen, NF4_LOAD_BLOCKSIZE};
-use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
-use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
-use crate::quant::hf_folder::{
+use crate::hf::checkpoint::widen;
+use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
+use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::weights::{is_linear, NF4_LOAD_BLOCKSIZE};
+use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
+use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
 
@@ -93,15 +94,6 @@ pub struct MergeSummary {
     /// Tokenizer and generation files copied from the base.
     pub copied_files: Vec<String>,
     pub report: Option<RequantizeReport>,
-}
-
-/// The torch name of a dtype as configs write it.
-pub fn torch_dtype_name(dtype: TorchDtype) -> &'static str {
-    match dtype {
-        TorchDtype::F32 => "float32",
-        TorchDtype::F16 => "float16",
-        TorchDtype::BF16 => "bfloat16",
-    }
 }
 
 fn safetensors_dtype(dtype: TorchDtype) -> Dtype {
@@ -256,7 +248,7 @@ fn merge(
     other_inputs: &[&Path],
 ) -> Result<MergeSummary> {
     let folder = ModelFolder::open(base_dir)?;
-    let (mut raw_config, config) = folder.config()?;
+    let (mut raw_config, config) = read_folder_config(&folder)?;
     adapter.check_fits(&config).map_err(|e| match e {
         Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
         other => other,
@@ -447,20 +439,6 @@ fn merge(
 /// `model.layers.{layer}.{block}.{module}`.
 pub fn linear_prefix(layer: usize, module: TargetModule) -> String {
     format!("model.layers.{layer}.{}.{}", module.block(), module.name())
-}
-
-/// Whether `name` is the weight of one of the seven linears of a decoder layer.
-pub fn is_linear(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return false;
-    };
-    let Some((index, rest)) = rest.split_once('.') else {
-        return false;
-    };
-    index.parse::<usize>().is_ok()
-        && TargetModule::ALL
-            .iter()
-            .any(|m| rest == format!("{}.{}.weight", m.block(), m.name()))
 }
 
 fn copied_tensor<'a>(name: &str, view: TensorView<'a>) -> OutTensor<'a> {

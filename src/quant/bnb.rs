@@ -7,10 +7,11 @@
 use std::borrow::Cow;
 
 use safetensors::tensor::{Dtype, TensorView, View};
-use safetensors::{SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::hf::checkpoint::TensorSource;
+use crate::hf::json::python_float_repr;
 use crate::quant::dynamic8;
 use crate::quant::nf4::{self, DoubleQuant, Nf4Scales, Nf4Tensor, NF4_CODE};
 
@@ -143,42 +144,6 @@ pub fn quant_state_json(t: &Nf4Tensor) -> String {
     json
 }
 
-/// Python's `repr(float)` as `json.dumps` writes it: the shortest round-trip digits, positional
-/// for decimal exponents in [-4, 16), otherwise `d.ddde±XX`; `NaN` / `Infinity` for non-finite.
-pub fn python_float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".to_string();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
-    }
-    // Rust's `{:e}` gives the shortest round-trip digits too, as `-d.ddde-7`.
-    let sci = format!("{x:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exp) {
-        let body = if exp < 0 {
-            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
-        } else {
-            let int_len = exp as usize + 1;
-            if digits.len() <= int_len {
-                format!("{digits}{}.0", "0".repeat(int_len - digits.len()))
-            } else {
-                format!("{}.{}", &digits[..int_len], &digits[int_len..])
-            }
-        };
-        format!("{sign}{body}")
-    } else {
-        let exp_sign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{mantissa}e{exp_sign}{:02}", exp.unsigned_abs())
-    }
-}
-
 /// The non-tensor quant state fields bitsandbytes packs as JSON.
 #[derive(Debug, Deserialize)]
 struct QuantStateJson {
@@ -195,25 +160,6 @@ fn bad(key: &str, reason: impl Into<String>) -> Error {
     Error::BadTensor {
         key: key.to_string(),
         reason: reason.into(),
-    }
-}
-
-/// Where a module's NF4 tensors are looked up by name: one safetensors file, or every shard of a
-/// checkpoint (a weight and its quantization state may sit in different shards, as
-/// huggingface_hub splits a state dict by size alone).
-pub trait TensorSource<'data> {
-    /// The tensor `key`; [`Error::MissingTensor`] when no file holds it.
-    fn tensor_view(&self, key: &str) -> Result<TensorView<'data>>;
-}
-
-impl<'data> TensorSource<'data> for SafeTensors<'data> {
-    fn tensor_view(&self, key: &str) -> Result<TensorView<'data>> {
-        self.tensor(key).map_err(|e| match e {
-            SafeTensorError::TensorNotFound(_) => Error::MissingTensor {
-                key: key.to_string(),
-            },
-            other => bad(key, other.to_string()),
-        })
     }
 }
 
@@ -369,27 +315,6 @@ pub fn nf4_from_safetensors<'data>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_float_repr_matches_python() {
-        let cases: [(f64, &str); 12] = [
-            (0.0, "0.0"),
-            (-0.0, "-0.0"),
-            (1.0, "1.0"),
-            (1.2836164236068726, "1.2836164236068726"),
-            (0.05195515975356102, "0.05195515975356102"),
-            (0.0001, "0.0001"),
-            (0.00001, "1e-05"),
-            (-1.5e-7, "-1.5e-07"),
-            (123456.0, "123456.0"),
-            (1e16, "1e+16"),
-            (2.5e-300, "2.5e-300"),
-            (f64::from(0.1f32), "0.10000000149011612"),
-        ];
-        for (x, want) in cases {
-            assert_eq!(python_float_repr(x), want, "{x}");
-        }
-    }
 
     #[test]
     fn weight_keys_follow_the_module_prefix() {

@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 use crate::quant::dynamic8;
 
 /// The NF4 code book (bitsandbytes' `get_4bit_type("nf4")`), index 0..15. The literals are
-/// bitsandbytes' own decimal text, so they read the same as in DESIGN.md and its source.
+/// bitsandbytes' own decimal text, so they compare with its source by eye (docs/ARCHITECTURE.md,
+/// "NF4 format").
 #[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,

@@ -770,8 +770,8 @@ mod tests {
             plan.quant_state,
             40 * (4_956_160 + 19_360 * 4 + 7 * (1028 + 64))
         );
-        // DESIGN.md's ≈ 6.7 GB counts all 13.0 B params at 0.5 B + 0.127 bit; the linears alone
-        // (12.69 B) come to 6.55 GB.
+        // docs/ARCHITECTURE.md ("Memory plan"): ≈ 6.7 GB counts all 13.0 B params at 0.5 B +
+        // 0.127 bit; the linears alone (12.69 B) come to 6.55 GB.
         let nf4 = (plan.nf4_weights + plan.quant_state) as f64 / 1e9;
         assert!((6.5..6.6).contains(&nf4), "{nf4}");
         // Embeddings and lm_head in bf16, 81 RMSNorm weights.

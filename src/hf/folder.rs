@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -13,9 +12,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, View};
 use serde_json::{Map, Value};
 
-use crate::model::weights::{map_file, shard_files, Checkpoint, INDEX_FILE, SINGLE_FILE};
-use crate::model::LlamaConfig;
-use crate::quant::bnb::python_float_repr;
+use crate::hf::checkpoint::{map_file, shard_files, Checkpoint, INDEX_FILE, SINGLE_FILE};
+use crate::hf::json::python_json;
 use crate::{Error, Result};
 
 /// The model config file of a folder.
@@ -94,18 +92,11 @@ impl ModelFolder {
         Checkpoint::new(&self.maps)
     }
 
-    /// `config.json` as a JSON object, and validated as a Llama config.
-    pub fn config(&self) -> Result<(Map<String, Value>, LlamaConfig)> {
+    /// The text of `config.json` (what it configures is for the layer that reads it:
+    /// `model::config::read_folder_config` for a Llama).
+    pub fn config_text(&self) -> Result<String> {
         let path = self.dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let config = LlamaConfig::from_json_str(&text)?;
-        match serde_json::from_str(&text)? {
-            Value::Object(map) => Ok((map, config)),
-            _ => Err(Error::Config {
-                field: "config.json",
-                reason: "not a JSON object".to_string(),
-            }),
-        }
+        fs::read_to_string(&path).map_err(|e| Error::io(&path, e))
     }
 }
 
@@ -422,81 +413,6 @@ pub fn copy_side_files(from: &Path, to: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
-/// `value` as Python's `json.dumps(value, indent=2, sort_keys=True) + "\n"` writes it (how
-/// transformers writes `config.json` and the shard index): keys sorted, floats as Python's
-/// `repr`, non-ASCII escaped.
-pub fn python_json(value: &Value) -> String {
-    let mut out = String::new();
-    write_json(&mut out, value, 0);
-    out.push('\n');
-    out
-}
-
-fn write_json(out: &mut String, value: &Value, indent: usize) {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-            (Some(u), _, _) => out.push_str(&u.to_string()),
-            (None, Some(i), _) => out.push_str(&i.to_string()),
-            (None, None, Some(f)) => out.push_str(&python_float_repr(f)),
-            (None, None, None) => out.push_str(&n.to_string()),
-        },
-        Value::String(s) => write_json_str(out, s),
-        Value::Array(items) if items.is_empty() => out.push_str("[]"),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                out.push_str(if i == 0 { "\n" } else { ",\n" });
-                out.push_str(&" ".repeat(indent + 2));
-                write_json(out, item, indent + 2);
-            }
-            out.push('\n');
-            out.push_str(&" ".repeat(indent));
-            out.push(']');
-        }
-        Value::Object(map) if map.is_empty() => out.push_str("{}"),
-        Value::Object(map) => {
-            let sorted: BTreeMap<&String, &Value> = map.iter().collect();
-            out.push('{');
-            for (i, (key, item)) in sorted.into_iter().enumerate() {
-                out.push_str(if i == 0 { "\n" } else { ",\n" });
-                out.push_str(&" ".repeat(indent + 2));
-                write_json_str(out, key);
-                out.push_str(": ");
-                write_json(out, item, indent + 2);
-            }
-            out.push('\n');
-            out.push_str(&" ".repeat(indent));
-            out.push('}');
-        }
-    }
-}
-
-/// A JSON string as Python's `json.dumps` with `ensure_ascii=True` writes it.
-fn write_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,20 +494,6 @@ mod tests {
         assert_eq!(weight_owner("m.q_proj.weight.absmax"), "m.q_proj.weight");
         assert_eq!(weight_owner("m.q_proj.weight"), "m.q_proj.weight");
         assert_eq!(weight_owner("m.norm.bias"), "m.norm.bias");
-    }
-
-    #[test]
-    fn json_matches_python_dumps() {
-        let v: Value = serde_json::from_str(
-            r#"{"b": [1, -2, 1e-05, 10000.0, 0.02], "a": {"z": null, "y": true}, "e": [], "f": {},
-                "s": "caf\u00e9 \ud83e\udd99 \"q\"\n\u007f"}"#,
-        )
-        .unwrap();
-        let want =
-            "{\n  \"a\": {\n    \"y\": true,\n    \"z\": null\n  },\n  \"b\": [\n    1,\n    \
-                    -2,\n    1e-05,\n    10000.0,\n    0.02\n  ],\n  \"e\": [],\n  \"f\": {},\n  \
-                    \"s\": \"caf\\u00e9 \\ud83e\\udd99 \\\"q\\\"\\n\\u007f\"\n}\n";
-        assert_eq!(python_json(&v), want);
     }
 
     #[test]

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-use crate::model::config::TorchDtype;
-use crate::model::weights::widen;
-use crate::peft::merge::{is_linear, torch_dtype_name};
-use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
-use crate::quant::dynamic8;
-use crate::quant::hf_folder::{
+use crate::hf::checkpoint::widen;
+use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
     ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
+use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::weights::is_linear;
+use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
+use crate::quant::dynamic8;
 use crate::quant::nf4::{nf4_absmax, nf4_scales, Nf4Scales, Nf4Tensor, NF4_CODE};
 use crate::{Error, Result};
 
@@ -173,7 +173,7 @@ pub fn quantize_model_dir(
     let (input, output) = (input.as_ref(), output.as_ref());
     crate::quant::nf4::check_blocksize("quantize_model_dir", options.blocksize)?;
     let folder = ModelFolder::open(input)?;
-    let (mut raw_config, config) = folder.config()?;
+    let (mut raw_config, config) = read_folder_config(&folder)?;
     if config.quantization.is_some() {
         return Err(Error::Config {
             field: "quantization_config",
@@ -207,7 +207,7 @@ pub fn quantize_model_dir(
         }
         let prefix = name.trim_end_matches(".weight").to_string();
         let module = prefix.rsplit('.').next().unwrap_or_default();
-        let expected = crate::model::llama::linear_shape(&config, module);
+        let expected = crate::model::config::linear_shape(&config, module);
         if view.shape() != expected {
             return Err(Error::BadTensor {
                 key: name.clone(),
