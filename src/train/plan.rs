@@ -613,45 +613,53 @@ fn cpu_step(
     let saved = layers * n * h * e;
     let widened = if e == f { 0 } else { n * h * f };
 
-    // LayerPass::forward at its return: normed_attn, residual, normed_mlp, output; q before and
-    // after RoPE, attn_out; k, v before and after repeat_kv; two score steps, exp, probs and the
-    // row max; gate, up, act. The down projection's output joins them for the last residual add;
-    // with an adapter, x·Aᵀ and the scaled delta are alive while it is summed.
-    let forward_end = 4 * n * h + 3 * n * q + 2 * n * kv + 2 * n * kr + 4 * sc + st + 3 * n * m;
-    let forward_peak = forward_end
-        + match adapted(TargetModule::DownProj) {
-            true => 2 * n * h + n * d.r,
-            false => n * h,
-        };
+    // LayerPass::attention before it returns: normed_attn; the q, k, v projections; q after RoPE
+    // and k, v after repeat_kv; two score steps, exp, probs and the row max; the output.
+    let attention_peak = n * h + 3 * n * q + 2 * n * kv + 2 * n * kr + 4 * sc + st;
+    // LayerPass::forward at its return: normed_attn, residual, normed_mlp, output; the q, k, v
+    // projections, q after RoPE and attn_out; k, v after repeat_kv; probs (the scores went with
+    // the attention's scope); gate, up, act. The down projection's output joins them for the
+    // last residual add; with an adapter, x·Aᵀ and the scaled delta are alive while it is summed.
+    let forward_end = 4 * n * h + 3 * n * q + 2 * n * kv + 2 * n * kr + sc + 3 * n * m;
+    let forward_peak = attention_peak.max(
+        forward_end
+            + match adapted(TargetModule::DownProj) {
+                true => 2 * n * h + n * d.r,
+                false => n * h,
+            },
+    );
     // What the backward keeps of the recomputed forward (LayerActivations).
     let kept = 4 * n * h + 2 * n * q + 2 * n * kr + sc + 3 * n * m;
-    // The backward's candidate peaks beyond `kept`, in the order the code reaches them:
-    // dgate = (dact·up)·dsilu with dact, sig, silu alive; then dact, sig, dgate, dup stay.
+    // The backward's candidate peaks beyond `kept`, in the order the code reaches them
+    // (LayerPass::backward; each op's pullback frees its locals when it returns):
+    // swiglu_backward's dgate = (dact·up)·dsilu with dact, sig, silu alive; then dact, dgate and
+    // dup stay to the end of the layer.
     let mlp = 6 * n * m;
-    let gate_up = 4 * n * m + n * h + pullback(TargetModule::UpProj, h);
-    let post_norm = 4 * n * m + 5 * n * h;
-    // dscores = probs·(dprobs − row_dot)·scale beside dattn_out, dout, dv.
-    let dscores = 4 * n * m + 2 * n * h + 3 * n * q + 4 * sc + st;
-    // RoPE backward of dq beside dattn_out, dout, dv, dq, dk.
-    let rope_dq = 4 * n * m + 2 * n * h + 9 * n * q + 2 * sc + st;
-    let q_pullback = 4 * n * m
-        + 2 * n * h
-        + 7 * n * q
-        + 2 * n * kv
-        + 2 * sc
-        + st
-        + pullback(TargetModule::QProj, h);
-    let k_pullback = 4 * n * m
-        + 3 * n * h
-        + 6 * n * q
-        + 3 * n * kv
-        + 2 * sc
-        + st
-        + pullback(TargetModule::KProj, h);
+    let gate_up = 3 * n * m + n * h + pullback(TargetModule::UpProj, h);
+    let post_norm = 3 * n * m + 5 * n * h;
+    // In attention_backward beside dnormed, dresidual and dattn_out: dscores =
+    // probs·(dprobs − row_dot)·scale with dout and dv alive; the RoPE backward of dq with dq and
+    // dk before it; the merged (dq, dk, dv) it returns, its locals still alive.
+    let dscores = 3 * n * m + 2 * n * h + 3 * n * q + 4 * sc + st;
+    let rope_dq = 3 * n * m + 2 * n * h + 9 * n * q + 2 * sc + st;
+    let attention_return = 3 * n * m + 2 * n * h + 7 * n * q + 4 * n * kv + 2 * sc + st;
+    // The q, k, v pullbacks beside dattn_out and the merged dq, dk, dv.
+    let q_pullback =
+        3 * n * m + 2 * n * h + 2 * n * q + 2 * n * kv + pullback(TargetModule::QProj, h);
+    let k_pullback =
+        3 * n * m + 3 * n * h + 2 * n * q + 2 * n * kv + pullback(TargetModule::KProj, h);
     // The input RMSNorm backward: three [N, h] locals and four inside it.
-    let input_norm = 4 * n * m + 7 * n * h + 6 * n * q + 2 * sc + st;
+    let input_norm = 3 * n * m + 7 * n * h + 2 * n * q;
     let backward_peak = [
-        mlp, gate_up, post_norm, dscores, rope_dq, q_pullback, k_pullback, input_norm,
+        mlp,
+        gate_up,
+        post_norm,
+        dscores,
+        rope_dq,
+        attention_return,
+        q_pullback,
+        k_pullback,
+        input_norm,
     ]
     .into_iter()
     .max()
@@ -776,6 +784,13 @@ mod tests {
         assert!((6.5..6.6).contains(&nf4), "{nf4}");
         // Embeddings and lm_head in bf16, 81 RMSNorm weights.
         assert_eq!(plan.dense_weights, 2 * 32_000 * 5120 * 2 + 81 * 5120 * 2);
+    }
+
+    #[test]
+    fn llama2_70b_nf4_weights_are_34_gb_with_grouped_kv() {
+        let plan = MemoryPlan::new(&Preset::Llama2_70b.config(), &PlanSettings::cuda(512)).unwrap();
+        // 80 layers × (2 · 8192² + 2 · 1024 · 8192 + 3 · 8192 · 28672) linear params.
+        assert_eq!(plan.nf4_weights, 68_451_041_280 / 2);
     }
 
     #[test]
