@@ -105,11 +105,19 @@ pub enum Error {
         value: f32,
     },
 
-    #[error(transparent)]
-    Safetensors(#[from] safetensors::SafeTensorError),
+    /// A file that is not what it should be (a corrupt safetensors file, malformed JSON): the
+    /// file, the tensor where one is to blame, and what is wrong.
+    #[error("{}: {reason}", path.display())]
+    CorruptFile { path: PathBuf, reason: String },
 
-    #[error(transparent)]
-    Json(#[from] serde_json::Error),
+    /// JSON that is not what it should be, where no file is involved (a `config.json` given as
+    /// text); read from a file it is [`Error::CorruptFile`].
+    #[error("invalid JSON: {0}")]
+    Json(String),
+
+    /// Writing a file failed to encode (a safetensors or JSON serialization).
+    #[error("writing {what}: {reason}")]
+    Encode { what: String, reason: String },
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -124,6 +132,14 @@ impl Error {
         Error::InvalidArgument {
             op,
             reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Encode`].
+    pub fn encode(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Encode {
+            what: what.into(),
+            reason: reason.to_string(),
         }
     }
 

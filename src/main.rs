@@ -80,7 +80,20 @@ fn train(args: &TrainArgs) -> Result<()> {
     })
 }
 
+/// Lets a closed stdout or stderr end the process quietly, as it ends Unix tools: the Rust runtime
+/// ignores SIGPIPE, so `qlora generate … | head -1` would otherwise panic in `println!` with
+/// "failed printing to stdout: Broken pipe" and exit 101.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists; restoring a signal's
+    // default disposition has no other effect on the process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    default_sigpipe();
     // `qlora bench train-step` re-runs this binary for each measured configuration.
     if let Some(code) = qlora::bench::train_step::child_from_env() {
         return code;

@@ -107,3 +107,29 @@ fn quantize_reports_a_missing_file_without_panicking() {
         "{stderr}"
     );
 }
+
+/// A reader that went away (`qlora … | head -1`) ends the process quietly, by SIGPIPE as it ends
+/// Unix tools, not with a panic ("failed printing to stdout: Broken pipe", exit 101).
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    /// SIGPIPE's number on Linux and macOS.
+    const SIGPIPE: i32 = 13;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = qlora()
+        .args(["plan", "--preset", "llama2-7b"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

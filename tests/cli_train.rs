@@ -328,6 +328,90 @@ fn unknown_config_key_is_an_error_naming_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Out-of-range numbers are refused by the settings' own check, naming the setting: a negative
+/// number is a value (`--lr -1`, not only `--lr=-1`), and AdamW's epsilon must be above 0 (at 0
+/// the first step with an all-zero second moment divides by zero).
+#[test]
+fn negative_and_zero_settings_are_refused_by_name() {
+    let dir = temp_dir("bad-numbers");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"a\", \"output\": \"b\"}\n").unwrap();
+    let paths = [("--model", model.as_path()), ("--data", data.as_path())];
+    let out = qlora(&["train", "--lr", "-1"], &paths);
+    let stderr = assert_clean_failure(&out);
+    assert!(stderr.contains("learning rate"), "{stderr}");
+    let config = dir.join("run.toml");
+    std::fs::write(&config, "adam_eps = 0.0\n").unwrap();
+    let out = qlora(&["train"], &[paths[0], paths[1], ("--config", &config)]);
+    let stderr = assert_clean_failure(&out);
+    assert!(stderr.contains("adam_eps"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A second run into an output folder that holds a run is refused (it used to replace the
+/// adapter and metrics without a word) unless it says --overwrite, before the model loads.
+#[test]
+fn training_into_a_used_output_needs_overwrite() {
+    let dir = temp_dir("overwrite");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &instruction_lines(3));
+    let out = dir.join("out");
+    let paths = [
+        ("--model", model.as_path()),
+        ("--data", data.as_path()),
+        ("--output", out.as_path()),
+    ];
+    let args = [
+        "train",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "32",
+    ];
+    assert_success(&qlora(&args, &paths));
+    let stderr = assert_clean_failure(&qlora(&args, &paths));
+    assert!(
+        stderr.contains("--overwrite") && stderr.contains("adapter"),
+        "{stderr}"
+    );
+    let again: Vec<&str> = args.iter().copied().chain(["--overwrite"]).collect();
+    assert_success(&qlora(&again, &paths));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `eval` checks its data before loading the model: an empty file is named, and data of another
+/// format than --format says is refused, both with a model folder that does not even exist.
+#[test]
+fn eval_checks_the_data_before_the_model() {
+    let dir = temp_dir("eval-data-first");
+    let missing_model = dir.join("no-such-model");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n \n").unwrap();
+    let out = qlora(
+        &["eval"],
+        &[("--model", &missing_model), ("--data", &empty)],
+    );
+    let stderr = assert_clean_failure(&out);
+    assert!(
+        stderr.contains("empty.jsonl") && stderr.contains("no examples"),
+        "{stderr}"
+    );
+    let instructions = dir.join("instructions.jsonl");
+    write_lines(&instructions, &instruction_lines(2));
+    let out = qlora(
+        &["eval", "--format", "mcqa"],
+        &[("--model", &missing_model), ("--data", &instructions)],
+    );
+    let stderr = assert_clean_failure(&out);
+    assert!(!stderr.contains("no-such-model"), "{stderr}");
+    assert!(stderr.contains("instructions.jsonl"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_bad_jsonl_line_is_an_error_naming_file_and_line() {
     let dir = temp_dir("bad-line");
@@ -364,6 +448,93 @@ fn a_bad_jsonl_line_is_an_error_naming_file_and_line() {
         stderr.contains(&format!("{}:1:", data.display())),
         "{stderr}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A run killed while writing its step-6 checkpoint (the optimizer file never landed) and its
+/// metrics (a torn last line): the resume says which checkpoint it passed over and why, moves it
+/// aside instead of overwriting it later, and ends with the straight run's metrics.jsonl byte
+/// for byte.
+#[test]
+fn resume_past_a_damaged_checkpoint_says_so_and_keeps_it() {
+    let dir = temp_dir("resume-damaged");
+    let model = write_model(&dir);
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &instruction_lines(7));
+    let common = [
+        "train",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "40",
+        "--save-steps",
+        "3",
+        "--keep-last",
+        "5",
+        "--lr",
+        "5e-3",
+    ];
+    let straight = dir.join("straight");
+    let paths = |out: &Path| -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("--model", model.clone()),
+            ("--data", data.clone()),
+            ("--output", out.to_path_buf()),
+        ]
+    };
+    let run = |out: &Path, resume: bool| {
+        let mut p = paths(out);
+        if resume {
+            p.push(("--resume", out.to_path_buf()));
+        }
+        let refs: Vec<(&str, &Path)> = p.iter().map(|(f, q)| (*f, q.as_path())).collect();
+        qlora(&common, &refs)
+    };
+    assert_success(&run(&straight, false));
+
+    let resumed = dir.join("resumed");
+    for step in ["checkpoint-3", "checkpoint-6"] {
+        std::fs::create_dir_all(resumed.join(step)).unwrap();
+        for entry in std::fs::read_dir(straight.join(step)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), resumed.join(step).join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::remove_file(resumed.join("checkpoint-6/optimizer.safetensors")).unwrap();
+    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
+    let torn = format!(
+        "{}\n{}",
+        lines[..5].join("\n"),
+        &lines[5][..lines[5].len() / 2]
+    );
+    std::fs::write(resumed.join("metrics.jsonl"), torn).unwrap();
+
+    let out = run(&resumed, true);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_success(&out);
+    assert!(
+        stderr.contains("checkpoint-6") && stderr.contains("optimizer.safetensors is missing"),
+        "{stderr}"
+    );
+    assert!(resumed.join("checkpoint-6.damaged").is_dir());
+    // The rows up to the checkpoint byte for byte; the rest equal in every field but the
+    // timings and memory, which no two runs share.
+    let got = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
+    let got_lines: Vec<&str> = got.lines().collect();
+    assert_eq!(got_lines[..3], lines[..3]);
+    let key = |r: &qlora::train::metrics::StepRecord| {
+        (
+            r.step,
+            r.loss.to_bits(),
+            r.lr.to_bits(),
+            r.grad_norm.to_bits(),
+        )
+    };
+    let fields = |d: &Path| read_metrics(d).unwrap().iter().map(key).collect::<Vec<_>>();
+    assert_eq!(fields(&resumed), fields(&straight));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -275,3 +275,31 @@ fn cli_quantizes_a_model_folder_and_needs_an_output() {
     assert!(stderr.contains("--output"), "{stderr}");
     fs::remove_dir_all(&out).unwrap();
 }
+
+/// A folder whose checkpoint lacks a tensor its config implies is refused before anything is
+/// written, naming the tensor (it used to quantize "successfully" into a model that cannot load).
+#[test]
+fn a_folder_missing_a_tensor_is_refused_naming_it() {
+    let out = scratch("missing");
+    let src = out.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::copy(
+        fixture_dir("base").join("config.json"),
+        src.join("config.json"),
+    )
+    .unwrap();
+    let bytes = fs::read(fixture_dir("base").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dropped = "model.layers.1.mlp.up_proj.weight";
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != dropped)
+        .collect();
+    safetensors::serialize_to_file(kept, None, &src.join("model.safetensors")).unwrap();
+    let err = quantize_model_dir(&src, out.join("q"), &QuantizeDirOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(dropped), "{msg}");
+    assert!(!out.join("q").exists());
+    fs::remove_dir_all(&out).unwrap();
+}

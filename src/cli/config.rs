@@ -307,6 +307,13 @@ impl TrainConfig {
         if self.log_steps == 0 {
             return Err(invalid("`log_steps` must be at least 1"));
         }
+        // AdamW divides by sqrt(v̂) + eps, and v̂ is 0 wherever a gradient has been 0 so far.
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(invalid(format!(
+                "`adam_eps` must be a number > 0, got {}",
+                self.adam_eps
+            )));
+        }
         self.adamw().validate()?;
         self.lora()?.validate()?;
         Ok(())

@@ -63,13 +63,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(invalid("--batch-size must be at least 1"));
     }
+    // The data is checked before the model loads (minutes, on a real model).
+    let records = read_records(&args.data)?;
+    if records.is_empty() {
+        return Err(invalid(format!(
+            "{}: no examples (the file is empty or blank)",
+            args.data.display()
+        )));
+    }
+    check_format(&args.data, &records, args.format)?;
     let loaded = load_model(&args.model, args.compute_dtype, args.quantize, args.device)?;
     let adapter = args
         .adapter
         .as_ref()
         .map(|dir| load_adapter(dir, &loaded.model))
         .transpose()?;
-    let records = read_records(&args.data)?;
     let data_config = TrainConfig {
         seq_len: args.seq_len,
         ..TrainConfig::default()
@@ -80,11 +88,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         println!("{}", loaded.summary);
         println!("data: {}: {}", args.data.display(), dataset.stats);
     }
-    let all_mcqa = !records.is_empty()
-        && records
-            .iter()
-            .all(|(_, r)| r.kind() == RecordKind::MultipleChoice);
-    check_format(&args.data, &records, args.format)?;
+    let all_mcqa = records
+        .iter()
+        .all(|(_, r)| r.kind() == RecordKind::MultipleChoice);
     let pad_id = loaded.tokenizer.pad_id()?;
     let loss = evaluate_loss(
         &loaded.model,
@@ -118,7 +124,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "questions": choices.as_ref().map(|c| c.questions),
         "mcqa_scoring": choices.as_ref().map(|_| "answer-letter log-likelihood"),
     });
-    let text = serde_json::to_string_pretty(&report)?;
+    let text =
+        serde_json::to_string_pretty(&report).map_err(|e| Error::encode("the eval report", e))?;
     if let Some(path) = &args.output {
         std::fs::write(path, format!("{text}\n")).map_err(|e| Error::io(path, e))?;
     }

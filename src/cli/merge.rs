@@ -107,7 +107,9 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     }
     if let (Some(report), Some(path)) = (&s.report, &args.requantize_report) {
         print_report(report);
-        let json = serde_json::to_string_pretty(report)? + "\n";
+        let json = serde_json::to_string_pretty(report)
+            .map_err(|e| Error::encode(path.display().to_string(), e))?
+            + "\n";
         std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
         println!("wrote {}", path.display());
     }

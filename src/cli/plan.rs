@@ -25,6 +25,9 @@ pub enum Preset {
     /// meta-llama/Llama-2-13b-hf.
     #[value(name = "llama2-13b")]
     Llama2_13b,
+    /// meta-llama/Llama-2-70b-hf (the QLoRA paper's headline size: 8 key/value heads).
+    #[value(name = "llama2-70b")]
+    Llama2_70b,
     /// meta-llama/Meta-Llama-3-8B.
     #[value(name = "llama3-8b")]
     Llama3_8b,
@@ -37,6 +40,7 @@ impl Preset {
         match self {
             Preset::Llama2_7b => "llama2-7b",
             Preset::Llama2_13b => "llama2-13b",
+            Preset::Llama2_70b => "llama2-70b",
             Preset::Llama3_8b => "llama3-8b",
             Preset::Tiny => "tiny",
         }
@@ -48,6 +52,7 @@ impl Preset {
         let (h, m, l, heads, kv, v, max_pos, theta) = match self {
             Preset::Llama2_7b => (4096, 11008, 32, 32, 32, 32000, 4096, 10_000.0),
             Preset::Llama2_13b => (5120, 13824, 40, 40, 40, 32000, 4096, 10_000.0),
+            Preset::Llama2_70b => (8192, 28672, 80, 64, 8, 32000, 4096, 10_000.0),
             Preset::Llama3_8b => (4096, 14336, 32, 32, 8, 128_256, 8192, 500_000.0),
             Preset::Tiny => (64, 128, 2, 4, 2, 256, 2048, 10_000.0),
         };
@@ -248,7 +253,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             "max_seq_len": max_seq,
             "max_position_embeddings": config.max_position_embeddings,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).map_err(|e| Error::encode("the plan", e))?
+        );
         return Ok(());
     }
     print!("{}", render(&plan, &config, &name, budget, max_seq));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::cli::merge::{parse_shard_size, DtypeArg};
 use crate::kernels::device::Emulator;
@@ -285,14 +285,17 @@ fn quantize_file(
     // SAFETY: the mapping is read-only and lives until the end of this function; like every
     // safetensors reader we assume no other process truncates the file while we read it.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(input, e))?;
-    let st = SafeTensors::deserialize(&bytes)?;
+    let st = crate::hf::file::read_safetensors(input, &bytes)?;
     let mut quantized = Vec::new();
     let mut copied = Vec::new();
     let (mut before, mut after) = (0usize, 0usize);
     let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
     names.sort();
     for name in names {
-        let view = st.tensor(&name)?;
+        let view = st.tensor(&name).map_err(|e| Error::CorruptFile {
+            path: input.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
         let is_linear = view.shape().len() == 2
             && name.ends_with(".weight")
             && LINEAR_NAMES
@@ -378,6 +381,7 @@ fn write_bnb(
     for (name, dtype, shape, data) in copied {
         tensors.push((name, crate::quant::bnb::OwnedTensor { dtype, shape, data }));
     }
-    let bytes = safetensors::serialize(tensors, None)?;
+    let bytes = safetensors::serialize(tensors, None)
+        .map_err(|e| Error::encode(path.display().to_string(), e))?;
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }

@@ -22,12 +22,12 @@ use crate::cli::{check_format, load_model, progress_style};
 use crate::model::tokenizer::Tokenizer;
 use crate::peft::LoraAdapter;
 use crate::train::checkpoint::{
-    latest_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition, OptimizerState,
+    find_latest_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition, OptimizerState,
     RngState, TrainState, TRAINER_STATE_FILE,
 };
 use crate::train::data::{load_jsonl, pack, read_records, Dataset, Example};
 use crate::train::eval::evaluate_loss;
-use crate::train::metrics::{rss_mib, write_loss_curve, MetricsWriter, StepRecord};
+use crate::train::metrics::{peak_rss_mib, write_loss_curve, MetricsWriter, StepRecord};
 use crate::train::train_loop::{run_steps, DataStream, StreamBatches};
 use crate::train::trainer::{CheckpointOptimizer, CpuAdamW, Trainer};
 use crate::{Error, Result};
@@ -42,7 +42,9 @@ fn invalid(reason: impl Into<String>) -> Error {
 /// `qlora train` flags. Each overrides the same-named key of `--config` (dashes for
 /// underscores); anything not given keeps the file's value, else the default.
 #[derive(clap::Args, Clone, Debug, Default, PartialEq)]
-#[command(after_help = "EXAMPLES:\n  \
+#[command(
+    allow_negative_numbers = true,
+    after_help = "EXAMPLES:\n  \
     qlora train --model ./Llama-3.2-1B --data train.jsonl --output run1 --steps 200\n  \
     qlora train --config run.toml --lr 1e-4          (file settings, one overridden)\n  \
     qlora train --config run.toml --resume run1      (continue from the newest checkpoint)\n  \
@@ -53,7 +55,8 @@ DATA: one JSON object per line, recognised by its fields:\n  \
     {\"question\": ..., \"choices\": [...], \"answer\": 0|\"A\"}   multiple choice\n\
 The loss is on the response tokens only.\n\n\
 OUTPUT (in --output): adapter/ (PEFT format), checkpoint-N/, metrics.jsonl, metrics.csv,\n\
-loss.svg and train_config.toml (the effective settings).")]
+loss.svg and train_config.toml (the effective settings)."
+)]
 pub struct TrainArgs {
     /// Run the built-in demo instead (a tiny random model and a synthetic task; takes only
     /// --steps, --output and --seed).
@@ -159,6 +162,10 @@ pub struct TrainArgs {
     /// The other settings must match the run that wrote it.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Replace what an earlier run left in --output (its adapter, checkpoints and metrics);
+    /// without it, or --resume, such a folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl TrainArgs {
@@ -255,18 +262,74 @@ fn load_dataset(
     Ok(dataset)
 }
 
+/// Refuses an `output` folder where an earlier run left its results (an adapter, checkpoints,
+/// metrics), which a new run would replace without a word.
+fn check_fresh_output(output: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return Ok(());
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            name == ADAPTER_DIR
+                || name == crate::train::metrics::METRICS_JSONL
+                || name.starts_with("checkpoint-")
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "--output {} already holds a run ({}); pass --overwrite to replace it, --resume {} to \
+         continue it, or another --output",
+        output.display(),
+        found.join(", "),
+        output.display()
+    )))
+}
+
 /// The checkpoint folder `path` names: itself when it holds a trainer state, else the newest
 /// complete checkpoint inside it.
 fn resolve_resume(path: &Path) -> Result<PathBuf> {
     if path.join(TRAINER_STATE_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
-    latest_checkpoint(path).ok_or_else(|| {
+    let (found, skipped) = find_latest_checkpoint(path);
+    // A damaged newer checkpoint is moved aside, never passed over in silence and then
+    // overwritten when the resumed run reaches its step.
+    for s in &skipped {
+        let aside = set_aside_name(&s.path);
+        std::fs::rename(&s.path, &aside).map_err(|e| Error::io(&s.path, e))?;
+        eprintln!(
+            "qlora: warning: {} is damaged ({}); moved to {}{}",
+            s.path.display(),
+            s.reason,
+            aside.display(),
+            match &found {
+                Some(f) => format!("; resuming from {}", f.display()),
+                None => String::new(),
+            }
+        );
+    }
+    found.ok_or_else(|| {
         invalid(format!(
-            "--resume {}: neither a checkpoint folder nor an output folder holding one",
+            "--resume {}: neither a checkpoint folder nor an output folder holding a complete one",
             path.display()
         ))
     })
+}
+
+/// `{path}.damaged`, or `{path}.damaged-2`, ... : the first name not taken.
+fn set_aside_name(path: &Path) -> PathBuf {
+    let base = format!("{}.damaged", path.display());
+    (1..)
+        .map(|i| match i {
+            1 => PathBuf::from(&base),
+            i => PathBuf::from(format!("{base}-{i}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from(base))
 }
 
 /// Checks a restored trainer was written by a run with these settings.
@@ -335,6 +398,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .data
         .clone()
         .ok_or_else(|| invalid("no training data given: pass --data FILE.jsonl"))?;
+    if args.resume.is_none() && !args.overwrite {
+        check_fresh_output(&config.output)?;
+    }
     let loaded = load_model(
         &model_dir,
         config.compute_dtype,
@@ -605,7 +671,7 @@ impl Run<'_> {
                 }
                 false => None,
             };
-            let rss = rss_mib();
+            let rss = peak_rss_mib();
             metrics.write(StepRecord {
                 step,
                 epoch: stream.epochs_done(),
@@ -616,12 +682,12 @@ impl Run<'_> {
                 label_tokens: m.label_tokens,
                 tokens_per_s,
                 elapsed_s: elapsed,
-                rss_mib: rss,
+                peak_rss_mib: rss,
                 eval_loss,
                 skipped: m.skipped,
             })?;
             bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s  RSS {}",
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s  peak RSS {}",
                 m.loss,
                 m.lr,
                 tokens_per_s,

@@ -49,7 +49,7 @@ pub(crate) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![dir.join(SINGLE_FILE)]);
     }
     let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-    let index: Index = serde_json::from_str(&text)?;
+    let index: Index = super::file::parse_json(&index_path, &text)?;
     let mut names: Vec<&String> = index.weight_map.values().collect();
     names.sort();
     names.dedup();
@@ -83,27 +83,44 @@ pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
 
 /// The parsed headers of every shard and which shard holds each tensor.
 pub(crate) struct Checkpoint<'a> {
+    files: Vec<PathBuf>,
     shards: Vec<SafeTensors<'a>>,
     pub(crate) shard_of: HashMap<String, usize>,
 }
 
 impl<'a> Checkpoint<'a> {
-    pub(crate) fn new(maps: &'a [Mmap]) -> Result<Self> {
-        let shards = maps
+    /// The headers of `maps`, the mapped contents of `files` (which name them in errors).
+    pub(crate) fn new(files: &[PathBuf], maps: &'a [Mmap]) -> Result<Self> {
+        let shards = files
             .iter()
-            .map(|m| SafeTensors::deserialize(m))
-            .collect::<Result<Vec<_>, _>>()?;
+            .zip(maps)
+            .map(|(path, m)| super::file::read_safetensors(path, m))
+            .collect::<Result<Vec<_>>>()?;
         let mut shard_of = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
             for name in shard.names() {
                 shard_of.insert(name.to_string(), i);
             }
         }
-        Ok(Self { shards, shard_of })
+        Ok(Self {
+            files: files.to_vec(),
+            shards,
+            shard_of,
+        })
     }
 
     pub(crate) fn shard(&self, key: &str) -> Option<&SafeTensors<'a>> {
         self.shard_of.get(key).map(|&i| &self.shards[i])
+    }
+
+    /// The view of `key`, refused (naming its file) if it holds a NaN or ±Inf
+    /// ([`super::file::check_finite`]).
+    pub(crate) fn finite_view(&self, key: &str) -> Result<TensorView<'a>> {
+        let view = self.view(key)?;
+        if let Some(&i) = self.shard_of.get(key) {
+            super::file::check_finite(&self.files[i], key, view.dtype(), view.data())?;
+        }
+        Ok(view)
     }
 
     pub(crate) fn view(&self, key: &str) -> Result<TensorView<'a>> {

@@ -69,6 +69,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
 /// A model folder opened for reading: its checkpoint files mapped.
 pub struct ModelFolder {
     dir: PathBuf,
+    files: Vec<PathBuf>,
     maps: Vec<Mmap>,
 }
 
@@ -76,11 +77,12 @@ impl ModelFolder {
     /// Maps `dir`'s `model.safetensors`, or the shards its index names.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        let maps = shard_files(&dir)?
+        let files = shard_files(&dir)?;
+        let maps = files
             .iter()
             .map(|p| map_file(p))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { dir, maps })
+        Ok(Self { dir, files, maps })
     }
 
     pub fn dir(&self) -> &Path {
@@ -89,7 +91,7 @@ impl ModelFolder {
 
     /// The parsed safetensors headers and which shard holds each tensor.
     pub(crate) fn checkpoint(&self) -> Result<Checkpoint<'_>> {
-        Checkpoint::new(&self.maps)
+        Checkpoint::new(&self.files, &self.maps)
     }
 
     /// The text of `config.json` (what it configures is for the layer that reads it:
@@ -319,7 +321,7 @@ pub fn write_checkpoint(
         let written = safetensors::serialize_to_file(views, Some(metadata.clone()), &path);
         let failed = match (written, failure.into_inner()) {
             (_, Some(e)) => Some(e),
-            (Err(e), None) => Some(Error::from(e)),
+            (Err(e), None) => Some(Error::encode(path.display().to_string(), e)),
             (Ok(()), None) => None,
         };
         if let Some(e) = failed {

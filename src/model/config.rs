@@ -326,13 +326,19 @@ impl LlamaConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text)
+        Self::from_json_str(&text).map_err(|e| match e {
+            Error::Json(reason) => Error::CorruptFile {
+                path: path.to_path_buf(),
+                reason: format!("invalid JSON: {reason}"),
+            },
+            other => other,
+        })
     }
 
     /// Parses and validates the text of a `config.json`. Wrongly typed fields give
-    /// [`Error::Json`]; missing, inconsistent or unsupported values give [`Error::Config`].
+    /// [`Error::Json`] (from [`Self::from_file`], [`Error::CorruptFile`]); missing, inconsistent or unsupported values give [`Error::Config`].
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
         match raw.model_type.as_deref() {
             Some("llama") => {}
             other => {
@@ -569,12 +575,35 @@ pub(crate) fn linear_shape(c: &LlamaConfig, name: &str) -> [usize; 2] {
     }
 }
 
+/// The name of every tensor a transformers Llama checkpoint with `c` holds (as saved before any
+/// quantization), in state-dict order: embeddings, each layer's seven linears and two norms, the
+/// final norm, and `lm_head` unless the embeddings are tied.
+pub fn checkpoint_tensor_names(c: &LlamaConfig) -> Vec<String> {
+    let mut out = vec!["model.embed_tokens.weight".to_string()];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            out.push(format!("{p}.self_attn.{m}.weight"));
+        }
+        for m in ["gate_proj", "up_proj", "down_proj"] {
+            out.push(format!("{p}.mlp.{m}.weight"));
+        }
+        out.push(format!("{p}.input_layernorm.weight"));
+        out.push(format!("{p}.post_attention_layernorm.weight"));
+    }
+    out.push("model.norm.weight".to_string());
+    if !c.tie_word_embeddings {
+        out.push("lm_head.weight".to_string());
+    }
+    out
+}
+
 /// `config.json` of the model folder `folder` as a JSON object (kept whole, so a folder written
 /// from it keeps every field) and validated as a Llama config.
 pub fn read_folder_config(folder: &ModelFolder) -> Result<(Map<String, Value>, LlamaConfig)> {
     let text = folder.config_text()?;
     let config = LlamaConfig::from_json_str(&text)?;
-    match serde_json::from_str(&text)? {
+    match serde_json::from_str(&text).map_err(|e| Error::Json(e.to_string()))? {
         Value::Object(map) => Ok((map, config)),
         _ => Err(Error::Config {
             field: "config.json",

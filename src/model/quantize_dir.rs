@@ -15,7 +15,9 @@ use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
     ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::config::{
+    checkpoint_tensor_names, read_folder_config, torch_dtype_name, TorchDtype,
+};
 use crate::model::weights::is_linear;
 use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
 use crate::quant::dynamic8;
@@ -181,6 +183,21 @@ pub fn quantize_model_dir(
         });
     }
     let checkpoint = folder.checkpoint()?;
+    // Every tensor the config implies must be there before anything is written: a folder with
+    // one missing would otherwise quantize "successfully" into a model that cannot load.
+    let missing: Vec<String> = checkpoint_tensor_names(&config)
+        .into_iter()
+        .filter(|name| !checkpoint.shard_of.contains_key(name))
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(Error::CorruptFile {
+            path: input.to_path_buf(),
+            reason: format!(
+                "the checkpoint lacks {} tensor(s) its config.json implies, first `{first}`",
+                missing.len()
+            ),
+        });
+    }
     let names = ordered_names(&checkpoint);
 
     // One quantized linear at a time, with the error sums of every linear seen so far.
@@ -192,7 +209,7 @@ pub fn quantize_model_dir(
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     let (mut quantized, mut copied, mut bytes_in, mut parameters) = (0, 0, 0u64, 0u64);
     for name in &names {
-        let view = checkpoint.view(name)?;
+        let view = checkpoint.finite_view(name)?;
         bytes_in += view.data().len() as u64;
         parameters += view.shape().iter().product::<usize>() as u64;
         if !is_linear(name) {

@@ -170,7 +170,7 @@ impl LlamaWeights {
             .iter()
             .map(|path| map_file(path))
             .collect::<Result<Vec<_>>>()?;
-        let checkpoint = Checkpoint::new(&maps)?;
+        let checkpoint = Checkpoint::new(&files, &maps)?;
         Loader {
             checkpoint,
             config,
@@ -258,7 +258,7 @@ impl Loader<'_, '_> {
 
     /// The view of `key`, checked to have `shape`.
     fn checked_view(&self, key: &str, shape: &[usize]) -> Result<TensorView<'_>> {
-        let view = self.checkpoint.view(key)?;
+        let view = self.checkpoint.finite_view(key)?;
         if view.shape() != shape {
             return Err(bad(
                 key,
@@ -281,6 +281,18 @@ impl Loader<'_, '_> {
     fn linear(&self, prefix: &str, shape: [usize; 2]) -> Result<Linear> {
         let key = format!("{prefix}.weight");
         if is_bnb_nf4(&self.checkpoint, prefix) {
+            // The codes are integers; a NaN can only hide in the f32 scales and code tables.
+            for suffix in [
+                ".absmax",
+                ".nested_absmax",
+                ".quant_map",
+                ".nested_quant_map",
+            ] {
+                let scale_key = format!("{key}{suffix}");
+                if self.checkpoint.shard_of.contains_key(&scale_key) {
+                    self.checkpoint.finite_view(&scale_key)?;
+                }
+            }
             let t = nf4_from_safetensors(&self.checkpoint, prefix)?;
             if t.shape != shape {
                 return Err(bad(

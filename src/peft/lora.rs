@@ -52,7 +52,8 @@ impl LoraAdapter {
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let config = serde_json::to_string_pretty(&self.peft_config_json())?;
+        let config = serde_json::to_string_pretty(&self.peft_config_json())
+            .map_err(|e| Error::encode(ADAPTER_CONFIG_FILE, e))?;
         write_atomic(dir, ADAPTER_CONFIG_FILE, config.as_bytes())?;
         let st_dtype = match self.dtype {
             DType::BF16 => safetensors::Dtype::BF16,
@@ -71,12 +72,14 @@ impl LoraAdapter {
         let views = tensors
             .iter()
             .map(|(key, shape, bytes)| {
-                let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)?;
+                let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+                    .map_err(|e| Error::encode(key.as_str(), e))?;
                 Ok((key.as_str(), view))
             })
             .collect::<Result<Vec<_>>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::serialize(views, Some(metadata))?;
+        let bytes =
+            crate::hf::file::serialize_safetensors(ADAPTER_WEIGHTS_FILE, views, Some(metadata))?;
         write_atomic(dir, ADAPTER_WEIGHTS_FILE, &bytes)
     }
 
@@ -88,9 +91,14 @@ impl LoraAdapter {
         let dir = dir.as_ref();
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let text = fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let (mut config, listed) = parse_peft_config(&serde_json::from_str(&text)?)?;
+        let (mut config, listed) =
+            parse_peft_config(&crate::hf::file::parse_json(&config_path, &text)?)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
         let bytes = fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+        let st = crate::hf::file::read_safetensors(&weights_path, &bytes)?;
+        for (name, view) in st.tensors() {
+            crate::hf::file::check_finite(&weights_path, &name, view.dtype(), view.data())?;
+        }
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
 
         let mut halves: BTreeMap<(usize, TargetModule), [Option<Tensor>; 2]> = BTreeMap::new();

@@ -184,7 +184,8 @@ pub fn save_checkpoint<O: CheckpointOptimizer>(
     let optimizer = trainer.optimizer();
     let bytes = optimizer_bytes(&optimizer.host_moments()?, optimizer.steps())?;
     write_atomic(&tmp, OPTIMIZER_FILE, &bytes)?;
-    let json = serde_json::to_string_pretty(&state_file(trainer, state))?;
+    let json = serde_json::to_string_pretty(&state_file(trainer, state))
+        .map_err(|e| Error::encode(TRAINER_STATE_FILE, e))?;
     write_atomic(&tmp, TRAINER_STATE_FILE, json.as_bytes())?;
     sync_dir(&tmp)?;
 
@@ -271,7 +272,8 @@ fn optimizer_bytes(moments: &MomentMap, steps: u64) -> Result<Vec<u8>> {
         .iter()
         .map(|(key, n, bytes)| {
             let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)?;
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)
+                    .map_err(|e| Error::encode(key.as_str(), e))?;
             Ok((key.as_str(), view))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -279,34 +281,61 @@ fn optimizer_bytes(moments: &MomentMap, steps: u64) -> Result<Vec<u8>> {
         ("format".to_string(), "pt".to_string()),
         ("step".to_string(), steps.to_string()),
     ]);
-    Ok(safetensors::serialize(views, Some(metadata))?)
+    crate::hf::file::serialize_safetensors(OPTIMIZER_FILE, views, Some(metadata))
 }
 
 /// The newest complete checkpoint in `dir`: a final `checkpoint-{step}` directory holding every
 /// file, whose `trainer_state.json` parses and names the same step. `.tmp` directories, other
 /// entries and a missing `dir` are ignored.
 pub fn latest_checkpoint(dir: impl AsRef<Path>) -> Option<PathBuf> {
-    let mut found: Vec<(u64, PathBuf)> = checkpoint_entries(dir.as_ref())
-        .ok()?
+    find_latest_checkpoint(dir).0
+}
+
+/// A `checkpoint-{step}` folder newer than the one a resume takes, and why it was passed over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkippedCheckpoint {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// [`latest_checkpoint`], with every newer final-named folder it passed over and why (a file
+/// missing, a trainer state that does not parse or names another step), for the resume to tell
+/// the user.
+pub fn find_latest_checkpoint(dir: impl AsRef<Path>) -> (Option<PathBuf>, Vec<SkippedCheckpoint>) {
+    let Ok(entries) = checkpoint_entries(dir.as_ref()) else {
+        return (None, Vec::new());
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
         .into_iter()
         .filter_map(|(name, path)| checkpoint_step(&name).map(|step| (step, path)))
         .collect();
     found.sort_unstable_by_key(|&(step, _)| std::cmp::Reverse(step));
-    found
-        .into_iter()
-        .find(|(step, path)| is_complete(path, *step))
-        .map(|(_, path)| path)
+    let mut skipped = Vec::new();
+    for (step, path) in found {
+        match check_complete(&path, step) {
+            Ok(()) => return (Some(path), skipped),
+            Err(reason) => skipped.push(SkippedCheckpoint { path, reason }),
+        }
+    }
+    (None, skipped)
 }
 
-fn is_complete(path: &Path, step: u64) -> bool {
+/// Why the folder `path` is not a complete checkpoint of `step`, if it is not.
+fn check_complete(path: &Path, step: u64) -> std::result::Result<(), String> {
     let files = [
         ADAPTER_CONFIG_FILE,
         ADAPTER_WEIGHTS_FILE,
         OPTIMIZER_FILE,
         TRAINER_STATE_FILE,
     ];
-    files.iter().all(|f| path.join(f).is_file())
-        && read_state_file(path).is_ok_and(|state| state.step == step)
+    if let Some(f) = files.iter().find(|f| !path.join(f).is_file()) {
+        return Err(format!("{f} is missing"));
+    }
+    match read_state_file(path) {
+        Ok(state) if state.step == step => Ok(()),
+        Ok(state) => Err(format!("{TRAINER_STATE_FILE} names step {}", state.step)),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn read_state_file(path: &Path) -> Result<StateFile> {
@@ -419,7 +448,9 @@ fn read_optimizer(
 ) -> Result<OptimizerState> {
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let tensors = crate::hf::file::read_safetensors(&path, &bytes)?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| crate::hf::file::corrupt_safetensors(&path, &bytes, e))?;
     let file_steps = metadata
         .metadata()
         .as_ref()
@@ -432,7 +463,6 @@ fn read_optimizer(
             format!("step {file_steps}, but {TRAINER_STATE_FILE} says {steps}"),
         ));
     }
-    let tensors = safetensors::SafeTensors::deserialize(&bytes)?;
     let expected = 4 * adapter.pairs().count();
     if tensors.len() != expected && !(tensors.is_empty() && steps == 0) {
         return Err(bad(

@@ -15,7 +15,7 @@ pub const METRICS_CSV: &str = "metrics.csv";
 pub const LOSS_SVG: &str = "loss.svg";
 
 /// The CSV header, in [`StepRecord`]'s field order.
-const CSV_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens,label_tokens,tokens_per_s,elapsed_s,rss_mib,eval_loss,skipped";
+const CSV_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens,label_tokens,tokens_per_s,elapsed_s,peak_rss_mib,eval_loss,skipped";
 
 /// One optimizer step. Floats are written in Rust's shortest round-trip form, so a reader gets
 /// back the exact values (a resumed run's losses compare bit for bit).
@@ -31,8 +31,10 @@ pub struct StepRecord {
     pub label_tokens: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
-    /// Resident memory of the process, MiB (None where it cannot be read).
-    pub rss_mib: Option<f64>,
+    /// Peak resident memory of the process so far, MiB (`VmHWM`; None where it cannot be read).
+    /// Files written before it was the peak call it `rss_mib`.
+    #[serde(alias = "rss_mib")]
+    pub peak_rss_mib: Option<f64>,
     /// Mean loss over the eval set after this step, when evaluated.
     pub eval_loss: Option<f64>,
     pub skipped: bool,
@@ -52,7 +54,7 @@ impl StepRecord {
             self.label_tokens,
             self.tokens_per_s,
             self.elapsed_s,
-            opt(self.rss_mib),
+            opt(self.peak_rss_mib),
             opt(self.eval_loss),
             self.skipped
         )
@@ -88,17 +90,55 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<StepRecord>> {
         .collect()
 }
 
+/// The lines of `metrics.jsonl` in `dir` a run resumed after `step` keeps, verbatim, with their
+/// records: those of steps ≤ `step`. Rows after them are dropped unread, so a line torn by a
+/// kill after the checkpoint (or any damage there) does not stop the resume; a damaged row among
+/// the kept ones is an error naming the line.
+fn kept_lines(dir: &Path, step: u64) -> Result<Vec<(String, StepRecord)>> {
+    let path = dir.join(METRICS_JSONL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut kept = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: StepRecord = match serde_json::from_str(line) {
+            Ok(r) => r,
+            // Steps are written in order: past the checkpoint's step, the rest goes unread.
+            Err(_)
+                if kept
+                    .last()
+                    .is_some_and(|(_, r): &(String, StepRecord)| r.step >= step) =>
+            {
+                break
+            }
+            Err(e) => {
+                return Err(Error::Dataset {
+                    path: path.clone(),
+                    line: i + 1,
+                    reason: format!("not a metrics record: {e}"),
+                })
+            }
+        };
+        if record.step > step {
+            break;
+        }
+        kept.push((line.to_string(), record));
+    }
+    Ok(kept)
+}
+
 impl MetricsWriter {
-    /// Starts the files in `dir`. With `keep_through = Some(step)` (a resumed run) the records of
-    /// steps ≤ `step` already there are kept and later ones dropped; otherwise the files start
-    /// empty.
+    /// Starts the files in `dir`. With `keep_through = Some(step)` (a resumed run) the rows of
+    /// steps ≤ `step` already there are kept byte for byte and later ones dropped (see
+    /// [`kept_lines`]); otherwise the files start empty.
     pub fn create(dir: &Path, keep_through: Option<u64>) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let kept: Vec<StepRecord> = match keep_through {
-            Some(step) => read_metrics(dir)?
-                .into_iter()
-                .filter(|r| r.step <= step)
-                .collect(),
+        let kept = match keep_through {
+            Some(step) => kept_lines(dir, step)?,
             None => Vec::new(),
         };
         let jsonl_path = dir.join(METRICS_JSONL);
@@ -116,8 +156,8 @@ impl MetricsWriter {
             records: Vec::new(),
         };
         writeln!(writer.csv, "{CSV_HEADER}").map_err(|e| Error::io(&writer.csv_path, e))?;
-        for record in kept {
-            writer.write(record)?;
+        for (line, record) in kept {
+            writer.write_line(&line, record)?;
         }
         writer.flush()?;
         Ok(writer)
@@ -125,7 +165,13 @@ impl MetricsWriter {
 
     /// Writes one record to both files.
     pub fn write(&mut self, record: StepRecord) -> Result<()> {
-        let line = serde_json::to_string(&record)?;
+        let line =
+            serde_json::to_string(&record).map_err(|e| Error::encode("a metrics record", e))?;
+        self.write_line(&line, record)
+    }
+
+    /// Writes `line` (the JSON of `record`) to `metrics.jsonl` and `record` to the CSV.
+    fn write_line(&mut self, line: &str, record: StepRecord) -> Result<()> {
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&self.jsonl_path, e))?;
         writeln!(self.csv, "{}", record.csv_row()).map_err(|e| Error::io(&self.csv_path, e))?;
         self.records.push(record);
@@ -179,7 +225,9 @@ pub fn loss_curve_svg(records: &[StepRecord], title: &str) -> String {
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    // A loss is never negative: the axis of one that is not stops at 0.
+    let floor = if y0 >= 0.0 { 0.0 } else { f64::NEG_INFINITY };
+    let (y0, y1) = ((y0 - pad).max(floor), y1 + pad);
     let [left, right, top, bottom] = MARGIN;
     let (w, h) = (SVG_WIDTH - left - right, SVG_HEIGHT - top - bottom);
     let px = |x: f64| left + (x - x0) / (x1 - x0) * w;
@@ -276,10 +324,11 @@ pub fn write_loss_curve(dir: &Path, records: &[StepRecord], title: &str) -> Resu
     Ok(path)
 }
 
-/// Resident set size of this process in MiB, from `/proc/self/status` (Linux); None elsewhere.
-pub fn rss_mib() -> Option<f64> {
+/// Peak resident set size of this process so far in MiB (`VmHWM` of `/proc/self/status`, Linux;
+/// None elsewhere): what the machine had to hold, not what happens to be resident at the step.
+pub fn peak_rss_mib() -> Option<f64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
