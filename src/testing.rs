@@ -41,3 +41,111 @@ pub fn quantizer_stress_vector(n: usize, seed: u64) -> Vec<f32> {
     }
     v
 }
+
+/// A counting global allocator for tests that measure memory (`tests/plan.rs` against the memory
+/// plan, `tests/fuzz_loaders.rs` bounding what a damaged file may make a loader allocate). A test
+/// binary installs it with `#[global_allocator] static A: CountingAllocator = CountingAllocator;`.
+pub mod alloc {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    /// Counts the bytes a measuring thread requests from the system allocator that are live, and
+    /// their peak. Only threads inside [`Tracked`] count, so the test harness and other threads
+    /// (output capture, a finished test's thread-local teardown) never disturb a measurement.
+    pub struct CountingAllocator;
+
+    static LIVE: AtomicIsize = AtomicIsize::new(0);
+    static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+    thread_local! {
+        static TRACKED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn tracked() -> bool {
+        TRACKED.try_with(Cell::get).unwrap_or(false)
+    }
+
+    fn grew(bytes: usize) {
+        if tracked() {
+            let live = LIVE.fetch_add(bytes as isize, Ordering::SeqCst) + bytes as isize;
+            PEAK.fetch_max(live, Ordering::SeqCst);
+        }
+    }
+
+    fn shrank(bytes: usize) {
+        if tracked() {
+            LIVE.fetch_sub(bytes as isize, Ordering::SeqCst);
+        }
+    }
+
+    // SAFETY: every method forwards to `System` with the caller's layout and pointer unchanged,
+    // so the GlobalAlloc contract is System's; the counters only observe sizes and never
+    // allocate.
+    unsafe impl GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller upholds `alloc`'s contract (non-zero size), which we pass on.
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: as `alloc`.
+            let p = unsafe { System.alloc_zeroed(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from this allocator (hence System) with `layout`, per the caller.
+            unsafe { System.dealloc(ptr, layout) };
+            shrank(layout.size());
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: `ptr` and `layout` came from this allocator, per the caller.
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                shrank(layout.size());
+                grew(new_size);
+            }
+            p
+        }
+    }
+
+    /// Counts this thread's allocations while alive.
+    pub struct Tracked;
+
+    impl Tracked {
+        pub fn start() -> Self {
+            TRACKED.with(|t| t.set(true));
+            Tracked
+        }
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            TRACKED.with(|t| t.set(false));
+        }
+    }
+
+    /// The bytes the tracked threads hold now.
+    pub fn live() -> isize {
+        LIVE.load(Ordering::SeqCst)
+    }
+
+    /// Restarts the peak at the current live bytes.
+    pub fn reset_peak() {
+        PEAK.store(live(), Ordering::SeqCst);
+    }
+
+    /// The most the tracked threads held since the last [`reset_peak`].
+    pub fn peak() -> isize {
+        PEAK.load(Ordering::SeqCst)
+    }
+}

@@ -2,10 +2,7 @@
 //! measures a tiny NF4 Llama loaded with quantize-on-load, its LoRA adapter, gradients and AdamW
 //! moments, and the peak of a checkpointed forward + backward on the CPU; `qlora plan` end to end.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::process::Command;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,111 +11,16 @@ use qlora::model::backward::lora_gradients;
 use qlora::model::llama::LlamaModel;
 use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions, RopeScaling, TorchDtype};
 use qlora::peft::{LoraAdapter, LoraConfig, TargetModule};
+use qlora::testing::alloc::{live, peak, reset_peak, CountingAllocator, Tracked};
 use qlora::tolerance::{PLAN_METADATA_BYTES_PER_TENSOR, PLAN_STEP_PEAK_RTOL};
 use qlora::train::plan::{dtype_name, MemoryPlan, Phase, PlanSettings};
 use qlora::train::trainer::{CpuAdamW, Optimizer};
 
-/// Counts the bytes a measuring thread requests from the system allocator that are live, and
-/// their peak. Only threads inside [`Tracked`] count, so the test harness and other threads
-/// (output capture, a finished test's thread-local teardown) never disturb a measurement.
-struct CountingAllocator;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-thread_local! {
-    static TRACKED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn tracked() -> bool {
-    TRACKED.try_with(Cell::get).unwrap_or(false)
-}
-
-fn grew(bytes: usize) {
-    if tracked() {
-        let live = LIVE.fetch_add(bytes as isize, Ordering::SeqCst) + bytes as isize;
-        PEAK.fetch_max(live, Ordering::SeqCst);
-    }
-}
-
-fn shrank(bytes: usize) {
-    if tracked() {
-        LIVE.fetch_sub(bytes as isize, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: every method forwards to `System` with the caller's layout and pointer unchanged, so
-// the GlobalAlloc contract is System's; the counters only observe sizes and never allocate.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc`'s contract (non-zero size), which we pass on.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator (hence System) with `layout`, per the caller.
-        unsafe { System.dealloc(ptr, layout) };
-        shrank(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` and `layout` came from this allocator, per the caller.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            shrank(layout.size());
-            grew(new_size);
-        }
-        p
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// Counts this thread's allocations while alive.
-struct Tracked;
-
-impl Tracked {
-    fn start() -> Self {
-        TRACKED.with(|t| t.set(true));
-        Tracked
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        TRACKED.with(|t| t.set(false));
-    }
-}
-
 /// Measuring tests hold this: they set RAYON_NUM_THREADS, which no other test may read meanwhile.
 static MEASURING: Mutex<()> = Mutex::new(());
-
-fn live() -> isize {
-    LIVE.load(Ordering::SeqCst)
-}
-
-/// Restarts the peak at the current live bytes.
-fn reset_peak() {
-    PEAK.store(live(), Ordering::SeqCst);
-}
-
-fn peak() -> isize {
-    PEAK.load(Ordering::SeqCst)
-}
 
 /// Two layers with grouped-query attention, sized so tensors of a few tens of KiB dominate the
 /// per-tensor metadata: rows B·T = 128, hidden 128, intermediate 344, vocab 512.

@@ -59,8 +59,13 @@ pub(crate) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let plain = Path::new(name)
                 .file_name()
                 .is_some_and(|f| f == name.as_str());
-            if plain {
+            if plain && dir.join(name).is_file() {
                 Ok(dir.join(name))
+            } else if plain {
+                Err(Error::CorruptFile {
+                    path: index_path.clone(),
+                    reason: format!("names shard {name:?}, which is not in {}", dir.display()),
+                })
             } else {
                 Err(Error::invalid(
                     "LlamaWeights::load",

@@ -326,13 +326,7 @@ impl LlamaConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text).map_err(|e| match e {
-            Error::Json(reason) => Error::CorruptFile {
-                path: path.to_path_buf(),
-                reason: format!("invalid JSON: {reason}"),
-            },
-            other => other,
-        })
+        Self::from_json_str(&text).map_err(|e| in_file(e, path))
     }
 
     /// Parses and validates the text of a `config.json`. Wrongly typed fields give
@@ -598,11 +592,27 @@ pub fn checkpoint_tensor_names(c: &LlamaConfig) -> Vec<String> {
     out
 }
 
+/// `e`, an error of [`LlamaConfig::from_json_str`] on the text of `path`, naming the file.
+fn in_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Json(reason) => Error::CorruptFile {
+            path: path.to_path_buf(),
+            reason: format!("invalid JSON: {reason}"),
+        },
+        Error::Config { field, reason } => Error::Config {
+            field,
+            reason: format!("{reason} (in {})", path.display()),
+        },
+        other => other,
+    }
+}
+
 /// `config.json` of the model folder `folder` as a JSON object (kept whole, so a folder written
 /// from it keeps every field) and validated as a Llama config.
 pub fn read_folder_config(folder: &ModelFolder) -> Result<(Map<String, Value>, LlamaConfig)> {
     let text = folder.config_text()?;
-    let config = LlamaConfig::from_json_str(&text)?;
+    let path = folder.dir().join("config.json");
+    let config = LlamaConfig::from_json_str(&text).map_err(|e| in_file(e, &path))?;
     match serde_json::from_str(&text).map_err(|e| Error::Json(e.to_string()))? {
         Value::Object(map) => Ok((map, config)),
         _ => Err(Error::Config {
