@@ -93,7 +93,8 @@ pub enum Error {
         reason: String,
     },
 
-    /// NaN or ±Inf in a training step's loss or in one of its gradients.
+    /// NaN or ±Inf in a training step: the first non-finite activation of the forward (when the
+    /// loss is), or a gradient; `layer` is None for the embeddings, logits or loss.
     #[error("training step {step}: {tensor} is not finite ({value})")]
     NonFinite {
         /// The optimizer update (1-based) the step would have made.

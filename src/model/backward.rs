@@ -306,6 +306,61 @@ fn checkpointed_forward(
     })
 }
 
+/// Where a batch's forward first turns non-finite: `(layer, tensor, value)` for the first NaN or
+/// ±Inf among the embeddings, then each layer's intermediates in the order the layer computes them
+/// (`input_layernorm`, `attention`, `residual`, `post_attention_layernorm`, `gate_proj`,
+/// `up_proj`, `act`, `output`), then the final norm and the logits; None when all are finite. A
+/// diagnostic for a non-finite loss: it reruns the forward the step ran, with the adapter in
+/// `mode`.
+pub fn first_non_finite_activation(
+    model: &LlamaModel,
+    adapter: &LoraAdapter,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    mode: LoraMode,
+) -> Result<Option<(Option<usize>, String, f32)>> {
+    let first_bad = |t: &Tensor| -> Result<Option<f32>> {
+        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(values.into_iter().find(|v| !v.is_finite()))
+    };
+    let (b, t) = model.check_ids(input_ids)?;
+    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
+    let h = model.config().hidden_size;
+    let ids = input_ids.flatten_all()?.to_device(model.device())?;
+    let mut x = model
+        .weights()
+        .embed_tokens
+        .index_select(&ids, 0)?
+        .to_dtype(DType::F32)?
+        .reshape((b, t, h))?;
+    if let Some(v) = first_bad(&x)? {
+        return Ok(Some((None, "embed_tokens output".to_string(), v)));
+    }
+    for layer in 0..model.config().num_hidden_layers {
+        let s = LayerPass::new(model, Some(adapter), layer)?
+            .with_mode(mode)
+            .forward(&x, &rope)?;
+        let named = [
+            ("input_layernorm", &s.normed_attn),
+            ("self_attn output", &s.attn_out),
+            ("residual after attention", &s.residual),
+            ("post_attention_layernorm", &s.normed_mlp),
+            ("mlp.gate_proj output", &s.gate),
+            ("mlp.up_proj output", &s.up),
+            ("mlp activation", &s.act),
+            ("output", &s.output),
+        ];
+        for (name, tensor) in named {
+            if let Some(v) = first_bad(tensor)? {
+                return Ok(Some((Some(layer), format!("layers.{layer}.{name}"), v)));
+            }
+        }
+        x = s.output;
+    }
+    let logits = final_logits(model, &x)?;
+    Ok(first_bad(&logits)?.map(|v| (None, "logits".to_string(), v)))
+}
+
 /// f32 logits `[B · T, V]` of the final hidden states (final norm and lm_head, as tensor ops; the
 /// fused path takes its loss in chunks, [`fused_loss::causal_lm_loss`]).
 fn final_logits(model: &LlamaModel, hidden: &Tensor) -> Result<Tensor> {

@@ -10,7 +10,7 @@ use half::bf16;
 
 use crate::kernels::adamw::{reference_step, AdamWConfig, AdamWStep};
 use crate::kernels::launch::Element;
-use crate::model::backward::{lora_gradients_in, LoraGrads};
+use crate::model::backward::{first_non_finite_activation, lora_gradients_in, LoraGrads};
 use crate::model::llama::{LlamaModel, IGNORE_INDEX};
 use crate::peft::{LoraAdapter, LoraMode, LoraPair, TargetModule};
 use crate::train::data::Batch;
@@ -568,6 +568,41 @@ impl<'m, O: Optimizer> Trainer<'m, O> {
                 self.skipped_batches += 1;
                 metrics.skipped = true;
                 return Ok(metrics);
+            }
+            Err(Error::NonFinite {
+                step, layer: None, ..
+            }) => {
+                // The loss itself: rerun the forward to name where it first went non-finite.
+                for (i, mb) in micro_batches.iter().enumerate() {
+                    let mode = match dropout {
+                        true => LoraMode::Train {
+                            seed: dropout_seed(seed, batch, i),
+                        },
+                        false => LoraMode::Eval,
+                    };
+                    let (ids, mask, _) = batch_tensors(self.model, mb)?;
+                    let found = first_non_finite_activation(
+                        self.model,
+                        &self.adapter,
+                        &ids,
+                        Some(&mask),
+                        mode,
+                    )?;
+                    if let Some((layer, tensor, value)) = found {
+                        return Err(Error::NonFinite {
+                            step,
+                            layer,
+                            tensor: format!("{tensor} (micro-batch {i})"),
+                            value,
+                        });
+                    }
+                }
+                return Err(Error::NonFinite {
+                    step,
+                    layer: None,
+                    tensor: "loss".to_string(),
+                    value: acc.loss,
+                });
             }
             Err(err) => return Err(err),
         }
