@@ -619,7 +619,15 @@ fn resume_from_a_checkpoint_equals_the_straight_run() {
         ],
     );
     let stderr = assert_clean_failure(&out);
-    assert!(stderr.contains("optimizer settings"), "{stderr}");
+    // Named setting by setting, not as Rust Debug structs.
+    assert!(
+        stderr.contains("lr = 0.005 (these settings: 0.001)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("AdamWConfig") && !stderr.contains('{'),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

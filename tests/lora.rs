@@ -398,6 +398,9 @@ fn bad_configs_give_named_errors() {
         let dir = edited_adapter(name, edit);
         let err = LoraAdapter::load_pretrained(&dir, &Device::Cpu).unwrap_err();
         eprintln!("{name}: {err}");
+        // The message names the adapter's config file, not a bare `adapter config:`.
+        let file = dir.join("adapter_config.json").display().to_string();
+        assert!(err.to_string().contains(&file), "{name}: {err}");
         assert_eq!(config_field_error(err), field, "{name}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

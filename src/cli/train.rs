@@ -332,52 +332,54 @@ fn set_aside_name(path: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(base))
 }
 
-/// Checks a restored trainer was written by a run with these settings.
+/// Checks a restored trainer was written by a run with these settings, naming each setting that
+/// differs with both values.
 fn check_resumed<O: CheckpointOptimizer>(
     trainer: &Trainer<'_, O>,
     want: &Trainer<'_, O>,
 ) -> Result<()> {
-    let mismatch = |what: &str, got: String, want: String| {
-        invalid(format!(
-            "the checkpoint was written with {what} {got}, these settings give {want}; resume \
-             with the settings of the original run"
-        ))
-    };
-    if trainer.config() != want.config() {
-        return Err(mismatch(
-            "trainer settings",
-            format!("{:?}", trainer.config()),
-            format!("{:?}", want.config()),
-        ));
+    let (got, expected) = (resume_settings(trainer), resume_settings(want));
+    let differ: Vec<String> = got
+        .iter()
+        .zip(&expected)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((key, a), (_, b))| format!("{key} = {a} (these settings: {b})"))
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
     }
-    if trainer.optimizer().adamw_config() != want.optimizer().adamw_config() {
-        return Err(mismatch(
-            "optimizer settings",
-            format!("{:?}", trainer.optimizer().adamw_config()),
-            format!("{:?}", want.optimizer().adamw_config()),
-        ));
-    }
-    let (got, expected) = (trainer.adapter().config(), want.adapter().config());
-    if (
-        got.r,
-        got.alpha,
-        &got.target_modules,
-        got.use_rslora,
-        got.dropout,
-    ) != (
-        expected.r,
-        expected.alpha,
-        &expected.target_modules,
-        expected.use_rslora,
-        expected.dropout,
-    ) {
-        return Err(mismatch(
-            "LoRA",
-            format!("{got:?}"),
-            format!("{expected:?}"),
-        ));
-    }
-    Ok(())
+    Err(invalid(format!(
+        "the checkpoint was written with {}; resume with the settings of the original run",
+        differ.join(", ")
+    )))
+}
+
+/// The settings a resumed run must share with the run that wrote its checkpoint, by name.
+fn resume_settings<O: CheckpointOptimizer>(t: &Trainer<'_, O>) -> Vec<(&'static str, String)> {
+    let c = t.config();
+    let o = t.optimizer().adamw_config();
+    let l = t.adapter().config();
+    let targets: Vec<&str> = l.target_modules.iter().map(|m| m.name()).collect();
+    vec![
+        ("schedule", format!("{:?}", c.schedule.kind)),
+        ("warmup_steps", c.schedule.warmup_steps.to_string()),
+        ("steps", c.schedule.total_steps.to_string()),
+        (
+            "max_grad_norm",
+            c.max_grad_norm
+                .map_or("0 (off)".to_string(), |v| v.to_string()),
+        ),
+        ("non-finite policy", format!("{:?}", c.non_finite)),
+        ("lr", o.lr.to_string()),
+        ("adam_betas", format!("{:?}", o.betas)),
+        ("adam_eps", o.eps.to_string()),
+        ("weight_decay", o.weight_decay.to_string()),
+        ("r", l.r.to_string()),
+        ("alpha", l.alpha.to_string()),
+        ("targets", targets.join(",")),
+        ("use_rslora", l.use_rslora.to_string()),
+        ("lora_dropout", l.dropout.to_string()),
+    ]
 }
 
 /// Runs `qlora train` (not the demo).

@@ -87,8 +87,27 @@ impl LoraAdapter {
     /// ignored; options it cannot reproduce (DoRA, fan_in_fan_out, per-layer ranks, ...) are
     /// [`Error::AdapterConfig`]. A `target_modules` regex string (or null) is resolved to the
     /// modules present in the weights, and saved back as a list.
+    /// Every error names the folder, and the file or tensor where one is to blame.
     pub fn load_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
+        Self::read_pretrained(dir, device).map_err(|e| match e {
+            Error::BadTensor { key, reason } => Error::CorruptFile {
+                path: dir.join(ADAPTER_WEIGHTS_FILE),
+                reason: format!("tensor `{key}`: {reason}"),
+            },
+            Error::AdapterConfig { field, reason } => Error::AdapterConfig {
+                field,
+                reason: format!("{reason} (in {})", dir.join(ADAPTER_CONFIG_FILE).display()),
+            },
+            Error::InvalidArgument { op, reason } => Error::InvalidArgument {
+                op,
+                reason: format!("adapter {}: {reason}", dir.display()),
+            },
+            other => other,
+        })
+    }
+
+    fn read_pretrained(dir: &Path, device: &Device) -> Result<Self> {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let text = fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let (mut config, listed) =
