@@ -416,7 +416,11 @@ fn truncated_and_skipped_examples_are_counted() {
     assert_eq!((s.examples, s.truncated, s.skipped_too_long), (2, 0, 1));
     assert_eq!(
         s.lines,
-        s.blank_lines + s.examples + s.skipped_too_long + s.skipped_no_labels
+        s.blank_lines
+            + s.examples
+            + s.skipped_too_long
+            + s.skipped_no_labels
+            + s.skipped_long_lines
     );
     assert!(s.to_string().contains("1 skipped as too long"));
 }

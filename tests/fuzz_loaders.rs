@@ -415,3 +415,38 @@ fn tokenizer_config_json() {
     });
     assert!(refused > 50, "{ok} loaded, {refused} refused");
 }
+
+/// A 10 MB JSONL line (it used to cost about 2.3 GB to tokenize at --seq-len 64) is skipped
+/// unread and counted; the lines around it load, and the whole file costs a few times its size.
+#[test]
+fn a_huge_jsonl_line_is_skipped_before_tokenizing() {
+    use qlora::train::data::{line_byte_limit, load_jsonl, DataConfig, Overflow};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tokenizer = Tokenizer::from_files(
+        fixture("tokenizer/tokenizer.json"),
+        Some(fixture("tokenizer/tokenizer_config.json").as_path()),
+    )
+    .unwrap();
+    let dir = scratch("huge-line");
+    let path = dir.join("data.jsonl");
+    let short = r#"{"instruction": "Say hi", "output": "hi"}"#;
+    let huge = format!(
+        r#"{{"instruction": "{}", "output": "x"}}"#,
+        "word ".repeat(2 << 20)
+    );
+    fs::write(&path, format!("{short}\n{huge}\n{short}\n")).unwrap();
+    let config = DataConfig {
+        max_seq_len: 64,
+        overflow: Overflow::Truncate,
+    };
+    assert!(huge.len() > line_byte_limit(64, &tokenizer));
+    let tracked = Tracked::start();
+    let before = live();
+    reset_peak();
+    let data = load_jsonl(&path, &tokenizer, &config).unwrap();
+    let grew = peak() - before;
+    drop(tracked);
+    assert_eq!((data.stats.examples, data.stats.skipped_long_lines), (2, 1));
+    let size = fs::metadata(&path).unwrap().len() as isize;
+    assert!(grew < 3 * size, "{grew} B allocated for a {size} B file");
+}

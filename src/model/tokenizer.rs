@@ -183,6 +183,19 @@ impl Tokenizer {
     }
 
     /// Vocabulary size including added tokens (transformers' `len(tokenizer)`).
+    /// The longest token's text in bytes, as the vocabulary spells it (byte-level and
+    /// SentencePiece spellings take at least as many bytes as the text the token covers): no
+    /// token covers more of an input than this.
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -20,6 +20,13 @@
 //! if still too long is cut on the right (losing the end of the response, EOS included). An
 //! example left without a response token is skipped. [`Overflow::Skip`] skips every over-long
 //! example instead. Every skip and truncation is counted in [`DatasetStats`].
+//!
+//! A line longer than [`line_byte_limit`] is skipped before it is parsed or tokenized (counted in
+//! [`DatasetStats::skipped_long_lines`]): tokenizing megabytes costs gigabytes, and such a line
+//! holds far more than `max_seq_len` tokens (a JSON escape is at most 6 bytes for one character,
+//! and no token covers more than [`Tokenizer::max_token_bytes`]), so it would be cut to a sliver
+//! of itself or skipped anyway. (A line whose bulk sits in fields no record shape reads is
+//! skipped too.)
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -72,7 +79,7 @@ pub struct DataConfig {
 }
 
 /// Counts for one loaded file; every line is accounted for:
-/// `lines == blank_lines + examples + skipped_too_long + skipped_no_labels`.
+/// `lines == blank_lines + examples + skipped_too_long + skipped_no_labels + skipped_long_lines`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatasetStats {
     pub lines: usize,
@@ -86,6 +93,8 @@ pub struct DatasetStats {
     /// Examples whose response is empty even before truncation (e.g. a chat template that
     /// renders nothing for the assistant turns).
     pub skipped_no_labels: usize,
+    /// Lines over [`line_byte_limit`], skipped unread.
+    pub skipped_long_lines: usize,
     /// Tokens over all kept examples, and those of them carrying a loss.
     pub tokens: usize,
     pub label_tokens: usize,
@@ -100,7 +109,7 @@ impl fmt::Display for DatasetStats {
             self.lines,
             self.examples,
             self.truncated,
-            self.skipped_too_long,
+            self.skipped_too_long + self.skipped_long_lines,
             self.skipped_no_labels,
             self.blank_lines,
             self.tokens,
@@ -380,6 +389,15 @@ pub fn fit_to_length(example: Example, config: &DataConfig, bos: Option<u32>) ->
     Fitted::Truncated(Example { input_ids, labels })
 }
 
+/// The longest line [`load_jsonl`] reads for `max_seq_len` with `tokenizer`: 6 bytes per character
+/// (the longest JSON escape) times the bytes of the longest token times `max_seq_len`, and at
+/// least 256 KiB. Anything longer holds more than `max_seq_len` tokens.
+pub fn line_byte_limit(max_seq_len: usize, tokenizer: &Tokenizer) -> usize {
+    (6 * tokenizer.max_token_bytes())
+        .saturating_mul(max_seq_len)
+        .max(256 << 10)
+}
+
 /// Reads a JSONL file into examples. A malformed line (bad UTF-8 or JSON, unknown shape, missing
 /// field, chat template error) is an [`Error::Dataset`] naming the file and 1-based line.
 pub fn load_jsonl(
@@ -396,6 +414,7 @@ pub fn load_jsonl(
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bos = tokenizer.bos().map(|t| t.id);
+    let limit = line_byte_limit(config.max_seq_len, tokenizer);
     let mut stats = DatasetStats::default();
     let mut examples = Vec::new();
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
@@ -409,6 +428,10 @@ pub fn load_jsonl(
             reason,
         };
         stats.lines += 1;
+        if raw.len() > limit {
+            stats.skipped_long_lines += 1;
+            continue;
+        }
         let line = std::str::from_utf8(raw).map_err(|e| bad(format!("invalid UTF-8: {e}")))?;
         if line.trim().is_empty() {
             stats.blank_lines += 1;
