@@ -272,6 +272,25 @@ impl CheckpointedForward {
     }
 }
 
+/// The batch's attention inputs and its embeddings `[B, T, hidden]` (f32), the stack's input.
+fn embed(
+    model: &LlamaModel,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+) -> Result<(AttentionInputs, Tensor)> {
+    let (b, t) = model.check_ids(input_ids)?;
+    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
+    let h = model.config().hidden_size;
+    let ids = input_ids.flatten_all()?.to_device(model.device())?;
+    let x = model
+        .weights()
+        .embed_tokens
+        .index_select(&ids, 0)?
+        .to_dtype(DType::F32)?
+        .reshape((b, t, h))?;
+    Ok((rope, x))
+}
+
 fn checkpointed_forward(
     model: &LlamaModel,
     adapter: &LoraAdapter,
@@ -279,16 +298,7 @@ fn checkpointed_forward(
     attention_mask: Option<&Tensor>,
     mode: LoraMode,
 ) -> Result<CheckpointedForward> {
-    let (b, t) = model.check_ids(input_ids)?;
-    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
-    let h = model.config().hidden_size;
-    let ids = input_ids.flatten_all()?.to_device(model.device())?;
-    let mut x = model
-        .weights()
-        .embed_tokens
-        .index_select(&ids, 0)?
-        .to_dtype(DType::F32)?
-        .reshape((b, t, h))?;
+    let (rope, mut x) = embed(model, input_ids, attention_mask)?;
     let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
     for layer in 0..model.config().num_hidden_layers {
         let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
@@ -323,16 +333,7 @@ pub fn first_non_finite_activation(
         let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(values.into_iter().find(|v| !v.is_finite()))
     };
-    let (b, t) = model.check_ids(input_ids)?;
-    let rope = AttentionInputs::new(model, attention_mask, b, t)?;
-    let h = model.config().hidden_size;
-    let ids = input_ids.flatten_all()?.to_device(model.device())?;
-    let mut x = model
-        .weights()
-        .embed_tokens
-        .index_select(&ids, 0)?
-        .to_dtype(DType::F32)?
-        .reshape((b, t, h))?;
+    let (rope, mut x) = embed(model, input_ids, attention_mask)?;
     if let Some(v) = first_bad(&x)? {
         return Ok(Some((None, "embed_tokens output".to_string(), v)));
     }
