@@ -634,13 +634,6 @@ pub(crate) mod cuda {
         read::<T, _>(&t, |s| dev.stream().clone_dtod(s).map_err(cuda_err))
     }
 
-    /// An uninitialised device buffer of `n` elements, for a kernel to fill.
-    pub(crate) fn output<T: FusedElement>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller passes the buffer to a kernel that writes all `n` elements before
-        // anything reads it.
-        unsafe { dev.stream().alloc::<T>(n) }.map_err(cuda_err)
-    }
-
     /// A kernel's output buffer as an f32 tensor of `dims` (f32 holding `T` values).
     pub(crate) fn tensor<T: FusedElement>(
         dev: &CudaDevice,
