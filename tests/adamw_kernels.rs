@@ -1,16 +1,18 @@
-//! Parity of the fused AdamW kernels in kernels/adamw.cu: the Rust reference ≡ the same CUDA source
-//! run through the CPU emulation ≡ CUDA when a GPU is present, over several steps on odd sizes,
-//! f32/bf16 params and grads, with and without weight decay and grad_scale; f32 and 8-bit
-//! blockwise moments; the reference ≡ torch.optim.AdamW (tests/fixtures/adamw).
+//! Parity of the fused AdamW kernels in kernels/adamw.cu: the Rust reference ≡ the same CUDA
+//! source run through the CPU emulation ≡ CUDA when a GPU is present (each launcher test body runs
+//! on every device, `qlora::device_test!`), over several steps on odd sizes, f32/bf16 params and
+//! grads, with and without weight decay and grad_scale; f32 and 8-bit blockwise moments; the
+//! reference ≡ torch.optim.AdamW (tests/fixtures/adamw).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use half::bf16;
 use qlora::kernels::adamw::{
-    dynamic_map_unsigned, reference_step, reference_step_8bit, step_8bit_emulated, step_emulated,
-    AdamW8bitState, AdamWConfig, AdamWStep,
+    self, dynamic_map_unsigned, reference_step, reference_step_8bit, AdamW8bitState, AdamWConfig,
+    AdamWStep, DeviceAdamW8bitState,
 };
+use qlora::kernels::device::LaunchDevice;
 use qlora::kernels::launch::Element;
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -71,22 +73,28 @@ fn grads(n: usize, k: u64) -> Vec<f32> {
     g
 }
 
-fn check<T: Element, G: Element>(n: usize, cfg: &AdamWConfig, grad_scale: f32) {
+fn check<D: LaunchDevice, T: Element, G: Element>(
+    dev: &D,
+    n: usize,
+    cfg: &AdamWConfig,
+    grad_scale: f32,
+) {
     let tol = lookup(Op::AdamW, param_dtype::<T>());
     let mut p_ref: Vec<T> = as_dtype(&normal_vector(n, 0.5, n as u64));
-    let mut p_emu = p_ref.clone();
     let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
-    let (mut m_emu, mut v_emu) = (m_ref.clone(), v_ref.clone());
+    let mut d_p = dev.upload(&p_ref).unwrap();
+    let (mut d_m, mut d_v) = (dev.upload(&m_ref).unwrap(), dev.upload(&v_ref).unwrap());
     for k in 1..=STEPS {
         let step = cfg.step(k, grad_scale).unwrap();
         let g: Vec<G> = as_dtype(&grads(n, k));
         reference_step(&step, &mut p_ref, &g, &mut m_ref, &mut v_ref).unwrap();
-        step_emulated(&step, &mut p_emu, &g, &mut m_emu, &mut v_emu).unwrap();
-        let what = format!("n={n} {cfg:?} scale={grad_scale} step {k}");
+        let d_g = dev.upload(&g).unwrap();
+        adamw::step(dev, &step, &mut d_p, &d_g, &mut d_m, &mut d_v).unwrap();
+        let what = format!("{} n={n} {cfg:?} scale={grad_scale} step {k}", dev.label());
         for (name, got, want) in [
-            ("param", widen(&p_emu), widen(&p_ref)),
-            ("m", m_emu.clone(), m_ref.clone()),
-            ("v", v_emu.clone(), v_ref.clone()),
+            ("param", widen(&dev.download(&d_p).unwrap()), widen(&p_ref)),
+            ("m", dev.download(&d_m).unwrap(), m_ref.clone()),
+            ("v", dev.download(&d_v).unwrap(), v_ref.clone()),
         ] {
             if let Err(e) = tol.check(&got, &want) {
                 panic!("{what} {name}: {e}");
@@ -95,54 +103,68 @@ fn check<T: Element, G: Element>(n: usize, cfg: &AdamWConfig, grad_scale: f32) {
     }
 }
 
-#[test]
-fn emulated_f32_moments_match_reference_over_steps() {
+fn f32_moments_every_size<D: LaunchDevice>(dev: &D) {
     for &n in SIZES {
         for (cfg, scale) in configs() {
-            check::<f32, f32>(n, &cfg, scale);
-            check::<bf16, bf16>(n, &cfg, scale);
+            check::<D, f32, f32>(dev, n, &cfg, scale);
+            check::<D, bf16, bf16>(dev, n, &cfg, scale);
+            check::<D, f32, bf16>(dev, n, &cfg, scale);
         }
     }
-    check::<bf16, f32>(1000, &configs()[1].0, 0.37);
-    check::<f32, bf16>(1000, &configs()[2].0, 2.5);
+    check::<D, bf16, f32>(dev, 1000, &configs()[1].0, 0.37);
 }
+qlora::device_test!(
+    f32_moments_match_reference_over_steps,
+    f32_moments_every_size
+);
 
-fn check_8bit<T: Element, G: Element>(n: usize, cfg: &AdamWConfig, grad_scale: f32) {
+fn check_8bit<D: LaunchDevice, T: Element, G: Element>(
+    dev: &D,
+    n: usize,
+    cfg: &AdamWConfig,
+    grad_scale: f32,
+) {
     let tol = lookup(Op::AdamW, param_dtype::<T>());
     let mut p_ref: Vec<T> = as_dtype(&normal_vector(n, 0.5, n as u64 + 1));
-    let mut p_emu = p_ref.clone();
     let mut s_ref = AdamW8bitState::zeros(n);
-    let mut s_emu = s_ref.clone();
+    let mut d_p = dev.upload(&p_ref).unwrap();
+    let mut d_s = DeviceAdamW8bitState::from_host(dev, &s_ref).unwrap();
     for k in 1..=STEPS {
         let step = cfg.step(k, grad_scale).unwrap();
         let g: Vec<G> = as_dtype(&grads(n, k + 10));
         reference_step_8bit(&step, &mut p_ref, &g, &mut s_ref).unwrap();
-        step_8bit_emulated(&step, &mut p_emu, &g, &mut s_emu).unwrap();
-        let what = format!("n={n} {cfg:?} scale={grad_scale} step {k}");
-        if let Some(i) = s_emu.m_q.iter().zip(&s_ref.m_q).position(|(a, b)| a != b) {
-            panic!("{what}: m code [{i}] {} vs {}", s_emu.m_q[i], s_ref.m_q[i]);
+        let d_g = dev.upload(&g).unwrap();
+        adamw::step_8bit(dev, &step, &mut d_p, &d_g, &mut d_s).unwrap();
+        let s_dev = d_s.to_host(dev).unwrap();
+        let what = format!("{} n={n} {cfg:?} scale={grad_scale} step {k}", dev.label());
+        if let Some(i) = s_dev.m_q.iter().zip(&s_ref.m_q).position(|(a, b)| a != b) {
+            panic!("{what}: m code [{i}] {} vs {}", s_dev.m_q[i], s_ref.m_q[i]);
         }
-        if let Some(i) = s_emu.v_q.iter().zip(&s_ref.v_q).position(|(a, b)| a != b) {
-            panic!("{what}: v code [{i}] {} vs {}", s_emu.v_q[i], s_ref.v_q[i]);
+        if let Some(i) = s_dev.v_q.iter().zip(&s_ref.v_q).position(|(a, b)| a != b) {
+            panic!("{what}: v code [{i}] {} vs {}", s_dev.v_q[i], s_ref.v_q[i]);
         }
         let exact = lookup(Op::AdamW, Dtype::F32);
-        exact.check(&s_emu.m_absmax, &s_ref.m_absmax).unwrap();
-        exact.check(&s_emu.v_absmax, &s_ref.v_absmax).unwrap();
-        if let Err(e) = tol.check(&widen(&p_emu), &widen(&p_ref)) {
+        exact.check(&s_dev.m_absmax, &s_ref.m_absmax).unwrap();
+        exact.check(&s_dev.v_absmax, &s_ref.v_absmax).unwrap();
+        if let Err(e) = tol.check(&widen(&dev.download(&d_p).unwrap()), &widen(&p_ref)) {
             panic!("{what} param: {e}");
         }
     }
 }
 
-#[test]
-fn emulated_8bit_moments_match_reference_codes_and_params() {
+fn eight_bit_moments_every_size<D: LaunchDevice>(dev: &D) {
     for &n in SIZES {
         for (cfg, scale) in configs() {
-            check_8bit::<f32, f32>(n, &cfg, scale);
+            check_8bit::<D, f32, f32>(dev, n, &cfg, scale);
         }
-        check_8bit::<bf16, bf16>(n, &configs()[1].0, 1.0);
+        check_8bit::<D, bf16, bf16>(dev, n, &configs()[1].0, 1.0);
+        check_8bit::<D, bf16, f32>(dev, n, &configs()[1].0, 0.37);
     }
 }
+qlora::device_test!(
+    eight_bit_moments_match_reference_codes_and_params,
+    eight_bit_moments_every_size
+);
 
 #[test]
 fn eight_bit_moments_track_f32_moments() {
@@ -174,18 +196,24 @@ fn eight_bit_moments_track_f32_moments() {
     }
 }
 
-#[test]
-fn all_zero_state_blocks_store_absmax_one() {
+fn all_zero_state_blocks<D: LaunchDevice>(dev: &D) {
     let n = 300;
-    let mut p = vec![1.0f32; n];
-    let mut s = AdamW8bitState::zeros(n);
-    let zeros = s.clone();
+    let zeros = AdamW8bitState::zeros(n);
+    let mut p = dev.upload(&vec![1.0f32; n]).unwrap();
+    let mut s = DeviceAdamW8bitState::from_host(dev, &zeros).unwrap();
     let step = AdamWConfig::default().step(1, 1.0).unwrap();
-    step_8bit_emulated(&step, &mut p, &vec![0f32; n], &mut s).unwrap();
+    let g = dev.upload(&vec![0f32; n]).unwrap();
+    adamw::step_8bit(dev, &step, &mut p, &g, &mut s).unwrap();
+    let s = s.to_host(dev).unwrap();
     assert_eq!(s, zeros);
     assert_eq!(s.m_absmax, vec![1.0, 1.0]);
+    let p = dev.download(&p).unwrap();
     assert!(p.iter().all(|&x| x == (1.0 - 1e-3 * 1e-2) as f32));
 }
+qlora::device_test!(
+    all_zero_state_blocks_store_absmax_one,
+    all_zero_state_blocks
+);
 
 #[derive(Deserialize)]
 struct TorchMeta {
@@ -217,8 +245,7 @@ fn torch_fixture() -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[test]
-fn reference_and_emulated_match_torch_adamw_single_tensor_path() {
+fn torch_adamw_single_tensor_path<D: LaunchDevice>(dev: &D) {
     let buffer = torch_fixture();
     let (_, meta) = SafeTensors::read_metadata(&buffer).unwrap();
     let meta: TorchMeta =
@@ -234,16 +261,17 @@ fn reference_and_emulated_match_torch_adamw_single_tensor_path() {
             eps: hp.eps,
             weight_decay: hp.weight_decay,
         };
-        let p0 = f32s(&st, &format!("{case}.param0"));
-        let n = p0.len();
-        let (mut p_ref, mut p_emu) = (p0.clone(), p0);
+        let mut p_ref = f32s(&st, &format!("{case}.param0"));
+        let n = p_ref.len();
+        let mut d_p = dev.upload(&p_ref).unwrap();
         let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
-        let (mut m_emu, mut v_emu) = (m_ref.clone(), v_ref.clone());
+        let (mut d_m, mut d_v) = (dev.upload(&m_ref).unwrap(), dev.upload(&v_ref).unwrap());
         for k in 1..=meta.steps {
             let g = f32s(&st, &format!("{case}.grad{k}"));
             let step = cfg.step(k, 1.0).unwrap();
             reference_step(&step, &mut p_ref, &g, &mut m_ref, &mut v_ref).unwrap();
-            step_emulated(&step, &mut p_emu, &g, &mut m_emu, &mut v_emu).unwrap();
+            let d_g = dev.upload(&g).unwrap();
+            adamw::step(dev, &step, &mut d_p, &d_g, &mut d_m, &mut d_v).unwrap();
         }
         for (name, want) in [("param", &p_ref), ("m", &m_ref), ("v", &v_ref)] {
             let torch = f32s(&st, &format!("{case}.{name}"));
@@ -251,14 +279,18 @@ fn reference_and_emulated_match_torch_adamw_single_tensor_path() {
                 panic!("{case} reference {name} vs torch: {e}");
             }
         }
-        for (name, got) in [("param", &p_emu), ("m", &m_emu), ("v", &v_emu)] {
+        for (name, got) in [("param", &d_p), ("m", &d_m), ("v", &d_v)] {
             let torch = f32s(&st, &format!("{case}.{name}"));
-            if let Err(e) = tol.check(got, &torch) {
-                panic!("{case} emulated {name} vs torch: {e}");
+            if let Err(e) = tol.check(&dev.download(got).unwrap(), &torch) {
+                panic!("{case} {} {name} vs torch: {e}", dev.label());
             }
         }
     }
 }
+qlora::device_test!(
+    reference_and_launcher_match_torch_adamw_single_tensor_path,
+    torch_adamw_single_tensor_path
+);
 
 #[test]
 fn unsigned_dynamic_map_matches_bitsandbytes() {
@@ -307,98 +339,94 @@ fn invalid_hyperparameters_are_rejected() {
     assert_invalid(ok.step(1, -1.0).map(drop), "negative grad_scale");
 }
 
-#[test]
-fn mismatched_lengths_are_rejected_before_launch() {
+fn mismatched_lengths<D: LaunchDevice>(dev: &D) {
     let step: AdamWStep = AdamWConfig::default().step(1, 1.0).unwrap();
+    let up = |v: &[f32]| dev.upload(v).unwrap();
     let g = vec![0f32; 10];
-    let (mut m, mut v) = (vec![0f32; 10], vec![0f32; 10]);
+    let (d_g, mut m, mut v) = (up(&g), up(&[0f32; 10]), up(&[0f32; 10]));
+    let (mut empty_p, empty_g) = (up(&[]), up(&[]));
+    let (mut empty_m, mut empty_v) = (up(&[]), up(&[]));
     assert_invalid(
-        step_emulated::<f32, f32>(&step, &mut [], &[], &mut [], &mut []),
+        adamw::step::<D, f32, f32>(
+            dev,
+            &step,
+            &mut empty_p,
+            &empty_g,
+            &mut empty_m,
+            &mut empty_v,
+        ),
         "empty",
     );
     assert_invalid(
-        step_emulated(&step, &mut [0f32; 9], &g, &mut m, &mut v),
+        adamw::step(dev, &step, &mut up(&[0f32; 9]), &d_g, &mut m, &mut v),
         "short param",
     );
     assert_invalid(
-        step_emulated(&step, &mut [0f32; 10], &g, &mut m, &mut v[..9]),
+        adamw::step(
+            dev,
+            &step,
+            &mut up(&[0f32; 10]),
+            &d_g,
+            &mut m,
+            &mut up(&[0f32; 9]),
+        ),
         "short v",
     );
     assert_invalid(
-        reference_step(&step, &mut [0f32; 10], &g[..3], &mut m, &mut v),
+        adamw::step(
+            dev,
+            &step,
+            &mut up(&[0f32; 10]),
+            &dev.slice(&d_g, 0..3).unwrap(),
+            &mut m,
+            &mut v,
+        ),
         "short grad",
+    );
+    let (mut m_host, mut v_host) = (vec![0f32; 10], vec![0f32; 10]);
+    assert_invalid(
+        reference_step(&step, &mut [0f32; 10], &g[..3], &mut m_host, &mut v_host),
+        "short grad (reference)",
     );
     let mut s = AdamW8bitState::zeros(300);
     s.v_absmax.pop();
+    let mut d_s = DeviceAdamW8bitState::from_host(dev, &s).unwrap();
     assert_invalid(
-        step_8bit_emulated(&step, &mut [0f32; 300], &[0f32; 300], &mut s),
+        adamw::step_8bit(
+            dev,
+            &step,
+            &mut up(&[0f32; 300]),
+            &up(&[0f32; 300]),
+            &mut d_s,
+        ),
         "short absmax",
+    );
+    let mut d_s = DeviceAdamW8bitState::from_host(dev, &AdamW8bitState::zeros(300)).unwrap();
+    assert_invalid(
+        adamw::step_8bit(
+            dev,
+            &step,
+            &mut up(&[0f32; 299]),
+            &up(&[0f32; 299]),
+            &mut d_s,
+        ),
+        "8-bit state of another size",
     );
     let mut s = AdamW8bitState::zeros(300);
     assert_invalid(
         reference_step_8bit(&step, &mut [0f32; 299], &[0f32; 299], &mut s),
-        "8-bit state of another size",
+        "8-bit state of another size (reference)",
+    );
+    // Nothing rejected wrote anything.
+    assert_eq!(dev.download(&m).unwrap(), vec![0f32; 10]);
+    assert_eq!(dev.download(&v).unwrap(), vec![0f32; 10]);
+    assert_eq!(
+        d_s.to_host(dev).unwrap(),
+        AdamW8bitState::zeros(300),
+        "rejected 8-bit step wrote nothing"
     );
 }
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use qlora::kernels::adamw::{step_8bit_cuda, step_cuda, DeviceAdamW8bitState};
-    use qlora::kernels::cuda::CudaDevice;
-
-    #[test]
-    fn cuda_f32_moments_match_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        let s = dev.stream();
-        for &n in SIZES {
-            for (cfg, scale) in configs() {
-                let mut p_ref = normal_vector(n, 0.5, n as u64);
-                let (mut m_ref, mut v_ref) = (vec![0f32; n], vec![0f32; n]);
-                let mut d_p = s.clone_htod(&p_ref).unwrap();
-                let mut d_m = s.clone_htod(&m_ref).unwrap();
-                let mut d_v = s.clone_htod(&v_ref).unwrap();
-                for k in 1..=STEPS {
-                    let step = cfg.step(k, scale).unwrap();
-                    let g: Vec<bf16> = as_dtype(&grads(n, k));
-                    reference_step(&step, &mut p_ref, &g, &mut m_ref, &mut v_ref).unwrap();
-                    let d_g = s.clone_htod(&g).unwrap();
-                    step_cuda(&dev, &step, &mut d_p, &d_g, &mut d_m, &mut d_v).unwrap();
-                }
-                let tol = lookup(Op::AdamW, Dtype::F32);
-                tol.check(&s.clone_dtoh(&d_p).unwrap(), &p_ref).unwrap();
-                tol.check(&s.clone_dtoh(&d_m).unwrap(), &m_ref).unwrap();
-                tol.check(&s.clone_dtoh(&d_v).unwrap(), &v_ref).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn cuda_8bit_moments_match_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        let s = dev.stream();
-        for &n in SIZES {
-            let cfg = configs()[1].0;
-            let mut p_ref: Vec<bf16> = as_dtype(&normal_vector(n, 0.5, 9));
-            let mut s_ref = AdamW8bitState::zeros(n);
-            let mut d_p = s.clone_htod(&p_ref).unwrap();
-            let mut d_s = DeviceAdamW8bitState::from_host(&dev, &s_ref).unwrap();
-            for k in 1..=STEPS {
-                let step = cfg.step(k, 0.37).unwrap();
-                let g = grads(n, k);
-                reference_step_8bit(&step, &mut p_ref, &g, &mut s_ref).unwrap();
-                let d_g = s.clone_htod(&g).unwrap();
-                step_8bit_cuda(&dev, &step, &mut d_p, &d_g, &mut d_s).unwrap();
-            }
-            assert_eq!(d_s.to_host(&dev).unwrap(), s_ref, "n={n}");
-            let got: Vec<bf16> = s.clone_dtoh(&d_p).unwrap();
-            lookup(Op::AdamW, Dtype::BF16)
-                .check(&widen(&got), &widen(&p_ref))
-                .unwrap();
-        }
-    }
-}
+qlora::device_test!(
+    mismatched_lengths_are_rejected_before_launch,
+    mismatched_lengths
+);

@@ -625,7 +625,7 @@ pub mod gpu {
     /// One AdamW step (f32 parameters, gradients and moments) over the LoRA parameters of the
     /// whole model as one flat tensor.
     pub fn adamw(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::adamw::{step_cuda, AdamWConfig};
+        use crate::kernels::adamw::{self, AdamWConfig};
         let (dev, s) = (b.dev, b.dev.stream());
         let n = b.opts.shape.lora_params(16);
         let step = AdamWConfig::default().step(1, 1.0)?;
@@ -638,7 +638,7 @@ pub mod gpu {
         let mut d_m = s.alloc_zeros::<f32>(n).map_err(cuda_err)?;
         let mut d_v = s.alloc_zeros::<f32>(n).map_err(cuda_err)?;
         let secs = time(dev, 50, || {
-            step_cuda(dev, &step, &mut d_p, &d_g, &mut d_m, &mut d_v)
+            adamw::step(dev, &step, &mut d_p, &d_g, &mut d_m, &mut d_v)
         })?;
         // Reads param, grad, m, v; writes param, m, v: seven f32 per element.
         Ok(vec![memory_row(

@@ -1,9 +1,10 @@
 //! Fused AdamW (`kernels/adamw.cu`): torch.optim.AdamW's update over a flat tensor of `n` params
 //! (f32/bf16/f16) and grads, with f32 moments (`[n]` each) or 8-bit blockwise moments (`[n]` codes
 //! and `ceil(n / 256)` absmax per moment, as bitsandbytes' 8-bit optimizers store them). The plain
-//! Rust reference, the emulated launchers and the CUDA launchers, side by side.
+//! Rust reference and one launcher per kernel over any launch device (the CPU emulation or CUDA).
 
 use super::abi::{QlAdamW8bitParams, QlAdamWParams, QlAdamWScalars};
+use super::device::{KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::quant::dynamic8::{dynamic_map_signed_ref, torch_linspace_f32};
 use crate::{Error, Result};
@@ -109,7 +110,7 @@ impl AdamWConfig {
 }
 
 /// The validated f32 scalars of one AdamW step (from [`AdamWConfig::step`]), shared by the
-/// reference and both kernel backends so that all three round the same numbers.
+/// reference and the launcher (on every device) so that all round the same numbers.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
     s: QlAdamWScalars,
@@ -374,13 +375,63 @@ fn lens_8bit(param: usize, grad: usize, state: &AdamW8bitState) -> Lens {
     }
 }
 
-/// One AdamW step with f32 moments through the CPU emulation of `k_adamw_f32`, in place.
-pub fn step_emulated<T: Element, G: Element>(
+// ---------------------------------------------------------------------------------------------
+// Launchers: one per kernel, generic over the launch device (docs/ARCHITECTURE.md, "Launch
+// devices").
+
+/// 8-bit blockwise moments on a launch device ([`AdamW8bitState`]'s buffers), with the two code
+/// maps the kernel reads.
+pub struct DeviceAdamW8bitState<D: LaunchDevice> {
+    pub m_q: D::Buffer<u8>,
+    pub m_absmax: D::Buffer<f32>,
+    pub v_q: D::Buffer<u8>,
+    pub v_absmax: D::Buffer<f32>,
+    m_code: D::Buffer<f32>,
+    v_code: D::Buffer<f32>,
+}
+
+impl<D: LaunchDevice> std::fmt::Debug for DeviceAdamW8bitState<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAdamW8bitState")
+            .field("n", &self.m_q.len())
+            .field("blocks", &self.m_absmax.len())
+            .finish()
+    }
+}
+
+impl<D: LaunchDevice> DeviceAdamW8bitState<D> {
+    /// Copies host moments (e.g. [`AdamW8bitState::zeros`] or a checkpoint) to the device.
+    pub fn from_host(dev: &D, state: &AdamW8bitState) -> Result<Self> {
+        Ok(DeviceAdamW8bitState {
+            m_q: dev.upload(&state.m_q)?,
+            m_absmax: dev.upload(&state.m_absmax)?,
+            v_q: dev.upload(&state.v_q)?,
+            v_absmax: dev.upload(&state.v_absmax)?,
+            m_code: dev.upload(dynamic_map_signed_ref())?,
+            v_code: dev.upload(dynamic_map_unsigned_ref())?,
+        })
+    }
+
+    /// Copies the moments back (for checkpoints and tests).
+    pub fn to_host(&self, dev: &D) -> Result<AdamW8bitState> {
+        Ok(AdamW8bitState {
+            m_q: dev.download(&self.m_q)?,
+            m_absmax: dev.download(&self.m_absmax)?,
+            v_q: dev.download(&self.v_q)?,
+            v_absmax: dev.download(&self.v_absmax)?,
+        })
+    }
+}
+
+/// One AdamW step with f32 moments (`k_adamw_f32`), `param`, `m` and `v` updated in place. Any
+/// buffer of the device works (on CUDA: a `CudaSlice`, a view of one, managed memory).
+pub fn step<D: LaunchDevice, T: Element, G: Element>(
+    dev: &D,
     step: &AdamWStep,
-    param: &mut [T],
-    grad: &[G],
-    m: &mut [f32],
-    v: &mut [f32],
+    param: &mut (impl KernelArgMut<D, T> + ?Sized),
+    grad: &(impl KernelArg<D, G> + ?Sized),
+    m: &mut (impl KernelArgMut<D, f32> + ?Sized),
+    v: &mut (impl KernelArgMut<D, f32> + ?Sized),
 ) -> Result<()> {
     let n = check_lens(
         "adamw",
@@ -391,182 +442,67 @@ pub fn step_emulated<T: Element, G: Element>(
             absmax: None,
         },
     )?;
+    let (pp, gp) = (param.ptr_mut(dev), grad.ptr(dev));
+    let (mp, vp) = (m.ptr_mut(dev), v.ptr_mut(dev));
     let params = QlAdamWParams {
-        param: param.as_mut_ptr().cast(),
-        grad: grad.as_ptr().cast(),
-        m: m.as_mut_ptr(),
-        v: v.as_mut_ptr(),
+        param: pp.void_mut(),
+        grad: gp.void(),
+        m: mp.get_mut(),
+        v: vp.get_mut(),
         n: n as i64,
         s: step.s,
         param_dtype: T::DTYPE as i32,
         grad_dtype: G::DTYPE as i32,
     };
     // SAFETY: param, grad, m and v each hold exactly `n` elements of the dtypes named in `params`
-    // (checked above) and outlive the synchronous launch; the kernel touches only indices < n.
-    unsafe { super::emu::launch(&ADAMW_F32, &f32_launch(n), &params) }
+    // (checked above); the kernel touches only indices < n, and the guards keep every buffer
+    // alive and ordered until the launch is queued.
+    unsafe { dev.launch(&ADAMW_F32, &f32_launch(n), &params) }
 }
 
-/// One AdamW step with 8-bit blockwise moments through the CPU emulation of `k_adamw_8bit`.
-pub fn step_8bit_emulated<T: Element, G: Element>(
+/// One AdamW step with 8-bit blockwise moments (`k_adamw_8bit`), `param` and `state` updated in
+/// place.
+pub fn step_8bit<D: LaunchDevice, T: Element, G: Element>(
+    dev: &D,
     step: &AdamWStep,
-    param: &mut [T],
-    grad: &[G],
-    state: &mut AdamW8bitState,
+    param: &mut (impl KernelArgMut<D, T> + ?Sized),
+    grad: &(impl KernelArg<D, G> + ?Sized),
+    state: &mut DeviceAdamW8bitState<D>,
 ) -> Result<()> {
-    let n = check_lens("adamw_8bit", lens_8bit(param.len(), grad.len(), state))?;
+    const OP: &str = "adamw_8bit";
+    let n = check_lens(
+        OP,
+        Lens {
+            param: param.len(),
+            grad: grad.len(),
+            moments: (state.m_q.len(), state.v_q.len()),
+            absmax: Some((state.m_absmax.len(), state.v_absmax.len())),
+        },
+    )?;
+    if state.m_code.len() != 256 || state.v_code.len() != 256 {
+        return Err(Error::invalid(OP, "code maps must hold 256 values"));
+    }
     let cfg = launch_8bit(n)?;
+    let (pp, gp) = (param.ptr_mut(dev), grad.ptr(dev));
+    let (mqp, vqp) = (state.m_q.ptr_mut(dev), state.v_q.ptr_mut(dev));
+    let (map, vap) = (state.m_absmax.ptr_mut(dev), state.v_absmax.ptr_mut(dev));
+    let (mcp, vcp) = (state.m_code.ptr(dev), state.v_code.ptr(dev));
     let params = QlAdamW8bitParams {
-        param: param.as_mut_ptr().cast(),
-        grad: grad.as_ptr().cast(),
-        m_q: state.m_q.as_mut_ptr(),
-        v_q: state.v_q.as_mut_ptr(),
-        m_absmax: state.m_absmax.as_mut_ptr(),
-        v_absmax: state.v_absmax.as_mut_ptr(),
-        m_code: dynamic_map_signed_ref().as_ptr(),
-        v_code: dynamic_map_unsigned_ref().as_ptr(),
+        param: pp.void_mut(),
+        grad: gp.void(),
+        m_q: mqp.get_mut(),
+        v_q: vqp.get_mut(),
+        m_absmax: map.get_mut(),
+        v_absmax: vap.get_mut(),
+        m_code: mcp.get(),
+        v_code: vcp.get(),
         n: n as i64,
         s: step.s,
         param_dtype: T::DTYPE as i32,
         grad_dtype: G::DTYPE as i32,
     };
-    // SAFETY: param, grad and the u8 moment codes hold `n` elements, the absmax buffers one per block
-    // of 256 (checked above), the code maps 256; all outlive the synchronous launch.
-    unsafe { super::emu::launch(&ADAMW_8BIT, &cfg, &params) }
-}
-
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
-
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-
-    /// 8-bit moments on the device, with the two code maps the kernel reads.
-    pub struct DeviceAdamW8bitState {
-        pub m_q: CudaSlice<u8>,
-        pub m_absmax: CudaSlice<f32>,
-        pub v_q: CudaSlice<u8>,
-        pub v_absmax: CudaSlice<f32>,
-        m_code: CudaSlice<f32>,
-        v_code: CudaSlice<f32>,
-    }
-
-    impl DeviceAdamW8bitState {
-        /// Copies host moments (e.g. [`AdamW8bitState::zeros`] or a checkpoint) to the device.
-        pub fn from_host(dev: &CudaDevice, state: &AdamW8bitState) -> Result<Self> {
-            let s = dev.stream();
-            Ok(DeviceAdamW8bitState {
-                m_q: s.clone_htod(&state.m_q).map_err(cuda_err)?,
-                m_absmax: s.clone_htod(&state.m_absmax).map_err(cuda_err)?,
-                v_q: s.clone_htod(&state.v_q).map_err(cuda_err)?,
-                v_absmax: s.clone_htod(&state.v_absmax).map_err(cuda_err)?,
-                m_code: s.clone_htod(dynamic_map_signed_ref()).map_err(cuda_err)?,
-                v_code: s.clone_htod(dynamic_map_unsigned_ref()).map_err(cuda_err)?,
-            })
-        }
-
-        /// Copies the moments back (for checkpoints and tests).
-        pub fn to_host(&self, dev: &CudaDevice) -> Result<AdamW8bitState> {
-            let s = dev.stream();
-            Ok(AdamW8bitState {
-                m_q: s.clone_dtoh(&self.m_q).map_err(cuda_err)?,
-                m_absmax: s.clone_dtoh(&self.m_absmax).map_err(cuda_err)?,
-                v_q: s.clone_dtoh(&self.v_q).map_err(cuda_err)?,
-                v_absmax: s.clone_dtoh(&self.v_absmax).map_err(cuda_err)?,
-            })
-        }
-    }
-
-    /// One AdamW step with f32 moments with `k_adamw_f32`, in place on the device. Any device
-    /// buffer works: a `CudaSlice`, a view of one, or managed memory (the paged states).
-    pub fn step_cuda<T: Element, G: Element>(
-        dev: &CudaDevice,
-        step: &AdamWStep,
-        param: &mut impl DevicePtrMut<T>,
-        grad: &impl DevicePtr<G>,
-        m: &mut impl DevicePtrMut<f32>,
-        v: &mut impl DevicePtrMut<f32>,
-    ) -> Result<()> {
-        let n = check_lens(
-            "adamw",
-            Lens {
-                param: param.len(),
-                grad: grad.len(),
-                moments: (m.len(), v.len()),
-                absmax: None,
-            },
-        )?;
-        let stream = dev.stream();
-        let (param_ptr, _g0) = param.device_ptr_mut(stream);
-        let (grad_ptr, _g1) = grad.device_ptr(stream);
-        let (m_ptr, _g2) = m.device_ptr_mut(stream);
-        let (v_ptr, _g3) = v.device_ptr_mut(stream);
-        let params = QlAdamWParams {
-            param: param_ptr as *mut c_void,
-            grad: grad_ptr as *const c_void,
-            m: m_ptr as *mut f32,
-            v: v_ptr as *mut f32,
-            n: n as i64,
-            s: step.s,
-            param_dtype: T::DTYPE as i32,
-            grad_dtype: G::DTYPE as i32,
-        };
-        // SAFETY: the four device buffers hold `n` elements each (checked above); the guards keep
-        // them ordered on `stream` until the launch is queued.
-        unsafe { dev.launch(&ADAMW_F32, &f32_launch(n), &params) }
-    }
-
-    /// One AdamW step with 8-bit blockwise moments with `k_adamw_8bit`, in place on the device.
-    pub fn step_8bit_cuda<T: Element, G: Element>(
-        dev: &CudaDevice,
-        step: &AdamWStep,
-        param: &mut CudaSlice<T>,
-        grad: &CudaSlice<G>,
-        state: &mut DeviceAdamW8bitState,
-    ) -> Result<()> {
-        const OP: &str = "adamw_8bit";
-        let n = check_lens(
-            OP,
-            Lens {
-                param: param.len(),
-                grad: grad.len(),
-                moments: (state.m_q.len(), state.v_q.len()),
-                absmax: Some((state.m_absmax.len(), state.v_absmax.len())),
-            },
-        )?;
-        if state.m_code.len() != 256 || state.v_code.len() != 256 {
-            return Err(Error::invalid(OP, "code maps must hold 256 values"));
-        }
-        let cfg = launch_8bit(n)?;
-        let stream = dev.stream();
-        let (param_ptr, _g0) = param.device_ptr_mut(stream);
-        let (grad_ptr, _g1) = grad.device_ptr(stream);
-        let (m_q, _g2) = state.m_q.device_ptr_mut(stream);
-        let (v_q, _g3) = state.v_q.device_ptr_mut(stream);
-        let (m_absmax, _g4) = state.m_absmax.device_ptr_mut(stream);
-        let (v_absmax, _g5) = state.v_absmax.device_ptr_mut(stream);
-        let (m_code, _g6) = state.m_code.device_ptr(stream);
-        let (v_code, _g7) = state.v_code.device_ptr(stream);
-        let params = QlAdamW8bitParams {
-            param: param_ptr as *mut c_void,
-            grad: grad_ptr as *const c_void,
-            m_q: m_q as *mut u8,
-            v_q: v_q as *mut u8,
-            m_absmax: m_absmax as *mut f32,
-            v_absmax: v_absmax as *mut f32,
-            m_code: m_code as *const f32,
-            v_code: v_code as *const f32,
-            n: n as i64,
-            s: step.s,
-            param_dtype: T::DTYPE as i32,
-            grad_dtype: G::DTYPE as i32,
-        };
-        // SAFETY: param, grad and the codes hold `n` elements, the absmax buffers one per state
-        // block, the code maps 256 (checked above); the guards keep every buffer ordered on
-        // `stream` until the launch is queued.
-        unsafe { dev.launch(&ADAMW_8BIT, &cfg, &params) }
-    }
+    // SAFETY: param, grad and the u8 moment codes hold `n` elements, the absmax buffers one per
+    // block of 256, the code maps 256 (checked above); the guards keep every buffer alive and
+    // ordered until the launch is queued.
+    unsafe { dev.launch(&ADAMW_8BIT, &cfg, &params) }
 }

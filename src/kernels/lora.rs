@@ -11,6 +11,7 @@
 use super::abi::{
     QlDtype, QlLoraExpandParams, QlLoraGradWParams, QlLoraProjectParams, QlRmsNormDwReduceParams,
 };
+use super::device::{KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
 use super::llama::RMSNORM_DW_REDUCE;
 use crate::{Error, Result};
@@ -185,14 +186,33 @@ fn check_scale(op: &'static str, scale: f32) -> Result<()> {
 /// `[M, N]` output or gradient `y`.
 fn check_operands<T: Element, W: Element>(
     op: &'static str,
-    lora: &LoraOperands<[W]>,
+    adapter: &AdapterLens,
     x_len: usize,
     y_len: usize,
 ) -> Result<()> {
-    check_lens(op, &lora.dims, lora.a.len(), lora.b.len(), x_len, y_len)?;
+    check_lens(op, &adapter.dims, adapter.a, adapter.b, x_len, y_len)?;
     check_dtype::<T>(op, "activations")?;
     check_dtype::<W>(op, "adapter weights")?;
-    check_scale(op, lora.scale)
+    check_scale(op, adapter.scale)
+}
+
+/// An adapter's sizes, the lengths of its A and B, and its scale, for the checks.
+struct AdapterLens {
+    dims: LoraDims,
+    a: usize,
+    b: usize,
+    scale: f32,
+}
+
+impl<S: ?Sized> LoraOperands<'_, S> {
+    fn lens_with(&self, len: impl Fn(&S) -> usize) -> AdapterLens {
+        AdapterLens {
+            dims: self.dims,
+            a: len(self.a),
+            b: len(self.b),
+            scale: self.scale,
+        }
+    }
 }
 
 fn check_lens(
@@ -298,7 +318,7 @@ pub fn lora_forward_ref<T: Element, W: Element>(
     y_base: &[T],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     const OP: &str = "lora_forward_ref";
-    check_operands::<T, W>(OP, lora, x.len(), y_base.len())?;
+    check_operands::<T, W>(OP, &lora.lens_with(<[W]>::len), x.len(), y_base.len())?;
     let LoraDims {
         in_features: k,
         out_features: n,
@@ -327,7 +347,7 @@ pub fn lora_backward_ref<T: Element, W: Element>(
     dx_base: &[T],
 ) -> Result<(LoraGrads, Vec<f32>)> {
     const OP: &str = "lora_backward_ref";
-    check_operands::<T, W>(OP, lora, x.len(), dy.len())?;
+    check_operands::<T, W>(OP, &lora.lens_with(<[W]>::len), x.len(), dy.len())?;
     let d = lora.dims;
     let (m, k, n, r) = (d.tokens, d.in_features, d.out_features, d.rank);
     d.check_len(OP, "T", t.len(), m * r)?;
@@ -357,37 +377,49 @@ pub fn lora_backward_ref<T: Element, W: Element>(
     Ok((LoraGrads { da, db }, dx))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Emulated launches (host buffers).
+// Launchers: one per pass, generic over the launch device (docs/ARCHITECTURE.md, "Launch
+// devices"). `*_into` writes caller-owned buffers; the plain form allocates its outputs.
 
-/// Forward through the CPU emulation of `k_lora_xa` then `k_lora_add`: `y` (holding the base
-/// GEMM's output) becomes `y + s·(X·Aᵀ)·Bᵀ`; returns T = X·Aᵀ `[M, r]` f32 for the backward.
-pub fn lora_forward_emulated<T: Element, W: Element>(
-    lora: &LoraOperands<[W]>,
-    x: &[T],
-    y: &mut [T],
-) -> Result<Vec<f32>> {
+/// Forward (`k_lora_xa` then `k_lora_add`): `y` (the base GEMM's output `[tokens, out]`) becomes
+/// `y + s·(X·Aᵀ)·Bᵀ` in place and `t` `[tokens, rank]` receives T = X·Aᵀ (f32) for the backward.
+pub fn lora_forward_into<D, T, W, S>(
+    dev: &D,
+    lora: &LoraOperands<'_, S>,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    y: &mut (impl KernelArgMut<D, T> + ?Sized),
+    t: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()>
+where
+    D: LaunchDevice,
+    T: Element,
+    W: Element,
+    S: KernelArg<D, W> + ?Sized,
+{
     const OP: &str = "lora_forward";
-    check_operands::<T, W>(OP, lora, x.len(), y.len())?;
+    check_operands::<T, W>(
+        OP,
+        &lora.lens_with(<S as KernelArg<D, W>>::len),
+        x.len(),
+        y.len(),
+    )?;
     let d = lora.dims;
-    let mut t = vec![0f32; d.tokens * d.rank];
+    d.check_len(OP, "T", t.len(), d.tokens * d.rank)?;
+    let (xp, ap, bp) = (x.ptr(dev), lora.a.ptr(dev), lora.b.ptr(dev));
+    let (yp, tp) = (y.ptr_mut(dev), t.ptr_mut(dev));
     let xa = QlLoraProjectParams {
-        x: x.as_ptr().cast(),
-        w: lora.a.as_ptr().cast(),
-        out: t.as_mut_ptr(),
+        x: xp.void(),
+        w: ap.void(),
+        out: tp.get_mut(),
         rows: d.tokens as i64,
         cols: d.in_features as i32,
         rank: d.rank as i32,
         x_dtype: T::DTYPE as i32,
         w_dtype: W::DTYPE as i32,
     };
-    // SAFETY: x holds tokens × in, A rank × in and t tokens × rank elements (validated above); all
-    // outlive the synchronous launch.
-    unsafe { super::emu::launch(&lora_project_kernels(&d).0, &lora_project_launch(&d), &xa)? };
     let add = QlLoraExpandParams {
-        t: t.as_ptr(),
-        w: lora.b.as_ptr().cast(),
-        y: y.as_mut_ptr().cast(),
+        t: tp.get(),
+        w: bp.void(),
+        y: yp.void_mut(),
         rows: d.tokens as i64,
         cols: d.out_features as i32,
         rank: d.rank as i32,
@@ -395,56 +427,185 @@ pub fn lora_forward_emulated<T: Element, W: Element>(
         w_dtype: W::DTYPE as i32,
         y_dtype: T::DTYPE as i32,
     };
-    // SAFETY: t holds tokens × rank, B out × rank and y tokens × out elements (validated above);
-    // all outlive the synchronous launch.
-    unsafe { super::emu::launch(&LORA_ADD, &lora_expand_launch(&d, d.out_features), &add)? };
+    // SAFETY: x holds tokens × in, A rank × in, B out × rank, y tokens × out and t tokens × rank
+    // elements (validated above); the two launches run in order on the device (T is written
+    // before it is read), and the guards keep every buffer alive and ordered until both are
+    // queued.
+    unsafe {
+        dev.launch(&lora_project_kernels(&d).0, &lora_project_launch(&d), &xa)?;
+        dev.launch(&LORA_ADD, &lora_expand_launch(&d, d.out_features), &add)
+    }
+}
+
+/// Forward (`k_lora_xa` then `k_lora_add`): `y` becomes `y + s·(X·Aᵀ)·Bᵀ` in place; returns
+/// T = X·Aᵀ `[tokens, rank]` f32 for the backward.
+pub fn lora_forward<D, T, W, S>(
+    dev: &D,
+    lora: &LoraOperands<'_, S>,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    y: &mut (impl KernelArgMut<D, T> + ?Sized),
+) -> Result<D::Buffer<f32>>
+where
+    D: LaunchDevice,
+    T: Element,
+    W: Element,
+    S: KernelArg<D, W> + ?Sized,
+{
+    // SAFETY: `k_lora_xa` writes every element of T (one per row and rank).
+    let mut t = unsafe { dev.alloc::<f32>(lora.dims.tokens * lora.dims.rank)? };
+    lora_forward_into::<D, T, W, S>(dev, lora, x, y, &mut t)?;
     Ok(t)
 }
 
-/// Backward through the CPU emulation of `k_lora_dyb`, `k_lora_db`, `k_lora_da` and `k_lora_dx`
-/// from `dy` `[M, N]` and the forward's `t` `[M, r]`: `dx` becomes `dx + s·U·A`; returns dA, dB.
-pub fn lora_backward_emulated<T: Element, W: Element>(
-    lora: &LoraOperands<[W]>,
-    x: &[T],
-    t: &[f32],
-    dy: &[T],
-    dx: &mut [T],
-) -> Result<LoraGrads> {
+/// The backward's outputs and scratch on a device, all f32: dA `[rank, in]`, dB `[out, rank]`
+/// (overwritten), the scratch U = dY·B `[tokens, rank]` and the row slices' partial sums of dA
+/// and dB ([`lora_grad_slices`]; one unused element where a gradient takes one slice).
+pub struct LoraGradBuffers<D: LaunchDevice> {
+    pub da: D::Buffer<f32>,
+    pub db: D::Buffer<f32>,
+    pub u: D::Buffer<f32>,
+    da_partial: D::Buffer<f32>,
+    db_partial: D::Buffer<f32>,
+}
+
+impl<D: LaunchDevice> std::fmt::Debug for LoraGradBuffers<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraGradBuffers")
+            .field("da", &self.da.len())
+            .field("db", &self.db.len())
+            .field("u", &self.u.len())
+            .finish()
+    }
+}
+
+impl<D: LaunchDevice> LoraGradBuffers<D> {
+    /// Buffers for the backward of `dims`, left for its kernels to fill.
+    pub fn new(dev: &D, dims: &LoraDims) -> Result<Self> {
+        let (da_slices, db_slices) = grad_slices(dims);
+        let (da_len, db_len) = (dims.rank * dims.in_features, dims.out_features * dims.rank);
+        // SAFETY: the backward writes every element of dA, dB and U, and every partial before
+        // the reduction reads it; nothing reads these buffers before a backward has filled them.
+        unsafe {
+            Ok(LoraGradBuffers {
+                da: dev.alloc(da_len)?,
+                db: dev.alloc(db_len)?,
+                u: dev.alloc(dims.tokens * dims.rank)?,
+                da_partial: dev.alloc(partial_len(da_slices, da_len))?,
+                db_partial: dev.alloc(partial_len(db_slices, db_len))?,
+            })
+        }
+    }
+}
+
+/// Backward (`k_lora_dyb`, `k_lora_db`, `k_lora_da`, `k_lora_dx`, and `k_rmsnorm_dw_reduce` over
+/// the row slices' partials) from `dy` `[tokens, out]` and the forward's `t` `[tokens, rank]`:
+/// `dx` `[tokens, in]` becomes `dx + s·U·A` in place and `grads` receive dA and dB.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_into<D, T, W, S>(
+    dev: &D,
+    lora: &LoraOperands<'_, S>,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    t: &(impl KernelArg<D, f32> + ?Sized),
+    dy: &(impl KernelArg<D, T> + ?Sized),
+    dx: &mut (impl KernelArgMut<D, T> + ?Sized),
+    grads: &mut LoraGradBuffers<D>,
+) -> Result<()>
+where
+    D: LaunchDevice,
+    T: Element,
+    W: Element,
+    S: KernelArg<D, W> + ?Sized,
+{
     const OP: &str = "lora_backward";
-    check_operands::<T, W>(OP, lora, x.len(), dy.len())?;
+    check_operands::<T, W>(
+        OP,
+        &lora.lens_with(<S as KernelArg<D, W>>::len),
+        x.len(),
+        dy.len(),
+    )?;
     let d = lora.dims;
     d.check_len(OP, "T", t.len(), d.tokens * d.rank)?;
     d.check_len(OP, "dX", dx.len(), d.tokens * d.in_features)?;
-    let mut u = vec![0f32; d.tokens * d.rank];
-    let mut grads = LoraGrads {
-        da: vec![0f32; d.rank * d.in_features],
-        db: vec![0f32; d.out_features * d.rank],
-    };
+    d.check_len(OP, "U", grads.u.len(), d.tokens * d.rank)?;
+    let (da_len, db_len) = (d.rank * d.in_features, d.out_features * d.rank);
+    d.check_len(OP, "dA", grads.da.len(), da_len)?;
+    d.check_len(OP, "dB", grads.db.len(), db_len)?;
     let (da_slices, db_slices) = grad_slices(&d);
-    let mut da_partial = vec![0f32; partial_len(da_slices, grads.da.len())];
-    let mut db_partial = vec![0f32; partial_len(db_slices, grads.db.len())];
+    let (da_partial_len, db_partial_len) = (
+        partial_len(da_slices, da_len),
+        partial_len(db_slices, db_len),
+    );
+    d.check_len(OP, "dA partials", grads.da_partial.len(), da_partial_len)?;
+    d.check_len(OP, "dB partials", grads.db_partial.len(), db_partial_len)?;
+    let (xp, ap, bp) = (x.ptr(dev), lora.a.ptr(dev), lora.b.ptr(dev));
+    let (tp, dyp, dxp) = (t.ptr(dev), dy.ptr(dev), dx.ptr_mut(dev));
+    let (up, dap, dbp) = (
+        grads.u.ptr_mut(dev),
+        grads.da.ptr_mut(dev),
+        grads.db.ptr_mut(dev),
+    );
+    let (dapp, dbpp) = (grads.da_partial.ptr_mut(dev), grads.db_partial.ptr_mut(dev));
     let launches = BackwardLaunches::new::<T, W>(
         &d,
         lora.scale,
         BackwardPtrs {
-            x: x.as_ptr().cast(),
-            a: lora.a.as_ptr().cast(),
-            b: lora.b.as_ptr().cast(),
-            t: t.as_ptr(),
-            dy: dy.as_ptr().cast(),
-            dx: dx.as_mut_ptr().cast(),
-            u: u.as_mut_ptr(),
-            da: grads.da.as_mut_ptr(),
-            db: grads.db.as_mut_ptr(),
-            da_partial: da_partial.as_mut_ptr(),
-            db_partial: db_partial.as_mut_ptr(),
+            x: xp.void(),
+            a: ap.void(),
+            b: bp.void(),
+            t: tp.get(),
+            dy: dyp.void(),
+            dx: dxp.void_mut(),
+            u: up.get_mut(),
+            da: dap.get_mut(),
+            db: dbp.get_mut(),
+            da_partial: dapp.get_mut(),
+            db_partial: dbpp.get_mut(),
         },
     );
     // SAFETY: every buffer has the length its params claim (validated above: x, dx tokens × in;
-    // dy tokens × out; A rank × in; B, dB out × rank; t, u tokens × rank; dA rank × in; the
-    // partials slices × those) and outlives the synchronous launches, which run in order (U is
-    // written before it is read, the partials before they are added).
-    unsafe { launches.run_emulated(&d)? };
+    // dy tokens × out; A rank × in; B, dB out × rank; t, U tokens × rank; dA rank × in; the
+    // partials slices × their gradient where it takes several slices); the launches run in order
+    // on the device (U is written before it is read, the partials before they are added), and
+    // the guards keep every buffer alive and ordered until all are queued.
+    unsafe {
+        dev.launch(
+            &lora_project_kernels(&d).1,
+            &lora_project_launch(&d),
+            &launches.dyb,
+        )?;
+        for (kernel, grad) in [(&LORA_DB, &launches.db), (&LORA_DA, &launches.da)] {
+            dev.launch(kernel, &grad.cfg, &grad.params)?;
+            if let Some(reduce) = &grad.reduce {
+                let cfg = grad_reduce_launch(reduce.h as usize);
+                dev.launch(&RMSNORM_DW_REDUCE, &cfg, reduce)?;
+            }
+        }
+        dev.launch(
+            &LORA_DX,
+            &lora_expand_launch(&d, d.in_features),
+            &launches.dx,
+        )
+    }
+}
+
+/// Backward from `dy` `[tokens, out]` and the forward's `t`: `dx` becomes `dx + s·U·A` in place;
+/// returns the buffers holding dA and dB.
+pub fn lora_backward<D, T, W, S>(
+    dev: &D,
+    lora: &LoraOperands<'_, S>,
+    x: &(impl KernelArg<D, T> + ?Sized),
+    t: &(impl KernelArg<D, f32> + ?Sized),
+    dy: &(impl KernelArg<D, T> + ?Sized),
+    dx: &mut (impl KernelArgMut<D, T> + ?Sized),
+) -> Result<LoraGradBuffers<D>>
+where
+    D: LaunchDevice,
+    T: Element,
+    W: Element,
+    S: KernelArg<D, W> + ?Sized,
+{
+    let mut grads = LoraGradBuffers::new(dev, &lora.dims)?;
+    lora_backward_into::<D, T, W, S>(dev, lora, x, t, dy, dx, &mut grads)?;
     Ok(grads)
 }
 
@@ -456,17 +617,18 @@ fn grad_slices(d: &LoraDims) -> (usize, usize) {
     )
 }
 
-/// Floats of a gradient's partials: `slices` copies of its `len`, none with one slice.
+/// Floats of a gradient's partials: `slices` copies of its `len`, or one unused element with
+/// one slice (a device allocation is never empty).
 fn partial_len(slices: usize, len: usize) -> usize {
     if slices > 1 {
         slices * len
     } else {
-        0
+        1
     }
 }
 
-/// Raw pointers of the backward's buffers (host or device); the partials are used (and must
-/// hold slices × the gradient's length) only when their gradient has more than one row slice.
+/// Raw pointers of the backward's buffers; the partials are used (and must hold slices × the
+/// gradient's length) only when their gradient has more than one row slice.
 struct BackwardPtrs {
     x: *const c_void,
     a: *const c_void,
@@ -481,7 +643,7 @@ struct BackwardPtrs {
     db_partial: *mut f32,
 }
 
-/// The params of the backward's four launches, built once for both backends.
+/// The params of the backward's four launches.
 struct BackwardLaunches {
     dyb: QlLoraProjectParams,
     db: GradLaunch,
@@ -577,191 +739,6 @@ impl BackwardLaunches {
                 w_dtype: W::DTYPE as i32,
                 y_dtype: T::DTYPE as i32,
             },
-        }
-    }
-
-    /// The four launches in order through the CPU emulation.
-    ///
-    /// # Safety
-    /// Every pointer must be valid for the accesses the kernels make over `d`.
-    unsafe fn run_emulated(&self, d: &LoraDims) -> Result<()> {
-        // SAFETY: the caller guarantees the pointers; each params struct is its kernel's.
-        unsafe {
-            super::emu::launch(
-                &lora_project_kernels(d).1,
-                &lora_project_launch(d),
-                &self.dyb,
-            )?;
-            for (kernel, grad) in [(&LORA_DB, &self.db), (&LORA_DA, &self.da)] {
-                super::emu::launch(kernel, &grad.cfg, &grad.params)?;
-                if let Some(reduce) = &grad.reduce {
-                    let cfg = grad_reduce_launch(reduce.h as usize);
-                    super::emu::launch(&RMSNORM_DW_REDUCE, &cfg, reduce)?;
-                }
-            }
-            super::emu::launch(&LORA_DX, &lora_expand_launch(d, d.in_features), &self.dx)
-        }
-    }
-}
-
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
-
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-
-    /// The backward's outputs on the device, all f32 and overwritten: dA `[rank, in]`,
-    /// dB `[out, rank]`, and the scratch U = dY·B `[tokens, rank]`.
-    #[derive(Debug)]
-    pub struct LoraGradBuffers<'a> {
-        pub da: &'a mut CudaSlice<f32>,
-        pub db: &'a mut CudaSlice<f32>,
-        pub u: &'a mut CudaSlice<f32>,
-    }
-
-    fn check_device<T: Element, W: Element>(
-        op: &'static str,
-        lora: &LoraOperands<CudaSlice<W>>,
-        x_len: usize,
-        y_len: usize,
-    ) -> Result<()> {
-        check_lens(op, &lora.dims, lora.a.len(), lora.b.len(), x_len, y_len)?;
-        check_dtype::<T>(op, "activations")?;
-        check_dtype::<W>(op, "adapter weights")?;
-        check_scale(op, lora.scale)
-    }
-
-    /// Forward on the device: `y` (the base GEMM's output `[tokens, out]`) becomes
-    /// `y + s·(X·Aᵀ)·Bᵀ` in place and `t` `[tokens, rank]` receives T = X·Aᵀ for the backward.
-    pub fn lora_forward_cuda<T: Element, W: Element>(
-        dev: &CudaDevice,
-        lora: &LoraOperands<CudaSlice<W>>,
-        x: &CudaSlice<T>,
-        y: &mut CudaSlice<T>,
-        t: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "lora_forward";
-        check_device::<T, W>(OP, lora, x.len(), y.len())?;
-        let d = lora.dims;
-        d.check_len(OP, "T", t.len(), d.tokens * d.rank)?;
-        let stream = dev.stream();
-        let (x_ptr, _g0) = x.device_ptr(stream);
-        let (a_ptr, _g1) = lora.a.device_ptr(stream);
-        let (b_ptr, _g2) = lora.b.device_ptr(stream);
-        let (y_ptr, _g3) = y.device_ptr_mut(stream);
-        let (t_ptr, _g4) = t.device_ptr_mut(stream);
-        let xa = QlLoraProjectParams {
-            x: x_ptr as *const c_void,
-            w: a_ptr as *const c_void,
-            out: t_ptr as *mut f32,
-            rows: d.tokens as i64,
-            cols: d.in_features as i32,
-            rank: d.rank as i32,
-            x_dtype: T::DTYPE as i32,
-            w_dtype: W::DTYPE as i32,
-        };
-        let add = QlLoraExpandParams {
-            t: t_ptr as *const f32,
-            w: b_ptr as *const c_void,
-            y: y_ptr as *mut c_void,
-            rows: d.tokens as i64,
-            cols: d.out_features as i32,
-            rank: d.rank as i32,
-            scale: lora.scale,
-            w_dtype: W::DTYPE as i32,
-            y_dtype: T::DTYPE as i32,
-        };
-        // SAFETY: the device buffers have the lengths validated above, the two launches are
-        // ordered on `stream` (T is written before it is read), and the guards keep the buffers
-        // alive and ordered until both are queued.
-        unsafe {
-            dev.launch(&lora_project_kernels(&d).0, &lora_project_launch(&d), &xa)?;
-            dev.launch(&LORA_ADD, &lora_expand_launch(&d, d.out_features), &add)
-        }
-    }
-
-    /// Backward on the device from `dy` `[tokens, out]` and the forward's `t`: `dx` `[tokens, in]`
-    /// becomes `dx + s·U·A` in place, and `grads` receive dA, dB (and the scratch U).
-    pub fn lora_backward_cuda<T: Element, W: Element>(
-        dev: &CudaDevice,
-        lora: &LoraOperands<CudaSlice<W>>,
-        x: &CudaSlice<T>,
-        t: &CudaSlice<f32>,
-        dy: &CudaSlice<T>,
-        dx: &mut CudaSlice<T>,
-        grads: LoraGradBuffers<'_>,
-    ) -> Result<()> {
-        const OP: &str = "lora_backward";
-        check_device::<T, W>(OP, lora, x.len(), dy.len())?;
-        let d = lora.dims;
-        d.check_len(OP, "T", t.len(), d.tokens * d.rank)?;
-        d.check_len(OP, "dX", dx.len(), d.tokens * d.in_features)?;
-        d.check_len(OP, "U", grads.u.len(), d.tokens * d.rank)?;
-        d.check_len(OP, "dA", grads.da.len(), d.rank * d.in_features)?;
-        d.check_len(OP, "dB", grads.db.len(), d.out_features * d.rank)?;
-        let stream = dev.stream();
-        let (x_ptr, _g0) = x.device_ptr(stream);
-        let (a_ptr, _g1) = lora.a.device_ptr(stream);
-        let (b_ptr, _g2) = lora.b.device_ptr(stream);
-        let (t_ptr, _g3) = t.device_ptr(stream);
-        let (dy_ptr, _g4) = dy.device_ptr(stream);
-        let (dx_ptr, _g5) = dx.device_ptr_mut(stream);
-        let (u_ptr, _g6) = grads.u.device_ptr_mut(stream);
-        let (da_ptr, _g7) = grads.da.device_ptr_mut(stream);
-        let (db_ptr, _g8) = grads.db.device_ptr_mut(stream);
-        let (da_slices, db_slices) = grad_slices(&d);
-        // SAFETY: the slices' kernels write every partial before the reduction reads it.
-        let mut da_partial =
-            unsafe { stream.alloc::<f32>(partial_len(da_slices, d.rank * d.in_features).max(1)) }
-                .map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut db_partial =
-            unsafe { stream.alloc::<f32>(partial_len(db_slices, d.out_features * d.rank).max(1)) }
-                .map_err(cuda_err)?;
-        let (da_partial_ptr, _g9) = da_partial.device_ptr_mut(stream);
-        let (db_partial_ptr, _g10) = db_partial.device_ptr_mut(stream);
-        let launches = BackwardLaunches::new::<T, W>(
-            &d,
-            lora.scale,
-            BackwardPtrs {
-                x: x_ptr as *const c_void,
-                a: a_ptr as *const c_void,
-                b: b_ptr as *const c_void,
-                t: t_ptr as *const f32,
-                dy: dy_ptr as *const c_void,
-                dx: dx_ptr as *mut c_void,
-                u: u_ptr as *mut f32,
-                da: da_ptr as *mut f32,
-                db: db_ptr as *mut f32,
-                da_partial: da_partial_ptr as *mut f32,
-                db_partial: db_partial_ptr as *mut f32,
-            },
-        );
-        // SAFETY: the device buffers have the lengths validated above (the partials slices × their
-        // gradient, allocated here), the launches are ordered on `stream` (U is written before it
-        // is read, the partials before they are added), and the guards keep the buffers alive and
-        // ordered until all are queued; the partials' frees are ordered after them on `stream`.
-        unsafe {
-            dev.launch(
-                &lora_project_kernels(&d).1,
-                &lora_project_launch(&d),
-                &launches.dyb,
-            )?;
-            for (kernel, grad) in [(&LORA_DB, &launches.db), (&LORA_DA, &launches.da)] {
-                dev.launch(kernel, &grad.cfg, &grad.params)?;
-                if let Some(reduce) = &grad.reduce {
-                    let cfg = grad_reduce_launch(reduce.h as usize);
-                    dev.launch(&RMSNORM_DW_REDUCE, &cfg, reduce)?;
-                }
-            }
-            dev.launch(
-                &LORA_DX,
-                &lora_expand_launch(&d, d.in_features),
-                &launches.dx,
-            )
         }
     }
 }

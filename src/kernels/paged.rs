@@ -183,13 +183,32 @@ pub use cuda_impl::*;
 #[cfg(feature = "cuda")]
 mod cuda_impl {
     use super::*;
-    use crate::kernels::adamw::{step_cuda, AdamWStep};
+    use crate::kernels::adamw::{self, AdamWStep};
     use crate::kernels::cuda::{cuda_err, CudaDevice};
+    use crate::kernels::device::{Guard, KernelArg, KernelArgMut, Ptr, Scalar};
     use crate::kernels::launch::Element;
     use cudarc::driver::sys::{CUmemLocation, CUmemLocationType, CUmem_advise};
     use cudarc::driver::{
         result, CudaSlice, DevicePtr, DevicePtrMut, PinnedHostSlice, UnifiedSlice,
     };
+
+    /// Managed memory as a kernel argument: its device address, ordered on the device's stream.
+    impl<T: Scalar> KernelArg<CudaDevice, T> for UnifiedSlice<T> {
+        fn len(&self) -> usize {
+            cudarc::driver::DeviceSlice::len(self)
+        }
+        fn ptr<'a>(&'a self, dev: &'a CudaDevice) -> Ptr<'a> {
+            let (addr, guard) = self.device_ptr(dev.stream());
+            Ptr::new(addr as usize, Guard::Cuda(guard))
+        }
+    }
+
+    impl<T: Scalar> KernelArgMut<CudaDevice, T> for UnifiedSlice<T> {
+        fn ptr_mut<'a>(&'a mut self, dev: &'a CudaDevice) -> Ptr<'a> {
+            let (addr, guard) = self.device_ptr_mut(dev.stream());
+            Ptr::new(addr as usize, Guard::Cuda(guard))
+        }
+    }
 
     /// One tensor's `m` and `v`, where its [`Placement`] puts them.
     enum Store {
@@ -360,8 +379,8 @@ mod cuda_impl {
             dev: &CudaDevice,
             step: &AdamWStep,
             index: usize,
-            param: &mut impl DevicePtrMut<T>,
-            grad: &impl DevicePtr<G>,
+            param: &mut (impl KernelArgMut<CudaDevice, T> + ?Sized),
+            grad: &(impl KernelArg<CudaDevice, G> + ?Sized),
         ) -> Result<()> {
             const OP: &str = "paged_adamw";
             let count = self.stores.len();
@@ -379,7 +398,7 @@ mod cuda_impl {
                 ));
             }
             match &mut self.stores[index] {
-                Store::Device { m, v } => step_cuda(dev, step, param, grad, m, v),
+                Store::Device { m, v } => adamw::step(dev, step, param, grad, m, v),
                 Store::Managed {
                     m,
                     v,
@@ -387,7 +406,7 @@ mod cuda_impl {
                 } => {
                     prefetch(dev, m, true)?;
                     prefetch(dev, v, true)?;
-                    step_cuda(dev, step, param, grad, m, v)?;
+                    adamw::step(dev, step, param, grad, m, v)?;
                     if *evict_after_update {
                         prefetch(dev, m, false)?;
                         prefetch(dev, v, false)?;
@@ -409,7 +428,7 @@ mod cuda_impl {
                     let (mut d_m, mut d_v) = used.split_at_mut(n);
                     stream.memcpy_htod(&*m, &mut d_m).map_err(cuda_err)?;
                     stream.memcpy_htod(&*v, &mut d_v).map_err(cuda_err)?;
-                    step_cuda(dev, step, param, grad, &mut d_m, &mut d_v)?;
+                    adamw::step(dev, step, param, grad, &mut d_m, &mut d_v)?;
                     stream.memcpy_dtoh(&d_m, m).map_err(cuda_err)?;
                     stream.memcpy_dtoh(&d_v, v).map_err(cuda_err)?;
                     Ok(())

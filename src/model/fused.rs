@@ -147,7 +147,7 @@ impl Kernels {
             .ok_or_else(|| Error::invalid("fused kernels", "no CUDA device for the CUDA path"))
     }
 
-    fn unavailable(&self) -> Error {
+    pub(crate) fn unavailable(&self) -> Error {
         Error::invalid(
             "fused kernels",
             format!("{} is not available in this build", self.path),
@@ -303,7 +303,7 @@ pub(crate) fn from_host<T: FusedElement>(values: Vec<T>, dims: &[usize]) -> Resu
 /// and compiled for the emulator and (feature `cuda`) the CUDA device.
 macro_rules! on_device {
     ($k:expr, |$dev:ident| $body:expr) => {
-        match $k.path {
+        match $k.path() {
             KernelPath::Emulated => {
                 let $dev = &crate::kernels::device::Emulator::default();
                 $body
@@ -317,6 +317,7 @@ macro_rules! on_device {
         }
     };
 }
+pub(crate) use on_device;
 
 /// A launch device the runtime's tensors meet its kernels on (docs/ARCHITECTURE.md, "Launch
 /// devices"): tensors in, kernel buffers, tensors out. The emulator copies through host vectors;
@@ -631,13 +632,6 @@ pub(crate) mod cuda {
     pub(crate) fn writable<T: FusedElement>(dev: &CudaDevice, x: &Tensor) -> Result<CudaSlice<T>> {
         let t = operand::<T>(x)?;
         read::<T, _>(&t, |s| dev.stream().clone_dtod(s).map_err(cuda_err))
-    }
-
-    /// An uninitialised device buffer of `n` elements, for a kernel to fill.
-    pub(crate) fn output<T: FusedElement>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every caller passes the buffer to a kernel that writes all `n` elements before
-        // anything reads it.
-        unsafe { dev.stream().alloc::<T>(n) }.map_err(cuda_err)
     }
 
     /// A kernel's output buffer as an f32 tensor of `dims` (f32 holding `T` values).

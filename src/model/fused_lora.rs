@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use half::bf16;
 
 use crate::kernels::lora::{self, LoraDims, LoraOperands, MAX_LORA_RANK};
 use crate::model::adapter::{LoraPair, TargetModule};
-use crate::model::fused::{from_host, host, FusedElement, KernelPath, Kernels};
+use crate::model::fused::{on_device, FusedElement, KernelPath, Kernels, TensorDevice};
 use crate::{Error, Result};
 
 /// T = x·Aᵀ `[M, r]` f32 of each adapted linear of one layer, from the recomputed forward: the
@@ -24,12 +24,7 @@ pub(crate) struct FusedLora<'a> {
 }
 
 impl<'a> FusedLora<'a> {
-    /// A and B as host values of `W` (the emulated path).
-    pub(crate) fn host_weights<W: FusedElement>(&self) -> Result<(Vec<W>, Vec<W>)> {
-        Ok((host::<W>(&self.pair.a)?, host::<W>(&self.pair.b)?))
-    }
-
-    /// The kernels' operands over `a` and `b` (host slices or device buffers).
+    /// The kernels' operands over `a` and `b` (kernel arguments on a launch device).
     pub(crate) fn operands<'s, S: ?Sized>(&self, a: &'s S, b: &'s S) -> LoraOperands<'s, S> {
         LoraOperands {
             dims: self.dims,
@@ -75,13 +70,6 @@ macro_rules! by_dtypes {
     };
 }
 
-fn unavailable(k: &Kernels) -> Error {
-    Error::invalid(
-        "fused lora",
-        format!("{} is not available in this build", k.path()),
-    )
-}
-
 /// The forward on `x` `[M, in]` and the base output `y` `[M, out]` (f32 holding `dtype` values):
 /// `(y + s·T·Bᵀ rounded once to dtype, T [M, r] f32)`.
 pub(crate) fn forward(
@@ -113,28 +101,66 @@ pub(crate) fn backward(
     )
 }
 
+fn forward_on<D: TensorDevice, T: FusedElement, W: FusedElement>(
+    dev: &D,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let d = lora.dims;
+    let (xs, a, b) = (
+        dev.input::<T>(x)?,
+        dev.input::<W>(&lora.pair.a)?,
+        dev.input::<W>(&lora.pair.b)?,
+    );
+    let mut out = dev.writable::<T>(y)?;
+    let t = lora::lora_forward::<D, T, W, _>(dev, &lora.operands(&a, &b), &xs, &mut out)?;
+    Ok((
+        dev.tensor(out, y.dims())?,
+        dev.tensor(t, &[d.tokens, d.rank])?,
+    ))
+}
+
 fn forward_t<T: FusedElement, W: FusedElement>(
     k: &Kernels,
     lora: &FusedLora<'_>,
     x: &Tensor,
     y: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    on_device!(k, |dev| forward_on::<_, T, W>(dev, lora, x, y))
+}
+
+fn backward_on<D: TensorDevice, T: FusedElement, W: FusedElement>(
+    dev: &D,
+    lora: &FusedLora<'_>,
+    x: &Tensor,
+    t: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<(Tensor, LoraPair)> {
     let d = lora.dims;
-    match k.path() {
-        KernelPath::Emulated => {
-            let (a, b) = lora.host_weights::<W>()?;
-            let ops = lora.operands(&a[..], &b[..]);
-            let mut out = host::<T>(y)?;
-            let t = lora::lora_forward_emulated::<T, W>(&ops, &host::<T>(x)?, &mut out)?;
-            Ok((
-                from_host(out, y.dims())?,
-                Tensor::from_vec(t, (d.tokens, d.rank), &Device::Cpu)?,
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::forward::<T, W>(k.device()?, lora, x, y),
-        _ => Err(unavailable(k)),
-    }
+    let (xs, ts, dys) = (
+        dev.input::<T>(x)?,
+        dev.input::<f32>(t)?,
+        dev.input::<T>(dy)?,
+    );
+    let (a, b) = (dev.input::<W>(&lora.pair.a)?, dev.input::<W>(&lora.pair.b)?);
+    let mut dx_out = dev.writable::<T>(dx)?;
+    let grads = lora::lora_backward::<D, T, W, _>(
+        dev,
+        &lora.operands(&a, &b),
+        &xs,
+        &ts,
+        &dys,
+        &mut dx_out,
+    )?;
+    Ok((
+        dev.tensor(dx_out, dx.dims())?,
+        LoraPair {
+            a: dev.tensor(grads.da, &[d.rank, d.in_features])?,
+            b: dev.tensor(grads.db, &[d.out_features, d.rank])?,
+        },
+    ))
 }
 
 fn backward_t<T: FusedElement, W: FusedElement>(
@@ -145,116 +171,7 @@ fn backward_t<T: FusedElement, W: FusedElement>(
     dy: &Tensor,
     dx: &Tensor,
 ) -> Result<(Tensor, LoraPair)> {
-    let d = lora.dims;
-    match k.path() {
-        KernelPath::Emulated => {
-            let (a, b) = lora.host_weights::<W>()?;
-            let ops = lora.operands(&a[..], &b[..]);
-            let mut dx_out = host::<T>(dx)?;
-            let grads = lora::lora_backward_emulated::<T, W>(
-                &ops,
-                &host::<T>(x)?,
-                &t.flatten_all()?.to_vec1::<f32>()?,
-                &host::<T>(dy)?,
-                &mut dx_out,
-            )?;
-            Ok((
-                from_host(dx_out, dx.dims())?,
-                LoraPair {
-                    a: Tensor::from_vec(grads.da, (d.rank, d.in_features), &Device::Cpu)?,
-                    b: Tensor::from_vec(grads.db, (d.out_features, d.rank), &Device::Cpu)?,
-                },
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::backward::<T, W>(k.device()?, lora, x, t, dy, dx),
-        _ => Err(unavailable(k)),
-    }
-}
-
-/// The CUDA side: the kernels on candle's stream over the tensors' device buffers.
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use crate::kernels::cuda::CudaDevice;
-    use crate::model::fused::cuda::{operand, output, read, tensor, writable};
-
-    pub(super) fn forward<T: FusedElement, W: FusedElement>(
-        dev: &CudaDevice,
-        lora: &FusedLora<'_>,
-        x: &Tensor,
-        y: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let d = lora.dims;
-        let (x_t, a_t, b_t) = (
-            operand::<T>(x)?,
-            operand::<W>(&lora.pair.a)?,
-            operand::<W>(&lora.pair.b)?,
-        );
-        let mut out = writable::<T>(dev, y)?;
-        let mut t = output::<f32>(dev, d.tokens * d.rank)?;
-        read::<T, _>(&x_t, |xs| {
-            read::<W, _>(&a_t, |a| {
-                read::<W, _>(&b_t, |b| {
-                    let ops = lora.operands(a, b);
-                    lora::lora_forward_cuda::<T, W>(dev, &ops, xs, &mut out, &mut t)
-                })
-            })
-        })?;
-        Ok((
-            tensor(dev, out, y.dims())?,
-            tensor(dev, t, &[d.tokens, d.rank])?,
-        ))
-    }
-
-    pub(super) fn backward<T: FusedElement, W: FusedElement>(
-        dev: &CudaDevice,
-        lora: &FusedLora<'_>,
-        x: &Tensor,
-        t: &Tensor,
-        dy: &Tensor,
-        dx: &Tensor,
-    ) -> Result<(Tensor, LoraPair)> {
-        let d = lora.dims;
-        let (x_t, t_t, dy_t) = (operand::<T>(x)?, operand::<f32>(t)?, operand::<T>(dy)?);
-        let (a_t, b_t) = (operand::<W>(&lora.pair.a)?, operand::<W>(&lora.pair.b)?);
-        let mut dx_out = writable::<T>(dev, dx)?;
-        let mut da = output::<f32>(dev, d.rank * d.in_features)?;
-        let mut db = output::<f32>(dev, d.out_features * d.rank)?;
-        let mut u = output::<f32>(dev, d.tokens * d.rank)?;
-        read::<T, _>(&x_t, |xs| {
-            read::<f32, _>(&t_t, |ts| {
-                read::<T, _>(&dy_t, |dys| {
-                    read::<W, _>(&a_t, |a| {
-                        read::<W, _>(&b_t, |b| {
-                            let ops = lora.operands(a, b);
-                            let grads = lora::LoraGradBuffers {
-                                da: &mut da,
-                                db: &mut db,
-                                u: &mut u,
-                            };
-                            lora::lora_backward_cuda::<T, W>(
-                                dev,
-                                &ops,
-                                xs,
-                                ts,
-                                dys,
-                                &mut dx_out,
-                                grads,
-                            )
-                        })
-                    })
-                })
-            })
-        })?;
-        Ok((
-            tensor(dev, dx_out, dx.dims())?,
-            LoraPair {
-                a: tensor(dev, da, &[d.rank, d.in_features])?,
-                b: tensor(dev, db, &[d.out_features, d.rank])?,
-            },
-        ))
-    }
+    on_device!(k, |dev| backward_on::<_, T, W>(dev, lora, x, t, dy, dx))
 }
 
 #[cfg(test)]
@@ -262,6 +179,7 @@ mod tests {
     use super::*;
     use crate::kernels::emu::launches_on_this_thread;
     use crate::tolerance::{lookup, Dtype, Op};
+    use candle_core::Device;
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
