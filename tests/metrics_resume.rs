@@ -4,7 +4,7 @@
 //! `loss.svg`'s axis: a loss never goes below 0.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qlora::train::metrics::{loss_curve_svg, MetricsWriter, StepRecord, METRICS_JSONL};
 use qlora::Error;
@@ -37,7 +37,7 @@ fn record(step: u64, rng: &mut rand::rngs::StdRng) -> StepRecord {
     }
 }
 
-fn run(dir: &PathBuf, keep_through: Option<u64>, steps: std::ops::RangeInclusive<u64>) {
+fn run(dir: &Path, keep_through: Option<u64>, steps: std::ops::RangeInclusive<u64>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let all: Vec<StepRecord> = (1..=400).map(|s| record(s, &mut rng)).collect();
     let mut w = MetricsWriter::create(dir, keep_through).unwrap();
