@@ -7,12 +7,12 @@
 
 use candle_core::{Device, Tensor};
 use half::bf16;
+use qlora::kernels::device::{Emulator, KernelArg, LaunchDevice, Scalar};
 use qlora::kernels::launch::Element;
-use qlora::kernels::nf4::{dequantize_emulated, Scales};
+use qlora::kernels::nf4::{dequantize, Nf4Weight, Scales};
 use qlora::kernels::nf4_gemm::{
-    dequantize_weight_bf16, fast_path, nf4_gemm_emulated, nf4_gemm_ref, GemmOp, GemmShape,
+    dequantize_weight_bf16, fast_path, nf4_gemm, nf4_gemm_into, nf4_gemm_ref, GemmOp, GemmShape,
 };
-use qlora::kernels::nf4_gemv::Nf4Weight;
 use qlora::quant::nf4::{double_quantize, quantize_nf4, DoubleQuant, NF4_CODE};
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -61,28 +61,86 @@ impl Weight {
         }
     }
 
-    fn scales(&self, double: bool) -> Scales<'_> {
-        if double {
+    /// The host view the reference reads.
+    fn host(&self, double: bool) -> Nf4Weight<'_, Emulator> {
+        let scales = if double {
             Scales::Double {
-                absmax_q: &self.dq.absmax_q,
-                nested_absmax: &self.dq.nested_absmax,
-                nested_code: &self.dq.nested_code,
+                absmax_q: &self.dq.absmax_q[..],
+                nested_absmax: &self.dq.nested_absmax[..],
+                nested_code: &self.dq.nested_code[..],
                 offset: self.dq.offset,
                 nested_blocksize: self.dq.nested_blocksize,
             }
         } else {
-            Scales::F32(&self.absmax)
-        }
-    }
-
-    fn view(&self, double: bool) -> Nf4Weight<'_> {
+            Scales::F32(&self.absmax[..])
+        };
         Nf4Weight {
-            packed: &self.packed,
-            scales: self.scales(double),
+            packed: &self.packed[..],
+            scales,
             n: self.n,
             k: self.k,
             blocksize: self.blocksize,
-            code: &NF4_CODE,
+            code: &NF4_CODE[..],
+        }
+    }
+}
+
+/// The whole of a device buffer as a view.
+fn all<'a, D: LaunchDevice, T: Scalar>(dev: &'a D, buf: &'a D::Buffer<T>) -> D::View<'a, T> {
+    dev.slice(buf, 0..buf.len()).unwrap()
+}
+
+/// A weight's buffers on a device.
+struct DeviceWeight<D: LaunchDevice> {
+    packed: D::Buffer<u8>,
+    code: D::Buffer<f32>,
+    absmax: D::Buffer<f32>,
+    q: D::Buffer<u8>,
+    na: D::Buffer<f32>,
+    nc: D::Buffer<f32>,
+    offset: f32,
+    nested_blocksize: usize,
+    n: usize,
+    k: usize,
+    blocksize: usize,
+}
+
+impl<D: LaunchDevice> DeviceWeight<D> {
+    fn new(dev: &D, w: &Weight) -> Self {
+        DeviceWeight {
+            packed: dev.upload(&w.packed).unwrap(),
+            code: dev.upload(&NF4_CODE).unwrap(),
+            absmax: dev.upload(&w.absmax).unwrap(),
+            q: dev.upload(&w.dq.absmax_q).unwrap(),
+            na: dev.upload(&w.dq.nested_absmax).unwrap(),
+            nc: dev.upload(&w.dq.nested_code).unwrap(),
+            offset: w.dq.offset,
+            nested_blocksize: w.dq.nested_blocksize,
+            n: w.n,
+            k: w.k,
+            blocksize: w.blocksize,
+        }
+    }
+
+    fn view<'a>(&'a self, dev: &'a D, double: bool) -> Nf4Weight<'a, D> {
+        let scales = if double {
+            Scales::Double {
+                absmax_q: all(dev, &self.q),
+                nested_absmax: all(dev, &self.na),
+                nested_code: all(dev, &self.nc),
+                offset: self.offset,
+                nested_blocksize: self.nested_blocksize,
+            }
+        } else {
+            Scales::F32(all(dev, &self.absmax))
+        };
+        Nf4Weight {
+            packed: all(dev, &self.packed),
+            scales,
+            n: self.n,
+            k: self.k,
+            blocksize: self.blocksize,
+            code: all(dev, &self.code),
         }
     }
 }
@@ -109,108 +167,185 @@ fn check_op<T: Element>(op: Op, what: &str, got: &[T], want: &[f32]) {
     }
 }
 
-fn parity<T: Element>(op: GemmOp, w: &Weight, m: usize, double: bool, a: &[bf16]) {
-    let view = w.view(double);
-    let want = nf4_gemm_ref(op, a, m, &view).unwrap();
-    let got = nf4_gemm_emulated::<T>(op, a, m, &view).unwrap();
-    let what = format!(
-        "{op:?} m={m} n={} k={} bs={} double={double}",
-        w.n, w.k, w.blocksize
-    );
-    check(&what, &got, &want);
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_f32().to_bits()).collect()
 }
 
-#[test]
-fn emulated_gemm_matches_reference_on_odd_shapes() {
+/// The kernel on `dev` (into a new buffer, and into a caller-owned one: the same bits) against
+/// the reference; `a` is uploaded `shift` elements into a buffer.
+fn parity_shifted<D: LaunchDevice, T: Element>(
+    dev: &D,
+    op: GemmOp,
+    w: &Weight,
+    m: usize,
+    double: bool,
+    a: &[bf16],
+    shift: usize,
+) {
+    let want = nf4_gemm_ref(op, a, m, &w.host(double)).unwrap();
+    let dw = DeviceWeight::new(dev, w);
+    let view = dw.view(dev, double);
+    let mut shifted = vec![bf16::ZERO; a.len() + shift];
+    shifted[shift..].copy_from_slice(a);
+    let d_a = dev.upload(&shifted).unwrap();
+    let a_view = dev.slice(&d_a, shift..shifted.len()).unwrap();
+    let out = nf4_gemm::<D, T>(dev, op, &a_view, m, &view).unwrap();
+    let got = dev.download(&out).unwrap();
+    let what = format!(
+        "{} {op:?} m={m} n={} k={} bs={} double={double} shift={shift}",
+        dev.label(),
+        w.n,
+        w.k,
+        w.blocksize
+    );
+    check(&what, &got, &want);
+    let mut out2 = dev.zeros::<T>(got.len()).unwrap();
+    nf4_gemm_into(dev, op, &a_view, m, &view, &mut out2).unwrap();
+    assert_eq!(
+        bits(&dev.download(&out2).unwrap()),
+        bits(&got),
+        "{what} into"
+    );
+}
+
+fn parity<D: LaunchDevice, T: Element>(
+    dev: &D,
+    op: GemmOp,
+    w: &Weight,
+    m: usize,
+    double: bool,
+    a: &[bf16],
+) {
+    parity_shifted::<D, T>(dev, op, w, m, double, a, 0);
+}
+
+fn gemm_odd_shapes<D: LaunchDevice>(dev: &D) {
     for (i, &(n, k)) in SHAPES.iter().enumerate() {
         let w = Weight::new(n, k, 64, i as u64);
         for (j, &m) in MS.iter().enumerate() {
             for op in [GemmOp::Forward, GemmOp::InputGrad] {
                 let a = activations(op, m, &w, 10 + (i * 3 + j) as u64);
-                // The first two shapes must reach the fast kernels (malloc's 16-byte alignment).
+                // The first two shapes must reach the fast kernels (a fresh buffer is aligned).
                 let shape = GemmShape::new(op, m, n, k, 64).unwrap();
-                let fast = fast_path(&shape, a.as_ptr() as u64, w.packed.as_ptr() as u64);
+                let fast = fast_path(&shape, 256, 256);
                 assert_eq!(fast, i < 2, "{op:?} n={n} k={k}: fast kernels {fast}");
                 // Every (scales, output dtype) pair across the M values of a shape and op.
                 let double = (i + j) % 2 == 0;
                 if j % 2 == 0 {
-                    parity::<f32>(op, &w, m, double, &a);
+                    parity::<D, f32>(dev, op, &w, m, double, &a);
                 } else {
-                    parity::<bf16>(op, &w, m, double, &a);
+                    parity::<D, bf16>(dev, op, &w, m, double, &a);
                 }
             }
         }
     }
 }
+qlora::device_test!(gemm_matches_reference_on_odd_shapes, gemm_odd_shapes);
 
+/// Which kernel each product of [`gemm_odd_shapes`]' shapes takes on the emulator: the fast ones
+/// for the first two shapes (a fresh buffer's 16-byte alignment), the general ones after.
 #[test]
-fn emulated_gemm_covers_row_tiles_and_rasterization_groups() {
+fn odd_shapes_reach_the_fast_kernels_where_aligned() {
+    use qlora::kernels::emu::launches_on_this_thread as launches;
+    let dev = Emulator::default();
+    for (i, &(n, k)) in SHAPES.iter().enumerate() {
+        let w = Weight::new(n, k, 64, i as u64);
+        for op in [GemmOp::Forward, GemmOp::InputGrad] {
+            let a = activations(op, 17, &w, 1);
+            let (fast_name, general_name) = match op {
+                GemmOp::Forward => ("k_nf4_gemm", "k_nf4_gemm_general"),
+                GemmOp::InputGrad => ("k_nf4_gemm_dx", "k_nf4_gemm_dx_general"),
+            };
+            let before = (launches(fast_name), launches(general_name));
+            parity::<Emulator, f32>(&dev, op, &w, 17, false, &a);
+            let ran = (
+                launches(fast_name) - before.0,
+                launches(general_name) - before.1,
+            );
+            let want = if i < 2 { (2, 0) } else { (0, 2) };
+            assert_eq!(ran, want, "{op:?} n={n} k={k}");
+        }
+    }
+}
+
+fn gemm_row_tiles<D: LaunchDevice>(dev: &D) {
     // m = 130: a second block row holding two rows, both kernels, both output dtypes.
     let w = Weight::new(24, 48, 64, 3);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
         let a = activations(op, 130, &w, 4);
-        parity::<bf16>(op, &w, 130, true, &a);
-        parity::<f32>(op, &w, 130, false, &a);
+        parity::<D, bf16>(dev, op, &w, 130, true, &a);
+        parity::<D, f32>(dev, op, &w, 130, false, &a);
     }
     // m = 1030: nine row tiles by two column tiles, so the blocks are remapped across a full
     // group of eight row tiles and a partial one.
     let w = Weight::new(136, 64, 64, 8);
     let x = activations(GemmOp::Forward, 1030, &w, 9);
-    parity::<bf16>(GemmOp::Forward, &w, 1030, true, &x);
+    parity::<D, bf16>(dev, GemmOp::Forward, &w, 1030, true, &x);
     let w = Weight::new(64, 144, 64, 9);
     let dy = activations(GemmOp::InputGrad, 1030, &w, 10);
-    parity::<f32>(GemmOp::InputGrad, &w, 1030, false, &dy);
+    parity::<D, f32>(dev, GemmOp::InputGrad, &w, 1030, false, &dy);
 }
+qlora::device_test!(
+    gemm_covers_row_tiles_and_rasterization_groups,
+    gemm_row_tiles
+);
 
-#[test]
-fn emulated_gemm_matches_reference_for_blocksizes() {
+fn gemm_blocksizes<D: LaunchDevice>(dev: &D) {
     // K = 96 with blocks of 32 (three per row), 128 (straddling rows) and 256 (several rows per
     // block, and the fast path's 16-code chunks); K = 40 (per-element path) with blocks of 128.
     for (bs, k) in [(32, 96), (128, 96), (256, 96), (128, 40)] {
         let w = Weight::new(20, k, bs, bs as u64);
         for (i, op) in [GemmOp::Forward, GemmOp::InputGrad].into_iter().enumerate() {
             let a = activations(op, 5, &w, 7 + i as u64);
-            parity::<bf16>(op, &w, 5, true, &a);
-            parity::<f32>(op, &w, 5, false, &a);
+            parity::<D, bf16>(dev, op, &w, 5, true, &a);
+            parity::<D, f32>(dev, op, &w, 5, false, &a);
         }
     }
 }
+qlora::device_test!(gemm_matches_reference_for_blocksizes, gemm_blocksizes);
 
-#[test]
-fn emulated_gemm_takes_the_general_kernels_on_misaligned_inputs() {
+fn gemm_misaligned<D: LaunchDevice>(dev: &D) {
     // Three reduction steps in both kernels, so a step's activation stores meet the previous
     // step's reads of the same buffer (the race detector checks the barrier between them).
     let w = Weight::new(72, 96, 64, 5);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
         // Activations one element into a buffer: rows are no longer 16-byte aligned.
         let a = activations(op, 3, &w, 6);
-        let mut shifted = vec![bf16::ZERO; a.len() + 1];
-        shifted[1..].copy_from_slice(&a);
-        parity::<f32>(op, &w, 3, true, &shifted[1..]);
+        parity_shifted::<D, f32>(dev, op, &w, 3, true, &a, 1);
         // Codes one byte into a buffer.
         let mut packed = vec![0u8; w.packed.len() + 1];
         packed[1..].copy_from_slice(&w.packed);
+        let dw = DeviceWeight::new(dev, &w);
+        let d_packed = dev.upload(&packed).unwrap();
         let view = Nf4Weight {
-            packed: &packed[1..],
-            ..w.view(false)
+            packed: dev.slice(&d_packed, 1..packed.len()).unwrap(),
+            ..dw.view(dev, false)
         };
-        let want = nf4_gemm_ref(op, &a, 3, &view).unwrap();
-        let got = nf4_gemm_emulated::<bf16>(op, &a, 3, &view).unwrap();
-        check(&format!("{op:?} misaligned codes"), &got, &want);
+        let want = nf4_gemm_ref(op, &a, 3, &w.host(false)).unwrap();
+        let d_a = dev.upload(&a).unwrap();
+        let got = nf4_gemm::<D, bf16>(dev, op, &d_a, 3, &view).unwrap();
+        check(
+            &format!("{op:?} misaligned codes"),
+            &dev.download(&got).unwrap(),
+            &want,
+        );
     }
 }
+qlora::device_test!(
+    gemm_takes_the_general_kernels_on_misaligned_inputs,
+    gemm_misaligned
+);
 
 #[test]
 fn reference_equals_dense_bf16_matmul_of_the_dequantized_weight() {
     let (m, n, k) = (9, 40, 136);
     let w = Weight::new(n, k, 64, 11);
     for double in [false, true] {
-        let view = w.view(double);
+        let view = w.host(double);
         // The bf16 weight every path multiplies is what k_nf4_dequantize writes (what the
         // dequantize + cuBLAS path feeds cuBLAS), bit for bit.
         let dense = dequantize_weight_bf16(&view).unwrap();
-        let kernel: Vec<bf16> =
-            dequantize_emulated(&w.packed, view.scales, n * k, 64, &NF4_CODE).unwrap();
+        let kernel: Vec<bf16> = dequantize(&Emulator::default(), &view).unwrap();
         assert_eq!(
             dense.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             kernel.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -267,134 +402,112 @@ fn is_invalid<T>(r: qlora::Result<T>) -> bool {
 }
 
 #[test]
-fn gemm_rejects_invalid_arguments() {
+fn reference_rejects_invalid_arguments() {
     let w = Weight::new(8, 64, 64, 1);
-    let view = w.view(false);
+    let view = w.host(false);
     let x = vec![bf16::ZERO; 3 * 64];
-    let run = |op: GemmOp, a: &[bf16], m: usize, view: &Nf4Weight<'_>| {
-        (
-            is_invalid(nf4_gemm_ref(op, a, m, view)),
-            is_invalid(nf4_gemm_emulated::<f32>(op, a, m, view)),
-        )
+    let run = |op: GemmOp, a: &[bf16], m: usize, view: &Nf4Weight<'_, Emulator>| {
+        is_invalid(nf4_gemm_ref(op, a, m, view))
     };
     let f = GemmOp::Forward;
-    assert_eq!(run(f, &x, 3, &view), (false, false), "valid");
-    assert_eq!(
-        run(GemmOp::InputGrad, &x[..3 * 8], 3, &view),
-        (false, false),
-        "valid dx"
-    );
-    assert_eq!(run(f, &[], 0, &view), (true, true), "m = 0");
-    assert_eq!(run(f, &x[1..], 3, &view), (true, true), "short x");
+    assert!(!run(f, &x, 3, &view), "valid");
+    assert!(!run(GemmOp::InputGrad, &x[..3 * 8], 3, &view), "valid dx");
+    assert!(run(f, &[], 0, &view), "m = 0");
+    assert!(run(f, &x[1..], 3, &view), "short x");
     // dy is [m, n]: x's [m, k] length is wrong for the input gradient.
-    assert_eq!(
-        run(GemmOp::InputGrad, &x, 3, &view),
-        (true, true),
-        "dy length"
-    );
+    assert!(run(GemmOp::InputGrad, &x, 3, &view), "dy length");
     let short_packed = Nf4Weight {
         packed: &w.packed[1..],
         ..view
     };
-    assert_eq!(run(f, &x, 3, &short_packed), (true, true), "packed");
+    assert!(run(f, &x, 3, &short_packed), "packed");
     let short_scales = Nf4Weight {
         scales: Scales::F32(&w.absmax[1..]),
         ..view
     };
-    assert_eq!(run(f, &x, 3, &short_scales), (true, true), "scales");
+    assert!(run(f, &x, 3, &short_scales), "scales");
     let bad_blocksize = Nf4Weight {
         blocksize: 48,
         ..view
     };
-    assert_eq!(run(f, &x, 3, &bad_blocksize), (true, true), "blocksize");
+    assert!(run(f, &x, 3, &bad_blocksize), "blocksize");
     let empty = Nf4Weight { n: 0, ..view };
-    assert_eq!(run(f, &x, 3, &empty), (true, true), "n = 0");
+    assert!(run(f, &x, 3, &empty), "n = 0");
+}
+
+fn gemm_bad_arguments<D: LaunchDevice>(dev: &D) {
+    let w = Weight::new(8, 64, 64, 1);
+    let dw = DeviceWeight::new(dev, &w);
+    let x = dev.upload(&vec![bf16::ZERO; 3 * 64]).unwrap();
+    let run = |op: GemmOp, a: D::View<'_, bf16>, m: usize, view: Nf4Weight<'_, D>| {
+        is_invalid(nf4_gemm::<D, f32>(dev, op, &a, m, &view))
+    };
+    let f = GemmOp::Forward;
+    let x_all = || all(dev, &x);
+    let view = || dw.view(dev, false);
+    assert!(!run(f, x_all(), 3, view()), "valid");
+    let dy = dev.slice(&x, 0..3 * 8).unwrap();
+    assert!(!run(GemmOp::InputGrad, dy, 3, view()), "valid dx");
+    assert!(run(f, dev.slice(&x, 0..0).unwrap(), 0, view()), "m = 0");
+    assert!(
+        run(f, dev.slice(&x, 1..3 * 64).unwrap(), 3, view()),
+        "short x"
+    );
+    // dy is [m, n]: x's [m, k] length is wrong for the input gradient.
+    assert!(run(GemmOp::InputGrad, x_all(), 3, view()), "dy length");
+    let short_packed = Nf4Weight {
+        packed: dev.slice(&dw.packed, 1..w.packed.len()).unwrap(),
+        ..view()
+    };
+    assert!(run(f, x_all(), 3, short_packed), "packed");
+    let short_scales = Nf4Weight {
+        scales: Scales::F32(dev.slice(&dw.absmax, 1..w.absmax.len()).unwrap()),
+        ..view()
+    };
+    assert!(run(f, x_all(), 3, short_scales), "scales");
+    let short_code = Nf4Weight {
+        code: dev.slice(&dw.code, 0..15).unwrap(),
+        ..view()
+    };
+    assert!(run(f, x_all(), 3, short_code), "code");
+    let bad_blocksize = Nf4Weight {
+        blocksize: 48,
+        ..view()
+    };
+    assert!(run(f, x_all(), 3, bad_blocksize), "blocksize");
+    let empty = Nf4Weight { n: 0, ..view() };
+    assert!(run(f, x_all(), 3, empty), "n = 0");
     let bad_nested = Nf4Weight {
         scales: Scales::Double {
-            absmax_q: &w.dq.absmax_q,
-            nested_absmax: &w.dq.nested_absmax,
-            nested_code: &w.dq.nested_code,
-            offset: w.dq.offset,
+            absmax_q: all(dev, &dw.q),
+            nested_absmax: all(dev, &dw.na),
+            nested_code: all(dev, &dw.nc),
+            offset: dw.offset,
             nested_blocksize: 3,
         },
-        ..view
+        ..view()
     };
+    assert!(run(f, x_all(), 3, bad_nested), "nested blocksize");
+    let mut short_out = dev.zeros::<f32>(3 * 8 - 1).unwrap();
     assert!(
-        is_invalid(nf4_gemm_emulated::<f32>(f, &x, 3, &bad_nested)),
-        "nested blocksize"
+        is_invalid(nf4_gemm_into(dev, f, &x, 3, &view(), &mut short_out)),
+        "short output"
     );
     assert!(
-        is_invalid(nf4_gemm_emulated::<half::f16>(f, &x, 3, &view)),
+        is_invalid(nf4_gemm::<D, half::f16>(dev, f, &x, 3, &view())),
         "f16 output"
     );
 }
+qlora::device_test!(gemm_rejects_invalid_arguments, gemm_bad_arguments);
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use cudarc::driver::CudaSlice;
     use qlora::kernels::cuda::CudaDevice;
-    use qlora::kernels::nf4::DeviceScales;
-    use qlora::kernels::nf4_gemm::{nf4_gemm_cuda_into, Nf4Matmul, Nf4MatmulPath, Nf4MatmulPlan};
-    use qlora::kernels::nf4_gemv::{nf4_gemv_ref, DeviceNf4Weight};
+    use qlora::kernels::nf4_gemm::{Nf4Matmul, Nf4MatmulPath, Nf4MatmulPlan};
+    use qlora::kernels::nf4_gemv::nf4_gemv_ref;
 
-    /// A weight's buffers on the device.
-    struct DeviceWeight {
-        packed: CudaSlice<u8>,
-        code: CudaSlice<f32>,
-        absmax: CudaSlice<f32>,
-        q: CudaSlice<u8>,
-        na: CudaSlice<f32>,
-        nc: CudaSlice<f32>,
-        offset: f32,
-        nested_blocksize: usize,
-        n: usize,
-        k: usize,
-        blocksize: usize,
-    }
-
-    impl DeviceWeight {
-        fn new(dev: &CudaDevice, w: &Weight) -> Self {
-            let s = dev.stream();
-            DeviceWeight {
-                packed: s.clone_htod(&w.packed).unwrap(),
-                code: s.clone_htod(&NF4_CODE).unwrap(),
-                absmax: s.clone_htod(&w.absmax).unwrap(),
-                q: s.clone_htod(&w.dq.absmax_q).unwrap(),
-                na: s.clone_htod(&w.dq.nested_absmax).unwrap(),
-                nc: s.clone_htod(&w.dq.nested_code).unwrap(),
-                offset: w.dq.offset,
-                nested_blocksize: w.dq.nested_blocksize,
-                n: w.n,
-                k: w.k,
-                blocksize: w.blocksize,
-            }
-        }
-
-        fn view(&self, double: bool) -> DeviceNf4Weight<'_> {
-            let scales = if double {
-                DeviceScales::Double {
-                    absmax_q: &self.q,
-                    nested_absmax: &self.na,
-                    nested_code: &self.nc,
-                    offset: self.offset,
-                    nested_blocksize: self.nested_blocksize,
-                }
-            } else {
-                DeviceScales::F32(&self.absmax)
-            };
-            DeviceNf4Weight {
-                packed: &self.packed,
-                scales,
-                n: self.n,
-                k: self.k,
-                blocksize: self.blocksize,
-                code: &self.code,
-            }
-        }
-    }
-
-    /// Every path that can run the shape, against the reference.
+    /// Every path of the dispatcher that can run the shape, against the reference.
     fn cuda_parity<T: Element>(
         dev: &CudaDevice,
         mm: &mut Nf4Matmul,
@@ -405,18 +518,15 @@ mod cuda {
     ) {
         let s = dev.stream();
         let a = activations(op, m, w, 3);
-        let want = nf4_gemm_ref(op, &a, m, &w.view(double)).unwrap();
+        let want = nf4_gemm_ref(op, &a, m, &w.host(double)).unwrap();
         let dw = DeviceWeight::new(dev, w);
         let d_a = s.clone_htod(&a).unwrap();
         let out_len = want.len();
-        let mut out = s.alloc_zeros::<T>(out_len).unwrap();
-        nf4_gemm_cuda_into(dev, op, &d_a, m, &dw.view(double), &mut out).unwrap();
         let what = format!("cuda {op:?} m={m} n={} k={} double={double}", w.n, w.k);
-        check(&what, &s.clone_dtoh(&out).unwrap(), &want);
         // The GEMV multiplies unrounded f32 weights: its own reference and tolerance.
         let reference = |path: Nf4MatmulPath| {
             if path == Nf4MatmulPath::Gemv {
-                let gemv = nf4_gemv_ref::<bf16, T>(&a, m, &w.view(double), None).unwrap();
+                let gemv = nf4_gemv_ref::<bf16, T>(&a, m, &w.host(double), None).unwrap();
                 (Op::Nf4Gemv, gemv)
             } else {
                 (Op::Nf4Gemm, want.clone())
@@ -429,7 +539,7 @@ mod cuda {
         ] {
             if path.supports(op, m) {
                 let mut out = s.alloc_zeros::<T>(out_len).unwrap();
-                mm.run_path(dev, path, op, &d_a, m, &dw.view(double), &mut out)
+                mm.run_path(dev, path, op, &d_a, m, &dw.view(dev, double), &mut out)
                     .unwrap();
                 let (tol, want) = reference(path);
                 check_op(
@@ -441,7 +551,7 @@ mod cuda {
             }
         }
         let mut out = s.alloc_zeros::<T>(out_len).unwrap();
-        mm.run(dev, op, &d_a, m, &dw.view(double), &mut out)
+        mm.run(dev, op, &d_a, m, &dw.view(dev, double), &mut out)
             .unwrap();
         let (tol, want) = reference(mm.plan.choose_path(op, m, w.n, w.k));
         check_op(
@@ -453,7 +563,7 @@ mod cuda {
     }
 
     #[test]
-    fn cuda_gemm_matches_reference_on_odd_shapes() {
+    fn cuda_matmul_paths_match_reference_on_odd_shapes() {
         let Some(dev) = CudaDevice::first_available() else {
             return;
         };
@@ -479,6 +589,22 @@ mod cuda {
         let mut mm = Nf4Matmul::new(&dev, Nf4MatmulPlan::default()).unwrap();
         // Llama-2-13B q_proj width with 300 tokens: many k-steps, partial row tiles.
         let w = Weight::new(640, 5120, 64, 42);
+        parity::<CudaDevice, bf16>(
+            &dev,
+            GemmOp::Forward,
+            &w,
+            300,
+            true,
+            &activations(GemmOp::Forward, 300, &w, 3),
+        );
+        parity::<CudaDevice, f32>(
+            &dev,
+            GemmOp::InputGrad,
+            &w,
+            300,
+            true,
+            &activations(GemmOp::InputGrad, 300, &w, 3),
+        );
         cuda_parity::<bf16>(&dev, &mut mm, GemmOp::Forward, &w, 300, true);
         cuda_parity::<f32>(&dev, &mut mm, GemmOp::InputGrad, &w, 300, true);
     }

@@ -348,8 +348,7 @@ pub mod gpu {
 
     use super::{BenchOptions, KernelRow};
     use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use crate::kernels::nf4::DeviceScales;
-    use crate::kernels::nf4_gemv::DeviceNf4Weight;
+    use crate::kernels::nf4::{Nf4Weight, Scales};
     use crate::quant::nf4::{double_quantize, quantize_nf4, DoubleQuant, NF4_CODE};
     use crate::Result;
     use cudarc::driver::CudaSlice;
@@ -380,7 +379,7 @@ pub mod gpu {
     }
 
     /// A random `[n, k]` weight (std 0.02) in NF4, blocks of 64, double quant, on the device.
-    struct Nf4Weight {
+    struct BenchWeight {
         n: usize,
         k: usize,
         packed_len: usize,
@@ -394,7 +393,7 @@ pub mod gpu {
         d_nc: CudaSlice<f32>,
     }
 
-    impl Nf4Weight {
+    impl BenchWeight {
         fn new(dev: &CudaDevice, n: usize, k: usize, with_dense: bool) -> Result<Self> {
             let w = crate::testing::normal_vector(n * k, 0.02, 1);
             let (packed, absmax) = quantize_nf4(&w, 64)?;
@@ -408,7 +407,7 @@ pub mod gpu {
                 Vec::new()
             };
             let s = dev.stream();
-            Ok(Nf4Weight {
+            Ok(BenchWeight {
                 n,
                 k,
                 packed_len: packed.len(),
@@ -422,24 +421,24 @@ pub mod gpu {
             })
         }
 
-        fn scales(&self) -> DeviceScales<'_> {
-            DeviceScales::Double {
-                absmax_q: &self.d_q,
-                nested_absmax: &self.d_na,
-                nested_code: &self.d_nc,
+        fn scales(&self) -> Scales<'_, CudaDevice> {
+            Scales::Double {
+                absmax_q: self.d_q.slice(..),
+                nested_absmax: self.d_na.slice(..),
+                nested_code: self.d_nc.slice(..),
                 offset: self.dq.offset,
                 nested_blocksize: 256,
             }
         }
 
-        fn device(&self) -> DeviceNf4Weight<'_> {
-            DeviceNf4Weight {
-                packed: &self.d_packed,
+        fn device(&self) -> Nf4Weight<'_, CudaDevice> {
+            Nf4Weight {
+                packed: self.d_packed.slice(..),
                 scales: self.scales(),
                 n: self.n,
                 k: self.k,
                 blocksize: 64,
-                code: &self.d_code,
+                code: self.d_code.slice(..),
             }
         }
 
@@ -463,20 +462,19 @@ pub mod gpu {
     /// NF4 dequantize (double quant) to bf16 and quantize from bf16 on the q/k/v/o and gate/up
     /// weights (down has gate/up's element count).
     pub fn nf4(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::nf4::{dequantize_cuda_into, quantize_into};
+        use crate::kernels::nf4::{dequantize_into, quantize_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let mut rows = Vec::new();
         for (n, k) in b.opts.shape.linears().into_iter().take(2) {
             let len = n * k;
-            let w = Nf4Weight::new(dev, n, k, false)?;
+            let w = BenchWeight::new(dev, n, k, false)?;
+            let weight = w.device();
             let d_in = s.clone_htod(&bf16_normal(len, 0.02, 1)).map_err(cuda_err)?;
             let mut d_out = s.alloc_zeros::<bf16>(len).map_err(cuda_err)?;
             let mut d_qout = s.alloc_zeros::<u8>(w.packed_len).map_err(cuda_err)?;
             let mut d_qabsmax = s.alloc_zeros::<f32>(len.div_ceil(64)).map_err(cuda_err)?;
             let shape = format!("[{n}, {k}]");
-            let secs = time(dev, 50, || {
-                dequantize_cuda_into(dev, &w.d_packed, w.scales(), 64, &w.d_code, &mut d_out)
-            })?;
+            let secs = time(dev, 50, || dequantize_into(dev, &weight, &mut d_out))?;
             rows.push(memory_row(
                 "nf4 dequantize→bf16 (dq)",
                 shape.clone(),
@@ -499,7 +497,7 @@ pub mod gpu {
     /// The NF4 GEMV at every M ≤ 16 of the options, on each linear weight.
     pub fn gemv(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
         use crate::kernels::nf4_gemm::{GemmOp, Nf4MatmulPath};
-        use crate::kernels::nf4_gemv::nf4_gemv_cuda_into;
+        use crate::kernels::nf4_gemv::nf4_gemv_into;
         let (dev, s) = (b.dev, b.dev.stream());
         let ms: Vec<usize> = (b.opts.ms.iter().copied())
             .filter(|&m| Nf4MatmulPath::Gemv.supports(GemmOp::Forward, m))
@@ -509,7 +507,7 @@ pub mod gpu {
             return Ok(rows);
         }
         for (n, k) in b.opts.shape.linears() {
-            let w = Nf4Weight::new(dev, n, k, false)?;
+            let w = BenchWeight::new(dev, n, k, false)?;
             let weight = w.device();
             for &m in &ms {
                 let d_x = s
@@ -517,7 +515,7 @@ pub mod gpu {
                     .map_err(cuda_err)?;
                 let mut d_y = s.alloc_zeros::<bf16>(m * n).map_err(cuda_err)?;
                 let secs = time(dev, 200, || {
-                    nf4_gemv_cuda_into(dev, &d_x, m, &weight, None::<&CudaSlice<bf16>>, &mut d_y)
+                    nf4_gemv_into(dev, &d_x, m, &weight, None::<&CudaSlice<bf16>>, &mut d_y)
                 })?;
                 rows.push(memory_row(
                     "nf4 gemv bf16 (dq)",
@@ -548,7 +546,7 @@ pub mod gpu {
         };
         let mut rows = Vec::new();
         for (n, k) in b.opts.shape.linears() {
-            let w = Nf4Weight::new(dev, n, k, true)?;
+            let w = BenchWeight::new(dev, n, k, true)?;
             let d_dense = s.clone_htod(&w.dense).map_err(cuda_err)?;
             let weight = w.device();
             for op in [GemmOp::Forward, GemmOp::InputGrad] {

@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 use crate::cli::merge::{parse_shard_size, DtypeArg};
 use crate::kernels::device::Emulator;
-use crate::kernels::nf4::{dequantize_emulated, quantize, Scales};
+use crate::kernels::nf4::{dequantize, quantize, Nf4Weight, Scales};
 use crate::model::quantize_dir::{quantize_model_dir, QuantizeDirOptions};
 use crate::quant::bnb::nf4_to_tensors;
 use crate::quant::nf4::{Nf4Scales, Nf4Tensor, NF4_CODE};
@@ -220,12 +220,15 @@ fn check_emulated_kernels(weight: &[bf16], blocksize: usize) -> Result<()> {
     let (want_packed, want_absmax) = crate::quant::nf4::quantize_nf4(&widened, blocksize)?;
     let t0 = Instant::now();
     let (packed, absmax) = quantize(&Emulator::default(), weight, blocksize, &NF4_CODE[..])?;
-    let out: Vec<f32> = dequantize_emulated(
-        &packed,
-        Scales::F32(&absmax),
-        weight.len(),
-        blocksize,
-        &NF4_CODE,
+    let out: Vec<f32> = dequantize(
+        &Emulator::default(),
+        &Nf4Weight::flat(
+            &packed[..],
+            Scales::F32(&absmax[..]),
+            weight.len(),
+            blocksize,
+            &NF4_CODE[..],
+        ),
     )?;
     let secs = t0.elapsed().as_secs_f64();
     let want = crate::quant::nf4::dequantize_nf4(

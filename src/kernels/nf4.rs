@@ -1,13 +1,15 @@
 //! Launchers for `kernels/nf4.cu`: NF4 blockwise quantize and dequantize (f32 or double-quantized
-//! scales), for the CPU emulation and CUDA (raw device buffers, or an `Nf4DeviceTensor` kept as
-//! candle tensors). Shapes: a flat tensor of `n` elements, `(n + 1) / 2` packed bytes,
-//! `ceil(n / blocksize)` block scales. The Rust reference is `crate::quant::nf4`.
+//! scales), one each over any [`LaunchDevice`] (the CPU emulation, CUDA), and the NF4 weight type
+//! [`Nf4Weight`] / [`Scales`] the dequantize, GEMV and GEMM kernels read; with `cuda`, also an
+//! `Nf4DeviceTensor` kept as candle tensors. Shapes: a flat tensor of `n` elements,
+//! `(n + 1) / 2` packed bytes, `ceil(n / blocksize)` block scales. The Rust reference is
+//! `crate::quant::nf4`.
 
 use super::abi::{QlNf4DequantizeParams, QlNf4QuantizeParams};
-use super::device::{KernelArg, KernelArgMut, LaunchDevice};
+use super::device::{Emulator, KernelArg, KernelArgMut, LaunchDevice, Ptr};
 use super::launch::{declare_kernels, Element, LaunchConfig};
+use crate::quant::nf4::{dequantize_absmax, dequantize_nf4, DoubleQuant};
 use crate::{Error, Result};
-use std::ffi::c_void;
 
 declare_kernels! {
     module "nf4";
@@ -96,23 +98,63 @@ fn grid(op: &'static str, blocks: u64) -> Result<LaunchConfig> {
     Ok(LaunchConfig::linear(blocks.max(1) as u32, THREADS))
 }
 
-/// Block scales as the dequantize kernel takes them.
-#[derive(Clone, Copy, Debug)]
-pub enum Scales<'a> {
+/// Block scales as the NF4 kernels take them, borrowed from buffers on device `D` (host slices on
+/// the [`Emulator`](super::device::Emulator)).
+pub enum Scales<'a, D: LaunchDevice + 'a> {
     /// One f32 absmax per block.
-    F32(&'a [f32]),
-    /// Double quantization: `nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset`.
+    F32(D::View<'a, f32>),
+    /// Double quantization: `nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset`
+    /// (`nested_code` holds 256 values).
     Double {
-        absmax_q: &'a [u8],
-        nested_absmax: &'a [f32],
-        nested_code: &'a [f32; 256],
+        absmax_q: D::View<'a, u8>,
+        nested_absmax: D::View<'a, f32>,
+        nested_code: D::View<'a, f32>,
         offset: f32,
         nested_blocksize: usize,
     },
 }
 
-/// Buffer lengths of a set of block scales, host or device. (Any f32 offset is valid: bitsandbytes
-/// stores an infinite mean when the block maxima overflow, and dequantizes it as such.)
+impl<'a, D: LaunchDevice + 'a> Clone for Scales<'a, D>
+where
+    D::View<'a, f32>: Clone,
+    D::View<'a, u8>: Clone,
+{
+    fn clone(&self) -> Self {
+        match self {
+            Scales::F32(absmax) => Scales::F32(absmax.clone()),
+            Scales::Double {
+                absmax_q,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => Scales::Double {
+                absmax_q: absmax_q.clone(),
+                nested_absmax: nested_absmax.clone(),
+                nested_code: nested_code.clone(),
+                offset: *offset,
+                nested_blocksize: *nested_blocksize,
+            },
+        }
+    }
+}
+
+impl<'a, D: LaunchDevice + 'a> Copy for Scales<'a, D>
+where
+    D::View<'a, f32>: Copy,
+    D::View<'a, u8>: Copy,
+{
+}
+
+impl<'a, D: LaunchDevice + 'a> std::fmt::Debug for Scales<'a, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.lens().fmt(f)
+    }
+}
+
+/// Buffer lengths of a set of block scales. (Any f32 offset is valid: bitsandbytes stores an
+/// infinite mean when the block maxima overflow, and dequantizes it as such.)
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum ScaleLens {
     F32 {
         absmax: usize,
@@ -148,9 +190,20 @@ pub(crate) fn check_scales(op: &'static str, layout: &Nf4Layout, lens: ScaleLens
     }
 }
 
-impl Scales<'_> {
+/// The pointers and values of a set of scales, as every NF4 kernel's parameter struct takes them
+/// (null for the kind not used); the pointers keep their buffers borrowed until the launch.
+pub(crate) struct ScalePtrs<'s> {
+    pub absmax: Ptr<'s>,
+    pub absmax_q: Ptr<'s>,
+    pub nested_absmax: Ptr<'s>,
+    pub nested_code: Ptr<'s>,
+    pub nested_offset: f32,
+    pub nested_blocksize: i32,
+}
+
+impl<'a, D: LaunchDevice + 'a> Scales<'a, D> {
     pub(crate) fn lens(&self) -> ScaleLens {
-        match *self {
+        match self {
             Scales::F32(absmax) => ScaleLens::F32 {
                 absmax: absmax.len(),
             },
@@ -164,9 +217,184 @@ impl Scales<'_> {
                 absmax_q: absmax_q.len(),
                 nested_absmax: nested_absmax.len(),
                 nested_code: nested_code.len(),
-                nested_blocksize,
+                nested_blocksize: *nested_blocksize,
             },
         }
+    }
+
+    /// The scales' pointers on `dev` (validate the lengths with [`check_scales`] first).
+    pub(crate) fn ptrs<'s>(&'s self, dev: &'s D) -> ScalePtrs<'s> {
+        match self {
+            Scales::F32(absmax) => ScalePtrs {
+                absmax: absmax.ptr(dev),
+                absmax_q: Ptr::null(),
+                nested_absmax: Ptr::null(),
+                nested_code: Ptr::null(),
+                nested_offset: 0.0,
+                nested_blocksize: 0,
+            },
+            Scales::Double {
+                absmax_q,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => ScalePtrs {
+                absmax: Ptr::null(),
+                absmax_q: absmax_q.ptr(dev),
+                nested_absmax: nested_absmax.ptr(dev),
+                nested_code: nested_code.ptr(dev),
+                nested_offset: *offset,
+                nested_blocksize: *nested_blocksize as i32,
+            },
+        }
+    }
+}
+
+impl Scales<'_, Emulator> {
+    /// The f32 block scales (double quantization undone with `crate::quant::nf4`), for the
+    /// plain-Rust references.
+    pub(crate) fn host_absmax(&self, op: &'static str) -> Result<Vec<f32>> {
+        match *self {
+            Scales::F32(absmax) => Ok(absmax.to_vec()),
+            Scales::Double {
+                absmax_q,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => {
+                let nested_code: [f32; 256] = nested_code.try_into().map_err(|_| {
+                    Error::invalid(
+                        op,
+                        format!("nested code has {} values, expected 256", nested_code.len()),
+                    )
+                })?;
+                Ok(dequantize_absmax(&DoubleQuant {
+                    absmax_q: absmax_q.to_vec(),
+                    nested_absmax: nested_absmax.to_vec(),
+                    offset,
+                    nested_blocksize,
+                    nested_code,
+                }))
+            }
+        }
+    }
+}
+
+/// An NF4 weight `[n, k]` (a flat tensor of `n · k` elements, quantized over them in blocks of
+/// `blocksize`) borrowed from buffers on device `D`: what the dequantize, GEMV and GEMM kernels
+/// read.
+pub struct Nf4Weight<'a, D: LaunchDevice + 'a> {
+    /// `ceil(n · k / 2)` bytes, first element of a byte in the high nibble.
+    pub packed: D::View<'a, u8>,
+    pub scales: Scales<'a, D>,
+    pub n: usize,
+    pub k: usize,
+    pub blocksize: usize,
+    /// The 16 NF4 code values.
+    pub code: D::View<'a, f32>,
+}
+
+impl<'a, D: LaunchDevice + 'a> Clone for Nf4Weight<'a, D>
+where
+    D::View<'a, f32>: Clone,
+    D::View<'a, u8>: Clone,
+{
+    fn clone(&self) -> Self {
+        Nf4Weight {
+            packed: self.packed.clone(),
+            scales: self.scales.clone(),
+            n: self.n,
+            k: self.k,
+            blocksize: self.blocksize,
+            code: self.code.clone(),
+        }
+    }
+}
+
+impl<'a, D: LaunchDevice + 'a> Copy for Nf4Weight<'a, D>
+where
+    D::View<'a, f32>: Copy,
+    D::View<'a, u8>: Copy,
+{
+}
+
+impl<'a, D: LaunchDevice + 'a> std::fmt::Debug for Nf4Weight<'a, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nf4Weight")
+            .field("packed", &self.packed.len())
+            .field("scales", &self.scales)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .field("blocksize", &self.blocksize)
+            .field("code", &self.code.len())
+            .finish()
+    }
+}
+
+/// The pointers of a weight's buffers, borrowed until the launch.
+pub(crate) struct WeightPtrs<'s> {
+    pub packed: Ptr<'s>,
+    pub code: Ptr<'s>,
+    pub scales: ScalePtrs<'s>,
+}
+
+impl<'a, D: LaunchDevice + 'a> Nf4Weight<'a, D> {
+    /// A flat tensor of `numel` elements, as one row `[1, numel]`.
+    pub fn flat(
+        packed: D::View<'a, u8>,
+        scales: Scales<'a, D>,
+        numel: usize,
+        blocksize: usize,
+        code: D::View<'a, f32>,
+    ) -> Self {
+        Nf4Weight {
+            packed,
+            scales,
+            n: 1,
+            k: numel,
+            blocksize,
+            code,
+        }
+    }
+
+    /// The layout of the flattened `n · k` elements.
+    pub fn layout(&self, op: &'static str) -> Result<Nf4Layout> {
+        let numel = self.n.checked_mul(self.k).ok_or_else(|| {
+            Error::invalid(op, format!("weight [{}, {}] is too large", self.n, self.k))
+        })?;
+        Nf4Layout::new(op, numel, self.blocksize)
+    }
+
+    /// Checks the packed codes, the code book and the scales against `layout`.
+    pub(crate) fn check_buffers(&self, op: &'static str, layout: &Nf4Layout) -> Result<()> {
+        layout.check_len(op, "packed", self.packed.len(), layout.packed_bytes())?;
+        layout.check_len(op, "code", self.code.len(), 16)?;
+        check_scales(op, layout, self.scales.lens())
+    }
+
+    pub(crate) fn ptrs<'s>(&'s self, dev: &'s D) -> WeightPtrs<'s> {
+        WeightPtrs {
+            packed: self.packed.ptr(dev),
+            code: self.code.ptr(dev),
+            scales: self.scales.ptrs(dev),
+        }
+    }
+}
+
+impl Nf4Weight<'_, Emulator> {
+    /// The weight dequantized with `crate::quant::nf4` (f32, unrounded), for the plain-Rust
+    /// references; validates every buffer first.
+    pub(crate) fn dequantize_host(&self, op: &'static str) -> Result<Vec<f32>> {
+        let layout = self.layout(op)?;
+        self.check_buffers(op, &layout)?;
+        let absmax = self.scales.host_absmax(op)?;
+        let code: &[f32; 16] = self
+            .code
+            .try_into()
+            .map_err(|_| Error::invalid(op, "code must hold 16 values"))?;
+        dequantize_nf4(self.packed, &absmax, layout.n, self.blocksize, code)
     }
 }
 
@@ -225,67 +453,49 @@ pub fn quantize<D: LaunchDevice, T: Element>(
     Ok((packed, absmax))
 }
 
-/// Dequantizes NF4 data through the CPU emulation of `k_nf4_dequantize`.
-pub fn dequantize_emulated<T: Element>(
-    packed: &[u8],
-    scales: Scales<'_>,
-    n: usize,
-    blocksize: usize,
-    code: &[f32; 16],
-) -> Result<Vec<T>> {
+/// Dequantizes the flattened `n · k` elements of `w` by `k_nf4_dequantize` into caller-owned
+/// `out` (`n · k` elements of `T`; e.g. one dequantization buffer reused by every layer).
+pub fn dequantize_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    w: &Nf4Weight<'_, D>,
+    out: &mut (impl KernelArgMut<D, T> + ?Sized),
+) -> Result<()> {
     const OP: &str = "nf4_dequantize";
-    let layout = Nf4Layout::new(OP, n, blocksize)?;
-    layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
-    check_scales(OP, &layout, scales.lens())?;
-    let mut out = vec![T::default(); n];
-    let params = dequantize_params(
-        packed.as_ptr(),
-        code.as_ptr(),
-        &scales,
-        out.as_mut_ptr().cast(),
-        &layout,
-        T::DTYPE as i32,
-    );
-    // SAFETY: `packed`, the scale buffers and `out` have the lengths the kernel reads and writes
-    // for `layout` (validated above) and stay alive across the synchronous launch.
-    unsafe { super::emu::launch(&DEQUANTIZE, &dequantize_launch(&layout)?, &params)? };
-    Ok(out)
+    let layout = w.layout(OP)?;
+    w.check_buffers(OP, &layout)?;
+    layout.check_len(OP, "out", out.len(), layout.n)?;
+    let cfg = dequantize_launch(&layout)?;
+    let (wp, op) = (w.ptrs(dev), out.ptr_mut(dev));
+    let params = QlNf4DequantizeParams {
+        packed: wp.packed.get(),
+        code: wp.code.get(),
+        absmax: wp.scales.absmax.get(),
+        absmax_q: wp.scales.absmax_q.get(),
+        nested_code: wp.scales.nested_code.get(),
+        nested_absmax: wp.scales.nested_absmax.get(),
+        out: op.void_mut(),
+        n: layout.n as i64,
+        nested_offset: wp.scales.nested_offset,
+        blocksize: layout.blocksize as i32,
+        nested_blocksize: wp.scales.nested_blocksize,
+        out_dtype: T::DTYPE as i32,
+    };
+    // SAFETY: the packed codes, code book, scales and `out` have exactly the lengths the kernel
+    // reads and writes for `layout` (validated above); the pointers' guards keep them alive and
+    // ordered until the launch is queued.
+    unsafe { dev.launch(&DEQUANTIZE, &cfg, &params) }
 }
 
-fn dequantize_params(
-    packed: *const u8,
-    code: *const f32,
-    scales: &Scales<'_>,
-    out: *mut c_void,
-    layout: &Nf4Layout,
-    out_dtype: i32,
-) -> QlNf4DequantizeParams {
-    let mut p = QlNf4DequantizeParams {
-        packed,
-        code,
-        out,
-        n: layout.n as i64,
-        blocksize: layout.blocksize as i32,
-        out_dtype,
-        ..Default::default()
-    };
-    match *scales {
-        Scales::F32(absmax) => p.absmax = absmax.as_ptr(),
-        Scales::Double {
-            absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-        } => {
-            p.absmax_q = absmax_q.as_ptr();
-            p.nested_absmax = nested_absmax.as_ptr();
-            p.nested_code = nested_code.as_ptr();
-            p.nested_offset = offset;
-            p.nested_blocksize = nested_blocksize as i32;
-        }
-    }
-    p
+/// Dequantizes the flattened `n · k` elements of `w` by `k_nf4_dequantize` into a new buffer.
+pub fn dequantize<D: LaunchDevice, T: Element>(
+    dev: &D,
+    w: &Nf4Weight<'_, D>,
+) -> Result<D::Buffer<T>> {
+    let layout = w.layout("nf4_dequantize")?;
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { dev.alloc::<T>(layout.n)? };
+    dequantize_into(dev, w, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(feature = "cuda")]
@@ -298,152 +508,11 @@ mod cuda_impl {
     use crate::quant::nf4::{Nf4Scales, Nf4Tensor};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Device, Tensor};
-    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
-    use std::sync::Arc;
+    use cudarc::driver::CudaSlice;
 
-    /// Device-side block scales, mirroring [`Scales`].
-    pub enum DeviceScales<'a> {
-        F32(&'a CudaSlice<f32>),
-        Double {
-            absmax_q: &'a CudaSlice<u8>,
-            nested_absmax: &'a CudaSlice<f32>,
-            nested_code: &'a CudaSlice<f32>,
-            offset: f32,
-            nested_blocksize: usize,
-        },
-    }
-
-    /// Device pointers of a set of scales, as the NF4 kernels' parameter structs take them.
-    pub(crate) struct ScalePtrs {
-        pub absmax: *const f32,
-        pub absmax_q: *const u8,
-        pub nested_absmax: *const f32,
-        pub nested_code: *const f32,
-        pub nested_offset: f32,
-        pub nested_blocksize: i32,
-    }
-
-    impl<'a> DeviceScales<'a> {
-        /// The scales' device pointers, with the guards that keep their buffers ordered on
-        /// `stream` until the launch that reads them is queued.
-        pub(crate) fn device_ptrs<'s>(
-            &'s self,
-            stream: &'s Arc<CudaStream>,
-        ) -> (ScalePtrs, Vec<SyncOnDrop<'s>>) {
-            let mut p = ScalePtrs {
-                absmax: std::ptr::null(),
-                absmax_q: std::ptr::null(),
-                nested_absmax: std::ptr::null(),
-                nested_code: std::ptr::null(),
-                nested_offset: 0.0,
-                nested_blocksize: 0,
-            };
-            let mut guards = Vec::new();
-            match self {
-                DeviceScales::F32(absmax) => {
-                    let (ptr, g) = absmax.device_ptr(stream);
-                    guards.push(g);
-                    p.absmax = ptr as *const f32;
-                }
-                DeviceScales::Double {
-                    absmax_q,
-                    nested_absmax,
-                    nested_code,
-                    offset,
-                    nested_blocksize,
-                } => {
-                    let (q, g0) = absmax_q.device_ptr(stream);
-                    let (na, g1) = nested_absmax.device_ptr(stream);
-                    let (nc, g2) = nested_code.device_ptr(stream);
-                    guards.extend([g0, g1, g2]);
-                    p.absmax_q = q as *const u8;
-                    p.nested_absmax = na as *const f32;
-                    p.nested_code = nc as *const f32;
-                    p.nested_offset = *offset;
-                    p.nested_blocksize = *nested_blocksize as i32;
-                }
-            }
-            (p, guards)
-        }
-    }
-
-    impl DeviceScales<'_> {
-        pub(crate) fn lens(&self) -> ScaleLens {
-            match self {
-                DeviceScales::F32(absmax) => ScaleLens::F32 {
-                    absmax: absmax.len(),
-                },
-                DeviceScales::Double {
-                    absmax_q,
-                    nested_absmax,
-                    nested_code,
-                    nested_blocksize,
-                    ..
-                } => ScaleLens::Double {
-                    absmax_q: absmax_q.len(),
-                    nested_absmax: nested_absmax.len(),
-                    nested_code: nested_code.len(),
-                    nested_blocksize: *nested_blocksize,
-                },
-            }
-        }
-    }
-
-    /// Dequantizes NF4 device data with `k_nf4_dequantize` into a new device buffer of `T`.
-    pub fn dequantize_cuda<T: Element>(
-        dev: &CudaDevice,
-        packed: &CudaSlice<u8>,
-        scales: DeviceScales<'_>,
-        n: usize,
-        blocksize: usize,
-        code: &CudaSlice<f32>,
-    ) -> Result<CudaSlice<T>> {
-        Nf4Layout::new("nf4_dequantize", n, blocksize)?;
-        // SAFETY: every element is written by the kernel before anyone reads it.
-        let mut out = unsafe { dev.stream().alloc::<T>(n) }.map_err(cuda_err)?;
-        dequantize_cuda_into(dev, packed, scales, blocksize, code, &mut out)?;
-        Ok(out)
-    }
-
-    /// [`dequantize_cuda`] into a caller-owned buffer of `n = out.len()` elements (e.g. one
-    /// dequantization buffer reused by every layer).
-    pub fn dequantize_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        packed: &CudaSlice<u8>,
-        scales: DeviceScales<'_>,
-        blocksize: usize,
-        code: &CudaSlice<f32>,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        const OP: &str = "nf4_dequantize";
-        let layout = Nf4Layout::new(OP, out.len(), blocksize)?;
-        layout.check_len(OP, "packed", packed.len(), layout.packed_bytes())?;
-        layout.check_len(OP, "code", code.len(), 16)?;
-        check_scales(OP, &layout, scales.lens())?;
-        let cfg = dequantize_launch(&layout)?;
-        let stream = dev.stream();
-        let (packed_ptr, _g0) = packed.device_ptr(stream);
-        let (code_ptr, _g1) = code.device_ptr(stream);
-        let (out_ptr, _g2) = out.device_ptr_mut(stream);
-        let mut p = QlNf4DequantizeParams {
-            packed: packed_ptr as *const u8,
-            code: code_ptr as *const f32,
-            out: out_ptr as *mut c_void,
-            n: layout.n as i64,
-            blocksize: layout.blocksize as i32,
-            out_dtype: T::DTYPE as i32,
-            ..Default::default()
-        };
-        let (sp, _scale_guards) = scales.device_ptrs(stream);
-        p.absmax = sp.absmax;
-        p.absmax_q = sp.absmax_q;
-        p.nested_absmax = sp.nested_absmax;
-        p.nested_code = sp.nested_code;
-        p.nested_offset = sp.nested_offset;
-        p.nested_blocksize = sp.nested_blocksize;
-        // SAFETY: every device buffer has the length the kernel reads or writes for `layout`
-        // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
-        unsafe { dev.launch(&DEQUANTIZE, &cfg, &p) }
+    /// The whole of a device buffer as a view.
+    fn whole<T>(slice: &CudaSlice<T>) -> cudarc::driver::CudaView<'_, T> {
+        slice.slice(0..slice.len())
     }
 
     /// One [`Nf4Tensor`] on a candle CUDA device: its packed codes, code book and block scales
@@ -556,7 +625,7 @@ mod cuda_impl {
         /// until `f` returns, so no one writes them while a launch that reads them is queued.
         pub fn with_weight<R>(
             &self,
-            f: impl FnOnce(crate::kernels::nf4_gemv::DeviceNf4Weight<'_>) -> Result<R>,
+            f: impl FnOnce(Nf4Weight<'_, CudaDevice>) -> Result<R>,
         ) -> Result<R> {
             const OP: &str = "Nf4DeviceTensor::with_weight";
             let (packed_s, packed_l) = self.packed.storage_and_layout();
@@ -575,7 +644,7 @@ mod cuda_impl {
                 .map(|t| t.storage_and_layout())
                 .collect();
             let scales = match (&self.scales, guards.as_slice()) {
-                (ScaleTensors::F32(_), [(s, l)]) => DeviceScales::F32(storage_slice(s, l)?),
+                (ScaleTensors::F32(_), [(s, l)]) => Scales::F32(whole(storage_slice(s, l)?)),
                 (
                     ScaleTensors::Double {
                         offset,
@@ -583,10 +652,10 @@ mod cuda_impl {
                         ..
                     },
                     [(q_s, q_l), (na_s, na_l), (nc_s, nc_l)],
-                ) => DeviceScales::Double {
-                    absmax_q: storage_slice(q_s, q_l)?,
-                    nested_absmax: storage_slice(na_s, na_l)?,
-                    nested_code: storage_slice(nc_s, nc_l)?,
+                ) => Scales::Double {
+                    absmax_q: whole(storage_slice(q_s, q_l)?),
+                    nested_absmax: whole(storage_slice(na_s, na_l)?),
+                    nested_code: whole(storage_slice(nc_s, nc_l)?),
                     offset: *offset,
                     nested_blocksize: *nested_blocksize,
                 },
@@ -596,22 +665,20 @@ mod cuda_impl {
                 [n, k] => (*n, *k),
                 _ => (1, self.layout.n),
             };
-            f(crate::kernels::nf4_gemv::DeviceNf4Weight {
-                packed: storage_slice(&packed_s, packed_l)?,
+            f(Nf4Weight {
+                packed: whole(storage_slice(&packed_s, packed_l)?),
                 scales,
                 n,
                 k,
                 blocksize: self.layout.blocksize,
-                code: storage_slice(&code_s, code_l)?,
+                code: whole(storage_slice(&code_s, code_l)?),
             })
         }
 
         fn dequantize_as<T: Element + CudaDType>(&self, dev: &CudaDevice) -> Result<Tensor> {
             // SAFETY: every element is written by the kernel before anyone reads it.
             let mut out = unsafe { dev.stream().alloc::<T>(self.layout.n) }.map_err(cuda_err)?;
-            self.with_weight(|w| {
-                dequantize_cuda_into(dev, w.packed, w.scales, w.blocksize, w.code, &mut out)
-            })?;
+            self.with_weight(|w| dequantize_into(dev, &w, &mut out))?;
             dev.tensor_from_slice(out, self.shape.as_slice())
         }
     }

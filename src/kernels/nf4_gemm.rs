@@ -11,10 +11,10 @@
 //! from a table the GPU bench measures (`benches/nf4_gemm_gpu.rs`), or by a default heuristic.
 
 use super::abi::{QlDtype, QlNf4GemmParams};
+use super::device::{Emulator, KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, LaunchConfig};
-use super::nf4::{check_scales, Nf4Layout, ScaleLens, Scales};
-use super::nf4_gemv::{Nf4Weight, MAX_M as GEMV_MAX_M};
-use crate::quant::nf4::{dequantize_absmax, dequantize_nf4, DoubleQuant};
+use super::nf4::{check_scales, Nf4Layout, Nf4Weight, ScaleLens};
+use super::nf4_gemv::MAX_M as GEMV_MAX_M;
 use crate::{Error, Result};
 use half::bf16;
 use serde::{Deserialize, Serialize};
@@ -164,7 +164,7 @@ pub fn gemm_launch(shape: &GemmShape) -> LaunchConfig {
     }
 }
 
-/// Buffer lengths one launch reads or writes, host or device.
+/// Buffer lengths one launch reads or writes.
 struct Lens {
     a: usize,
     packed: usize,
@@ -247,18 +247,19 @@ fn kernel(op: GemmOp, fast: bool) -> &'static super::launch::Kernel {
     }
 }
 
-fn validate_host<Y: Element>(
+/// [`validate`] for `w` and the lengths of the activations and the output.
+fn validate_args<D: LaunchDevice, Y: Element>(
     op: GemmOp,
-    a: &[bf16],
+    a: usize,
     m: usize,
-    w: &Nf4Weight<'_>,
+    w: &Nf4Weight<'_, D>,
+    out: usize,
 ) -> Result<GemmShape> {
-    let (_, out) = op.dims(w.n, w.k);
     let lens = Lens {
-        a: a.len(),
+        a,
         packed: w.packed.len(),
         code: w.code.len(),
-        out: m.saturating_mul(out),
+        out,
     };
     validate(
         op,
@@ -272,34 +273,22 @@ fn validate_host<Y: Element>(
 
 /// W `[n, k]` dequantized with `crate::quant::nf4` and rounded once to bf16, row-major: the weight
 /// every backend multiplies (bit-identical to `k_nf4_dequantize` with bf16 output).
-pub fn dequantize_weight_bf16(w: &Nf4Weight<'_>) -> Result<Vec<bf16>> {
-    let layout = Nf4Layout::new("nf4_gemm_ref", w.n.saturating_mul(w.k), w.blocksize)?;
-    check_scales("nf4_gemm_ref", &layout, w.scales.lens())?;
-    let absmax = match w.scales {
-        Scales::F32(absmax) => absmax.to_vec(),
-        Scales::Double {
-            absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-        } => dequantize_absmax(&DoubleQuant {
-            absmax_q: absmax_q.to_vec(),
-            nested_absmax: nested_absmax.to_vec(),
-            offset,
-            nested_blocksize,
-            nested_code: *nested_code,
-        }),
-    };
-    let dense = dequantize_nf4(w.packed, &absmax, layout.n, w.blocksize, w.code)?;
+pub fn dequantize_weight_bf16(w: &Nf4Weight<'_, Emulator>) -> Result<Vec<bf16>> {
+    let dense = w.dequantize_host("nf4_gemm_ref")?;
     Ok(dense.into_iter().map(bf16::from_f32).collect())
 }
 
 /// The reference: [`dequantize_weight_bf16`], then per output a sequential f32 sum of exact
 /// bf16 × bf16 products over the reduction index in increasing order, unrounded: `y [m, n]`
 /// (forward) or `dx [m, k]` (input gradient) in f32.
-pub fn nf4_gemm_ref(op: GemmOp, a: &[bf16], m: usize, w: &Nf4Weight<'_>) -> Result<Vec<f32>> {
-    let shape = validate_host::<f32>(op, a, m, w)?;
+pub fn nf4_gemm_ref(
+    op: GemmOp,
+    a: &[bf16],
+    m: usize,
+    w: &Nf4Weight<'_, Emulator>,
+) -> Result<Vec<f32>> {
+    let (_, out) = op.dims(w.n, w.k);
+    let shape = validate_args::<_, f32>(op, a.len(), m, w, m.saturating_mul(out))?;
     let weight: Vec<f32> = dequantize_weight_bf16(w)?
         .into_iter()
         .map(f32::from)
@@ -324,42 +313,53 @@ pub fn nf4_gemm_ref(op: GemmOp, a: &[bf16], m: usize, w: &Nf4Weight<'_>) -> Resu
     Ok(out)
 }
 
-/// The product through the CPU emulation of `k_nf4_gemm` / `k_nf4_gemm_dx`; `a` is x `[m, k]`
-/// (forward) or dy `[m, n]` (input gradient).
-pub fn nf4_gemm_emulated<Y: Element>(
+/// The product by `k_nf4_gemm` / `k_nf4_gemm_dx` (or their general variants where the fast
+/// kernels' alignment and divisibility assumptions do not hold) into a caller-owned output; `a`
+/// is x `[m, k]` (forward) or dy `[m, n]` (input gradient), `out` is y `[m, n]` or dx `[m, k]`.
+pub fn nf4_gemm_into<D: LaunchDevice, Y: Element>(
+    dev: &D,
     op: GemmOp,
-    a: &[bf16],
+    a: &(impl KernelArg<D, bf16> + ?Sized),
     m: usize,
-    w: &Nf4Weight<'_>,
-) -> Result<Vec<Y>> {
-    let shape = validate_host::<Y>(op, a, m, w)?;
-    let mut out = vec![Y::default(); shape.lens().1];
-    let mut p = base_params(&shape, Y::DTYPE);
-    p.a = a.as_ptr().cast();
-    p.packed = w.packed.as_ptr();
-    p.code = w.code.as_ptr();
-    p.out = out.as_mut_ptr().cast();
-    match w.scales {
-        Scales::F32(absmax) => p.absmax = absmax.as_ptr(),
-        Scales::Double {
-            absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-        } => {
-            p.absmax_q = absmax_q.as_ptr();
-            p.nested_absmax = nested_absmax.as_ptr();
-            p.nested_code = nested_code.as_ptr();
-            p.nested_offset = offset;
-            p.nested_blocksize = nested_blocksize as i32;
-        }
-    }
-    let fast = fast_path(&shape, a.as_ptr() as u64, w.packed.as_ptr() as u64);
+    w: &Nf4Weight<'_, D>,
+    out: &mut (impl KernelArgMut<D, Y> + ?Sized),
+) -> Result<()> {
+    let shape = validate_args::<D, Y>(op, a.len(), m, w, out.len())?;
+    let cfg = gemm_launch(&shape);
+    let (ap, wp, op_) = (a.ptr(dev), w.ptrs(dev), out.ptr_mut(dev));
+    let params = QlNf4GemmParams {
+        a: ap.void(),
+        packed: wp.packed.get(),
+        code: wp.code.get(),
+        absmax: wp.scales.absmax.get(),
+        absmax_q: wp.scales.absmax_q.get(),
+        nested_code: wp.scales.nested_code.get(),
+        nested_absmax: wp.scales.nested_absmax.get(),
+        out: op_.void_mut(),
+        nested_offset: wp.scales.nested_offset,
+        nested_blocksize: wp.scales.nested_blocksize,
+        ..base_params(&shape, Y::DTYPE)
+    };
+    let fast = fast_path(&shape, ap.void() as u64, wp.packed.void() as u64);
     // SAFETY: the activations, the weight's buffers and the output have exactly the lengths the
-    // kernel indexes for `shape` (validated above) and outlive the synchronous launch; the fast
-    // kernel is taken only where its alignment and divisibility assumptions hold.
-    unsafe { super::emu::launch(kernel(op, fast), &gemm_launch(&shape), &p)? };
+    // kernel indexes for `shape` (validated above), and the pointers' guards keep them alive and
+    // ordered until the launch is queued; the fast kernel is taken only where its alignment and
+    // divisibility assumptions hold.
+    unsafe { dev.launch(kernel(op, fast), &cfg, &params) }
+}
+
+/// [`nf4_gemm_into`] into a new buffer (`y [m, n]` or `dx [m, k]`).
+pub fn nf4_gemm<D: LaunchDevice, Y: Element>(
+    dev: &D,
+    op: GemmOp,
+    a: &(impl KernelArg<D, bf16> + ?Sized),
+    m: usize,
+    w: &Nf4Weight<'_, D>,
+) -> Result<D::Buffer<Y>> {
+    let shape = GemmShape::new(op, m, w.n, w.k, w.blocksize)?;
+    // SAFETY: the kernel writes every element of the output.
+    let mut out = unsafe { dev.alloc::<Y>(shape.lens().1)? };
+    nf4_gemm_into(dev, op, a, m, w, &mut out)?;
     Ok(out)
 }
 
@@ -523,61 +523,11 @@ pub use cuda_impl::*;
 #[cfg(feature = "cuda")]
 mod cuda_impl {
     use super::*;
-    use crate::kernels::abi::QlNf4DequantizeParams;
     use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use crate::kernels::nf4::{dequantize_launch, DEQUANTIZE};
-    use crate::kernels::nf4_gemv::{nf4_gemv_cuda_into, DeviceNf4Weight};
+    use crate::kernels::nf4::dequantize_into;
+    use crate::kernels::nf4_gemv::nf4_gemv_into;
     use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
-    use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-
-    /// The product with the tensor-core kernel into a caller-owned output (`y [m, n]` or
-    /// `dx [m, k]`), queued on the device's stream.
-    pub fn nf4_gemm_cuda_into<Y: Element>(
-        dev: &CudaDevice,
-        op: GemmOp,
-        a: &CudaSlice<bf16>,
-        m: usize,
-        w: &DeviceNf4Weight<'_>,
-        out: &mut CudaSlice<Y>,
-    ) -> Result<()> {
-        let lens = Lens {
-            a: a.len(),
-            packed: w.packed.len(),
-            code: w.code.len(),
-            out: out.len(),
-        };
-        let shape = validate(
-            op,
-            Y::DTYPE,
-            m,
-            (w.n, w.k, w.blocksize),
-            w.scales.lens(),
-            lens,
-        )?;
-        let stream = dev.stream();
-        let mut p = base_params(&shape, Y::DTYPE);
-        let (a_ptr, _ga) = a.device_ptr(stream);
-        let (packed_ptr, _gp) = w.packed.device_ptr(stream);
-        let (code_ptr, _gc) = w.code.device_ptr(stream);
-        let (sp, _scale_guards) = w.scales.device_ptrs(stream);
-        let (out_ptr, _go) = out.device_ptr_mut(stream);
-        p.a = a_ptr as *const c_void;
-        p.packed = packed_ptr as *const u8;
-        p.code = code_ptr as *const f32;
-        p.absmax = sp.absmax;
-        p.absmax_q = sp.absmax_q;
-        p.nested_absmax = sp.nested_absmax;
-        p.nested_code = sp.nested_code;
-        p.nested_offset = sp.nested_offset;
-        p.nested_blocksize = sp.nested_blocksize;
-        p.out = out_ptr as *mut c_void;
-        let fast = fast_path(&shape, a_ptr, packed_ptr);
-        // SAFETY: every device buffer has the length the kernel reads or writes for `shape`
-        // (validated above) and is kept ordered on `stream` by its guard until the launch is
-        // queued; the fast kernel is taken only where its assumptions hold.
-        unsafe { dev.launch(kernel(op, fast), &gemm_launch(&shape), &p) }
-    }
+    use cudarc::driver::CudaSlice;
 
     fn cuda_dtype(dtype: QlDtype) -> cublas_sys::cudaDataType {
         match dtype {
@@ -599,11 +549,11 @@ mod cuda_impl {
         dev: &CudaDevice,
         blas: &CudaBlas,
         op: GemmOp,
-        a: &CudaSlice<bf16>,
+        a: &(impl KernelArg<CudaDevice, bf16> + ?Sized),
         m: usize,
-        weight: &CudaView<'_, bf16>,
+        weight: &(impl KernelArg<CudaDevice, bf16> + ?Sized),
         (n, k): (usize, usize),
-        out: &mut CudaSlice<Y>,
+        out: &mut (impl KernelArgMut<CudaDevice, Y> + ?Sized),
     ) -> Result<()> {
         let name = op.name();
         if !matches!(Y::DTYPE, QlDtype::QL_DTYPE_F32 | QlDtype::QL_DTYPE_BF16) {
@@ -629,10 +579,7 @@ mod cuda_impl {
             GemmOp::Forward => (cublas_sys::cublasOperation_t::CUBLAS_OP_T, ni, ki, ki),
             GemmOp::InputGrad => (cublas_sys::cublasOperation_t::CUBLAS_OP_N, ki, ni, ni),
         };
-        let stream = dev.stream();
-        let (a_ptr, _ga) = a.device_ptr(stream);
-        let (w_ptr, _gw) = weight.device_ptr(stream);
-        let (out_ptr, _go) = out.device_ptr_mut(stream);
+        let (a_ptr, w_ptr, out_ptr) = (a.ptr(dev), weight.ptr(dev), out.ptr_mut(dev));
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the three buffers have the lengths cuBLAS reads and writes for these sizes and
         // leading dimensions (checked above), stay alive and ordered on the handle's stream (the
@@ -646,14 +593,14 @@ mod cuda_impl {
                 mi,
                 red,
                 (&alpha as *const f32).cast(),
-                w_ptr as *const c_void,
+                w_ptr.void(),
                 cublas_sys::cudaDataType::CUDA_R_16BF,
                 ki,
-                a_ptr as *const c_void,
+                a_ptr.void(),
                 cublas_sys::cudaDataType::CUDA_R_16BF,
                 ldb,
                 (&beta as *const f32).cast(),
-                out_ptr as *mut c_void,
+                out_ptr.void_mut(),
                 cuda_dtype(Y::DTYPE),
                 rows,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -691,25 +638,12 @@ mod cuda_impl {
             &mut self,
             dev: &CudaDevice,
             op: GemmOp,
-            a: &CudaSlice<bf16>,
+            a: &(impl KernelArg<CudaDevice, bf16> + ?Sized),
             m: usize,
-            w: &DeviceNf4Weight<'_>,
-            out: &mut CudaSlice<Y>,
+            w: &Nf4Weight<'_, CudaDevice>,
+            out: &mut (impl KernelArgMut<CudaDevice, Y> + ?Sized),
         ) -> Result<()> {
-            let lens = Lens {
-                a: a.len(),
-                packed: w.packed.len(),
-                code: w.code.len(),
-                out: out.len(),
-            };
-            let shape = validate(
-                op,
-                Y::DTYPE,
-                m,
-                (w.n, w.k, w.blocksize),
-                w.scales.lens(),
-                lens,
-            )?;
+            let shape = validate_args::<CudaDevice, Y>(op, a.len(), m, w, out.len())?;
             let numel = shape.weight.n;
             if self.buffer_elems() < numel {
                 // SAFETY: the first `numel` elements are written by the dequantize kernel below
@@ -721,31 +655,7 @@ mod cuda_impl {
                 .buffer
                 .as_mut()
                 .ok_or_else(|| Error::Cuda("dequantize buffer missing".into()))?;
-            let stream = dev.stream();
-            {
-                let mut view = buffer.slice_mut(0..numel);
-                let (packed_ptr, _gp) = w.packed.device_ptr(stream);
-                let (code_ptr, _gc) = w.code.device_ptr(stream);
-                let (sp, _scale_guards) = w.scales.device_ptrs(stream);
-                let (out_ptr, _go) = view.device_ptr_mut(stream);
-                let p = QlNf4DequantizeParams {
-                    packed: packed_ptr as *const u8,
-                    code: code_ptr as *const f32,
-                    absmax: sp.absmax,
-                    absmax_q: sp.absmax_q,
-                    nested_code: sp.nested_code,
-                    nested_absmax: sp.nested_absmax,
-                    out: out_ptr as *mut c_void,
-                    n: numel as i64,
-                    nested_offset: sp.nested_offset,
-                    blocksize: shape.weight.blocksize as i32,
-                    nested_blocksize: sp.nested_blocksize,
-                    out_dtype: QlDtype::QL_DTYPE_BF16 as i32,
-                };
-                // SAFETY: the weight's buffers were validated against its layout above, the view
-                // holds exactly `numel` bf16, and the guards order everything on `stream`.
-                unsafe { dev.launch(&DEQUANTIZE, &dequantize_launch(&shape.weight)?, &p)? };
-            }
+            dequantize_into(dev, w, &mut buffer.slice_mut(0..numel))?;
             let weight = buffer.slice(0..numel);
             dense_bf16_gemm_into(dev, &self.blas, op, a, m, &weight, (w.n, w.k), out)
         }
@@ -773,10 +683,10 @@ mod cuda_impl {
             dev: &CudaDevice,
             path: Nf4MatmulPath,
             op: GemmOp,
-            a: &CudaSlice<bf16>,
+            a: &(impl KernelArg<CudaDevice, bf16> + ?Sized),
             m: usize,
-            w: &DeviceNf4Weight<'_>,
-            out: &mut CudaSlice<Y>,
+            w: &Nf4Weight<'_, CudaDevice>,
+            out: &mut (impl KernelArgMut<CudaDevice, Y> + ?Sized),
         ) -> Result<()> {
             if !path.supports(op, m) {
                 return Err(Error::invalid(
@@ -785,8 +695,10 @@ mod cuda_impl {
                 ));
             }
             match path {
-                Nf4MatmulPath::Gemv => nf4_gemv_cuda_into::<bf16, Y>(dev, a, m, w, None, out),
-                Nf4MatmulPath::TensorCore => nf4_gemm_cuda_into(dev, op, a, m, w, out),
+                Nf4MatmulPath::Gemv => {
+                    nf4_gemv_into::<_, bf16, Y, CudaSlice<Y>>(dev, a, m, w, None, out)
+                }
+                Nf4MatmulPath::TensorCore => nf4_gemm_into(dev, op, a, m, w, out),
                 Nf4MatmulPath::DequantCublas => self.dequant.matmul_into(dev, op, a, m, w, out),
             }
         }
@@ -796,10 +708,10 @@ mod cuda_impl {
             &mut self,
             dev: &CudaDevice,
             op: GemmOp,
-            a: &CudaSlice<bf16>,
+            a: &(impl KernelArg<CudaDevice, bf16> + ?Sized),
             m: usize,
-            w: &DeviceNf4Weight<'_>,
-            out: &mut CudaSlice<Y>,
+            w: &Nf4Weight<'_, CudaDevice>,
+            out: &mut (impl KernelArgMut<CudaDevice, Y> + ?Sized),
         ) -> Result<()> {
             let path = self.plan.choose_path(op, m, w.n, w.k);
             self.run_path(dev, path, op, a, m, w, out)

@@ -1,12 +1,12 @@
 //! Launchers and the plain-Rust reference for `kernels/nf4_gemv.cu`, the small-M (decode) GEMV
 //! `y[M, N] = x[M, K] · dequant(W)[N, K]^T (+ bias[N])` for M ≤ 16: W in NF4 with f32 or
 //! double-quantized scales over the flattened `[N, K]` weight, x and y f32 or bf16 (bias in y's
-//! dtype), f32 accumulation and one rounding per output.
+//! dtype), f32 accumulation and one rounding per output. One launcher over any [`LaunchDevice`].
 
 use super::abi::{QlDtype, QlNf4GemvParams};
+use super::device::{opt_ptr, Emulator, KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
-use super::nf4::{check_scales, Nf4Layout, ScaleLens, Scales};
-use crate::quant::nf4::{dequantize_absmax, dequantize_nf4, DoubleQuant};
+use super::nf4::{check_scales, Nf4Layout, Nf4Weight, ScaleLens};
 use crate::{Error, Result};
 
 declare_kernels! {
@@ -99,19 +99,7 @@ pub fn gemv_launch(shape: &GemvShape) -> Result<LaunchConfig> {
     Ok(cfg)
 }
 
-/// An NF4 weight `[n, k]` in host memory, quantized over its flattened `n · k` elements.
-#[derive(Clone, Copy, Debug)]
-pub struct Nf4Weight<'a> {
-    /// `ceil(n · k / 2)` bytes, first element of a byte in the high nibble.
-    pub packed: &'a [u8],
-    pub scales: Scales<'a>,
-    pub n: usize,
-    pub k: usize,
-    pub blocksize: usize,
-    pub code: &'a [f32; 16],
-}
-
-/// Buffer lengths one launch reads or writes, host or device.
+/// Buffer lengths one launch reads or writes.
 struct Lens {
     x: usize,
     packed: usize,
@@ -173,20 +161,21 @@ fn base_params(shape: &GemvShape, x_dtype: QlDtype, y_dtype: QlDtype) -> QlNf4Ge
     }
 }
 
-/// [`validate`] for host buffers, the output being `m · n` elements the caller allocates.
-fn validate_host<X: Element, Y: Element>(
+/// [`validate`] for `w` and the lengths of x, the bias and y.
+fn validate_args<D: LaunchDevice, X: Element, Y: Element>(
     op: &'static str,
-    x: &[X],
     m: usize,
-    w: &Nf4Weight<'_>,
-    bias: Option<&[Y]>,
+    w: &Nf4Weight<'_, D>,
+    x: usize,
+    bias: Option<usize>,
+    y: usize,
 ) -> Result<GemvShape> {
     let lens = Lens {
-        x: x.len(),
+        x,
         packed: w.packed.len(),
         code: w.code.len(),
-        bias: bias.map(<[Y]>::len),
-        y: m.saturating_mul(w.n),
+        bias,
+        y,
     };
     validate(
         op,
@@ -204,28 +193,19 @@ fn validate_host<X: Element, Y: Element>(
 pub fn nf4_gemv_ref<X: Element, Y: Element>(
     x: &[X],
     m: usize,
-    w: &Nf4Weight<'_>,
+    w: &Nf4Weight<'_, Emulator>,
     bias: Option<&[Y]>,
 ) -> Result<Vec<f32>> {
     const OP: &str = "nf4_gemv_ref";
-    let shape = validate_host(OP, x, m, w, bias)?;
-    let absmax = match w.scales {
-        Scales::F32(absmax) => absmax.to_vec(),
-        Scales::Double {
-            absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-        } => dequantize_absmax(&DoubleQuant {
-            absmax_q: absmax_q.to_vec(),
-            nested_absmax: nested_absmax.to_vec(),
-            offset,
-            nested_blocksize,
-            nested_code: *nested_code,
-        }),
-    };
-    let weight = dequantize_nf4(w.packed, &absmax, shape.weight.n, w.blocksize, w.code)?;
+    validate_args::<_, X, Y>(
+        OP,
+        m,
+        w,
+        x.len(),
+        bias.map(<[Y]>::len),
+        m.saturating_mul(w.n),
+    )?;
+    let weight = w.dequantize_host(OP)?;
     let mut y = vec![0f32; m * w.n];
     for (x_row, y_row) in x.chunks_exact(w.k).zip(y.chunks_exact_mut(w.n)) {
         let x_row: Vec<f32> = x_row.iter().map(|v| v.to_f32()).collect();
@@ -240,136 +220,68 @@ pub fn nf4_gemv_ref<X: Element, Y: Element>(
     Ok(y)
 }
 
-/// `y = x · dequant(W)^T (+ bias)` through the CPU emulation of `k_nf4_gemv`; x is `[m, k]`.
-pub fn nf4_gemv_emulated<X: Element, Y: Element>(
-    x: &[X],
+/// `y = x · dequant(W)^T (+ bias)` by `k_nf4_gemv` (m = 1) or `k_nf4_gemv_rows` into a
+/// caller-owned `y` of `m · n` elements; x is `[m, k]`, the bias `[n]` in y's dtype.
+pub fn nf4_gemv_into<D, X, Y, B>(
+    dev: &D,
+    x: &(impl KernelArg<D, X> + ?Sized),
     m: usize,
-    w: &Nf4Weight<'_>,
-    bias: Option<&[Y]>,
-) -> Result<Vec<Y>> {
+    w: &Nf4Weight<'_, D>,
+    bias: Option<&B>,
+    y: &mut (impl KernelArgMut<D, Y> + ?Sized),
+) -> Result<()>
+where
+    D: LaunchDevice,
+    X: Element,
+    Y: Element,
+    B: KernelArg<D, Y> + ?Sized,
+{
     const OP: &str = "nf4_gemv";
-    let shape = validate_host(OP, x, m, w, bias)?;
-    let mut y = vec![Y::default(); m * w.n];
-    let mut p = base_params(&shape, X::DTYPE, Y::DTYPE);
-    p.x = x.as_ptr().cast();
-    p.packed = w.packed.as_ptr();
-    p.code = w.code.as_ptr();
-    p.bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
-    p.y = y.as_mut_ptr().cast();
-    match w.scales {
-        Scales::F32(absmax) => p.absmax = absmax.as_ptr(),
-        Scales::Double {
-            absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-        } => {
-            p.absmax_q = absmax_q.as_ptr();
-            p.nested_absmax = nested_absmax.as_ptr();
-            p.nested_code = nested_code.as_ptr();
-            p.nested_offset = offset;
-            p.nested_blocksize = nested_blocksize as i32;
-        }
-    }
+    let shape = validate_args::<D, X, Y>(OP, m, w, x.len(), bias.map(|b| b.len()), y.len())?;
+    let cfg = gemv_launch(&shape)?;
+    let (xp, wp, bp, yp) = (
+        x.ptr(dev),
+        w.ptrs(dev),
+        opt_ptr::<D, Y, B>(bias, dev),
+        y.ptr_mut(dev),
+    );
+    let params = QlNf4GemvParams {
+        x: xp.void(),
+        packed: wp.packed.get(),
+        code: wp.code.get(),
+        absmax: wp.scales.absmax.get(),
+        absmax_q: wp.scales.absmax_q.get(),
+        nested_code: wp.scales.nested_code.get(),
+        nested_absmax: wp.scales.nested_absmax.get(),
+        bias: bp.void(),
+        y: yp.void_mut(),
+        nested_offset: wp.scales.nested_offset,
+        nested_blocksize: wp.scales.nested_blocksize,
+        ..base_params(&shape, X::DTYPE, Y::DTYPE)
+    };
     // SAFETY: x, the weight's buffers, the bias and y have exactly the lengths the kernel indexes
-    // for `shape` (validated above) and outlive the synchronous launch.
-    unsafe { super::emu::launch(&gemv_kernel(&shape), &gemv_launch(&shape)?, &p)? };
-    Ok(y)
+    // for `shape` (validated above); the pointers' guards keep them alive and ordered until the
+    // launch is queued.
+    unsafe { dev.launch(&gemv_kernel(&shape), &cfg, &params) }
 }
 
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
-
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use crate::kernels::nf4::DeviceScales;
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-
-    /// An NF4 weight `[n, k]` in device memory, mirroring [`Nf4Weight`].
-    pub struct DeviceNf4Weight<'a> {
-        pub packed: &'a CudaSlice<u8>,
-        pub scales: DeviceScales<'a>,
-        pub n: usize,
-        pub k: usize,
-        pub blocksize: usize,
-        pub code: &'a CudaSlice<f32>,
-    }
-
-    /// `y = x · dequant(W)^T (+ bias)` with `k_nf4_gemv` into a new device buffer `[m, n]`.
-    pub fn nf4_gemv_cuda<X: Element, Y: Element>(
-        dev: &CudaDevice,
-        x: &CudaSlice<X>,
-        m: usize,
-        w: &DeviceNf4Weight<'_>,
-        bias: Option<&CudaSlice<Y>>,
-    ) -> Result<CudaSlice<Y>> {
-        let shape = GemvShape::new("nf4_gemv", m, w.n, w.k, w.blocksize)?;
-        // SAFETY: every element of y is written by the kernel before anyone reads it.
-        let mut y = unsafe { dev.stream().alloc::<Y>(shape.m * shape.n) }.map_err(cuda_err)?;
-        nf4_gemv_cuda_into(dev, x, m, w, bias, &mut y)?;
-        Ok(y)
-    }
-
-    /// [`nf4_gemv_cuda`] into a caller-owned `y` of `m · n` elements.
-    pub fn nf4_gemv_cuda_into<X: Element, Y: Element>(
-        dev: &CudaDevice,
-        x: &CudaSlice<X>,
-        m: usize,
-        w: &DeviceNf4Weight<'_>,
-        bias: Option<&CudaSlice<Y>>,
-        y: &mut CudaSlice<Y>,
-    ) -> Result<()> {
-        const OP: &str = "nf4_gemv";
-        let lens = Lens {
-            x: x.len(),
-            packed: w.packed.len(),
-            code: w.code.len(),
-            bias: bias.map(CudaSlice::len),
-            y: y.len(),
-        };
-        let shape = validate(
-            OP,
-            X::DTYPE,
-            Y::DTYPE,
-            m,
-            (w.n, w.k, w.blocksize),
-            w.scales.lens(),
-            lens,
-        )?;
-        let cfg = gemv_launch(&shape)?;
-        let stream = dev.stream();
-        let mut p = base_params(&shape, X::DTYPE, Y::DTYPE);
-        let mut guards = Vec::new();
-        let (ptr, g) = x.device_ptr(stream);
-        guards.push(g);
-        p.x = ptr as *const c_void;
-        let (ptr, g) = w.packed.device_ptr(stream);
-        guards.push(g);
-        p.packed = ptr as *const u8;
-        let (ptr, g) = w.code.device_ptr(stream);
-        guards.push(g);
-        p.code = ptr as *const f32;
-        if let Some(bias) = bias {
-            let (ptr, g) = bias.device_ptr(stream);
-            guards.push(g);
-            p.bias = ptr as *const c_void;
-        }
-        let (sp, scale_guards) = w.scales.device_ptrs(stream);
-        guards.extend(scale_guards);
-        p.absmax = sp.absmax;
-        p.absmax_q = sp.absmax_q;
-        p.nested_absmax = sp.nested_absmax;
-        p.nested_code = sp.nested_code;
-        p.nested_offset = sp.nested_offset;
-        p.nested_blocksize = sp.nested_blocksize;
-        let (y_ptr, _gy) = y.device_ptr_mut(stream);
-        p.y = y_ptr as *mut c_void;
-        // SAFETY: every device buffer has the length the kernel reads or writes for `shape`
-        // (validated above) and is kept ordered on `stream` by its guard until the launch is queued.
-        unsafe { dev.launch(&gemv_kernel(&shape), &cfg, &p) }
-    }
+/// [`nf4_gemv_into`] into a new buffer `[m, n]`.
+pub fn nf4_gemv<D, X, Y, B>(
+    dev: &D,
+    x: &(impl KernelArg<D, X> + ?Sized),
+    m: usize,
+    w: &Nf4Weight<'_, D>,
+    bias: Option<&B>,
+) -> Result<D::Buffer<Y>>
+where
+    D: LaunchDevice,
+    X: Element,
+    Y: Element,
+    B: KernelArg<D, Y> + ?Sized,
+{
+    let shape = GemvShape::new("nf4_gemv", m, w.n, w.k, w.blocksize)?;
+    // SAFETY: the kernel writes every element of y.
+    let mut y = unsafe { dev.alloc::<Y>(shape.m * shape.n)? };
+    nf4_gemv_into(dev, x, m, w, bias, &mut y)?;
+    Ok(y)
 }

@@ -220,7 +220,9 @@ enum AttentionInputs {
         cos: Tensor,
         sin: Tensor,
     },
-    Kernels(FusedInputs),
+    /// Boxed: with `cuda` it holds the device copies of the tables, far larger than three
+    /// tensor handles.
+    Kernels(Box<FusedInputs>),
 }
 
 impl AttentionInputs {
@@ -235,7 +237,7 @@ impl AttentionInputs {
             None => vec![true; b * t],
         };
         if let Some(fused) = FusedInputs::new(model, &keep, b, t) {
-            return Ok(Self::Kernels(fused));
+            return Ok(Self::Kernels(Box::new(fused)));
         }
         let mask = model.additive_mask(&keep, b, 0, t)?;
         let positions: Vec<usize> = (0..t).collect();
