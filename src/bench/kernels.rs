@@ -737,9 +737,7 @@ pub mod gpu {
     /// Cross-entropy forward (per-row loss and log-sum-exp) and backward (the logits' gradient
     /// written over them) at every M, over the model's vocabulary.
     pub fn cross_entropy(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::cross_entropy::{
-            cross_entropy_backward_cuda, cross_entropy_forward_cuda_into,
-        };
+        use crate::kernels::cross_entropy::{cross_entropy_backward, cross_entropy_forward_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let vocab = b.opts.shape.vocab;
         let mut rows = Vec::new();
@@ -754,7 +752,7 @@ pub mod gpu {
             let mut d_lse = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
             let shape = format!("[{m}, {vocab}]");
             let secs = time(dev, iters, || {
-                cross_entropy_forward_cuda_into(
+                cross_entropy_forward_into(
                     dev,
                     &d_logits,
                     &d_labels,
@@ -772,7 +770,7 @@ pub mod gpu {
             // Each call overwrites the logits with their gradient; the next reads that as logits,
             // the same work on finite values.
             let secs = time(dev, iters, || {
-                cross_entropy_backward_cuda(dev, &mut d_logits, &d_labels, &d_lse, vocab, 1.0)
+                cross_entropy_backward(dev, &mut d_logits, &d_labels, &d_lse, vocab, 1.0)
             })?;
             rows.push(memory_row(
                 "cross-entropy bwd bf16",

@@ -147,7 +147,7 @@ impl Kernels {
             .ok_or_else(|| Error::invalid("fused kernels", "no CUDA device for the CUDA path"))
     }
 
-    fn unavailable(&self) -> Error {
+    pub(crate) fn unavailable(&self) -> Error {
         Error::invalid(
             "fused kernels",
             format!("{} is not available in this build", self.path),
@@ -303,13 +303,13 @@ pub(crate) fn from_host<T: FusedElement>(values: Vec<T>, dims: &[usize]) -> Resu
 /// and compiled for the emulator and (feature `cuda`) the CUDA device.
 macro_rules! on_device {
     ($k:expr, |$dev:ident| $body:expr) => {
-        match $k.path {
-            KernelPath::Emulated => {
-                let $dev = &crate::kernels::device::Emulator::default();
+        match $k.path() {
+            $crate::model::fused::KernelPath::Emulated => {
+                let $dev = &$crate::kernels::device::Emulator::default();
                 $body
             }
             #[cfg(feature = "cuda")]
-            KernelPath::Cuda => {
+            $crate::model::fused::KernelPath::Cuda => {
                 let $dev = $k.device()?;
                 $body
             }
@@ -317,6 +317,7 @@ macro_rules! on_device {
         }
     };
 }
+pub(crate) use on_device;
 
 /// A launch device the runtime's tensors meet its kernels on (docs/ARCHITECTURE.md, "Launch
 /// devices"): tensors in, kernel buffers, tensors out. The emulator copies through host vectors;
