@@ -800,8 +800,8 @@ pub mod gpu {
         dtype: &str,
     ) -> Result<Vec<KernelRow>> {
         use crate::kernels::attention::{
-            attention_backward_cuda_into, attention_forward_cuda, attention_forward_cuda_into,
-            AttentionShape, DeviceAttentionGrads, DeviceAttentionInputs,
+            attention_backward_into, attention_forward, attention_forward_into, AttentionShape,
+            DeviceAttentionGrads, DeviceAttentionInputs,
         };
         let (dev, s) = (b.dev, b.dev.stream());
         let heads = b.opts.shape.heads;
@@ -825,13 +825,13 @@ pub mod gpu {
             v: &v,
             key_mask: None,
         };
-        let (mut o, mut lse) = attention_forward_cuda(dev, &shape, &inputs)?;
+        let (mut o, mut lse) = attention_forward(dev, &shape, &inputs)?;
         let fwd = time(dev, 10, || {
-            attention_forward_cuda_into(dev, &shape, &inputs, &mut o, &mut lse)
+            attention_forward_into(dev, &shape, &inputs, &mut o, &mut lse)
         })?;
-        let mut grads = DeviceAttentionGrads::<T>::alloc(dev, &shape)?;
+        let mut grads = DeviceAttentionGrads::alloc(dev, &shape)?;
         let bwd = time(dev, 10, || {
-            attention_backward_cuda_into(dev, &shape, &inputs, (&o, &lse, &d_o), &mut grads)
+            attention_backward_into(dev, &shape, &inputs, &o, &lse, &d_o, &mut grads)
         })?;
         let (h, t, d) = (heads as f64, seq as f64, shape.head_dim as f64);
         let fwd_flops = 4.0 * h * t * t * d / 2.0;
