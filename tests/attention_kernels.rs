@@ -6,6 +6,7 @@
 
 use half::bf16;
 use qlora::kernels::attention::*;
+use qlora::kernels::device::{Emulator, KernelArg, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -91,9 +92,60 @@ impl<T: Element> Case<T> {
     }
 }
 
-fn parity<T: Element>(case: &Case<T>) {
+/// A case's buffers on a device.
+struct OnDevice<D: LaunchDevice, T: Element> {
+    q: D::Buffer<T>,
+    k: D::Buffer<T>,
+    v: D::Buffer<T>,
+    d_o: D::Buffer<T>,
+    mask: Option<D::Buffer<u8>>,
+}
+
+impl<D: LaunchDevice, T: Element> OnDevice<D, T> {
+    fn new(dev: &D, case: &Case<T>) -> Self {
+        OnDevice {
+            q: dev.upload(&case.q).unwrap(),
+            k: dev.upload(&case.k).unwrap(),
+            v: dev.upload(&case.v).unwrap(),
+            d_o: dev.upload(&case.d_o).unwrap(),
+            mask: case.mask.as_ref().map(|m| dev.upload(m).unwrap()),
+        }
+    }
+
+    fn inputs(&self) -> DeviceAttentionInputs<'_, D, T> {
+        DeviceAttentionInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            key_mask: self.mask.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
+        }
+    }
+}
+
+/// Forward and backward on `dev`: `(o, lse, dq, dk, dv)` on the host.
+#[allow(clippy::type_complexity)]
+fn run<D: LaunchDevice, T: Element>(
+    dev: &D,
+    case: &Case<T>,
+) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>, Vec<T>) {
+    let bufs = OnDevice::new(dev, case);
+    let inputs = bufs.inputs();
+    let (o, lse) = attention_forward(dev, &case.shape, &inputs).unwrap();
+    let (dq, dk, dv) = attention_backward(dev, &case.shape, &inputs, &o, &lse, &bufs.d_o).unwrap();
+    let down = |b: &D::Buffer<T>| dev.download(b).unwrap();
+    (
+        down(&o),
+        dev.download(&lse).unwrap(),
+        down(&dq),
+        down(&dk),
+        down(&dv),
+    )
+}
+
+fn parity<D: LaunchDevice, T: Element>(dev: &D, case: &Case<T>) {
     let what = format!(
-        "{:?} mask={}",
+        "{} {:?} mask={}",
+        dev.label(),
         case.shape,
         if case.mask.is_some() {
             "padded"
@@ -103,15 +155,13 @@ fn parity<T: Element>(case: &Case<T>) {
     );
     let inputs = case.inputs();
     let (want_o, want_lse) = attention_forward_ref(&case.shape, &inputs).unwrap();
-    let (o, lse) = attention_forward_emulated(&case.shape, &inputs).unwrap();
+    let (o, lse, dq, dk, dv) = run(dev, case);
     check(&format!("o {what}"), Op::Attention, &o, &want_o);
     check::<f32>(&format!("lse {what}"), Op::Attention, &lse, &want_lse);
     assert!(widen(&o).iter().chain(&lse).all(|x| x.is_finite()));
 
     let (want_dq, want_dk, want_dv) =
         attention_backward_ref(&case.shape, &inputs, &o, &case.d_o).unwrap();
-    let (dq, dk, dv) =
-        attention_backward_emulated(&case.shape, &inputs, &o, &lse, &case.d_o).unwrap();
     check(&format!("dq {what}"), Op::AttentionBackward, &dq, &want_dq);
     check(&format!("dk {what}"), Op::AttentionBackward, &dk, &want_dk);
     check(&format!("dv {what}"), Op::AttentionBackward, &dv, &want_dv);
@@ -126,22 +176,35 @@ fn all_cases<T: Element>(seed: u64, each: impl Fn(&Case<T>)) {
     }
 }
 
+fn every_case_f32<D: LaunchDevice>(dev: &D) {
+    all_cases::<f32>(0, |c| parity(dev, c));
+}
+qlora::device_test!(attention_matches_reference_f32, every_case_f32);
+
+fn every_case_bf16<D: LaunchDevice>(dev: &D) {
+    all_cases::<bf16>(100, |c| parity(dev, c));
+}
+qlora::device_test!(attention_matches_reference_bf16, every_case_bf16);
+
+/// A Llama-sized head and a sequence spanning many tiles of every kernel: too slow for the
+/// emulation, on a GPU only.
 #[test]
-fn emulated_attention_matches_reference_f32() {
-    all_cases::<f32>(0, parity);
+fn attention_llama_head_on_a_gpu() {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = qlora::kernels::cuda::CudaDevice::first_available() {
+        let shape = AttentionShape::new(2, 4, 2, 300, 128).unwrap();
+        for mask in masks(&shape) {
+            parity(&dev, &Case::<bf16>::new(shape, mask, 400));
+        }
+    }
 }
 
-#[test]
-fn emulated_attention_matches_reference_bf16() {
-    all_cases::<bf16>(100, parity);
-}
-
-fn rows_that_see_no_key<T: Element>() {
+fn rows_that_see_no_key<D: LaunchDevice, T: Element>(dev: &D) {
     // Batch row 0 is left-padded by 2: its query rows 0 and 1 see no key and (as the runtime's
     // all-minimum scores give) take the mean of v over all T keys, with lse = ln T.
     let shape = AttentionShape::new(1, 1, 1, 5, 8).unwrap();
     let case = Case::<T>::new(shape, Some(vec![0, 0, 1, 1, 1]), 7);
-    let (o, lse) = attention_forward_emulated(&shape, &case.inputs()).unwrap();
+    let (o, lse, ..) = run(dev, &case);
     let (d, v) = (shape.head_dim, widen(&case.v));
     for row in 0..2 {
         let mean: Vec<f32> = (0..d)
@@ -159,21 +222,33 @@ fn rows_that_see_no_key<T: Element>() {
     check("one key", Op::Attention, &o[2 * d..3 * d], &v[2 * d..3 * d]);
 }
 
-#[test]
-fn rows_that_see_no_key_average_every_value() {
-    rows_that_see_no_key::<f32>();
-    rows_that_see_no_key::<bf16>();
+fn rows_that_see_no_key_every_dtype<D: LaunchDevice>(dev: &D) {
+    rows_that_see_no_key::<D, f32>(dev);
+    rows_that_see_no_key::<D, bf16>(dev);
 }
+qlora::device_test!(
+    rows_that_see_no_key_average_every_value,
+    rows_that_see_no_key_every_dtype
+);
 
-fn gqa_sums<T: Element + PartialEq + std::fmt::Debug>() {
+fn gqa_sums<D: LaunchDevice, T: Element + PartialEq + std::fmt::Debug>(dev: &D) {
     // Two runs of the backward give identical bits (no atomics), and dk/dv of a kv head equal the
     // sum of the gradients of its query heads computed one head at a time (Hkv = Hq).
     let shape = AttentionShape::new(1, 4, 2, 9, 8).unwrap();
     let case = Case::<T>::new(shape, None, 40);
-    let inputs = case.inputs();
-    let (o, lse) = attention_forward_emulated(&shape, &inputs).unwrap();
-    let first = attention_backward_emulated(&shape, &inputs, &o, &lse, &case.d_o).unwrap();
-    let second = attention_backward_emulated(&shape, &inputs, &o, &lse, &case.d_o).unwrap();
+    let bufs = OnDevice::new(dev, &case);
+    let inputs = bufs.inputs();
+    let (o, lse) = attention_forward(dev, &shape, &inputs).unwrap();
+    let backward = || {
+        let (dq, dk, dv) = attention_backward(dev, &shape, &inputs, &o, &lse, &bufs.d_o).unwrap();
+        (
+            dev.download(&dq).unwrap(),
+            dev.download(&dk).unwrap(),
+            dev.download(&dv).unwrap(),
+        )
+    };
+    let first = backward();
+    let second = backward();
     assert_eq!(first, second);
 
     let wide = AttentionShape::new(1, 4, 4, 9, 8).unwrap();
@@ -183,17 +258,19 @@ fn gqa_sums<T: Element + PartialEq + std::fmt::Debug>() {
             .flat_map(|c| c.iter().chain(c).copied().collect::<Vec<_>>())
             .collect()
     };
-    let (k4, v4) = (repeat(&case.k), repeat(&case.v));
-    let wide_inputs = AttentionInputs {
-        q: &case.q,
+    let (k4, v4) = (
+        dev.upload(&repeat(&case.k)).unwrap(),
+        dev.upload(&repeat(&case.v)).unwrap(),
+    );
+    let wide_inputs = DeviceAttentionInputs {
         k: &k4,
         v: &v4,
         key_mask: None,
+        ..inputs
     };
-    let (_, dk4, dv4) =
-        attention_backward_emulated(&wide, &wide_inputs, &o, &lse, &case.d_o).unwrap();
-    let fold = |x: &[T]| -> Vec<f32> {
-        widen(x)
+    let (_, dk4, dv4) = attention_backward(dev, &wide, &wide_inputs, &o, &lse, &bufs.d_o).unwrap();
+    let fold = |x: &D::Buffer<T>| -> Vec<f32> {
+        widen(&dev.download(x).unwrap())
             .chunks(2 * block)
             .flat_map(|c| (0..block).map(|e| c[e] + c[block + e]).collect::<Vec<_>>())
             .collect()
@@ -202,18 +279,34 @@ fn gqa_sums<T: Element + PartialEq + std::fmt::Debug>() {
     check("dv fold", Op::AttentionBackward, &first.2, &fold(&dv4));
 }
 
+fn gqa_sums_every_dtype<D: LaunchDevice>(dev: &D) {
+    gqa_sums::<D, f32>(dev);
+    gqa_sums::<D, bf16>(dev);
+}
+qlora::device_test!(
+    gradients_sum_over_the_gqa_group_deterministically,
+    gqa_sums_every_dtype
+);
+
+/// The emulator takes the reference's host inputs as they are.
 #[test]
-fn gradients_sum_over_the_gqa_group_deterministically() {
-    gqa_sums::<f32>();
-    gqa_sums::<bf16>();
+fn host_inputs_run_on_the_emulator() {
+    let dev = Emulator::default();
+    let shape = AttentionShape::new(2, 6, 2, 5, 16).unwrap();
+    let case = Case::<f32>::new(shape, masks(&shape).pop().unwrap(), 3);
+    let host = case.inputs();
+    let (o, lse) = attention_forward(&dev, &shape, &DeviceAttentionInputs::host(&host)).unwrap();
+    let (want_o, lse_run, ..) = run(&dev, &case);
+    assert_eq!(o, want_o);
+    assert_eq!(lse, lse_run);
 }
 
-fn is_invalid<T: std::fmt::Debug>(r: qlora::Result<T>) -> bool {
+fn is_invalid<T>(r: qlora::Result<T>) -> bool {
     matches!(r, Err(Error::InvalidArgument { .. }))
 }
 
 #[test]
-fn invalid_arguments_are_rejected() {
+fn invalid_shapes_are_rejected() {
     assert!(is_invalid(AttentionShape::new(1, 3, 2, 4, 8)));
     assert!(is_invalid(AttentionShape::new(1, 2, 1, 4, 12)));
     assert!(is_invalid(AttentionShape::new(1, 2, 1, 4, 136)));
@@ -222,104 +315,66 @@ fn invalid_arguments_are_rejected() {
     assert!(is_invalid(AttentionShape::new(1, 0, 1, 4, 8)));
     let shape = AttentionShape::new(1, 2, 1, 4, 8).unwrap();
     let case = Case::<f32>::new(shape, Some(vec![1, 1, 2, 1]), 1);
-    assert!(is_invalid(attention_forward_emulated(
-        &shape,
-        &case.inputs()
-    )));
     assert!(is_invalid(attention_forward_ref(&shape, &case.inputs())));
-    let short = AttentionInputs {
-        q: &case.q[1..],
-        k: &case.k,
-        v: &case.v,
-        key_mask: None,
+}
+
+fn invalid_arguments<D: LaunchDevice>(dev: &D) {
+    let shape = AttentionShape::new(1, 2, 1, 4, 8).unwrap();
+    let case = Case::<f32>::new(shape, None, 1);
+    let bufs = OnDevice::new(dev, &case);
+    let ok = bufs.inputs();
+    let q_short = dev.slice(&bufs.q, 1..shape.q_len()).unwrap();
+    let short = DeviceAttentionInputs { q: &q_short, ..ok };
+    assert!(is_invalid(attention_forward(dev, &shape, &short)));
+    let mask3 = dev.upload(&[1u8, 1, 1]).unwrap();
+    let mask_short = DeviceAttentionInputs {
+        key_mask: Some(&mask3),
+        ..ok
     };
-    assert!(is_invalid(attention_forward_emulated(&shape, &short)));
-    let mask_short = AttentionInputs {
-        key_mask: Some(&[1, 1, 1]),
-        ..case.inputs()
-    };
-    assert!(is_invalid(attention_forward_emulated(&shape, &mask_short)));
-    let ok = AttentionInputs {
-        key_mask: None,
-        ..case.inputs()
-    };
-    let (o, lse) = attention_forward_emulated(&shape, &ok).unwrap();
-    assert!(is_invalid(attention_backward_emulated(
+    assert!(is_invalid(attention_forward(dev, &shape, &mask_short)));
+    let (o, lse) = attention_forward(dev, &shape, &ok).unwrap();
+    let lse_short = dev.slice(&lse, 1..shape.rows()).unwrap();
+    assert!(is_invalid(attention_backward(
+        dev, &shape, &ok, &o, &lse_short, &bufs.d_o
+    )));
+    let o_short = dev.slice(&o, 1..shape.q_len()).unwrap();
+    assert!(is_invalid(attention_backward(
+        dev, &shape, &ok, &o_short, &lse, &bufs.d_o
+    )));
+    let (mut o_small, mut lse_ok) = (
+        dev.zeros::<f32>(3).unwrap(),
+        dev.zeros::<f32>(shape.rows()).unwrap(),
+    );
+    assert!(is_invalid(attention_forward_into(
+        dev,
         &shape,
         &ok,
-        &o,
-        &lse[1..],
-        &case.d_o
+        &mut o_small,
+        &mut lse_ok
     )));
-    assert!(is_invalid(attention_backward_emulated(
-        &shape,
-        &ok,
-        &o[1..],
-        &lse,
-        &case.d_o
+    let wide = AttentionShape::new(1, 2, 2, 4, 8).unwrap();
+    let mut wrong = DeviceAttentionGrads::<D, f32>::alloc(dev, &wide).unwrap();
+    assert!(is_invalid(attention_backward_into(
+        dev, &shape, &ok, &o, &lse, &bufs.d_o, &mut wrong
     )));
-    let h: Vec<half::f16> = vec![half::f16::ONE; shape.q_len()];
-    let hk: Vec<half::f16> = vec![half::f16::ONE; shape.kv_len()];
-    let f16_inputs = AttentionInputs {
+    let h = dev.upload(&vec![half::f16::ONE; shape.q_len()]).unwrap();
+    let hk = dev.upload(&vec![half::f16::ONE; shape.kv_len()]).unwrap();
+    let f16_inputs = DeviceAttentionInputs {
         q: &h,
         k: &hk,
         v: &hk,
         key_mask: None,
     };
-    assert!(is_invalid(attention_forward_emulated(&shape, &f16_inputs)));
+    assert!(is_invalid(attention_forward(dev, &shape, &f16_inputs)));
 }
+qlora::device_test!(invalid_arguments_are_rejected, invalid_arguments);
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use qlora::kernels::cuda::CudaDevice;
-
-    fn cuda_parity<T: Element>(dev: &CudaDevice, case: &Case<T>) {
-        let s = dev.stream();
-        let what = format!("cuda {:?}", case.shape);
-        let (q, k, v) = (
-            s.clone_htod(&case.q).unwrap(),
-            s.clone_htod(&case.k).unwrap(),
-            s.clone_htod(&case.v).unwrap(),
-        );
-        let mask = case.mask.as_ref().map(|m| s.clone_htod(m).unwrap());
-        let inputs = DeviceAttentionInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            key_mask: mask.as_ref(),
-        };
-        let (o, lse) = attention_forward_cuda(dev, &case.shape, &inputs).unwrap();
-        let (ho, hlse) = (s.clone_dtoh(&o).unwrap(), s.clone_dtoh(&lse).unwrap());
-        let (want_o, want_lse) = attention_forward_ref(&case.shape, &case.inputs()).unwrap();
-        check(&format!("o {what}"), Op::Attention, &ho, &want_o);
-        check::<f32>(&format!("lse {what}"), Op::Attention, &hlse, &want_lse);
-
-        let d_o = s.clone_htod(&case.d_o).unwrap();
-        let mut grads = DeviceAttentionGrads::<T>::alloc(dev, &case.shape).unwrap();
-        attention_backward_cuda_into(dev, &case.shape, &inputs, (&o, &lse, &d_o), &mut grads)
-            .unwrap();
-        let (want_dq, want_dk, want_dv) =
-            attention_backward_ref(&case.shape, &case.inputs(), &ho, &case.d_o).unwrap();
-        let dq = s.clone_dtoh(&grads.dq).unwrap();
-        let dk = s.clone_dtoh(&grads.dk).unwrap();
-        let dv = s.clone_dtoh(&grads.dv).unwrap();
-        check(&format!("dq {what}"), Op::AttentionBackward, &dq, &want_dq);
-        check(&format!("dk {what}"), Op::AttentionBackward, &dk, &want_dk);
-        check(&format!("dv {what}"), Op::AttentionBackward, &dv, &want_dv);
-    }
-
-    #[test]
-    fn cuda_attention_matches_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        all_cases::<f32>(200, |c| cuda_parity(&dev, c));
-        all_cases::<bf16>(300, |c| cuda_parity(&dev, c));
-        // A Llama-sized head and a sequence spanning many tiles of every kernel.
-        let shape = AttentionShape::new(2, 4, 2, 300, 128).unwrap();
-        for mask in masks(&shape) {
-            cuda_parity(&dev, &Case::<bf16>::new(shape, mask, 400));
-        }
-    }
+/// The mask lives on the device, so its values are not checked: any non-zero byte attends, as 1
+/// does.
+fn any_nonzero_mask_byte_attends<D: LaunchDevice>(dev: &D) {
+    let shape = AttentionShape::new(1, 2, 1, 4, 8).unwrap();
+    let ones = run(dev, &Case::<f32>::new(shape, Some(vec![0, 1, 1, 1]), 1));
+    let other = run(dev, &Case::<f32>::new(shape, Some(vec![0, 1, 2, 255]), 1));
+    assert_eq!(ones, other);
 }
+qlora::device_test!(a_nonzero_mask_byte_attends, any_nonzero_mask_byte_attends);

@@ -6,6 +6,7 @@
 use candle_core::{Device, Tensor, Var};
 use half::{bf16, f16};
 use qlora::kernels::cross_entropy::*;
+use qlora::kernels::device::{Emulator, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -63,28 +64,20 @@ fn grad_scale(labels: &[i32]) -> f32 {
     1.0 / label_tokens(labels).max(1) as f32
 }
 
-/// Forward and backward of reference and emulation on `logits`; the backward of both starts from
-/// the reference lse, so they differ only in their arithmetic. The in-place buffer of the backward
-/// starts `pad` elements into its allocation (1 keeps a misaligned input misaligned).
-fn parity<T: Element>(what: &str, logits: &[T], labels: &[i32], vocab: usize, pad: usize) {
-    let what = format!("{what} {:?}", dtype::<T>());
-    let (want_loss, want_lse) = cross_entropy_forward_ref(logits, labels, vocab).unwrap();
-    let (loss, lse) = cross_entropy_forward_emulated(logits, labels, vocab).unwrap();
-    check_f32(&format!("{what} loss"), Op::CrossEntropy, &loss, &want_loss);
-    check_f32(&format!("{what} lse"), Op::CrossEntropy, &lse, &want_lse);
-    assert!(loss.iter().all(|l| l.is_finite()), "{what}: {loss:?}");
-
-    let scale = grad_scale(labels);
-    let want_d = cross_entropy_backward_ref(logits, labels, &want_lse, vocab, scale).unwrap();
-    let mut buf = vec![T::default(); pad];
-    buf.extend_from_slice(logits);
-    let d = &mut buf[pad..];
-    cross_entropy_backward_emulated(d, labels, &want_lse, vocab, scale).unwrap();
+/// The checks of a backward's `d` (in T) against the reference and the row invariants.
+fn check_backward<T: Element>(
+    what: &str,
+    d: &[T],
+    want_d: &[f32],
+    labels: &[i32],
+    vocab: usize,
+    scale: f32,
+) {
     check(
         &format!("{what} dlogits"),
         Op::CrossEntropyBackward,
         d,
-        &want_d,
+        want_d,
     );
     for (r, &label) in labels.iter().enumerate() {
         let row = widen(&d[r * vocab..(r + 1) * vocab]);
@@ -98,56 +91,148 @@ fn parity<T: Element>(what: &str, logits: &[T], labels: &[i32], vocab: usize, pa
     }
 }
 
-fn random_parity<T: Element>(rows: usize, vocab: usize, seed: u64) {
+/// Forward and backward of reference and device on `logits`; the device backward starts from
+/// the reference lse, so they differ only in their arithmetic. Returns the device losses.
+fn parity<D: LaunchDevice, T: Element>(
+    dev: &D,
+    what: &str,
+    logits: &[T],
+    labels: &[i32],
+    vocab: usize,
+) -> Vec<f32> {
+    let what = format!("{} {what} {:?}", dev.label(), dtype::<T>());
+    let (want_loss, want_lse) = cross_entropy_forward_ref(logits, labels, vocab).unwrap();
+    let (mut d_logits, d_labels) = (dev.upload(logits).unwrap(), dev.upload(labels).unwrap());
+    let (loss, lse) = cross_entropy_forward(dev, &d_logits, &d_labels, vocab).unwrap();
+    let (loss, lse) = (dev.download(&loss).unwrap(), dev.download(&lse).unwrap());
+    check_f32(&format!("{what} loss"), Op::CrossEntropy, &loss, &want_loss);
+    check_f32(&format!("{what} lse"), Op::CrossEntropy, &lse, &want_lse);
+    assert!(loss.iter().all(|l| l.is_finite()), "{what}: {loss:?}");
+
+    let scale = grad_scale(labels);
+    let want_d = cross_entropy_backward_ref(logits, labels, &want_lse, vocab, scale).unwrap();
+    let ref_lse = dev.upload(&want_lse).unwrap();
+    cross_entropy_backward(dev, &mut d_logits, &d_labels, &ref_lse, vocab, scale).unwrap();
+    let d = dev.download(&d_logits).unwrap();
+    check_backward(&what, &d, &want_d, labels, vocab, scale);
+    loss
+}
+
+fn random_parity<D: LaunchDevice, T: Element>(dev: &D, rows: usize, vocab: usize, seed: u64) {
     let logits: Vec<T> = cast(&normal_vector(rows * vocab, 3.0, seed));
     let labels = labels_for(rows, vocab, seed);
     parity(
+        dev,
         &format!("rows={rows} vocab={vocab}"),
         &logits,
         &labels,
         vocab,
-        0,
     );
 }
 
-#[test]
-fn emulated_cross_entropy_matches_reference_forward_and_backward() {
+fn every_shape_and_dtype<D: LaunchDevice>(dev: &D) {
     let mut seed = 0;
     for &rows in ROWS {
         for &vocab in VOCABS {
-            random_parity::<f32>(rows, vocab, seed);
-            random_parity::<bf16>(rows, vocab, seed + 1);
+            random_parity::<D, f32>(dev, rows, vocab, seed);
+            random_parity::<D, bf16>(dev, rows, vocab, seed + 1);
             seed += 2;
         }
     }
-    random_parity::<f32>(3, 32000, 100);
-    random_parity::<bf16>(3, 32000, 101);
-    random_parity::<bf16>(2, 320, 102);
+    random_parity::<D, f32>(dev, 3, 32000, 100);
+    random_parity::<D, bf16>(dev, 3, 32000, 101);
+    random_parity::<D, bf16>(dev, 2, 320, 102);
+}
+qlora::device_test!(
+    cross_entropy_matches_reference_forward_and_backward,
+    every_shape_and_dtype
+);
+
+/// Large vocabularies and a long chunk, too slow for the emulation: on a GPU only.
+#[test]
+fn cross_entropy_large_shapes_on_a_gpu() {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = qlora::kernels::cuda::CudaDevice::first_available() {
+        let mut seed = 200;
+        for &rows in ROWS {
+            for vocab in [32000, 128256] {
+                random_parity::<_, f32>(&dev, rows, vocab, seed);
+                random_parity::<_, bf16>(&dev, rows, vocab, seed);
+                seed += 1;
+            }
+        }
+        random_parity::<_, bf16>(&dev, 1024, 32000, 300);
+    }
 }
 
-#[test]
-fn emulated_cross_entropy_takes_the_scalar_path_on_misaligned_rows() {
-    // Offsetting the buffer by one element breaks 16-byte alignment with vocab % 8 == 0.
+/// Offsetting the buffer by one element breaks 16-byte alignment with vocab % 8 == 0. The
+/// forward reads a misaligned view; the backward overwrites `buf[1..]` in place.
+fn misaligned<T: Element>(f: &[f32]) -> (Vec<T>, usize, usize, Vec<i32>) {
     let (rows, vocab) = (3, 320);
     let labels = labels_for(rows, vocab, 7);
-    let f: Vec<f32> = normal_vector(rows * vocab + 1, 3.0, 8);
-    parity("misaligned", &f[1..], &labels, vocab, 1);
-    let b: Vec<bf16> = cast(&f);
-    parity("misaligned", &b[1..], &labels, vocab, 1);
+    let v: Vec<T> = cast(&f[..rows * vocab + 1]);
+    (v, rows, vocab, labels)
+}
+
+fn misaligned_forward<D: LaunchDevice, T: Element>(dev: &D, f: &[f32]) {
+    let (v, rows, vocab, labels) = misaligned::<T>(f);
+    let what = format!("{} misaligned {:?}", dev.label(), dtype::<T>());
+    let (want_loss, want_lse) = cross_entropy_forward_ref(&v[1..], &labels, vocab).unwrap();
+    let (buf, d_labels) = (dev.upload(&v).unwrap(), dev.upload(&labels).unwrap());
+    let view = dev.slice(&buf, 1..rows * vocab + 1).unwrap();
+    let (loss, lse) = cross_entropy_forward(dev, &view, &d_labels, vocab).unwrap();
+    let (loss, lse) = (dev.download(&loss).unwrap(), dev.download(&lse).unwrap());
+    check_f32(&format!("{what} loss"), Op::CrossEntropy, &loss, &want_loss);
+    check_f32(&format!("{what} lse"), Op::CrossEntropy, &lse, &want_lse);
+}
+
+fn misaligned_forwards<D: LaunchDevice>(dev: &D) {
+    let f = normal_vector(3 * 320 + 1, 3.0, 8);
+    misaligned_forward::<D, f32>(dev, &f);
+    misaligned_forward::<D, bf16>(dev, &f);
+}
+qlora::device_test!(
+    cross_entropy_forward_takes_the_scalar_path_on_misaligned_rows,
+    misaligned_forwards
+);
+
+/// The in-place backward at an odd offset (a host sub-slice, which the emulator takes as a
+/// buffer).
+fn misaligned_backward<T: Element>(f: &[f32]) {
+    let dev = Emulator::default();
+    let (mut v, _, vocab, labels) = misaligned::<T>(f);
+    let what = format!("misaligned {:?}", dtype::<T>());
+    let (_, want_lse) = cross_entropy_forward_ref(&v[1..], &labels, vocab).unwrap();
+    let scale = grad_scale(&labels);
+    let want_d = cross_entropy_backward_ref(&v[1..], &labels, &want_lse, vocab, scale).unwrap();
+    cross_entropy_backward(&dev, &mut v[1..], &labels, &want_lse, vocab, scale).unwrap();
+    check_backward(&what, &v[1..], &want_d, &labels, vocab, scale);
 }
 
 #[test]
-fn all_ignored_chunk_gives_zero_loss_and_zero_gradient() {
+fn emulated_cross_entropy_backward_takes_the_scalar_path_on_misaligned_rows() {
+    let f = normal_vector(3 * 320 + 1, 3.0, 8);
+    misaligned_backward::<f32>(&f);
+    misaligned_backward::<bf16>(&f);
+}
+
+fn all_ignored<D: LaunchDevice>(dev: &D) {
     let (rows, vocab) = (3, 300);
     let logits = normal_vector(rows * vocab, 3.0, 9);
     let labels = vec![IGNORE_INDEX; rows];
     assert_eq!(label_tokens(&labels), 0);
-    let (loss, lse) = cross_entropy_forward_emulated(&logits, &labels, vocab).unwrap();
+    let (mut d, d_labels) = (dev.upload(&logits).unwrap(), dev.upload(&labels).unwrap());
+    let (loss, lse) = cross_entropy_forward(dev, &d, &d_labels, vocab).unwrap();
+    let (loss, lse) = (dev.download(&loss).unwrap(), dev.download(&lse).unwrap());
     assert_eq!((loss, lse), (vec![0.0; rows], vec![0.0; rows]));
-    let mut d = logits.clone();
-    cross_entropy_backward_emulated(&mut d, &labels, &[0.0; 3], vocab, 0.5).unwrap();
-    assert!(d.iter().all(|&v| v == 0.0));
+    let zero_lse = dev.upload(&[0f32; 3]).unwrap();
+    cross_entropy_backward(dev, &mut d, &d_labels, &zero_lse, vocab, 0.5).unwrap();
+    assert!(dev.download(&d).unwrap().iter().all(|&v| v == 0.0));
 }
+qlora::device_test!(
+    all_ignored_chunk_gives_zero_loss_and_zero_gradient,
+    all_ignored
+);
 
 /// Rows mixing logits near ±1e4 (and one -inf): a naive exp overflows, the online max keeps
 /// everything finite. The label sits on a large logit, a small one, and the masked one's neighbour.
@@ -172,24 +257,18 @@ fn extreme_logits(rows: usize, vocab: usize) -> (Vec<f32>, Vec<i32>) {
     (logits, labels)
 }
 
-#[test]
-fn extreme_logits_stay_finite_and_match_the_reference() {
+fn extreme<D: LaunchDevice>(dev: &D) {
     for vocab in [7, 300, 4097] {
         let (logits, labels) = extreme_logits(9, vocab);
-        parity(&format!("±1e4 vocab={vocab}"), &logits, &labels, vocab, 0);
-        parity(
-            &format!("±1e4 vocab={vocab}"),
-            &cast::<bf16>(&logits),
-            &labels,
-            vocab,
-            0,
-        );
-        let (loss, _) = cross_entropy_forward_emulated(&logits, &labels, vocab).unwrap();
+        let what = format!("±1e4 vocab={vocab}");
+        let loss = parity(dev, &what, &logits, &labels, vocab);
+        parity(dev, &what, &cast::<bf16>(&logits), &labels, vocab);
         // A label on a ~-1e4 logit among ~+1e4 ones costs ~2e4; one among the largest costs ~ln(V / 5).
         assert!(loss[1] > 1.9e4, "{}", loss[1]);
         assert!(loss[0] < (vocab as f32).ln() + 3.0, "{}", loss[0]);
     }
 }
+qlora::device_test!(extreme_logits_stay_finite_and_match_the_reference, extreme);
 
 fn var(v: &[f32], shape: &[usize]) -> Var {
     Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()
@@ -249,116 +328,133 @@ fn reference_matches_candle_autograd() {
     }
 }
 
-fn is_invalid<T: std::fmt::Debug>(r: qlora::Result<T>) -> bool {
+fn is_invalid<T>(r: qlora::Result<T>) -> bool {
     matches!(r, Err(Error::InvalidArgument { .. }))
 }
 
-#[test]
-fn invalid_arguments_are_rejected() {
+fn invalid_arguments<D: LaunchDevice>(dev: &D) {
     let logits = vec![0f32; 3 * 5];
-    let lse = [0f32; 3];
-    let fwd = |labels: &[i32]| cross_entropy_forward_emulated(&logits, labels, 5);
-    assert!(is_invalid(fwd(&[0, 5, 1])));
-    assert!(is_invalid(fwd(&[0, -1, 1])));
-    assert!(is_invalid(fwd(&[0, -101, 1])));
-    assert!(is_invalid(fwd(&[0, 1])));
-    assert!(is_invalid(fwd(&[])));
+    let d_logits = dev.upload(&logits).unwrap();
+    let up = |l: &[i32]| dev.upload(l).unwrap();
+    let (labels, short, empty) = (up(&[0, 1, 2]), up(&[0, 1]), up(&[]));
+    let fwd = |labels: &D::Buffer<i32>| cross_entropy_forward(dev, &d_logits, labels, 5);
+    assert!(is_invalid(fwd(&short)));
+    assert!(is_invalid(fwd(&empty)));
     assert!(is_invalid(cross_entropy_forward_ref(
         &logits,
         &[0, 5, 1],
         5
     )));
-    assert!(is_invalid(cross_entropy_forward_emulated(
+    assert!(is_invalid(cross_entropy_forward_ref(
         &logits,
-        &[0, 1, 2],
-        0
-    )));
-    assert!(is_invalid(cross_entropy_forward_emulated(
-        &logits[..14],
-        &[0, 1, 2],
+        &[0, -1, 1],
         5
     )));
-    let half_logits = vec![f16::ZERO; 15];
-    assert!(is_invalid(cross_entropy_forward_emulated(
+    assert!(is_invalid(cross_entropy_forward(
+        dev, &d_logits, &labels, 0
+    )));
+    let logits14 = dev.slice(&d_logits, 0..14).unwrap();
+    assert!(is_invalid(cross_entropy_forward(
+        dev, &logits14, &labels, 5
+    )));
+    let half_logits = dev.upload(&[f16::ZERO; 15]).unwrap();
+    assert!(is_invalid(cross_entropy_forward(
+        dev,
         &half_logits,
-        &[0, 1, 2],
+        &labels,
         5
+    )));
+    let (mut losses, mut lse2) = (
+        dev.upload(&[0f32; 3]).unwrap(),
+        dev.upload(&[0f32; 2]).unwrap(),
+    );
+    assert!(is_invalid(cross_entropy_forward_into(
+        dev,
+        &d_logits,
+        &labels,
+        5,
+        &mut losses,
+        &mut lse2
     )));
 
-    let mut d = logits.clone();
-    let mut bwd = |labels: &[i32], lse: &[f32], scale: f32| {
-        cross_entropy_backward_emulated(&mut d, labels, lse, 5, scale)
-    };
-    assert!(is_invalid(bwd(&[0, 1, 2], &lse[..2], 1.0)));
-    assert!(is_invalid(bwd(&[0, 1, 7], &lse, 1.0)));
-    assert!(is_invalid(bwd(&[0, 1, 2], &lse, f32::NAN)));
-    assert!(is_invalid(bwd(&[0, 1], &lse[..2], 1.0)));
+    let lse = dev.upload(&[0f32; 3]).unwrap();
+    let lse_2 = dev.slice(&lse, 0..2).unwrap();
+    let mut d = dev.upload(&logits).unwrap();
+    assert!(is_invalid(cross_entropy_backward(
+        dev, &mut d, &labels, &lse_2, 5, 1.0
+    )));
+    assert!(is_invalid(cross_entropy_backward(
+        dev,
+        &mut d,
+        &labels,
+        &lse,
+        5,
+        f32::NAN
+    )));
+    assert!(is_invalid(cross_entropy_backward(
+        dev, &mut d, &short, &lse_2, 5, 1.0
+    )));
+    let mut half_d = dev.upload(&[f16::ZERO; 15]).unwrap();
+    assert!(is_invalid(cross_entropy_backward(
+        dev,
+        &mut half_d,
+        &labels,
+        &lse,
+        5,
+        1.0
+    )));
     assert!(is_invalid(cross_entropy_backward_ref(
         &logits,
         &[0, 1, 2],
-        &lse,
+        &[0f32; 3],
         5,
         f32::INFINITY
     )));
-    assert!(d.iter().all(|&v| v == 0.0), "rejected calls wrote nothing");
+    assert!(is_invalid(cross_entropy_backward_ref(
+        &logits,
+        &[0, 1, 7],
+        &[0f32; 3],
+        5,
+        1.0
+    )));
+    assert!(
+        dev.download(&d).unwrap().iter().all(|&v| v == 0.0),
+        "rejected calls wrote nothing"
+    );
 }
+qlora::device_test!(invalid_arguments_are_rejected, invalid_arguments);
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use qlora::kernels::cuda::CudaDevice;
-
-    fn on_gpu<T: Element>(dev: &CudaDevice, logits: &[T], labels: &[i32], vocab: usize) {
-        let what = format!("cuda rows={} vocab={vocab}", labels.len());
-        let s = dev.stream();
-        let (want_loss, want_lse) = cross_entropy_forward_ref(logits, labels, vocab).unwrap();
-        let mut dlogits = s.clone_htod(logits).unwrap();
-        let dlabels = s.clone_htod(labels).unwrap();
-        let (loss, lse) = cross_entropy_forward_cuda(dev, &dlogits, &dlabels, vocab).unwrap();
-        check_f32(
-            &what,
-            Op::CrossEntropy,
-            &s.clone_dtoh(&loss).unwrap(),
-            &want_loss,
+/// Labels live on the device, so the launchers do not check them: a label outside `0..vocab`
+/// other than -100 (too large, -1, -101) poisons its row with NaN, loss and dlogits, and leaves
+/// the other rows alone.
+fn bad_labels<D: LaunchDevice>(dev: &D) {
+    let vocab = 5;
+    let logits = normal_vector(3 * vocab, 1.0, 14);
+    let d_logits = dev.upload(&logits).unwrap();
+    for bad in [5, -1, -101] {
+        let labels = [0, bad, 1];
+        let d_labels = dev.upload(&labels).unwrap();
+        let (loss, lse) = cross_entropy_forward(dev, &d_logits, &d_labels, vocab).unwrap();
+        let loss = dev.download(&loss).unwrap();
+        assert!(loss[1].is_nan(), "label {bad}: {loss:?}");
+        assert!(
+            loss[0].is_finite() && loss[2].is_finite(),
+            "label {bad}: {loss:?}"
         );
-        check_f32(
-            &what,
-            Op::CrossEntropy,
-            &s.clone_dtoh(&lse).unwrap(),
-            &want_lse,
+        let mut d = dev.upload(&logits).unwrap();
+        cross_entropy_backward(dev, &mut d, &d_labels, &lse, vocab, 1.0).unwrap();
+        let d = dev.download(&d).unwrap();
+        assert!(
+            d[vocab..2 * vocab].iter().all(|v| v.is_nan()),
+            "label {bad}: {d:?}"
         );
-        let scale = grad_scale(labels);
-        let want_d = cross_entropy_backward_ref(logits, labels, &want_lse, vocab, scale).unwrap();
-        let ref_lse = s.clone_htod(&want_lse).unwrap();
-        cross_entropy_backward_cuda(dev, &mut dlogits, &dlabels, &ref_lse, vocab, scale).unwrap();
-        check(
-            &what,
-            Op::CrossEntropyBackward,
-            &s.clone_dtoh(&dlogits).unwrap(),
-            &want_d,
+        assert!(
+            d[..vocab]
+                .iter()
+                .chain(&d[2 * vocab..])
+                .all(|v| v.is_finite()),
+            "label {bad}: {d:?}"
         );
     }
-
-    #[test]
-    fn cuda_cross_entropy_matches_reference() {
-        let Some(dev) = CudaDevice::first_available() else {
-            return;
-        };
-        let mut seed = 200;
-        for &rows in ROWS {
-            for &vocab in VOCABS.iter().chain(&[32000, 128256]) {
-                let logits = normal_vector(rows * vocab, 3.0, seed);
-                let labels = labels_for(rows, vocab, seed);
-                on_gpu::<f32>(&dev, &logits, &labels, vocab);
-                on_gpu::<bf16>(&dev, &cast(&logits), &labels, vocab);
-                seed += 1;
-            }
-        }
-        let (logits, labels) = extreme_logits(9, 4097);
-        on_gpu::<f32>(&dev, &logits, &labels, 4097);
-        on_gpu::<bf16>(&dev, &cast(&logits), &labels, 4097);
-        let logits = normal_vector(1024 * 32000, 3.0, 300);
-        let labels = labels_for(1024, 32000, 300);
-        on_gpu::<bf16>(&dev, &cast(&logits), &labels, 32000);
-    }
 }
+qlora::device_test!(a_label_outside_the_vocab_is_nan, bad_labels);

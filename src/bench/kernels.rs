@@ -735,9 +735,7 @@ pub mod gpu {
     /// Cross-entropy forward (per-row loss and log-sum-exp) and backward (the logits' gradient
     /// written over them) at every M, over the model's vocabulary.
     pub fn cross_entropy(b: &GpuBench<'_>) -> Result<Vec<KernelRow>> {
-        use crate::kernels::cross_entropy::{
-            cross_entropy_backward_cuda, cross_entropy_forward_cuda_into,
-        };
+        use crate::kernels::cross_entropy::{cross_entropy_backward, cross_entropy_forward_into};
         let (dev, s) = (b.dev, b.dev.stream());
         let vocab = b.opts.shape.vocab;
         let mut rows = Vec::new();
@@ -752,7 +750,7 @@ pub mod gpu {
             let mut d_lse = s.alloc_zeros::<f32>(m).map_err(cuda_err)?;
             let shape = format!("[{m}, {vocab}]");
             let secs = time(dev, iters, || {
-                cross_entropy_forward_cuda_into(
+                cross_entropy_forward_into(
                     dev,
                     &d_logits,
                     &d_labels,
@@ -770,7 +768,7 @@ pub mod gpu {
             // Each call overwrites the logits with their gradient; the next reads that as logits,
             // the same work on finite values.
             let secs = time(dev, iters, || {
-                cross_entropy_backward_cuda(dev, &mut d_logits, &d_labels, &d_lse, vocab, 1.0)
+                cross_entropy_backward(dev, &mut d_logits, &d_labels, &d_lse, vocab, 1.0)
             })?;
             rows.push(memory_row(
                 "cross-entropy bwd bf16",
@@ -800,8 +798,8 @@ pub mod gpu {
         dtype: &str,
     ) -> Result<Vec<KernelRow>> {
         use crate::kernels::attention::{
-            attention_backward_cuda_into, attention_forward_cuda, attention_forward_cuda_into,
-            AttentionShape, DeviceAttentionGrads, DeviceAttentionInputs,
+            attention_backward_into, attention_forward, attention_forward_into, AttentionShape,
+            DeviceAttentionGrads, DeviceAttentionInputs,
         };
         let (dev, s) = (b.dev, b.dev.stream());
         let heads = b.opts.shape.heads;
@@ -825,13 +823,13 @@ pub mod gpu {
             v: &v,
             key_mask: None,
         };
-        let (mut o, mut lse) = attention_forward_cuda(dev, &shape, &inputs)?;
+        let (mut o, mut lse) = attention_forward(dev, &shape, &inputs)?;
         let fwd = time(dev, 10, || {
-            attention_forward_cuda_into(dev, &shape, &inputs, &mut o, &mut lse)
+            attention_forward_into(dev, &shape, &inputs, &mut o, &mut lse)
         })?;
-        let mut grads = DeviceAttentionGrads::<T>::alloc(dev, &shape)?;
+        let mut grads = DeviceAttentionGrads::alloc(dev, &shape)?;
         let bwd = time(dev, 10, || {
-            attention_backward_cuda_into(dev, &shape, &inputs, (&o, &lse, &d_o), &mut grads)
+            attention_backward_into(dev, &shape, &inputs, &o, &lse, &d_o, &mut grads)
         })?;
         let (h, t, d) = (heads as f64, seq as f64, shape.head_dim as f64);
         let fwd_flops = 4.0 * h * t * t * d / 2.0;

@@ -14,6 +14,7 @@
 //! row produces NaN.
 
 use super::abi::{QlAttentionBackwardParams, QlAttentionForwardParams, QlDtype};
+use super::device::{opt_ptr, Emulator, KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, Kernel, LaunchConfig};
 use crate::{Error, Result};
 
@@ -193,10 +194,6 @@ impl<T> AttentionInputs<'_, T> {
             )),
             None => Ok(()),
         }
-    }
-
-    fn mask_ptr(&self) -> *const u8 {
-        self.key_mask.map_or(std::ptr::null(), <[u8]>::as_ptr)
     }
 }
 
@@ -378,79 +375,6 @@ pub fn attention_backward_ref<T: Element>(
     Ok((dq, dk, dv))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Emulated launches (host buffers).
-
-/// Forward through the CPU emulation of `k_attention_fwd`. Returns `(o, lse)`.
-pub fn attention_forward_emulated<T: Element>(
-    shape: &AttentionShape,
-    inputs: &AttentionInputs<'_, T>,
-) -> Result<(Vec<T>, Vec<f32>)> {
-    const OP: &str = "attention_forward";
-    check_dtype::<T>(OP)?;
-    inputs.validate(OP, shape)?;
-    let mut o = vec![T::default(); shape.q_len()];
-    let mut lse = vec![0f32; shape.rows()];
-    let params = forward_params::<T>(
-        shape,
-        (
-            inputs.q.as_ptr().cast(),
-            inputs.k.as_ptr().cast(),
-            inputs.v.as_ptr().cast(),
-        ),
-        inputs.mask_ptr(),
-        o.as_mut_ptr().cast(),
-        lse.as_mut_ptr(),
-    );
-    let (kernel, cfg) = forward_launch::<T>(shape);
-    // SAFETY: q and o hold q_len elements, k and v kv_len, lse rows and the mask (if any) B·T, as
-    // validated above; all outlive the synchronous launch.
-    unsafe { super::emu::launch(&kernel, &cfg, &params)? };
-    Ok((o, lse))
-}
-
-/// Backward through the CPU emulation of `k_attention_bwd_delta`, `_dq` and `_dkdv`, from the
-/// forward's `o` and `lse` and the upstream gradient `d_o`. Returns `(dq, dk, dv)`.
-pub fn attention_backward_emulated<T: Element>(
-    shape: &AttentionShape,
-    inputs: &AttentionInputs<'_, T>,
-    o: &[T],
-    lse: &[f32],
-    d_o: &[T],
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    const OP: &str = "attention_backward";
-    check_dtype::<T>(OP)?;
-    inputs.validate(OP, shape)?;
-    shape.check_len(OP, "o", o.len(), shape.q_len())?;
-    shape.check_len(OP, "d_o", d_o.len(), shape.q_len())?;
-    shape.check_len(OP, "lse", lse.len(), shape.rows())?;
-    let mut delta = vec![0f32; shape.rows()];
-    let mut dq = vec![T::default(); shape.q_len()];
-    let mut dk = vec![T::default(); shape.kv_len()];
-    let mut dv = vec![T::default(); shape.kv_len()];
-    let params = QlAttentionBackwardParams {
-        q: inputs.q.as_ptr().cast(),
-        k: inputs.k.as_ptr().cast(),
-        v: inputs.v.as_ptr().cast(),
-        key_mask: inputs.mask_ptr(),
-        o: o.as_ptr().cast(),
-        d_o: d_o.as_ptr().cast(),
-        lse: lse.as_ptr(),
-        delta: delta.as_mut_ptr(),
-        dq: dq.as_mut_ptr().cast(),
-        dk: dk.as_mut_ptr().cast(),
-        dv: dv.as_mut_ptr().cast(),
-        ..backward_sizes::<T>(shape)
-    };
-    for (kernel, cfg) in backward_launches::<T>(shape) {
-        // SAFETY: q, o, d_o and dq hold q_len elements, k, v, dk and dv kv_len, lse and delta
-        // rows and the mask (if any) B·T, as validated and allocated above; the launches run in
-        // order (delta before its readers) and everything outlives them.
-        unsafe { super::emu::launch(&kernel, &cfg, &params)? };
-    }
-    Ok((dq, dk, dv))
-}
-
 type QkvPtrs = (
     *const std::ffi::c_void,
     *const std::ffi::c_void,
@@ -495,167 +419,189 @@ fn backward_sizes<T: Element>(shape: &AttentionShape) -> QlAttentionBackwardPara
     }
 }
 
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
+// ---------------------------------------------------------------------------------------------
+// Launchers: one per kernel, generic over the launch device (docs/ARCHITECTURE.md, "Launch
+// devices"). `*_into` writes caller-owned buffers; the plain form allocates its outputs.
 
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
+/// q, k, v and the optional key padding mask (`[B, T]`) of one call, as buffers on device `D`.
+/// Mask values are not checked on the host (they may live on the device): any non-zero byte
+/// attends.
+pub struct DeviceAttentionInputs<'a, D, T> {
+    pub q: &'a dyn KernelArg<D, T>,
+    pub k: &'a dyn KernelArg<D, T>,
+    pub v: &'a dyn KernelArg<D, T>,
+    pub key_mask: Option<&'a dyn KernelArg<D, u8>>,
+}
 
-    /// Device q, k, v and the optional key padding mask of one call. Mask values are not checked
-    /// on the host: any non-zero byte attends.
-    #[derive(Clone, Copy, Debug)]
-    pub struct DeviceAttentionInputs<'a, T> {
-        pub q: &'a CudaSlice<T>,
-        pub k: &'a CudaSlice<T>,
-        pub v: &'a CudaSlice<T>,
-        pub key_mask: Option<&'a CudaSlice<u8>>,
+impl<D, T> Clone for DeviceAttentionInputs<'_, D, T> {
+    fn clone(&self) -> Self {
+        *self
     }
+}
 
-    impl<T> DeviceAttentionInputs<'_, T> {
-        fn validate(&self, op: &'static str, shape: &AttentionShape) -> Result<()> {
-            shape.check_inputs(op, self.q.len(), self.k.len(), self.v.len())?;
-            shape.check_mask_len(op, self.key_mask.map(CudaSlice::len))
-        }
+impl<D, T> Copy for DeviceAttentionInputs<'_, D, T> {}
+
+impl<D, T> DeviceAttentionInputs<'_, D, T> {
+    fn validate(&self, op: &'static str, shape: &AttentionShape) -> Result<()> {
+        shape.check_inputs(op, self.q.len(), self.k.len(), self.v.len())?;
+        shape.check_mask_len(op, self.key_mask.map(|m| m.len()))
     }
+}
 
-    /// Forward on the device. Returns `(o, lse)`.
-    pub fn attention_forward_cuda<T: Element>(
-        dev: &CudaDevice,
-        shape: &AttentionShape,
-        inputs: &DeviceAttentionInputs<'_, T>,
-    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        let stream = dev.stream();
-        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
-        let mut o = unsafe { stream.alloc::<T>(shape.q_len()) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut lse = unsafe { stream.alloc::<f32>(shape.rows()) }.map_err(cuda_err)?;
-        attention_forward_cuda_into(dev, shape, inputs, &mut o, &mut lse)?;
-        Ok((o, lse))
-    }
-
-    /// [`attention_forward_cuda`] into caller-owned `o` (q's shape) and `lse` `[B, Hq, T]`.
-    pub fn attention_forward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        shape: &AttentionShape,
-        inputs: &DeviceAttentionInputs<'_, T>,
-        o: &mut CudaSlice<T>,
-        lse: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "attention_forward";
-        check_dtype::<T>(OP)?;
-        inputs.validate(OP, shape)?;
-        shape.check_len(OP, "o", o.len(), shape.q_len())?;
-        shape.check_len(OP, "lse", lse.len(), shape.rows())?;
-        let stream = dev.stream();
-        let (q_ptr, _g0) = inputs.q.device_ptr(stream);
-        let (k_ptr, _g1) = inputs.k.device_ptr(stream);
-        let (v_ptr, _g2) = inputs.v.device_ptr(stream);
-        let mask = inputs.key_mask.map(|m| m.device_ptr(stream));
-        let (o_ptr, _g3) = o.device_ptr_mut(stream);
-        let (lse_ptr, _g4) = lse.device_ptr_mut(stream);
-        let params = forward_params::<T>(
-            shape,
-            (
-                q_ptr as *const c_void,
-                k_ptr as *const c_void,
-                v_ptr as *const c_void,
-            ),
-            mask.as_ref()
-                .map_or(std::ptr::null(), |(p, _)| *p as *const u8),
-            o_ptr as *mut c_void,
-            lse_ptr as *mut f32,
-        );
-        let (kernel, cfg) = forward_launch::<T>(shape);
-        // SAFETY: the device buffers have the lengths validated above; the guards keep them
-        // ordered on `stream` until the launch is queued.
-        unsafe { dev.launch(&kernel, &cfg, &params) }
-    }
-
-    /// The backward's outputs and its scratch: dq (q's shape), dk and dv (k's shape), and
-    /// `delta` `[B, Hq, T]` f32.
-    #[derive(Debug)]
-    pub struct DeviceAttentionGrads<T> {
-        pub dq: CudaSlice<T>,
-        pub dk: CudaSlice<T>,
-        pub dv: CudaSlice<T>,
-        pub delta: CudaSlice<f32>,
-    }
-
-    impl<T: Element> DeviceAttentionGrads<T> {
-        /// Uninitialised buffers for `shape` (the backward writes every element).
-        pub fn alloc(dev: &CudaDevice, shape: &AttentionShape) -> Result<Self> {
-            let s = dev.stream();
-            // SAFETY: every buffer is fully written by the backward before anyone reads it.
-            unsafe {
-                Ok(DeviceAttentionGrads {
-                    dq: s.alloc::<T>(shape.q_len()).map_err(cuda_err)?,
-                    dk: s.alloc::<T>(shape.kv_len()).map_err(cuda_err)?,
-                    dv: s.alloc::<T>(shape.kv_len()).map_err(cuda_err)?,
-                    delta: s.alloc::<f32>(shape.rows()).map_err(cuda_err)?,
-                })
-            }
-        }
-    }
-
-    /// Backward on the device from the forward's `o` and `lse` and the upstream `d_o`, into
-    /// `grads` (see [`DeviceAttentionGrads::alloc`]).
-    pub fn attention_backward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        shape: &AttentionShape,
-        inputs: &DeviceAttentionInputs<'_, T>,
-        (o, lse, d_o): (&CudaSlice<T>, &CudaSlice<f32>, &CudaSlice<T>),
-        grads: &mut DeviceAttentionGrads<T>,
-    ) -> Result<()> {
-        const OP: &str = "attention_backward";
-        check_dtype::<T>(OP)?;
-        inputs.validate(OP, shape)?;
-        shape.check_len(OP, "o", o.len(), shape.q_len())?;
-        shape.check_len(OP, "d_o", d_o.len(), shape.q_len())?;
-        shape.check_len(OP, "lse", lse.len(), shape.rows())?;
-        shape.check_len(OP, "dq", grads.dq.len(), shape.q_len())?;
-        shape.check_len(OP, "dk", grads.dk.len(), shape.kv_len())?;
-        shape.check_len(OP, "dv", grads.dv.len(), shape.kv_len())?;
-        shape.check_len(OP, "delta", grads.delta.len(), shape.rows())?;
-        let stream = dev.stream();
-        let (q_ptr, _g0) = inputs.q.device_ptr(stream);
-        let (k_ptr, _g1) = inputs.k.device_ptr(stream);
-        let (v_ptr, _g2) = inputs.v.device_ptr(stream);
-        let mask = inputs.key_mask.map(|m| m.device_ptr(stream));
-        let (o_ptr, _g3) = o.device_ptr(stream);
-        let (lse_ptr, _g4) = lse.device_ptr(stream);
-        let (do_ptr, _g5) = d_o.device_ptr(stream);
-        let (delta_ptr, _g6) = grads.delta.device_ptr_mut(stream);
-        let (dq_ptr, _g7) = grads.dq.device_ptr_mut(stream);
-        let (dk_ptr, _g8) = grads.dk.device_ptr_mut(stream);
-        let (dv_ptr, _g9) = grads.dv.device_ptr_mut(stream);
-        let params = QlAttentionBackwardParams {
-            q: q_ptr as *const c_void,
-            k: k_ptr as *const c_void,
-            v: v_ptr as *const c_void,
-            key_mask: mask
+impl<'a, T> DeviceAttentionInputs<'a, Emulator, T> {
+    /// Host inputs (as the reference takes them) for the emulator.
+    pub fn host(inputs: &'a AttentionInputs<'_, T>) -> Self {
+        DeviceAttentionInputs {
+            q: &inputs.q,
+            k: &inputs.k,
+            v: &inputs.v,
+            key_mask: inputs
+                .key_mask
                 .as_ref()
-                .map_or(std::ptr::null(), |(p, _)| *p as *const u8),
-            o: o_ptr as *const c_void,
-            d_o: do_ptr as *const c_void,
-            lse: lse_ptr as *const f32,
-            delta: delta_ptr as *mut f32,
-            dq: dq_ptr as *mut c_void,
-            dk: dk_ptr as *mut c_void,
-            dv: dv_ptr as *mut c_void,
-            ..backward_sizes::<T>(shape)
-        };
-        for (kernel, cfg) in backward_launches::<T>(shape) {
-            // SAFETY: every device buffer has the length validated above; the launches are queued
-            // in order on `stream` (delta is written before it is read), and the guards keep the
-            // buffers ordered there until then.
-            unsafe { dev.launch(&kernel, &cfg, &params)? };
+                .map(|m| m as &dyn KernelArg<Emulator, u8>),
         }
-        Ok(())
     }
+}
+
+/// Forward (`k_attention_fwd`, or `k_attention_fwd_mma` for bf16) into caller-owned `o` (q's
+/// shape) and `lse` `[B, Hq, T]`.
+pub fn attention_forward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    shape: &AttentionShape,
+    inputs: &DeviceAttentionInputs<'_, D, T>,
+    o: &mut (impl KernelArgMut<D, T> + ?Sized),
+    lse: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    check_dtype::<T>(OP)?;
+    inputs.validate(OP, shape)?;
+    shape.check_len(OP, "o", o.len(), shape.q_len())?;
+    shape.check_len(OP, "lse", lse.len(), shape.rows())?;
+    let (qp, kp, vp) = (inputs.q.ptr(dev), inputs.k.ptr(dev), inputs.v.ptr(dev));
+    let mp = opt_ptr(inputs.key_mask, dev);
+    let (op, lp) = (o.ptr_mut(dev), lse.ptr_mut(dev));
+    let params = forward_params::<T>(
+        shape,
+        (qp.void(), kp.void(), vp.void()),
+        mp.get(),
+        op.void_mut(),
+        lp.get_mut(),
+    );
+    let (kernel, cfg) = forward_launch::<T>(shape);
+    // SAFETY: q and o hold q_len elements, k and v kv_len, lse rows and the mask (if any) B·T,
+    // as validated above; the pointers' guards keep every buffer alive and ordered until the
+    // launch is queued.
+    unsafe { dev.launch(&kernel, &cfg, &params) }
+}
+
+/// Forward (`k_attention_fwd`, or `k_attention_fwd_mma` for bf16). Returns `(o, lse)`.
+pub fn attention_forward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    shape: &AttentionShape,
+    inputs: &DeviceAttentionInputs<'_, D, T>,
+) -> Result<(D::Buffer<T>, D::Buffer<f32>)> {
+    // SAFETY: the kernel writes every element of both buffers.
+    let (mut o, mut lse) = unsafe {
+        (
+            dev.alloc::<T>(shape.q_len())?,
+            dev.alloc::<f32>(shape.rows())?,
+        )
+    };
+    attention_forward_into(dev, shape, inputs, &mut o, &mut lse)?;
+    Ok((o, lse))
+}
+
+/// The backward's outputs and its scratch on device `D`: dq (q's shape), dk and dv (k's shape),
+/// and `delta` `[B, Hq, T]` f32.
+pub struct DeviceAttentionGrads<D: LaunchDevice, T: Element> {
+    pub dq: D::Buffer<T>,
+    pub dk: D::Buffer<T>,
+    pub dv: D::Buffer<T>,
+    pub delta: D::Buffer<f32>,
+}
+
+impl<D: LaunchDevice, T: Element> DeviceAttentionGrads<D, T> {
+    /// Buffers for `shape` (uninitialised on CUDA: the backward writes every element).
+    pub fn alloc(dev: &D, shape: &AttentionShape) -> Result<Self> {
+        // SAFETY: every buffer is fully written by the backward before anyone reads it.
+        unsafe {
+            Ok(DeviceAttentionGrads {
+                dq: dev.alloc::<T>(shape.q_len())?,
+                dk: dev.alloc::<T>(shape.kv_len())?,
+                dv: dev.alloc::<T>(shape.kv_len())?,
+                delta: dev.alloc::<f32>(shape.rows())?,
+            })
+        }
+    }
+}
+
+/// Backward (`k_attention_bwd_delta`, then `_dq` and `_dkdv`, `_mma` for bf16) from the forward's
+/// `o` and `lse` and the upstream gradient `d_o`, into `grads` (see
+/// [`DeviceAttentionGrads::alloc`]).
+pub fn attention_backward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    shape: &AttentionShape,
+    inputs: &DeviceAttentionInputs<'_, D, T>,
+    o: &(impl KernelArg<D, T> + ?Sized),
+    lse: &(impl KernelArg<D, f32> + ?Sized),
+    d_o: &(impl KernelArg<D, T> + ?Sized),
+    grads: &mut DeviceAttentionGrads<D, T>,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    check_dtype::<T>(OP)?;
+    inputs.validate(OP, shape)?;
+    shape.check_len(OP, "o", o.len(), shape.q_len())?;
+    shape.check_len(OP, "d_o", d_o.len(), shape.q_len())?;
+    shape.check_len(OP, "lse", lse.len(), shape.rows())?;
+    shape.check_len(OP, "dq", grads.dq.len(), shape.q_len())?;
+    shape.check_len(OP, "dk", grads.dk.len(), shape.kv_len())?;
+    shape.check_len(OP, "dv", grads.dv.len(), shape.kv_len())?;
+    shape.check_len(OP, "delta", grads.delta.len(), shape.rows())?;
+    let (qp, kp, vp) = (inputs.q.ptr(dev), inputs.k.ptr(dev), inputs.v.ptr(dev));
+    let mp = opt_ptr(inputs.key_mask, dev);
+    let (op, lp, dop) = (o.ptr(dev), lse.ptr(dev), d_o.ptr(dev));
+    let DeviceAttentionGrads { dq, dk, dv, delta } = grads;
+    let (deltap, dqp) = (delta.ptr_mut(dev), dq.ptr_mut(dev));
+    let (dkp, dvp) = (dk.ptr_mut(dev), dv.ptr_mut(dev));
+    let params = QlAttentionBackwardParams {
+        q: qp.void(),
+        k: kp.void(),
+        v: vp.void(),
+        key_mask: mp.get(),
+        o: op.void(),
+        d_o: dop.void(),
+        lse: lp.get(),
+        delta: deltap.get_mut(),
+        dq: dqp.void_mut(),
+        dk: dkp.void_mut(),
+        dv: dvp.void_mut(),
+        ..backward_sizes::<T>(shape)
+    };
+    for (kernel, cfg) in backward_launches::<T>(shape) {
+        // SAFETY: q, o, d_o and dq hold q_len elements, k, v, dk and dv kv_len, lse and delta
+        // rows and the mask (if any) B·T, as validated above; the launches run in order on the
+        // device (delta is written before it is read), and the guards keep every buffer alive
+        // and ordered until all three are queued.
+        unsafe { dev.launch(&kernel, &cfg, &params)? };
+    }
+    Ok(())
+}
+
+/// Backward from the forward's `o` and `lse` and the upstream gradient `d_o`. Returns
+/// `(dq, dk, dv)`.
+#[allow(clippy::type_complexity)]
+pub fn attention_backward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    shape: &AttentionShape,
+    inputs: &DeviceAttentionInputs<'_, D, T>,
+    o: &(impl KernelArg<D, T> + ?Sized),
+    lse: &(impl KernelArg<D, f32> + ?Sized),
+    d_o: &(impl KernelArg<D, T> + ?Sized),
+) -> Result<(D::Buffer<T>, D::Buffer<T>, D::Buffer<T>)> {
+    let mut grads = DeviceAttentionGrads::alloc(dev, shape)?;
+    attention_backward_into(dev, shape, inputs, o, lse, d_o, &mut grads)?;
+    let DeviceAttentionGrads { dq, dk, dv, .. } = grads;
+    Ok((dq, dk, dv))
 }
 
 /// The reference against the Llama runtime itself: its additive mask and `repeat_kv` with the

@@ -9,6 +9,7 @@
 //! accumulated batch ([`label_tokens`]); the backward's `grad_scale` is `dloss` over that count.
 
 use super::abi::{QlCrossEntropyBackwardParams, QlCrossEntropyForwardParams, QlDtype};
+use super::device::{KernelArg, KernelArgMut, LaunchDevice};
 use super::launch::{declare_kernels, Element, LaunchConfig};
 use crate::{Error, Result};
 
@@ -190,46 +191,69 @@ pub fn cross_entropy_backward_ref<T: Element>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Emulated launches (host buffers).
+// Launchers: one per kernel, generic over the launch device (docs/ARCHITECTURE.md, "Launch
+// devices"). Labels are not checked on the host (they may live on the device): a label outside
+// `0..vocab` other than -100 gives its row a NaN loss in the forward and fills its row with NaN in
+// the backward (the kernels bound every logit read by the label check).
 
-/// Forward through the CPU emulation of `k_cross_entropy_fwd`. Returns `(losses, lse)`.
-pub fn cross_entropy_forward_emulated<T: Element>(
-    logits: &[T],
-    labels: &[i32],
+/// Forward (`k_cross_entropy_fwd`) into caller-owned `losses` and `lse` `[rows]` f32.
+pub fn cross_entropy_forward_into<D: LaunchDevice, T: Element>(
+    dev: &D,
+    logits: &(impl KernelArg<D, T> + ?Sized),
+    labels: &(impl KernelArg<D, i32> + ?Sized),
     vocab: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+    losses: &mut (impl KernelArgMut<D, f32> + ?Sized),
+    lse: &mut (impl KernelArgMut<D, f32> + ?Sized),
+) -> Result<()> {
     const OP: &str = "cross_entropy_forward";
     let shape = CrossEntropyShape::new(OP, logits.len(), labels.len(), vocab)?;
+    shape.check_len(OP, "losses", losses.len())?;
+    shape.check_len(OP, "lse", lse.len())?;
     check_dtype::<T>(OP)?;
-    check_labels(OP, labels, vocab)?;
-    let mut losses = vec![0f32; shape.rows];
-    let mut lse = vec![0f32; shape.rows];
+    let (xp, lp) = (logits.ptr(dev), labels.ptr(dev));
+    let (lsep, lossp) = (lse.ptr_mut(dev), losses.ptr_mut(dev));
     let params = QlCrossEntropyForwardParams {
-        logits: logits.as_ptr().cast(),
-        labels: labels.as_ptr(),
-        lse: lse.as_mut_ptr(),
-        losses: losses.as_mut_ptr(),
+        logits: xp.void(),
+        labels: lp.get(),
+        lse: lsep.get_mut(),
+        losses: lossp.get_mut(),
         rows: shape.rows as i64,
         vocab: vocab as i32,
         dtype: T::DTYPE as i32,
     };
     // SAFETY: logits hold rows × vocab elements, labels, lse and losses rows (validated above);
-    // all outlive the synchronous launch.
+    // the kernel reads a logit at a label only after checking the label against vocab; the
+    // pointers' guards keep every buffer alive and ordered until the launch is queued.
     unsafe {
-        super::emu::launch(
+        dev.launch(
             &CROSS_ENTROPY_FORWARD,
             &cross_entropy_launch(&shape),
             &params,
-        )?
-    };
+        )
+    }
+}
+
+/// Forward (`k_cross_entropy_fwd`). Returns `(losses, lse)`, both `[rows]` f32.
+pub fn cross_entropy_forward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    logits: &(impl KernelArg<D, T> + ?Sized),
+    labels: &(impl KernelArg<D, i32> + ?Sized),
+    vocab: usize,
+) -> Result<(D::Buffer<f32>, D::Buffer<f32>)> {
+    let shape = CrossEntropyShape::new("cross_entropy_forward", logits.len(), labels.len(), vocab)?;
+    // SAFETY: the kernel writes both outputs of every row (ignored rows included).
+    let (mut losses, mut lse) =
+        unsafe { (dev.alloc::<f32>(shape.rows)?, dev.alloc::<f32>(shape.rows)?) };
+    cross_entropy_forward_into(dev, logits, labels, vocab, &mut losses, &mut lse)?;
     Ok((losses, lse))
 }
 
-/// Backward in place through the CPU emulation of `k_cross_entropy_bwd`: `logits` becomes dlogits.
-pub fn cross_entropy_backward_emulated<T: Element>(
-    logits: &mut [T],
-    labels: &[i32],
-    lse: &[f32],
+/// Backward in place (`k_cross_entropy_bwd`): `logits` becomes dlogits.
+pub fn cross_entropy_backward<D: LaunchDevice, T: Element>(
+    dev: &D,
+    logits: &mut (impl KernelArgMut<D, T> + ?Sized),
+    labels: &(impl KernelArg<D, i32> + ?Sized),
+    lse: &(impl KernelArg<D, f32> + ?Sized),
     vocab: usize,
     grad_scale: f32,
 ) -> Result<()> {
@@ -237,132 +261,24 @@ pub fn cross_entropy_backward_emulated<T: Element>(
     let shape = CrossEntropyShape::new(OP, logits.len(), labels.len(), vocab)?;
     shape.check_len(OP, "lse", lse.len())?;
     check_dtype::<T>(OP)?;
-    check_labels(OP, labels, vocab)?;
     check_grad_scale(OP, grad_scale)?;
+    let (xp, lp, lsep) = (logits.ptr_mut(dev), labels.ptr(dev), lse.ptr(dev));
     let params = QlCrossEntropyBackwardParams {
-        logits: logits.as_mut_ptr().cast(),
-        labels: labels.as_ptr(),
-        lse: lse.as_ptr(),
+        logits: xp.void_mut(),
+        labels: lp.get(),
+        lse: lsep.get(),
         rows: shape.rows as i64,
         vocab: vocab as i32,
         grad_scale,
         dtype: T::DTYPE as i32,
     };
-    // SAFETY: logits hold rows × vocab elements, labels and lse rows (validated above); all
-    // outlive the synchronous launch.
+    // SAFETY: logits hold rows × vocab elements, labels and lse rows (validated above); the
+    // pointers' guards keep every buffer alive and ordered until the launch is queued.
     unsafe {
-        super::emu::launch(
+        dev.launch(
             &CROSS_ENTROPY_BACKWARD,
             &cross_entropy_launch(&shape),
             &params,
         )
-    }
-}
-
-#[cfg(feature = "cuda")]
-pub use cuda_impl::*;
-
-#[cfg(feature = "cuda")]
-mod cuda_impl {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-    use std::ffi::c_void;
-
-    /// Forward on the device. Returns `(losses, lse)`, both `[rows]` f32. Labels are not checked on
-    /// the host: a label outside `0..vocab` other than -100 gives that row a NaN loss.
-    pub fn cross_entropy_forward_cuda<T: Element>(
-        dev: &CudaDevice,
-        logits: &CudaSlice<T>,
-        labels: &CudaSlice<i32>,
-        vocab: usize,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let shape =
-            CrossEntropyShape::new("cross_entropy_forward", logits.len(), labels.len(), vocab)?;
-        let stream = dev.stream();
-        // SAFETY: both buffers are fully written by the kernel before anyone reads them.
-        let mut losses = unsafe { stream.alloc::<f32>(shape.rows) }.map_err(cuda_err)?;
-        // SAFETY: as above.
-        let mut lse = unsafe { stream.alloc::<f32>(shape.rows) }.map_err(cuda_err)?;
-        cross_entropy_forward_cuda_into(dev, logits, labels, vocab, &mut losses, &mut lse)?;
-        Ok((losses, lse))
-    }
-
-    /// [`cross_entropy_forward_cuda`] into caller-owned `losses` and `lse` `[rows]`.
-    pub fn cross_entropy_forward_cuda_into<T: Element>(
-        dev: &CudaDevice,
-        logits: &CudaSlice<T>,
-        labels: &CudaSlice<i32>,
-        vocab: usize,
-        losses: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_forward";
-        let shape = CrossEntropyShape::new(OP, logits.len(), labels.len(), vocab)?;
-        shape.check_len(OP, "losses", losses.len())?;
-        shape.check_len(OP, "lse", lse.len())?;
-        check_dtype::<T>(OP)?;
-        let stream = dev.stream();
-        let (logits_ptr, _g0) = logits.device_ptr(stream);
-        let (labels_ptr, _g1) = labels.device_ptr(stream);
-        let (lse_ptr, _g2) = lse.device_ptr_mut(stream);
-        let (losses_ptr, _g3) = losses.device_ptr_mut(stream);
-        let params = QlCrossEntropyForwardParams {
-            logits: logits_ptr as *const c_void,
-            labels: labels_ptr as *const i32,
-            lse: lse_ptr as *mut f32,
-            losses: losses_ptr as *mut f32,
-            rows: shape.rows as i64,
-            vocab: vocab as i32,
-            dtype: T::DTYPE as i32,
-        };
-        // SAFETY: the device buffers have the lengths validated above, logit reads are bounded by
-        // the kernel's label check, and the guards keep the buffers ordered on `stream`.
-        unsafe {
-            dev.launch(
-                &CROSS_ENTROPY_FORWARD,
-                &cross_entropy_launch(&shape),
-                &params,
-            )
-        }
-    }
-
-    /// Backward in place on the device: `logits` becomes dlogits. Labels are not checked on the
-    /// host: a label outside `0..vocab` other than -100 fills its row with NaN.
-    pub fn cross_entropy_backward_cuda<T: Element>(
-        dev: &CudaDevice,
-        logits: &mut CudaSlice<T>,
-        labels: &CudaSlice<i32>,
-        lse: &CudaSlice<f32>,
-        vocab: usize,
-        grad_scale: f32,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_backward";
-        let shape = CrossEntropyShape::new(OP, logits.len(), labels.len(), vocab)?;
-        shape.check_len(OP, "lse", lse.len())?;
-        check_dtype::<T>(OP)?;
-        check_grad_scale(OP, grad_scale)?;
-        let stream = dev.stream();
-        let (logits_ptr, _g0) = logits.device_ptr_mut(stream);
-        let (labels_ptr, _g1) = labels.device_ptr(stream);
-        let (lse_ptr, _g2) = lse.device_ptr(stream);
-        let params = QlCrossEntropyBackwardParams {
-            logits: logits_ptr as *mut c_void,
-            labels: labels_ptr as *const i32,
-            lse: lse_ptr as *const f32,
-            rows: shape.rows as i64,
-            vocab: vocab as i32,
-            grad_scale,
-            dtype: T::DTYPE as i32,
-        };
-        // SAFETY: the device buffers have the lengths validated above, and the guards keep them
-        // ordered on `stream` until the launch is queued.
-        unsafe {
-            dev.launch(
-                &CROSS_ENTROPY_BACKWARD,
-                &cross_entropy_launch(&shape),
-                &params,
-            )
-        }
     }
 }

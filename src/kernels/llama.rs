@@ -585,8 +585,9 @@ pub fn rmsnorm_backward<D: LaunchDevice, T: Element>(
 }
 
 /// RoPE in place on q and k (`k_rope`; `inverse` applies the backward rotation, for dq / dk).
-/// The positions are checked on the host when the device is the emulator; on CUDA the kernel
-/// bounds every table read and writes NaN into a token whose position is outside the tables.
+/// Positions may live on the device, so the launcher does not read them: on every device the
+/// kernel bounds each table read and writes NaN into a token whose position is outside the
+/// tables (the model checks its positions on the host when it builds them).
 #[allow(clippy::too_many_arguments)]
 pub fn rope<D: LaunchDevice, T: Element>(
     dev: &D,

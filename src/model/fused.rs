@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, WithDType};
 use half::bf16;
 
-use crate::kernels::attention::{self, AttentionShape};
+use crate::kernels::attention::{self, AttentionShape, DeviceAttentionInputs};
 use crate::kernels::device::{Emulator, KernelArg, LaunchDevice};
 use crate::kernels::launch::Element;
 use crate::kernels::llama as ops;
@@ -304,12 +304,12 @@ pub(crate) fn from_host<T: FusedElement>(values: Vec<T>, dims: &[usize]) -> Resu
 macro_rules! on_device {
     ($k:expr, |$dev:ident| $body:expr) => {
         match $k.path() {
-            KernelPath::Emulated => {
-                let $dev = &crate::kernels::device::Emulator::default();
+            $crate::model::fused::KernelPath::Emulated => {
+                let $dev = &$crate::kernels::device::Emulator::default();
                 $body
             }
             #[cfg(feature = "cuda")]
-            KernelPath::Cuda => {
+            $crate::model::fused::KernelPath::Cuda => {
                 let $dev = $k.device()?;
                 $body
             }
@@ -531,31 +531,86 @@ fn swiglu_backward_t<T: FusedElement>(
     on_device!(k, |dev| swiglu_backward_on::<_, T>(dev, g, u, dh))
 }
 
+/// q, k and v of `qkv` in `T` and the key mask on `dev`, for the attention kernels.
+type AttentionOperands<D, T> = (
+    <D as TensorDevice>::Input<T>,
+    <D as TensorDevice>::Input<T>,
+    <D as TensorDevice>::Input<T>,
+    Option<<D as LaunchDevice>::Buffer<u8>>,
+);
+
+fn attention_operands<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    qkv: &Qkv<'_>,
+    mask: &KeyMask,
+) -> Result<AttentionOperands<D, T>> {
+    let mask = match &mask.0 {
+        Some(m) => Some(dev.upload(m)?),
+        None => None,
+    };
+    Ok((
+        dev.input::<T>(qkv.q)?,
+        dev.input::<T>(qkv.k)?,
+        dev.input::<T>(qkv.v)?,
+        mask,
+    ))
+}
+
+fn attention_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    qkv: &Qkv<'_>,
+    mask: &KeyMask,
+) -> Result<(Tensor, Tensor)> {
+    let shape = qkv.shape;
+    let (q, k, v, m) = attention_operands::<D, T>(dev, qkv, mask)?;
+    let inputs = DeviceAttentionInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        key_mask: m.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
+    };
+    let (o, lse) = attention::attention_forward(dev, &shape, &inputs)?;
+    Ok((
+        dev.tensor(o, qkv.q.dims())?,
+        dev.tensor(lse, &[shape.rows()])?,
+    ))
+}
+
 fn attention_t<T: FusedElement>(
     k: &Kernels,
     qkv: &Qkv<'_>,
     mask: &KeyMask,
 ) -> Result<(Tensor, Tensor)> {
+    on_device!(k, |dev| attention_on::<_, T>(dev, qkv, mask))
+}
+
+fn attention_backward_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    qkv: &Qkv<'_>,
+    mask: &KeyMask,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let shape = qkv.shape;
-    match k.path {
-        KernelPath::Emulated => {
-            let (q, kk, v) = (host::<T>(qkv.q)?, host::<T>(qkv.k)?, host::<T>(qkv.v)?);
-            let inputs = attention::AttentionInputs {
-                q: &q,
-                k: &kk,
-                v: &v,
-                key_mask: mask.0.as_deref(),
-            };
-            let (o, lse) = attention::attention_forward_emulated::<T>(&shape, &inputs)?;
-            Ok((
-                from_host(o, qkv.q.dims())?,
-                Tensor::from_vec(lse, shape.rows(), &Device::Cpu)?,
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::attention::<T>(k.device()?, qkv, mask),
-        _ => Err(k.unavailable()),
-    }
+    let (q, k, v, m) = attention_operands::<D, T>(dev, qkv, mask)?;
+    let inputs = DeviceAttentionInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        key_mask: m.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
+    };
+    let (os, dos, ls) = (
+        dev.input::<T>(o)?,
+        dev.input::<T>(d_o)?,
+        dev.input::<f32>(lse)?,
+    );
+    let (dq, dk, dv) = attention::attention_backward(dev, &shape, &inputs, &os, &ls, &dos)?;
+    Ok((
+        dev.tensor(dq, qkv.q.dims())?,
+        dev.tensor(dk, qkv.k.dims())?,
+        dev.tensor(dv, qkv.v.dims())?,
+    ))
 }
 
 fn attention_backward_t<T: FusedElement>(
@@ -566,40 +621,15 @@ fn attention_backward_t<T: FusedElement>(
     lse: &Tensor,
     d_o: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let shape = qkv.shape;
-    match k.path {
-        KernelPath::Emulated => {
-            let (q, kk, v) = (host::<T>(qkv.q)?, host::<T>(qkv.k)?, host::<T>(qkv.v)?);
-            let inputs = attention::AttentionInputs {
-                q: &q,
-                k: &kk,
-                v: &v,
-                key_mask: mask.0.as_deref(),
-            };
-            let (dq, dk, dv) = attention::attention_backward_emulated::<T>(
-                &shape,
-                &inputs,
-                &host::<T>(o)?,
-                &lse.flatten_all()?.to_vec1::<f32>()?,
-                &host::<T>(d_o)?,
-            )?;
-            Ok((
-                from_host(dq, qkv.q.dims())?,
-                from_host(dk, qkv.k.dims())?,
-                from_host(dv, qkv.v.dims())?,
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::attention_backward::<T>(k.device()?, qkv, mask, o, lse, d_o),
-        _ => Err(k.unavailable()),
-    }
+    on_device!(k, |dev| attention_backward_on::<_, T>(
+        dev, qkv, mask, o, lse, d_o
+    ))
 }
 
 /// The CUDA side: tensors in, kernels on candle's stream, tensors out, with no host round trip.
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use super::*;
-    use crate::kernels::attention::DeviceAttentionInputs;
     use crate::kernels::cuda::{cuda_err, storage_slice, CudaDevice};
     use crate::kernels::device::{Guard, KernelArg, Ptr};
     use cudarc::driver::{CudaSlice, DevicePtr};
@@ -718,84 +748,5 @@ pub(crate) mod cuda {
         cos: CudaSlice<f32>,
         sin: CudaSlice<f32>,
         positions: CudaSlice<i32>,
-    }
-
-    /// q, k, v (and the mask) as device buffers, for `f`.
-    fn with_qkv<T: FusedElement, R>(
-        dev: &CudaDevice,
-        qkv: &Qkv<'_>,
-        mask: &KeyMask,
-        f: impl FnOnce(&DeviceAttentionInputs<'_, T>) -> Result<R>,
-    ) -> Result<R> {
-        let (q_t, k_t, v_t) = (
-            operand::<T>(qkv.q)?,
-            operand::<T>(qkv.k)?,
-            operand::<T>(qkv.v)?,
-        );
-        let mask = match &mask.0 {
-            Some(m) => Some(dev.stream().clone_htod(m).map_err(cuda_err)?),
-            None => None,
-        };
-        read::<T, _>(&q_t, |q| {
-            read::<T, _>(&k_t, |k| {
-                read::<T, _>(&v_t, |v| {
-                    f(&DeviceAttentionInputs {
-                        q,
-                        k,
-                        v,
-                        key_mask: mask.as_ref(),
-                    })
-                })
-            })
-        })
-    }
-
-    pub(super) fn attention<T: FusedElement>(
-        dev: &CudaDevice,
-        qkv: &Qkv<'_>,
-        mask: &KeyMask,
-    ) -> Result<(Tensor, Tensor)> {
-        let shape = qkv.shape;
-        let (o, lse) = with_qkv::<T, _>(dev, qkv, mask, |inputs| {
-            attention::attention_forward_cuda::<T>(dev, &shape, inputs)
-        })?;
-        Ok((
-            tensor(dev, o, qkv.q.dims())?,
-            tensor(dev, lse, &[shape.rows()])?,
-        ))
-    }
-
-    pub(super) fn attention_backward<T: FusedElement>(
-        dev: &CudaDevice,
-        qkv: &Qkv<'_>,
-        mask: &KeyMask,
-        o: &Tensor,
-        lse: &Tensor,
-        d_o: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let shape = qkv.shape;
-        let (o_t, do_t, lse_t) = (operand::<T>(o)?, operand::<T>(d_o)?, operand::<f32>(lse)?);
-        let mut grads = attention::DeviceAttentionGrads::<T>::alloc(dev, &shape)?;
-        with_qkv::<T, _>(dev, qkv, mask, |inputs| {
-            read::<T, _>(&o_t, |os| {
-                read::<T, _>(&do_t, |dos| {
-                    read::<f32, _>(&lse_t, |ls| {
-                        attention::attention_backward_cuda_into::<T>(
-                            dev,
-                            &shape,
-                            inputs,
-                            (os, ls, dos),
-                            &mut grads,
-                        )
-                    })
-                })
-            })
-        })?;
-        let attention::DeviceAttentionGrads { dq, dk, dv, .. } = grads;
-        Ok((
-            tensor(dev, dq, qkv.q.dims())?,
-            tensor(dev, dk, qkv.k.dims())?,
-            tensor(dev, dv, qkv.v.dims())?,
-        ))
     }
 }

@@ -9,7 +9,7 @@ use half::bf16;
 
 use crate::kernels::lora::{self, LoraDims, LoraOperands, MAX_LORA_RANK};
 use crate::model::adapter::{LoraPair, TargetModule};
-use crate::model::fused::{on_device, FusedElement, KernelPath, Kernels, TensorDevice};
+use crate::model::fused::{on_device, FusedElement, Kernels, TensorDevice};
 use crate::{Error, Result};
 
 /// T = x·Aᵀ `[M, r]` f32 of each adapted linear of one layer, from the recomputed forward: the
@@ -178,6 +178,7 @@ fn backward_t<T: FusedElement, W: FusedElement>(
 mod tests {
     use super::*;
     use crate::kernels::emu::launches_on_this_thread;
+    use crate::model::fused::KernelPath;
     use crate::tolerance::{lookup, Dtype, Op};
     use candle_core::Device;
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use half::bf16;
 
 use crate::kernels::cross_entropy::{self as ce, IGNORE_INDEX};
-use crate::model::fused::{from_host, host, FusedElement, KernelPath, Kernels};
+use crate::model::fused::{on_device, FusedElement, Kernels, TensorDevice};
 use crate::model::llama::LlamaModel;
 use crate::{Error, Result};
 
@@ -131,54 +131,34 @@ fn chunk_t<T: FusedElement>(
     vocab: usize,
     grad_scale: f32,
 ) -> Result<(Tensor, Tensor)> {
-    match k.path() {
-        KernelPath::Emulated => {
-            let mut values = host::<T>(logits)?;
-            let (losses, lse) = ce::cross_entropy_forward_emulated::<T>(&values, labels, vocab)?;
-            ce::cross_entropy_backward_emulated::<T>(&mut values, labels, &lse, vocab, grad_scale)?;
-            let n = losses.len();
-            Ok((
-                Tensor::from_vec(losses, n, &candle_core::Device::Cpu)?,
-                from_host(values, logits.dims())?,
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        KernelPath::Cuda => cuda::chunk::<T>(k.device()?, logits, labels, vocab, grad_scale),
-        other => Err(invalid(format!("{other} is not available in this build"))),
-    }
+    on_device!(k, |dev| chunk_on::<_, T>(
+        dev, logits, labels, vocab, grad_scale
+    ))
 }
 
-/// The CUDA side: the logits and the per-row losses stay on the device; only the chunk's labels
-/// go up.
-#[cfg(feature = "cuda")]
-mod cuda {
-    use super::*;
-    use crate::kernels::cuda::{cuda_err, CudaDevice};
-    use crate::model::fused::cuda::{tensor, writable};
-
-    pub(super) fn chunk<T: FusedElement>(
-        dev: &CudaDevice,
-        logits: &Tensor,
-        labels: &[i32],
-        vocab: usize,
-        grad_scale: f32,
-    ) -> Result<(Tensor, Tensor)> {
-        let stream = dev.stream();
-        let labels_d = stream.clone_htod(labels).map_err(cuda_err)?;
-        let mut values = writable::<T>(dev, logits)?;
-        let (losses, lse) = ce::cross_entropy_forward_cuda::<T>(dev, &values, &labels_d, vocab)?;
-        ce::cross_entropy_backward_cuda::<T>(dev, &mut values, &labels_d, &lse, vocab, grad_scale)?;
-        let n = losses.len();
-        Ok((
-            dev.tensor_from_slice(losses, n)?,
-            tensor(dev, values, logits.dims())?,
-        ))
-    }
+/// [`chunk_t`] on one launch device: the logits and the per-row losses stay where they were made
+/// (on CUDA, on the device); only the chunk's labels go up.
+fn chunk_on<D: TensorDevice, T: FusedElement>(
+    dev: &D,
+    logits: &Tensor,
+    labels: &[i32],
+    vocab: usize,
+    grad_scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let labels_d = dev.upload(labels)?;
+    let mut values = dev.writable::<T>(logits)?;
+    let (losses, lse) = ce::cross_entropy_forward(dev, &values, &labels_d, vocab)?;
+    ce::cross_entropy_backward(dev, &mut values, &labels_d, &lse, vocab, grad_scale)?;
+    Ok((
+        dev.tensor(losses, &[labels.len()])?,
+        dev.tensor(values, logits.dims())?,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fused::KernelPath;
     use crate::tolerance::Dtype;
     use candle_core::Device;
 
