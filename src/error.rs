@@ -52,12 +52,12 @@ pub enum Error {
     #[error("the adapter does not fit the base model: {reason}")]
     AdapterMismatch { reason: String },
 
-    /// A checkpoint tensor is missing.
-    #[error("checkpoint: missing tensor `{key}`")]
+    /// A tensor the model needs is in none of its safetensors files.
+    #[error("no file of the model holds tensor `{key}`")]
     MissingTensor { key: String },
 
-    /// A checkpoint tensor or its metadata is malformed.
-    #[error("checkpoint: tensor `{key}`: {reason}")]
+    /// A model tensor or its metadata does not fit the config (shape, dtype, quant state).
+    #[error("model tensor `{key}`: {reason}")]
     BadTensor { key: String, reason: String },
 
     /// A training checkpoint directory is incomplete, malformed, from another format version, or

@@ -450,3 +450,82 @@ fn a_huge_jsonl_line_is_skipped_before_tokenizing() {
     let size = fs::metadata(&path).unwrap().len() as isize;
     assert!(grew < 3 * size, "{grew} B allocated for a {size} B file");
 }
+
+/// A training checkpoint (after one update, so the optimizer file holds moments): its trainer
+/// state, optimizer file and adapter files each mutated in turn.
+#[test]
+fn training_checkpoint() {
+    use qlora::kernels::adamw::AdamWConfig;
+    use qlora::model::llama::LlamaModel;
+    use qlora::train::checkpoint::{
+        load_checkpoint, save_checkpoint, DataPosition, RngState, TrainState,
+    };
+    use qlora::train::data::{collate, Example};
+    use qlora::train::schedule::{LrSchedule, ScheduleKind};
+    use qlora::train::trainer::{CpuAdamW, NonFinitePolicy, Trainer, TrainerConfig};
+
+    let base = fixture("llama/base");
+    let config = LlamaConfig::from_file(base.join("config.json")).unwrap();
+    let weights = LlamaWeights::load(&base, &config, &f32_options()).unwrap();
+    let model = LlamaModel::new(config, weights).unwrap();
+    let lora = LoraConfig {
+        r: 2,
+        ..LoraConfig::default()
+    };
+    let adapter = LoraAdapter::init(lora, model.config(), DType::F32, &Device::Cpu, 3).unwrap();
+    let optimizer = CpuAdamW::new(AdamWConfig::default()).unwrap();
+    let trainer_config = TrainerConfig {
+        schedule: LrSchedule {
+            kind: ScheduleKind::Cosine { num_cycles: 0.5 },
+            warmup_steps: 1,
+            total_steps: 4,
+        },
+        max_grad_norm: Some(1.0),
+        non_finite: NonFinitePolicy::Error,
+    };
+    let mut trainer = Trainer::new(&model, adapter, optimizer, trainer_config).unwrap();
+    let ids: Vec<u32> = (0..8).map(|i| 3 + i * 11).collect();
+    let labels = ids.iter().map(|&i| i as i64).collect();
+    let batch = collate(
+        &[Example {
+            input_ids: ids,
+            labels,
+        }],
+        0,
+    )
+    .unwrap();
+    trainer.train_step(&[batch]).unwrap();
+    let state = TrainState {
+        step: 1,
+        data_position: DataPosition { epoch: 0, index: 1 },
+        rng_state: RngState {
+            seed: 1,
+            counter: 1,
+        },
+    };
+    let dir = scratch("checkpoint");
+    let saved = save_checkpoint(&dir, &trainer, &state, 1).unwrap();
+    let load = || load_checkpoint(&saved, &model);
+    let mut rng = StdRng::seed_from_u64(10);
+    let mut also: Vec<&str> = TENSOR.to_vec();
+    // A checkpoint error names its folder (`training checkpoint …/checkpoint-1: …`).
+    let folder = saved.display().to_string();
+    also.push(&folder);
+    for file in ["trainer_state.json", "adapter_config.json"] {
+        let path = saved.join(file);
+        let valid = fs::read(&path).unwrap();
+        let cases = text_mutations(&valid, &mut rng, 200);
+        run_cases(&path, cases, &also, load);
+        fs::write(&path, &valid).unwrap();
+    }
+    for file in ["optimizer.safetensors", "adapter_model.safetensors"] {
+        let path = saved.join(file);
+        let valid = fs::read(&path).unwrap();
+        let mut cases = byte_mutations(&valid, &mut rng, 100);
+        cases.extend(safetensors_mutations(&valid, &mut rng, 100));
+        let (_, refused) = run_cases(&path, cases, &also, load);
+        assert!(refused > 100, "{file}: {refused} refused");
+        fs::write(&path, &valid).unwrap();
+    }
+    load().unwrap();
+}

@@ -425,6 +425,11 @@ pub fn load_checkpoint_with<'m, O: CheckpointOptimizer>(
             NonFiniteFile::SkipBatch => NonFinitePolicy::SkipBatch,
         },
     };
+    // Settings the optimizer or trainer would refuse are the state file's fault: say so.
+    adamw
+        .validate()
+        .and_then(|()| config.validate())
+        .map_err(|e| bad(&state_path, e.to_string()))?;
 
     let adapter = LoraAdapter::load_pretrained(path, model.device())?;
     let optimizer = make(read_optimizer(path, &adapter, adamw, file.optimizer_steps)?)?;
