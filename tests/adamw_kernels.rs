@@ -53,13 +53,7 @@ fn widen<T: Element>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-fn param_dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as param_dtype;
 
 /// Gradients of step `k`: normal values with a few exact zeros and a spread of magnitudes.
 fn grads(n: usize, k: u64) -> Vec<f32> {

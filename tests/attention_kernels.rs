@@ -9,7 +9,7 @@ use qlora::kernels::attention::*;
 use qlora::kernels::device::{Emulator, KernelArg, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::testing::normal_vector;
-use qlora::tolerance::{lookup, Dtype, Op};
+use qlora::tolerance::{lookup, Op};
 use qlora::Error;
 
 /// (batch, q_heads, kv_heads, seq, head_dim).
@@ -20,13 +20,7 @@ const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
     (1, 2, 2, 33, 64),
 ];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn cast<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()

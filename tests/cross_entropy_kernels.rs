@@ -17,13 +17,7 @@ const ROWS: &[usize] = &[1, 3, 9];
 /// for f32, 32000 also for bf16.
 const VOCABS: &[usize] = &[1, 7, 300, 4097, 32003];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn cast<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()

@@ -19,13 +19,7 @@ const RMS_SHAPES: &[(usize, usize)] = &[(1, 1), (3, 7), (37, 96), (5, 200), (3, 
 const ROPE_SHAPES: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 2), (5, 6, 2, 16), (3, 6, 2, 128)];
 const SWIGLU_SHAPES: &[(usize, usize)] = &[(1, 1), (3, 13), (37, 200)];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn cast<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()

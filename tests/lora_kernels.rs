@@ -31,13 +31,7 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (150, 136, 9, 20),
 ];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn cast<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()

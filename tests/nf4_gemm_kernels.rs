@@ -6,14 +6,16 @@
 //! scales, bf16 and f32 output; and the reference against an independent dense bf16 matmul.
 
 use candle_core::{Device, Tensor};
+mod common;
+
+use common::nf4_weight::{all, DeviceWeight, Weight};
 use half::bf16;
-use qlora::kernels::device::{Emulator, KernelArg, LaunchDevice, Scalar};
+use qlora::kernels::device::{Emulator, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::kernels::nf4::{dequantize, Nf4Weight, Scales};
 use qlora::kernels::nf4_gemm::{
     dequantize_weight_bf16, fast_path, nf4_gemm, nf4_gemm_into, nf4_gemm_ref, GemmOp, GemmShape,
 };
-use qlora::quant::nf4::{double_quantize, quantize_nf4, DoubleQuant, NF4_CODE};
 use qlora::testing::normal_vector;
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
@@ -24,125 +26,10 @@ use qlora::Error;
 const SHAPES: &[(usize, usize)] = &[(8, 64), (72, 160), (136, 200), (37, 33)];
 const MS: &[usize] = &[1, 17, 70];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn bf16s(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
-
-/// A quantized `[n, k]` weight with both kinds of scales.
-struct Weight {
-    n: usize,
-    k: usize,
-    blocksize: usize,
-    packed: Vec<u8>,
-    absmax: Vec<f32>,
-    dq: DoubleQuant,
-}
-
-impl Weight {
-    fn new(n: usize, k: usize, blocksize: usize, seed: u64) -> Self {
-        let w = normal_vector(n * k, 0.05, seed);
-        let (packed, absmax) = quantize_nf4(&w, blocksize).unwrap();
-        let dq = double_quantize(&absmax, 256).unwrap();
-        Weight {
-            n,
-            k,
-            blocksize,
-            packed,
-            absmax,
-            dq,
-        }
-    }
-
-    /// The host view the reference reads.
-    fn host(&self, double: bool) -> Nf4Weight<'_, Emulator> {
-        let scales = if double {
-            Scales::Double {
-                absmax_q: &self.dq.absmax_q[..],
-                nested_absmax: &self.dq.nested_absmax[..],
-                nested_code: &self.dq.nested_code[..],
-                offset: self.dq.offset,
-                nested_blocksize: self.dq.nested_blocksize,
-            }
-        } else {
-            Scales::F32(&self.absmax[..])
-        };
-        Nf4Weight {
-            packed: &self.packed[..],
-            scales,
-            n: self.n,
-            k: self.k,
-            blocksize: self.blocksize,
-            code: &NF4_CODE[..],
-        }
-    }
-}
-
-/// The whole of a device buffer as a view.
-fn all<'a, D: LaunchDevice, T: Scalar>(dev: &'a D, buf: &'a D::Buffer<T>) -> D::View<'a, T> {
-    dev.slice(buf, 0..buf.len()).unwrap()
-}
-
-/// A weight's buffers on a device.
-struct DeviceWeight<D: LaunchDevice> {
-    packed: D::Buffer<u8>,
-    code: D::Buffer<f32>,
-    absmax: D::Buffer<f32>,
-    q: D::Buffer<u8>,
-    na: D::Buffer<f32>,
-    nc: D::Buffer<f32>,
-    offset: f32,
-    nested_blocksize: usize,
-    n: usize,
-    k: usize,
-    blocksize: usize,
-}
-
-impl<D: LaunchDevice> DeviceWeight<D> {
-    fn new(dev: &D, w: &Weight) -> Self {
-        DeviceWeight {
-            packed: dev.upload(&w.packed).unwrap(),
-            code: dev.upload(&NF4_CODE).unwrap(),
-            absmax: dev.upload(&w.absmax).unwrap(),
-            q: dev.upload(&w.dq.absmax_q).unwrap(),
-            na: dev.upload(&w.dq.nested_absmax).unwrap(),
-            nc: dev.upload(&w.dq.nested_code).unwrap(),
-            offset: w.dq.offset,
-            nested_blocksize: w.dq.nested_blocksize,
-            n: w.n,
-            k: w.k,
-            blocksize: w.blocksize,
-        }
-    }
-
-    fn view<'a>(&'a self, dev: &'a D, double: bool) -> Nf4Weight<'a, D> {
-        let scales = if double {
-            Scales::Double {
-                absmax_q: all(dev, &self.q),
-                nested_absmax: all(dev, &self.na),
-                nested_code: all(dev, &self.nc),
-                offset: self.offset,
-                nested_blocksize: self.nested_blocksize,
-            }
-        } else {
-            Scales::F32(all(dev, &self.absmax))
-        };
-        Nf4Weight {
-            packed: all(dev, &self.packed),
-            scales,
-            n: self.n,
-            k: self.k,
-            blocksize: self.blocksize,
-            code: all(dev, &self.code),
-        }
-    }
 }
 
 /// Activations for `op`: x `[m, k]` or dy `[m, n]`.
@@ -221,7 +108,7 @@ fn parity<D: LaunchDevice, T: Element>(
 
 fn gemm_odd_shapes<D: LaunchDevice>(dev: &D) {
     for (i, &(n, k)) in SHAPES.iter().enumerate() {
-        let w = Weight::new(n, k, 64, i as u64);
+        let w = Weight::new(n, k, 64, 0.05, i as u64);
         for (j, &m) in MS.iter().enumerate() {
             for op in [GemmOp::Forward, GemmOp::InputGrad] {
                 let a = activations(op, m, &w, 10 + (i * 3 + j) as u64);
@@ -249,7 +136,7 @@ fn odd_shapes_reach_the_fast_kernels_where_aligned() {
     use qlora::kernels::emu::launches_on_this_thread as launches;
     let dev = Emulator::default();
     for (i, &(n, k)) in SHAPES.iter().enumerate() {
-        let w = Weight::new(n, k, 64, i as u64);
+        let w = Weight::new(n, k, 64, 0.05, i as u64);
         for op in [GemmOp::Forward, GemmOp::InputGrad] {
             let a = activations(op, 17, &w, 1);
             let (fast_name, general_name) = match op {
@@ -270,7 +157,7 @@ fn odd_shapes_reach_the_fast_kernels_where_aligned() {
 
 fn gemm_row_tiles<D: LaunchDevice>(dev: &D) {
     // m = 130: a second block row holding two rows, both kernels, both output dtypes.
-    let w = Weight::new(24, 48, 64, 3);
+    let w = Weight::new(24, 48, 64, 0.05, 3);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
         let a = activations(op, 130, &w, 4);
         parity::<D, bf16>(dev, op, &w, 130, true, &a);
@@ -278,10 +165,10 @@ fn gemm_row_tiles<D: LaunchDevice>(dev: &D) {
     }
     // m = 1030: nine row tiles by two column tiles, so the blocks are remapped across a full
     // group of eight row tiles and a partial one.
-    let w = Weight::new(136, 64, 64, 8);
+    let w = Weight::new(136, 64, 64, 0.05, 8);
     let x = activations(GemmOp::Forward, 1030, &w, 9);
     parity::<D, bf16>(dev, GemmOp::Forward, &w, 1030, true, &x);
-    let w = Weight::new(64, 144, 64, 9);
+    let w = Weight::new(64, 144, 64, 0.05, 9);
     let dy = activations(GemmOp::InputGrad, 1030, &w, 10);
     parity::<D, f32>(dev, GemmOp::InputGrad, &w, 1030, false, &dy);
 }
@@ -294,7 +181,7 @@ fn gemm_blocksizes<D: LaunchDevice>(dev: &D) {
     // K = 96 with blocks of 32 (three per row), 128 (straddling rows) and 256 (several rows per
     // block, and the fast path's 16-code chunks); K = 40 (per-element path) with blocks of 128.
     for (bs, k) in [(32, 96), (128, 96), (256, 96), (128, 40)] {
-        let w = Weight::new(20, k, bs, bs as u64);
+        let w = Weight::new(20, k, bs, 0.05, bs as u64);
         for (i, op) in [GemmOp::Forward, GemmOp::InputGrad].into_iter().enumerate() {
             let a = activations(op, 5, &w, 7 + i as u64);
             parity::<D, bf16>(dev, op, &w, 5, true, &a);
@@ -307,7 +194,7 @@ qlora::device_test!(gemm_matches_reference_for_blocksizes, gemm_blocksizes);
 fn gemm_misaligned<D: LaunchDevice>(dev: &D) {
     // Three reduction steps in both kernels, so a step's activation stores meet the previous
     // step's reads of the same buffer (the race detector checks the barrier between them).
-    let w = Weight::new(72, 96, 64, 5);
+    let w = Weight::new(72, 96, 64, 0.05, 5);
     for op in [GemmOp::Forward, GemmOp::InputGrad] {
         // Activations one element into a buffer: rows are no longer 16-byte aligned.
         let a = activations(op, 3, &w, 6);
@@ -339,7 +226,7 @@ qlora::device_test!(
 #[test]
 fn reference_equals_dense_bf16_matmul_of_the_dequantized_weight() {
     let (m, n, k) = (9, 40, 136);
-    let w = Weight::new(n, k, 64, 11);
+    let w = Weight::new(n, k, 64, 0.05, 11);
     for double in [false, true] {
         let view = w.host(double);
         // The bf16 weight every path multiplies is what k_nf4_dequantize writes (what the
@@ -403,7 +290,7 @@ fn is_invalid<T>(r: qlora::Result<T>) -> bool {
 
 #[test]
 fn reference_rejects_invalid_arguments() {
-    let w = Weight::new(8, 64, 64, 1);
+    let w = Weight::new(8, 64, 64, 0.05, 1);
     let view = w.host(false);
     let x = vec![bf16::ZERO; 3 * 64];
     let run = |op: GemmOp, a: &[bf16], m: usize, view: &Nf4Weight<'_, Emulator>| {
@@ -436,7 +323,7 @@ fn reference_rejects_invalid_arguments() {
 }
 
 fn gemm_bad_arguments<D: LaunchDevice>(dev: &D) {
-    let w = Weight::new(8, 64, 64, 1);
+    let w = Weight::new(8, 64, 64, 0.05, 1);
     let dw = DeviceWeight::new(dev, &w);
     let x = dev.upload(&vec![bf16::ZERO; 3 * 64]).unwrap();
     let run = |op: GemmOp, a: D::View<'_, bf16>, m: usize, view: Nf4Weight<'_, D>| {
@@ -569,7 +456,7 @@ mod cuda {
         };
         let mut mm = Nf4Matmul::new(&dev, Nf4MatmulPlan::default()).unwrap();
         for (i, &(n, k)) in SHAPES.iter().enumerate() {
-            let w = Weight::new(n, k, 64, i as u64);
+            let w = Weight::new(n, k, 64, 0.05, i as u64);
             for &m in MS.iter().chain(&[130]) {
                 for op in [GemmOp::Forward, GemmOp::InputGrad] {
                     for double in [false, true] {
@@ -588,7 +475,7 @@ mod cuda {
         };
         let mut mm = Nf4Matmul::new(&dev, Nf4MatmulPlan::default()).unwrap();
         // Llama-2-13B q_proj width with 300 tokens: many k-steps, partial row tiles.
-        let w = Weight::new(640, 5120, 64, 42);
+        let w = Weight::new(640, 5120, 64, 0.05, 42);
         parity::<CudaDevice, bf16>(
             &dev,
             GemmOp::Forward,

@@ -3,14 +3,16 @@
 //! GPU is present, for M ∈ {1, 3, 16}, odd N, K not a multiple of the quantization block (blocks
 //! straddling rows), f32 and double-quantized scales, bf16 and f32 x / y, with and without bias.
 
+mod common;
+
+use common::nf4_weight::{all, DeviceWeight, Weight};
 use half::bf16;
-use qlora::kernels::device::{Emulator, KernelArg, LaunchDevice, Scalar};
+use qlora::kernels::device::{Emulator, LaunchDevice};
 use qlora::kernels::launch::Element;
 use qlora::kernels::nf4::{Nf4Weight, Scales};
 use qlora::kernels::nf4_gemv::{nf4_gemv, nf4_gemv_into, nf4_gemv_ref, MAX_M};
-use qlora::quant::nf4::{double_quantize, quantize_nf4, DoubleQuant, NF4_CODE};
 use qlora::testing::normal_vector;
-use qlora::tolerance::{lookup, Dtype, Op};
+use qlora::tolerance::{lookup, Op};
 use qlora::Error;
 
 /// (N, K): one row, K % 64 != 0 with K % 32 == 0 (vector path, blocks straddling rows), K % 32 != 0
@@ -18,125 +20,10 @@ use qlora::Error;
 const SHAPES: &[(usize, usize)] = &[(1, 64), (7, 96), (37, 200), (64, 4160)];
 const MS: &[usize] = &[1, 3, 16];
 
-fn dtype<T: Element>() -> Dtype {
-    match T::DTYPE as i32 {
-        0 => Dtype::F32,
-        1 => Dtype::BF16,
-        _ => Dtype::F16,
-    }
-}
+use qlora::kernels::launch::tolerance_dtype as dtype;
 
 fn cast<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
-}
-
-/// A quantized `[n, k]` weight with both kinds of scales.
-struct Weight {
-    n: usize,
-    k: usize,
-    blocksize: usize,
-    packed: Vec<u8>,
-    absmax: Vec<f32>,
-    dq: DoubleQuant,
-}
-
-impl Weight {
-    fn new(n: usize, k: usize, blocksize: usize, seed: u64) -> Self {
-        let w = normal_vector(n * k, 0.02, seed);
-        let (packed, absmax) = quantize_nf4(&w, blocksize).unwrap();
-        let dq = double_quantize(&absmax, 256).unwrap();
-        Weight {
-            n,
-            k,
-            blocksize,
-            packed,
-            absmax,
-            dq,
-        }
-    }
-
-    /// The host view the reference reads.
-    fn host(&self, double: bool) -> Nf4Weight<'_, Emulator> {
-        let scales = if double {
-            Scales::Double {
-                absmax_q: &self.dq.absmax_q[..],
-                nested_absmax: &self.dq.nested_absmax[..],
-                nested_code: &self.dq.nested_code[..],
-                offset: self.dq.offset,
-                nested_blocksize: self.dq.nested_blocksize,
-            }
-        } else {
-            Scales::F32(&self.absmax[..])
-        };
-        Nf4Weight {
-            packed: &self.packed[..],
-            scales,
-            n: self.n,
-            k: self.k,
-            blocksize: self.blocksize,
-            code: &NF4_CODE[..],
-        }
-    }
-}
-
-/// The whole of a device buffer as a view.
-fn all<'a, D: LaunchDevice, T: Scalar>(dev: &'a D, buf: &'a D::Buffer<T>) -> D::View<'a, T> {
-    dev.slice(buf, 0..buf.len()).unwrap()
-}
-
-/// A weight's buffers on a device.
-struct DeviceWeight<D: LaunchDevice> {
-    packed: D::Buffer<u8>,
-    code: D::Buffer<f32>,
-    absmax: D::Buffer<f32>,
-    q: D::Buffer<u8>,
-    na: D::Buffer<f32>,
-    nc: D::Buffer<f32>,
-    offset: f32,
-    nested_blocksize: usize,
-    n: usize,
-    k: usize,
-    blocksize: usize,
-}
-
-impl<D: LaunchDevice> DeviceWeight<D> {
-    fn new(dev: &D, w: &Weight) -> Self {
-        DeviceWeight {
-            packed: dev.upload(&w.packed).unwrap(),
-            code: dev.upload(&NF4_CODE).unwrap(),
-            absmax: dev.upload(&w.absmax).unwrap(),
-            q: dev.upload(&w.dq.absmax_q).unwrap(),
-            na: dev.upload(&w.dq.nested_absmax).unwrap(),
-            nc: dev.upload(&w.dq.nested_code).unwrap(),
-            offset: w.dq.offset,
-            nested_blocksize: w.dq.nested_blocksize,
-            n: w.n,
-            k: w.k,
-            blocksize: w.blocksize,
-        }
-    }
-
-    fn view<'a>(&'a self, dev: &'a D, double: bool) -> Nf4Weight<'a, D> {
-        let scales = if double {
-            Scales::Double {
-                absmax_q: all(dev, &self.q),
-                nested_absmax: all(dev, &self.na),
-                nested_code: all(dev, &self.nc),
-                offset: self.offset,
-                nested_blocksize: self.nested_blocksize,
-            }
-        } else {
-            Scales::F32(all(dev, &self.absmax))
-        };
-        Nf4Weight {
-            packed: all(dev, &self.packed),
-            scales,
-            n: self.n,
-            k: self.k,
-            blocksize: self.blocksize,
-            code: all(dev, &self.code),
-        }
-    }
 }
 
 /// `got` (in T) against the f32 reference rounded once to T.
@@ -186,7 +73,7 @@ fn parity<D: LaunchDevice, T: Element>(
 
 fn gemv_odd_shapes<D: LaunchDevice>(dev: &D) {
     for (i, &(n, k)) in SHAPES.iter().enumerate() {
-        let w = Weight::new(n, k, 64, i as u64);
+        let w = Weight::new(n, k, 64, 0.02, i as u64);
         for &m in MS {
             let x = normal_vector(m * k, 1.0, 10 + i as u64);
             // Every (scales, dtype, bias) combination across the M values of a shape.
@@ -205,7 +92,7 @@ fn gemv_blocksizes<D: LaunchDevice>(dev: &D) {
     // starts every other row in the low nibble of a byte.
     for &bs in qlora::quant::nf4::SUPPORTED_BLOCKSIZES {
         for &(n, k) in &[(9, 160), (5, 33)] {
-            let w = Weight::new(n, k, bs, bs as u64);
+            let w = Weight::new(n, k, bs, 0.02, bs as u64);
             let x = normal_vector(2 * k, 1.0, 7);
             parity::<D, bf16>(dev, &w, 2, true, true, &cast(&x));
             parity::<D, f32>(dev, &w, 2, false, false, &x);
@@ -216,7 +103,7 @@ qlora::device_test!(gemv_matches_reference_for_every_blocksize, gemv_blocksizes)
 
 fn gemv_misaligned<D: LaunchDevice>(dev: &D) {
     let (n, k, m) = (7, 96, 3);
-    let w = Weight::new(n, k, 64, 5);
+    let w = Weight::new(n, k, 64, 0.02, 5);
     let x: Vec<bf16> = cast(&normal_vector(m * k + 1, 1.0, 6));
     let bias: Vec<bf16> = cast(&normal_vector(n, 0.5, 99));
     let want = nf4_gemv_ref(&x[1..], m, &w.host(false), Some(&bias[..])).unwrap();
@@ -251,7 +138,7 @@ fn is_invalid<T>(r: qlora::Result<T>) -> bool {
 
 #[test]
 fn reference_rejects_invalid_arguments() {
-    let w = Weight::new(7, 96, 64, 1);
+    let w = Weight::new(7, 96, 64, 0.02, 1);
     let view = w.host(false);
     let x = vec![0f32; 3 * 96];
     let bias = vec![0f32; 7];
@@ -284,7 +171,7 @@ fn reference_rejects_invalid_arguments() {
 }
 
 fn gemv_bad_arguments<D: LaunchDevice>(dev: &D) {
-    let w = Weight::new(7, 96, 64, 1);
+    let w = Weight::new(7, 96, 64, 0.02, 1);
     let dw = DeviceWeight::new(dev, &w);
     let x = dev.upload(&vec![0f32; 3 * 96]).unwrap();
     let bias = dev.upload(&[0f32; 7]).unwrap();
@@ -385,7 +272,7 @@ fn cuda_gemv_matches_reference_at_llama_13b_gate_shape() {
     let Some(dev) = qlora::kernels::cuda::CudaDevice::first_available() else {
         return;
     };
-    let w = Weight::new(13824, 5120, 64, 42);
+    let w = Weight::new(13824, 5120, 64, 0.02, 42);
     let x: Vec<bf16> = cast(&normal_vector(5120, 1.0, 3));
     parity(&dev, &w, 1, true, false, &x);
 }
@@ -393,7 +280,7 @@ fn cuda_gemv_matches_reference_at_llama_13b_gate_shape() {
 #[test]
 fn one_row_of_x_takes_the_decode_kernel_and_more_rows_the_multi_row_one() {
     use qlora::kernels::emu::launches_on_this_thread as launches;
-    let w = Weight::new(9, 160, 64, 3);
+    let w = Weight::new(9, 160, 64, 0.02, 3);
     for (m, decode) in [(1, true), (2, false), (16, false)] {
         let x = normal_vector(m * 160, 1.0, 8);
         let before = (launches("k_nf4_gemv"), launches("k_nf4_gemv_rows"));

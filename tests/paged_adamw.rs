@@ -231,13 +231,7 @@ mod cuda {
         v.iter().map(|x| x.to_f32()).collect()
     }
 
-    fn dtype_of<T: Element>() -> Dtype {
-        if T::DTYPE as i32 == 0 {
-            Dtype::F32
-        } else {
-            Dtype::BF16
-        }
-    }
+    use qlora::kernels::launch::tolerance_dtype as dtype_of;
 
     /// Runs STEPS updates of every tensor through `policy`'s placement and the CPU reference side
     /// by side; params and both moments must agree bit for bit. Returns the placements used.

@@ -195,6 +195,15 @@ pub trait Element: super::device::Scalar {
     fn from_f32(v: f32) -> Self;
 }
 
+/// The tolerance-table dtype of element type `T` (the row a parity check of `T` results reads).
+pub fn tolerance_dtype<T: Element>() -> crate::tolerance::Dtype {
+    match T::DTYPE as i32 {
+        0 => crate::tolerance::Dtype::F32,
+        1 => crate::tolerance::Dtype::BF16,
+        _ => crate::tolerance::Dtype::F16,
+    }
+}
+
 /// What the CUDA backend needs of a kernel's parameter struct (nothing without `cuda`).
 #[cfg(feature = "cuda")]
 pub trait ParamsRepr: cudarc::driver::DeviceRepr {}

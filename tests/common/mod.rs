@@ -143,3 +143,4 @@ pub fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     );
 }
 pub mod llama;
+pub mod nf4_weight;
