@@ -155,6 +155,15 @@ fn instruction_lines(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// A copy of the files of folder `from` in a new folder `to`.
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
@@ -496,11 +505,7 @@ fn resume_past_a_damaged_checkpoint_says_so_and_keeps_it() {
 
     let resumed = dir.join("resumed");
     for step in ["checkpoint-3", "checkpoint-6"] {
-        std::fs::create_dir_all(resumed.join(step)).unwrap();
-        for entry in std::fs::read_dir(straight.join(step)).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), resumed.join(step).join(entry.file_name())).unwrap();
-        }
+        copy_folder(&straight.join(step), &resumed.join(step));
     }
     std::fs::remove_file(resumed.join("checkpoint-6/optimizer.safetensors")).unwrap();
     let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
@@ -574,11 +579,7 @@ fn resume_from_a_checkpoint_equals_the_straight_run() {
     // A run that stopped after its step-3 checkpoint: only that checkpoint and its metrics.
     let resumed = dir.join("resumed");
     let checkpoint = resumed.join("checkpoint-3");
-    std::fs::create_dir_all(&checkpoint).unwrap();
-    for entry in std::fs::read_dir(straight.join("checkpoint-3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
-    }
+    copy_folder(&straight.join("checkpoint-3"), &checkpoint);
     let straight_metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
     let first_three: Vec<&str> = straight_metrics.lines().take(3).collect();
     std::fs::write(resumed.join("metrics.jsonl"), first_three.join("\n") + "\n").unwrap();
@@ -1131,11 +1132,7 @@ fn train_on_cuda_matches_the_cpu_and_resumes_across_devices() {
     }
     // The CUDA run's step-2 checkpoint, finished on the CPU.
     let checkpoint = resumed.join("checkpoint-2");
-    std::fs::create_dir_all(&checkpoint).unwrap();
-    for entry in std::fs::read_dir(gpu.join("checkpoint-2")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
-    }
+    copy_folder(&gpu.join("checkpoint-2"), &checkpoint);
     run("cpu", &resumed, Some(&checkpoint));
     let finals = |d: &Path| -> Vec<f32> {
         let t = candle_core::safetensors::load(
