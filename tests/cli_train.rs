@@ -460,31 +460,36 @@ fn a_bad_jsonl_line_is_an_error_naming_file_and_line() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The run both resume tests cut short: 6 updates, a checkpoint every 3.
+const RESUME_RUN: [&str; 15] = [
+    "train",
+    "--steps",
+    "6",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--seq-len",
+    "40",
+    "--save-steps",
+    "3",
+    "--keep-last",
+    "5",
+    "--lr",
+    "5e-3",
+];
+
 /// A run killed while writing its step-6 checkpoint (the optimizer file never landed) and its
 /// metrics (a torn last line): the resume says which checkpoint it passed over and why, moves it
-/// aside instead of overwriting it later, and ends with the straight run's metrics.jsonl byte
-/// for byte.
+/// aside instead of overwriting it later, and keeps the metrics rows up to the checkpoint byte for
+/// byte (the later rows equal the straight run's in step, loss, lr and grad norm).
 #[test]
 fn resume_past_a_damaged_checkpoint_says_so_and_keeps_it() {
     let dir = temp_dir("resume-damaged");
     let model = write_model(&dir);
     let data = dir.join("train.jsonl");
     write_lines(&data, &instruction_lines(7));
-    let common = [
-        "train",
-        "--steps",
-        "6",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "40",
-        "--save-steps",
-        "3",
-        "--keep-last",
-        "5",
-        "--lr",
-        "5e-3",
-    ];
+    let common = RESUME_RUN;
     let straight = dir.join("straight");
     let paths = |out: &Path| -> Vec<(&'static str, PathBuf)> {
         vec![
@@ -549,23 +554,7 @@ fn resume_from_a_checkpoint_equals_the_straight_run() {
     let model = write_model(&dir);
     let data = dir.join("train.jsonl");
     write_lines(&data, &instruction_lines(7));
-    let common = [
-        "train",
-        "--steps",
-        "6",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--seq-len",
-        "40",
-        "--save-steps",
-        "3",
-        "--keep-last",
-        "5",
-        "--lr",
-        "5e-3",
-    ];
+    let common = RESUME_RUN;
     let straight = dir.join("straight");
     assert_success(&qlora(
         &common,
