@@ -39,7 +39,7 @@ const LAYERS: &[&[&str]] = &[
 /// Files of `model/` bottom up, by the same rule inside the module (the circles between
 /// llama.rs, generate.rs and peft/lora.rs must not come back).
 const MODEL_FILES: &[&[&str]] = &[
-    &["config", "tokenizer", "kv_cache"],
+    &["config", "tokenizer", "kv_cache", "matmul"],
     &["adapter"],
     &["weights"],
     &["init", "cuda", "quantize_dir"],

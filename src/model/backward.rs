@@ -13,6 +13,7 @@ use crate::model::fused::{FusedInputs, Qkv};
 use crate::model::fused_lora::{self, FusedLora, SavedProjections};
 use crate::model::fused_loss;
 use crate::model::llama::{repeat_kv, LlamaModel};
+use crate::model::matmul::{matmul, Weight};
 use crate::model::weights::LayerWeights;
 use crate::{Error, Result};
 
@@ -165,7 +166,8 @@ pub fn lora_gradients_from_dlogits(
 }
 
 /// One decoder layer's backward: recomputes layer `layer`'s forward from its input `x`
-/// `[B, T, hidden]` (f32 holding compute-dtype values) under `attention_mask` `[B, T]` (positions
+/// `[B, T, hidden]` (f32 holding compute-dtype values; the layer runs in the batch's storage
+/// dtype, [`LlamaModel::act_dtype`]) under `attention_mask` `[B, T]` (positions
 /// `0..T`), then pulls `dy` = dL/d(layer output) back to dL/dx and the LoRA gradients of `adapter`
 /// (if any) in that layer.
 pub fn decoder_layer_backward(
@@ -204,10 +206,14 @@ pub fn decoder_layer_backward(
         )));
     }
     let rope = AttentionInputs::new(model, attention_mask, b, t)?;
-    let pass = LayerPass::new(model, adapter, layer)?;
+    let act = rope.act_dtype(model);
+    let pass = LayerPass::new(model, adapter, layer, act)?;
     let mut lora = LoraGrads::new();
-    let dx = pass.backward(x, &rope, dy, &mut lora)?;
-    Ok(LayerGradients { dx, lora })
+    let dx = pass.backward(&x.to_dtype(act)?, &rope, &dy.to_dtype(act)?, &mut lora)?;
+    Ok(LayerGradients {
+        dx: dx.to_dtype(DType::F32)?,
+        lora,
+    })
 }
 
 /// What a batch's attention needs: the fused kernels' inputs when they run
@@ -248,6 +254,11 @@ impl AttentionInputs {
     fn fused(&self) -> bool {
         matches!(self, Self::Kernels(_))
     }
+
+    /// The dtype the batch's activations and their gradients are stored in.
+    fn act_dtype(&self, model: &LlamaModel) -> DType {
+        model.act_dtype(self.fused())
+    }
 }
 
 /// The stack's forward with only each layer's input kept (gradient checkpointing).
@@ -274,7 +285,8 @@ impl CheckpointedForward {
     }
 }
 
-/// The batch's attention inputs and its embeddings `[B, T, hidden]` (f32), the stack's input.
+/// The batch's attention inputs and its embeddings `[B, T, hidden]` in the batch's storage dtype,
+/// the stack's input.
 fn embed(
     model: &LlamaModel,
     input_ids: &Tensor,
@@ -288,7 +300,7 @@ fn embed(
         .weights()
         .embed_tokens
         .index_select(&ids, 0)?
-        .to_dtype(DType::F32)?
+        .to_dtype(rope.act_dtype(model))?
         .reshape((b, t, h))?;
     Ok((rope, x))
 }
@@ -303,10 +315,10 @@ fn checkpointed_forward(
     let (rope, mut x) = embed(model, input_ids, attention_mask)?;
     let mut inputs = Vec::with_capacity(model.config().num_hidden_layers);
     for layer in 0..model.config().num_hidden_layers {
-        let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
-        let next = pass.forward(&x, &rope)?.output;
-        // The input holds compute-dtype values: kept in that dtype (exactly), half the bytes in
-        // bf16, and widened again when its layer is pulled back.
+        let pass = LayerPass::new(model, Some(adapter), layer, rope.act_dtype(model))?;
+        let next = pass.with_mode(mode).forward(&x, &rope)?.output;
+        // The input holds compute-dtype values: kept in that dtype (exactly; on the tensor-op
+        // path half the bytes of its f32 carrier in bf16, widened again when pulled back).
         inputs.push(x.to_dtype(model.dtype())?);
         x = next;
     }
@@ -340,7 +352,7 @@ pub fn first_non_finite_activation(
         return Ok(Some((None, "embed_tokens output".to_string(), v)));
     }
     for layer in 0..model.config().num_hidden_layers {
-        let s = LayerPass::new(model, Some(adapter), layer)?
+        let s = LayerPass::new(model, Some(adapter), layer, rope.act_dtype(model))?
             .with_mode(mode)
             .forward(&x, &rope)?;
         let named = [
@@ -474,12 +486,13 @@ fn backward_from_dnormed(
         mode,
         ..
     } = forward;
+    let act = rope.act_dtype(model);
     for layer in (0..inputs.len()).rev() {
         let x = inputs
             .pop()
             .ok_or_else(|| invalid(format!("no saved input for layer {layer}")))?
-            .to_dtype(DType::F32)?;
-        let pass = LayerPass::new(model, Some(adapter), layer)?.with_mode(mode);
+            .to_dtype(act)?;
+        let pass = LayerPass::new(model, Some(adapter), layer, act)?.with_mode(mode);
         dx = pass.backward(&x, &rope, &dx, &mut lora)?;
     }
     Ok(lora)
@@ -513,8 +526,8 @@ fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((dy.broadcast_mul(cos)? + rotated)?)
 }
 
-/// One decoder layer's frozen weights (dequantized once, f32) and its adapter, for the recomputed
-/// forward and the backward.
+/// One decoder layer's frozen weights (dequantized once, in the batch's storage dtype) and its
+/// adapter, for the recomputed forward and the backward.
 struct LayerPass<'a> {
     model: &'a LlamaModel,
     adapter: Option<&'a LoraAdapter>,
@@ -567,7 +580,12 @@ enum AttentionState {
 }
 
 impl<'a> LayerPass<'a> {
-    fn new(model: &'a LlamaModel, adapter: Option<&'a LoraAdapter>, layer: usize) -> Result<Self> {
+    fn new(
+        model: &'a LlamaModel,
+        adapter: Option<&'a LoraAdapter>,
+        layer: usize,
+        act: DType,
+    ) -> Result<Self> {
         let weights = model
             .weights()
             .layers
@@ -582,7 +600,7 @@ impl<'a> LayerPass<'a> {
                 }
                 model
                     .frozen_weight(layer, m)?
-                    .to_dtype(DType::F32)
+                    .to_dtype(act)
                     .map(Some)
                     .map_err(Error::from)
             })
@@ -636,22 +654,25 @@ impl<'a> LayerPass<'a> {
             }
         }
         match self.adapter {
-            Some(adapter) => self
-                .model
-                .round(adapter.apply(self.layer, module, x, &y, &self.mode)?),
+            Some(adapter) => self.model.store(
+                adapter.apply(self.layer, module, x, &y, &self.mode)?,
+                x.dtype(),
+            ),
             None => Ok(y),
         }
     }
 
-    /// The frozen weight's pullback dy2 `[M, out]` · W → `[M, in]` (f32).
+    /// The frozen weight's pullback dy2 `[M, out]` · W → `[M, in]` in dy2's dtype (f32
+    /// unrounded on the tensor-op path).
     fn frozen_backward(&self, dy2: &Tensor, module: TargetModule) -> Result<Tensor> {
         match &self.linears[module as usize] {
-            Some(w) => Ok(dy2.matmul(w)?),
+            Some(w) => matmul(dy2, w, Weight::Plain),
             // dy rounded to bf16 for the kernel's bf16 activations (tolerance::Op::LlamaCudaNf4Gemm).
-            None => self
+            None => Ok(self
                 .model
                 .nf4_gemm(GemmOp::InputGrad, dy2, self.layer, module)?
-                .ok_or_else(|| invalid(format!("layer {} {module}: no NF4 GEMM", self.layer))),
+                .ok_or_else(|| invalid(format!("layer {} {module}: no NF4 GEMM", self.layer)))?
+                .to_dtype(dy2.dtype())?),
         }
     }
 
@@ -692,9 +713,11 @@ impl<'a> LayerPass<'a> {
         let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D input"))?;
         let out_features = *dy.dims().last().ok_or_else(|| invalid("a 0-D gradient"))?;
         let rows = x.elem_count() / in_features.max(1);
-        let x2 = x.reshape((rows, in_features))?;
+        let x2 = x.reshape((rows, in_features))?.to_dtype(DType::F32)?;
         let dy2 = dy.reshape((rows, out_features))?;
         let mut dx = self.frozen_backward(&dy2, module)?;
+        // The adapter's share in f32, added to the frozen pullback in dy's storage dtype.
+        let dy2 = dy2.to_dtype(DType::F32)?;
         if let Some((adapter, pair)) = self
             .adapter
             .and_then(|a| a.pair(self.layer, module).map(|p| (a, p)))
@@ -716,7 +739,7 @@ impl<'a> LayerPass<'a> {
                 Some(m) => (dx_lora * m)?,
                 None => dx_lora,
             };
-            dx = (dx + dx_lora)?;
+            dx = (dx.to_dtype(DType::F32)? + dx_lora)?.to_dtype(dy.dtype())?;
             grads.insert((self.layer, module), LoraPair { a: da, b: db });
         }
         Ok(dx.reshape(x.dims())?)

@@ -1,6 +1,6 @@
 //! The runtime's hot ops through our fused kernels: RMSNorm, RoPE, SwiGLU and causal attention,
-//! forward and backward, on candle tensors (f32 holding compute-dtype values, as the runtime keeps
-//! activations). The kernels run in the compute dtype (f32 or bf16) on the model's CUDA device, or
+//! forward and backward, on candle tensors stored in the compute dtype (docs/ARCHITECTURE.md,
+//! "Activation storage"). The kernels run in the compute dtype (f32 or bf16) on the model's CUDA device, or
 //! through the CPU emulation of the same `.cu` sources, which is how CI proves this wiring with no
 //! GPU ([`KernelPath::Emulated`]).
 
@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, WithDType};
 use half::bf16;
 
 use crate::kernels::attention::{self, AttentionShape, DeviceAttentionInputs};
-use crate::kernels::device::{Emulator, KernelArg, LaunchDevice};
+use crate::kernels::device::{Emulator, Guard, KernelArg, LaunchDevice, Ptr};
 use crate::kernels::launch::Element;
 use crate::kernels::llama as ops;
 use crate::{Error, Result};
@@ -154,8 +154,8 @@ impl Kernels {
         )
     }
 
-    /// RMSNorm of `x` `[.., h]` with the frozen `weight` `[h]`: `(y, rstd)`, y shaped as x (f32
-    /// holding `dtype` values), rstd `[rows]` f32 for the backward.
+    /// RMSNorm of `x` `[.., h]` with the frozen `weight` `[h]`: `(y, rstd)`, y shaped as x (in
+    /// `dtype`), rstd `[rows]` f32 for the backward.
     pub(crate) fn rms_norm(
         &self,
         dtype: DType,
@@ -294,9 +294,9 @@ pub(crate) fn host<T: FusedElement>(x: &Tensor) -> Result<Vec<T>> {
         .to_vec1::<T>()?)
 }
 
-/// Host values of `T` as an f32 tensor of `dims` on the CPU.
+/// Host values of `T` as a tensor of `T` of `dims` on the CPU.
 pub(crate) fn from_host<T: FusedElement>(values: Vec<T>, dims: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?.to_dtype(DType::F32)?)
+    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
 }
 
 /// Runs `$body` with `$dev` bound to the launch device of `$k`'s path: the body is written once
@@ -332,8 +332,7 @@ pub(crate) trait TensorDevice: LaunchDevice {
     /// A copy of `t` in `T` that a kernel may overwrite.
     fn writable<T: FusedElement>(&self, t: &Tensor) -> Result<Self::Buffer<T>>;
 
-    /// A kernel's output as an f32 tensor of `dims` (f32 holding `T` values, as the runtime keeps
-    /// activations today).
+    /// A kernel's output as a tensor of `T` of `dims`: activations stay in the compute dtype.
     fn tensor<T: FusedElement>(&self, buf: Self::Buffer<T>, dims: &[usize]) -> Result<Tensor>;
 
     /// Runs `f` on the batch's RoPE tables `(cos, sin, positions)` on this device.
@@ -351,11 +350,59 @@ pub(crate) struct RopeArgs<'a, D: ?Sized> {
     pub positions: &'a dyn KernelArg<D, i32>,
 }
 
-impl TensorDevice for Emulator {
-    type Input<T: FusedElement> = Vec<T>;
+/// A CPU tensor's own storage as an emulated kernel's input, with no copy: the tensor (kept
+/// alive here) and the address and length of its contiguous elements. A tensor of another dtype
+/// or layout is converted first, as [`TensorDevice::input`] does on CUDA.
+pub(crate) struct HostInput<T> {
+    _tensor: Tensor,
+    addr: usize,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
 
-    fn input<T: FusedElement>(&self, t: &Tensor) -> Result<Vec<T>> {
-        host(t)
+impl<T: FusedElement> HostInput<T> {
+    fn new(t: &Tensor) -> Result<Self> {
+        let t = t.to_dtype(<T as WithDType>::DTYPE)?;
+        let t = if t.is_contiguous() { t } else { t.copy()? };
+        let (addr, len) = {
+            let (storage, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                return Err(Error::invalid(
+                    "fused kernels",
+                    "the emulation reads CPU tensors only",
+                ));
+            };
+            let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+                Error::invalid("fused kernels", "a copied tensor is not contiguous")
+            })?;
+            let elements = &cpu.as_slice::<T>()?[start..end];
+            (elements.as_ptr() as usize, elements.len())
+        };
+        Ok(HostInput {
+            _tensor: t,
+            addr,
+            len,
+            _t: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T: FusedElement> KernelArg<Emulator, T> for HostInput<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn ptr<'a>(&'a self, _dev: &'a Emulator) -> Ptr<'a> {
+        // The elements live as long as `_tensor` (candle storage is not resized or written while a
+        // tensor holds it), and emulated launches finish before they return.
+        Ptr::new(self.addr, Guard::Borrow(std::marker::PhantomData))
+    }
+}
+
+impl TensorDevice for Emulator {
+    type Input<T: FusedElement> = HostInput<T>;
+
+    fn input<T: FusedElement>(&self, t: &Tensor) -> Result<HostInput<T>> {
+        HostInput::new(t)
     }
 
     fn writable<T: FusedElement>(&self, t: &Tensor) -> Result<Vec<T>> {
@@ -631,7 +678,6 @@ fn attention_backward_t<T: FusedElement>(
 pub(crate) mod cuda {
     use super::*;
     use crate::kernels::cuda::{cuda_err, storage_slice, CudaDevice};
-    use crate::kernels::device::{Guard, KernelArg, Ptr};
     use cudarc::driver::{CudaSlice, DevicePtr};
 
     /// `x` in `T` as one whole contiguous device buffer (a fresh copy unless it already is one),
@@ -664,13 +710,13 @@ pub(crate) mod cuda {
         read::<T, _>(&t, |s| dev.stream().clone_dtod(s).map_err(cuda_err))
     }
 
-    /// A kernel's output buffer as an f32 tensor of `dims` (f32 holding `T` values).
+    /// A kernel's output buffer as a tensor of `T` of `dims`, on the buffer itself.
     pub(crate) fn tensor<T: FusedElement>(
         dev: &CudaDevice,
         slice: CudaSlice<T>,
         dims: &[usize],
     ) -> Result<Tensor> {
-        Ok(dev.tensor_from_slice(slice, dims)?.to_dtype(DType::F32)?)
+        dev.tensor_from_slice(slice, dims)
     }
 
     /// A tensor's own device buffer as a kernel input: the tensor (kept alive here) and the

@@ -70,7 +70,7 @@ macro_rules! by_dtypes {
     };
 }
 
-/// The forward on `x` `[M, in]` and the base output `y` `[M, out]` (f32 holding `dtype` values):
+/// The forward on `x` `[M, in]` and the base output `y` `[M, out]` (in `dtype`):
 /// `(y + s·T·Bᵀ rounded once to dtype, T [M, r] f32)`.
 pub(crate) fn forward(
     k: &Kernels,

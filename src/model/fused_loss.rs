@@ -9,6 +9,7 @@ use half::bf16;
 use crate::kernels::cross_entropy::{self as ce, IGNORE_INDEX};
 use crate::model::fused::{on_device, FusedElement, Kernels, TensorDevice};
 use crate::model::llama::LlamaModel;
+use crate::model::matmul::{matmul, Weight};
 use crate::{Error, Result};
 
 /// The most bytes one chunk's f32 logits `[rows, V]` take: 64 MiB is 512 rows of a 32000-token
@@ -57,8 +58,8 @@ fn shifted_targets(labels: &Tensor, vocab: usize) -> Result<Vec<i32>> {
     Ok(targets)
 }
 
-/// The causal-LM loss of `normed` `[B, T, hidden]` (the final norm's output, f32 holding
-/// compute-dtype values) against `labels` `[B, T]` (i64) through lm_head, `chunk` rows at a time:
+/// The causal-LM loss of `normed` `[B, T, hidden]` (the final norm's output, in the compute
+/// dtype) against `labels` `[B, T]` (i64) through lm_head, `chunk` rows at a time:
 /// logits_c = normed_c · lm_headᵀ rounded to the compute dtype, the per-row losses (summed in f64
 /// in row order), dlogits_c = (softmax − onehot) / count in place, and dnormed_c = dlogits_c ·
 /// lm_head. Chunks without a label token are skipped (their gradient is zero).
@@ -84,8 +85,7 @@ pub(crate) fn causal_lm_loss(
     let grad_scale = 1.0 / count as f32;
     let rows = b * t;
     let normed = normed.reshape((rows, h))?;
-    let lm_head = model.weights().lm_head().to_dtype(DType::F32)?;
-    let lm_head_t = lm_head.t()?;
+    let lm_head = model.weights().lm_head();
     let (k, dtype) = (model.kernels(), model.dtype());
     // Per-row losses stay where they were made (no host sync per chunk); read once at the end.
     let mut losses = Vec::with_capacity(rows.div_ceil(chunk.max(1)));
@@ -94,10 +94,10 @@ pub(crate) fn causal_lm_loss(
         let n = chunk.max(1).min(rows - start);
         let labels_c = &targets[start..start + n];
         if labels_c.iter().all(|&l| l == IGNORE_INDEX) {
-            pieces.push(Tensor::zeros((n, h), DType::F32, normed.device())?);
+            pieces.push(Tensor::zeros((n, h), normed.dtype(), normed.device())?);
             continue;
         }
-        let logits = model.round(normed.narrow(0, start, n)?.matmul(&lm_head_t)?)?;
+        let logits = model.dense_linear(&normed.narrow(0, start, n)?, lm_head)?;
         let (chunk_losses, dlogits) = match dtype {
             DType::F32 => chunk_t::<f32>(k, &logits, labels_c, vocab, grad_scale)?,
             DType::BF16 => chunk_t::<bf16>(k, &logits, labels_c, vocab, grad_scale)?,
@@ -108,7 +108,7 @@ pub(crate) fn causal_lm_loss(
             }
         };
         losses.push(chunk_losses);
-        pieces.push(dlogits.matmul(&lm_head)?);
+        pieces.push(matmul(&dlogits, lm_head, Weight::Plain)?);
     }
     let sum: f64 = Tensor::cat(&losses, 0)?
         .to_vec1::<f32>()?
@@ -122,8 +122,7 @@ pub(crate) fn causal_lm_loss(
     })
 }
 
-/// One chunk's per-row losses `[n]` f32 (0 on ignored rows) and dlogits `[n, V]` (f32 holding
-/// `T` values), both where the logits are.
+/// One chunk's per-row losses `[n]` f32 (0 on ignored rows) and dlogits `[n, V]` (in `T`), both where the logits are.
 fn chunk_t<T: FusedElement>(
     k: &Kernels,
     logits: &Tensor,

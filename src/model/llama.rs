@@ -2,6 +2,8 @@
 //! attention): input ids `[B, T]` (+ a 0/1 attention mask) → logits `[B, T, V]`, and the causal-LM
 //! loss with HF's shift. Every op runs in f32 and is rounded to the compute dtype (f32 or bf16)
 //! exactly where torch rounds, so the bf16 path reproduces HF's bf16 roundings, not just its math.
+//! On the tensor-op path (the reference) activations are f32 tensors holding compute-dtype values;
+//! through the kernels they are stored in the compute dtype itself ([`LlamaModel::act_dtype`]).
 //! The same code runs on the CPU or (feature `cuda`) a CUDA device, wherever the weights are.
 
 use candle_core::{DType, Device, Tensor, D};
@@ -14,6 +16,7 @@ use crate::model::config::{linear_shape, LlamaConfig};
 use crate::model::fused::{FusedInputs, KernelPath, Kernels, Qkv, RopeTables};
 use crate::model::fused_lora::{self, FusedLora};
 use crate::model::kv_cache::{KvCache, LayerKvCache};
+use crate::model::matmul::{matmul, Weight};
 use crate::model::weights::{LayerWeights, Linear, LlamaWeights};
 use crate::{Error, Result};
 
@@ -299,8 +302,8 @@ impl LlamaModel {
             .to_dtype(self.dtype)?)
     }
 
-    /// Embeddings and every decoder layer: ids `[B, T]` → hidden states `[B, T, hidden]` (f32
-    /// holding compute-dtype values), appending each layer's keys and values to `cache` if given.
+    /// Embeddings and every decoder layer: ids `[B, T]` → hidden states `[B, T, hidden]` in the
+    /// batch's storage dtype ([`Self::act_dtype`]), appending each layer's keys and values to `cache` if given.
     fn decoder_stack(
         &self,
         input_ids: &Tensor,
@@ -316,7 +319,7 @@ impl LlamaModel {
             .weights
             .embed_tokens
             .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?
+            .to_dtype(self.act_dtype(rope.fused.is_some()))?
             .reshape((b, t, h))?;
         let mut slots = cache.map(|c| c.layers_mut().iter_mut());
         for (index, weights) in self.weights.layers.iter().enumerate() {
@@ -530,12 +533,34 @@ impl LlamaModel {
         .ok()
     }
 
-    /// f32 values rounded to the compute dtype (and kept in f32): where torch stores a result.
+    /// f32 values rounded to the compute dtype (and kept in f32): where torch stores a result on
+    /// the tensor-op path. A tensor already stored in the compute dtype (the kernel path's
+    /// activations) is returned as it is.
     pub(crate) fn round(&self, x: Tensor) -> Result<Tensor> {
-        if self.dtype == DType::F32 {
+        if self.dtype == DType::F32 || x.dtype() != DType::F32 {
             return Ok(x);
         }
         Ok(x.to_dtype(self.dtype)?.to_dtype(DType::F32)?)
+    }
+
+    /// An f32 result `y` stored as activations of dtype `act` are: rounded in f32 on the tensor-op
+    /// path (`act` F32), cast to `act` (one rounding) on the kernel path.
+    pub(crate) fn store(&self, y: Tensor, act: DType) -> Result<Tensor> {
+        if act == DType::F32 {
+            return self.round(y);
+        }
+        Ok(y.to_dtype(act)?)
+    }
+
+    /// The dtype a batch's activations are stored in (docs/ARCHITECTURE.md, "Activation
+    /// storage"): the compute dtype when it runs through the kernels (`fused`), else f32 holding
+    /// compute-dtype values, as the tensor-op reference rounds them.
+    pub(crate) fn act_dtype(&self, fused: bool) -> DType {
+        if fused {
+            self.dtype
+        } else {
+            DType::F32
+        }
     }
 
     /// RMSNorm: `w · dtype(x · rsqrt(mean(x²) + eps))`, the statistics in f32.
@@ -546,14 +571,14 @@ impl LlamaModel {
         self.round(normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?)
     }
 
-    /// `x · wᵀ` for the frozen linear `module` of `layer`, x `[.., in]` in f32 holding
-    /// compute-dtype values. The one seam where a backend's (dequant-)GEMM plugs in: on a CUDA
+    /// `x · wᵀ` for the frozen linear `module` of `layer`, x `[.., in]` in its storage dtype
+    /// ([`Self::act_dtype`]), the result in the same. The one seam where a backend's (dequant-)GEMM plugs in: on a CUDA
     /// device in bf16 compute an NF4 weight goes through our dequant-GEMM dispatcher
     /// ([`Self::nf4_gemm`]); otherwise NF4 weights are dequantized to their original dtype (as
     /// bitsandbytes' forward does), cast to the compute dtype and multiplied in f32.
     pub(crate) fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> Result<Tensor> {
         if let Some(y) = self.nf4_gemm(GemmOp::Forward, x, layer, module)? {
-            return self.round(y);
+            return self.store(y, x.dtype());
         }
         self.dense_linear(x, &self.frozen_weight(layer, module)?)
     }
@@ -603,9 +628,9 @@ impl LlamaModel {
         Ok(None)
     }
 
-    /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it:
-    /// dense as stored; NF4 dequantized to its original dtype and rounded to the compute dtype
-    /// (f32 holding those) — on a CUDA device by `k_nf4_dequantize` from the copy [`Self::new`]
+    /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it,
+    /// in the compute dtype: dense as stored; NF4 dequantized to its original dtype and rounded to
+    /// the compute dtype — on a CUDA device by `k_nf4_dequantize` from the copy [`Self::new`]
     /// uploaded, with the same roundings, so the same bits as on the CPU.
     pub fn frozen_weight(&self, layer: usize, module: TargetModule) -> Result<Tensor> {
         let weights = self.weights.layers.get(layer).ok_or_else(|| {
@@ -620,7 +645,7 @@ impl LlamaModel {
                 #[cfg(feature = "cuda")]
                 if let Some(on_device) = &self.nf4_device {
                     let w = on_device.dequantize(layer, module)?;
-                    return self.round(w.to_dtype(DType::F32)?);
+                    return Ok(w.to_dtype(DType::F32)?.to_dtype(self.dtype)?);
                 }
                 let mut values = t.dequantize()?;
                 match t.dtype.as_str() {
@@ -633,7 +658,7 @@ impl LlamaModel {
                     _ => {}
                 }
                 let w = Tensor::from_vec(values, t.shape.as_slice(), self.device())?;
-                self.round(w)
+                Ok(w.to_dtype(self.dtype)?)
             }
         }
     }
@@ -668,16 +693,16 @@ impl LlamaModel {
                 return Ok(y2.reshape(y.dims())?);
             }
         }
-        self.round(adapter.apply(layer.index, module, x, &y, mode)?)
+        self.store(adapter.apply(layer.index, module, x, &y, mode)?, x.dtype())
     }
 
-    /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs.
+    /// `x · wᵀ` with exact products accumulated in f32 and one rounding, as torch's CPU GEMMs; x
+    /// and the result in x's storage dtype ([`Self::act_dtype`]).
     pub(crate) fn dense_linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (out_features, in_features) = w.dims2()?;
         let dims = x.dims();
         let rows = x.elem_count() / in_features;
-        let w = w.to_dtype(DType::F32)?;
-        let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+        let y = matmul(&x.reshape((rows, in_features))?, w, Weight::Transposed)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = out_features;

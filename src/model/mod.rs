@@ -14,6 +14,7 @@ pub mod generate;
 pub mod init;
 pub mod kv_cache;
 pub mod llama;
+mod matmul;
 pub mod quantize_dir;
 pub mod tokenizer;
 pub mod weights;
