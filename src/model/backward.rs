@@ -1042,6 +1042,59 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn kernel_path_stores_activations_in_the_compute_dtype() {
+        // bf16 through the emulated kernels: every activation the layer keeps is a bf16 tensor
+        // (f32 only for the kernels' statistics); the tensor-op reference keeps f32 carriers.
+        let (model, adapter, [ids, mask, _]) = crate::model::fused_loss::tests::tiny(DType::BF16);
+        for (model, act) in [
+            (model.clone(), DType::BF16),
+            (
+                model
+                    .with_kernel_path(crate::model::KernelPath::TensorOps)
+                    .unwrap(),
+                DType::F32,
+            ),
+        ] {
+            let forward =
+                checkpointed_forward(&model, &adapter, &ids, Some(&mask), LoraMode::Eval).unwrap();
+            assert_eq!(forward.rope.act_dtype(&model), act);
+            assert_eq!(forward.hidden.dtype(), act);
+            assert!(forward.inputs.iter().all(|x| x.dtype() == DType::BF16));
+            let pass = LayerPass::new(&model, Some(&adapter), 0, act).unwrap();
+            let x = forward.inputs[0].to_dtype(act).unwrap();
+            let s = pass.forward(&x, &forward.rope).unwrap();
+            let kept = [
+                &s.output,
+                &s.normed_attn,
+                &s.attn_out,
+                &s.residual,
+                &s.normed_mlp,
+                &s.gate,
+                &s.up,
+                &s.act,
+            ];
+            assert!(kept.iter().all(|t| t.dtype() == act), "{act:?}");
+            match &s.attention {
+                AttentionState::Kernels { q, k, v, o, lse } => {
+                    assert_eq!(act, DType::BF16);
+                    assert!([q, k, v, o].iter().all(|t| t.dtype() == DType::BF16));
+                    assert_eq!(lse.dtype(), DType::F32);
+                    let rstd = [&s.rstd_attn, &s.rstd_mlp];
+                    assert!(rstd
+                        .iter()
+                        .all(|r| r.as_ref().unwrap().dtype() == DType::F32));
+                    assert!(s.lora_t.values().all(|t| t.dtype() == DType::F32));
+                }
+                AttentionState::Ops { .. } => assert_eq!(act, DType::F32),
+            }
+            assert!(pass
+                .linears
+                .iter()
+                .all(|w| w.as_ref().unwrap().dtype() == act));
+        }
+    }
+
+    #[test]
     fn device_loss_gradient_matches_the_host_loop() {
         // The tensor-op form the GPU runs, here on the CPU backend, against the host loop: the
         // same products, the row sums in another order.

@@ -155,7 +155,7 @@ fn chunk_on<D: TensorDevice, T: FusedElement>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::fused::KernelPath;
     use crate::tolerance::Dtype;
@@ -172,9 +172,9 @@ mod tests {
         assert!(shifted_targets(&bad, 6).is_err());
     }
 
-    /// A tiny random model (head_dim 8, GQA, vocab 53) on the emulated kernels, an adapter with
-    /// non-zero B on q_proj and down_proj, and a padded batch of 2 × 5.
-    fn tiny() -> (LlamaModel, crate::peft::LoraAdapter, [Tensor; 3]) {
+    /// A tiny random model (head_dim 8, GQA, vocab 53) in `dtype` on the emulated kernels, an
+    /// adapter with non-zero B on q_proj and down_proj, and a padded batch of 2 × 5.
+    pub(crate) fn tiny(dtype: DType) -> (LlamaModel, crate::peft::LoraAdapter, [Tensor; 3]) {
         use crate::model::{LlamaConfig, LlamaWeights, RopeScaling};
         use crate::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
         let config = LlamaConfig {
@@ -196,7 +196,7 @@ mod tests {
             pad_token_id: None,
             quantization: None,
         };
-        let weights = LlamaWeights::random(&config, 0.2, 5, DType::F32, &Device::Cpu).unwrap();
+        let weights = LlamaWeights::random(&config, 0.2, 5, dtype, &Device::Cpu).unwrap();
         let model = LlamaModel::new(config.clone(), weights)
             .unwrap()
             .with_kernel_path(KernelPath::Emulated)
@@ -238,7 +238,7 @@ mod tests {
         // so three-row chunks (the last one short, one with no label) give one chunk's loss bit
         // for bit; the gradients pass through GEMMs of 3 rows instead of 10, which candle's CPU
         // backend blocks (and so sums) differently.
-        let (model, adapter, [ids, mask, labels]) = tiny();
+        let (model, adapter, [ids, mask, labels]) = tiny(DType::F32);
         let run = |chunk| {
             crate::model::backward::lora_gradients_chunked(
                 &model,
