@@ -112,7 +112,7 @@ fn split_header(bytes: &[u8]) -> (usize, serde_json::Map<String, Value>) {
 /// A safetensors file with `header` (re-encoded, padded) in front of `valid`'s data.
 fn with_header(valid: &[u8], n: usize, header: &serde_json::Map<String, Value>) -> Vec<u8> {
     let mut text = serde_json::to_vec(header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

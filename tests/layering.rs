@@ -90,7 +90,10 @@ fn code_only(source: &str) -> String {
             if let Some(next) = lines.peek() {
                 let indent = next.len() - next.trim_start().len();
                 let item = next.trim_start();
-                if item.starts_with("mod ") || item.starts_with("pub mod ") {
+                if ["mod ", "pub mod ", "pub(crate) mod "]
+                    .iter()
+                    .any(|m| item.starts_with(m))
+                {
                     let close = format!("{}}}", " ".repeat(indent));
                     for l in lines.by_ref() {
                         if l == close {

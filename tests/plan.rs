@@ -9,11 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use qlora::kernels::adamw::AdamWConfig;
 use qlora::model::backward::lora_gradients;
 use qlora::model::llama::LlamaModel;
+use qlora::model::KernelPath;
 use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions, RopeScaling, TorchDtype};
 use qlora::peft::{LoraAdapter, LoraConfig, TargetModule};
 use qlora::testing::alloc::{live, peak, reset_peak, CountingAllocator, Tracked};
 use qlora::tolerance::{PLAN_METADATA_BYTES_PER_TENSOR, PLAN_STEP_PEAK_RTOL};
-use qlora::train::plan::{dtype_name, MemoryPlan, Phase, PlanSettings};
+use qlora::train::plan::{dtype_name, MemoryPlan, Phase, PlanSettings, Target};
 use qlora::train::trainer::{CpuAdamW, Optimizer};
 
 #[global_allocator]
@@ -108,7 +109,12 @@ fn write_checkpoint(config: &LlamaConfig, name: &str) -> std::path::PathBuf {
 }
 
 fn cpu_settings(case: Case) -> PlanSettings {
+    settings(case, Target::Cpu)
+}
+
+fn settings(case: Case, target: Target) -> PlanSettings {
     PlanSettings {
+        target,
         r: RANK,
         batch: case.batch,
         compute_dtype: case.compute,
@@ -152,6 +158,12 @@ fn assert_payload_plus_metadata(what: &str, measured: isize, planned: u128, tens
 /// Loads, adapts, steps and updates a tiny model, measuring each part against the plan; the step's
 /// peak must be in `phase`.
 fn check_cpu_step(case: Case, phase: Phase) {
+    check_step(case, Target::Cpu, phase);
+}
+
+/// [`check_cpu_step`] for `target`: the tensor-op path ([`Target::Cpu`]) or the kernel path on
+/// the emulator ([`Target::Emulated`]).
+fn check_step(case: Case, target: Target, phase: Phase) {
     let _guard = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     // One thread (candle reads this variable at every op) runs every op on this, the counted,
     // thread; candle's GEMM keeps packing buffers per thread, which the warm-up step allocates.
@@ -162,9 +174,14 @@ fn check_cpu_step(case: Case, phase: Phase) {
         ..tiny_config()
     };
     let compute = case.compute;
-    let name = format!("{}-{}-{}", dtype_name(compute), case.seq, case.vocab);
+    let name = format!(
+        "{target:?}-{}-{}-{}",
+        dtype_name(compute),
+        case.seq,
+        case.vocab
+    );
     let dir = write_checkpoint(&config, &name);
-    let plan = MemoryPlan::new(&config, &cpu_settings(case)).unwrap();
+    let plan = MemoryPlan::new(&config, &settings(case, target)).unwrap();
     assert_eq!(plan.peak_phase, phase, "{case:?}");
 
     // (a) The frozen model, NF4 on load: codes, double-quantized scales, dense tensors.
@@ -181,6 +198,10 @@ fn check_cpu_step(case: Case, phase: Phase) {
     let tensors = 3 + 2 * layers + 7 * layers;
     assert_payload_plus_metadata("model", model_bytes, plan.model_bytes(), tensors);
     let model = LlamaModel::new(config.clone(), weights).unwrap();
+    let model = match target {
+        Target::Emulated => model.with_kernel_path(KernelPath::Emulated).unwrap(),
+        _ => model,
+    };
 
     // (b) Adapter, gradients, AdamW moments.
     let lora = LoraConfig {
@@ -245,6 +266,17 @@ fn planned_bytes_match_allocated_bytes_of_a_bf16_cpu_training_step() {
         ..BASE
     };
     check_cpu_step(case, Phase::Backward);
+}
+
+#[test]
+fn planned_bytes_match_allocated_bytes_of_a_bf16_kernel_step_on_the_emulator() {
+    // The kernel path stores bf16 activations and gradients; the plan replays its allocations
+    // (the CUDA plan is the same replay with the device's products).
+    let case = Case {
+        compute: TorchDtype::BF16,
+        ..BASE
+    };
+    check_step(case, Target::Emulated, Phase::Backward);
 }
 
 #[test]
@@ -379,4 +411,14 @@ fn plan_command_reads_a_config_json_and_rejects_bad_input() {
     let out = qlora().args(["plan", "--r", "8"]).output().unwrap();
     assert!(!out.status.success(), "no model or preset was accepted");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn planned_kernel_step_peak_moves_to_the_chunked_loss_with_a_large_vocabulary() {
+    let case = Case {
+        compute: TorchDtype::BF16,
+        vocab: 8192,
+        ..BASE
+    };
+    check_step(case, Target::Emulated, Phase::Loss);
 }

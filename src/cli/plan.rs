@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::model::config::{LlamaConfig, RopeScaling, TorchDtype};
 use crate::peft::TargetModule;
 use crate::train::plan::{
-    dtype_name, format_bytes, Attention, MemoryPlan, Phase, PlanSettings, Target, MAX_PLAN_SEQ_LEN,
+    dtype_name, format_bytes, MemoryPlan, Phase, PlanSettings, Target, MAX_PLAN_SEQ_LEN,
 };
 use crate::{Error, Result};
 
@@ -96,16 +96,12 @@ impl DtypeArg {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TargetArg {
-    /// The planned CUDA path.
+    /// The kernel path on a CUDA device.
     Cuda,
-    /// Today's CPU path (the layout tests/plan.rs measures).
+    /// The tensor-op path on the CPU (measured by tests/plan.rs).
     Cpu,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AttentionArg {
-    Eager,
-    Fused,
+    /// The kernel path on the CPU emulator (measured by tests/plan.rs).
+    Emulated,
 }
 
 /// Arguments of `qlora plan`.
@@ -147,14 +143,6 @@ pub struct PlanArgs {
     /// Which implementation's memory layout to plan.
     #[arg(long, value_enum, default_value_t = TargetArg::Cuda)]
     pub target: TargetArg,
-    /// Attention on the CUDA path: fused (the runtime's kernels, for head dims that are a
-    /// multiple of 8 up to 128) or eager (QLORA_KERNELS=ops, other head dims). The CPU path is
-    /// eager.
-    #[arg(long, value_enum, default_value_t = AttentionArg::Fused)]
-    pub attention: AttentionArg,
-    /// Rows of logits per cross-entropy chunk on the CUDA path.
-    #[arg(long, default_value_t = crate::train::plan::DEFAULT_LOGITS_CHUNK_ROWS)]
-    pub logits_chunk: usize,
     /// Keep the linears dense in the compute dtype instead of NF4.
     #[arg(long)]
     pub no_quantize: bool,
@@ -215,6 +203,7 @@ fn settings(args: &PlanArgs, config: &LlamaConfig) -> Result<PlanSettings> {
         target: match args.target {
             TargetArg::Cuda => Target::Cuda,
             TargetArg::Cpu => Target::Cpu,
+            TargetArg::Emulated => Target::Emulated,
         },
         r: args.r,
         targets,
@@ -227,11 +216,6 @@ fn settings(args: &PlanArgs, config: &LlamaConfig) -> Result<PlanSettings> {
         double_quant,
         paged_states: args.paged,
         grad_accumulation: args.grad_accum,
-        logits_chunk_rows: args.logits_chunk,
-        attention: match args.attention {
-            AttentionArg::Eager => Attention::Eager,
-            AttentionArg::Fused => Attention::Fused,
-        },
         reserve_bytes: gib_to_bytes("--reserve-gb", args.reserve_gb)?,
     })
 }
@@ -300,18 +284,22 @@ fn render(
         if s.paged_states { "on" } else { "off" }
     ));
     line(match s.target {
-        Target::Cuda => format!(
-            "target cuda (the planned device path; not measured on a GPU): activations in {}, \
-             {} attention, logits in chunks of {} rows",
-            dtype_name(s.compute_dtype),
-            match s.attention {
-                Attention::Eager => "eager",
-                Attention::Fused => "fused",
+        Target::Cuda | Target::Emulated => format!(
+            "target {} (the kernel path, replayed allocation by allocation{}): activations and \
+             their gradients in {}, fused attention, logits in chunks of {} rows",
+            match s.target {
+                Target::Cuda => "cuda",
+                _ => "emulated",
             },
-            s.logits_chunk_rows
+            match s.target {
+                Target::Cuda => "; not yet measured on a GPU",
+                _ => "; checked against allocated bytes",
+            },
+            dtype_name(s.compute_dtype),
+            plan.logits_chunk_rows
         ),
         Target::Cpu => format!(
-            "target cpu (today's implementation, checked against allocated bytes): {0} weights \
+            "target cpu (the tensor-op path, checked against allocated bytes): {0} weights \
              and checkpointed layer inputs, other activations and gradients in f32, eager \
              attention, whole-vocabulary logits",
             dtype_name(s.compute_dtype)
@@ -330,7 +318,7 @@ fn render(
         match plan.peak_phase {
             Phase::Forward => "checkpointed forward's last layer",
             Phase::Loss => "loss and dL/dlogits",
-            Phase::Backward => "backward of the last layer",
+            Phase::Backward => "backward (one layer recomputed and pulled back)",
         }
     ));
     if plan.paged_host_bytes > 0 {
@@ -371,12 +359,8 @@ fn render(
         ),
     });
     line(format!(
-        "gradient accumulation ({}) does not raise the peak{}",
+        "gradient accumulation ({}) does not raise the peak beyond one accumulator of gradients",
         s.grad_accumulation,
-        match s.target {
-            Target::Cpu => " beyond one accumulator of gradients",
-            Target::Cuda => " (gradients accumulate in place)",
-        }
     ));
     out
 }

@@ -90,12 +90,12 @@ impl AttentionShape {
                 "batch {batch}, q_heads {q_heads}, kv_heads {kv_heads} and seq {seq} must be >= 1"
             ));
         }
-        if q_heads % kv_heads != 0 {
+        if !q_heads.is_multiple_of(kv_heads) {
             return bad(format!(
                 "q_heads {q_heads} is not a multiple of kv_heads {kv_heads}"
             ));
         }
-        if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
+        if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
             return bad(format!(
                 "head_dim {head_dim} must be a multiple of 8 in 8..={MAX_HEAD_DIM}"
             ));

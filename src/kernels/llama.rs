@@ -66,7 +66,7 @@ impl RmsNormShape {
                 format!("row width {h} outside 1..={MAX_HIDDEN}"),
             ));
         }
-        if len == 0 || len % h != 0 {
+        if len == 0 || !len.is_multiple_of(h) {
             return Err(Error::invalid(
                 op,
                 format!("{len} elements are not a non-empty whole number of rows of {h}"),
@@ -200,7 +200,7 @@ impl RopeShape {
         head_dim: usize,
     ) -> Result<Self> {
         let bad = |reason: String| Err(Error::invalid(op, reason));
-        if head_dim < 2 || head_dim % 2 != 0 {
+        if head_dim < 2 || !head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {head_dim} must be even and >= 2"));
         }
         if q_heads == 0 || kv_heads == 0 {

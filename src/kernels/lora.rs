@@ -478,6 +478,17 @@ impl<D: LaunchDevice> std::fmt::Debug for LoraGradBuffers<D> {
     }
 }
 
+/// f32 elements of the buffers a backward of `dims` allocates ([`LoraGradBuffers::new`]):
+/// `(dA + dB, U + the row-slice partials)`; the caller keeps the gradients, the rest goes with
+/// the buffers. The memory plan counts them from here.
+pub fn lora_backward_floats(dims: &LoraDims) -> (usize, usize) {
+    let (da_slices, db_slices) = grad_slices(dims);
+    let (da_len, db_len) = (dims.rank * dims.in_features, dims.out_features * dims.rank);
+    let scratch =
+        dims.tokens * dims.rank + partial_len(da_slices, da_len) + partial_len(db_slices, db_len);
+    (da_len + db_len, scratch)
+}
+
 impl<D: LaunchDevice> LoraGradBuffers<D> {
     /// Buffers for the backward of `dims`, left for its kernels to fill.
     pub fn new(dev: &D, dims: &LoraDims) -> Result<Self> {

@@ -235,7 +235,10 @@ fn base_params(shape: &GemmShape, out_dtype: QlDtype) -> QlNf4GemmParams {
 /// of one quantization block (K a multiple of 16, codes 8-byte aligned). Llama shapes always are.
 pub fn fast_path(shape: &GemmShape, a_addr: u64, packed_addr: u64) -> bool {
     let (red, _) = shape.op.dims(shape.n, shape.k);
-    red % 8 == 0 && shape.k % 16 == 0 && a_addr % 16 == 0 && packed_addr % 8 == 0
+    red % 8 == 0
+        && shape.k.is_multiple_of(16)
+        && a_addr.is_multiple_of(16)
+        && packed_addr.is_multiple_of(8)
 }
 
 fn kernel(op: GemmOp, fast: bool) -> &'static super::launch::Kernel {

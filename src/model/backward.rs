@@ -713,15 +713,15 @@ impl<'a> LayerPass<'a> {
         let in_features = *x.dims().last().ok_or_else(|| invalid("a 0-D input"))?;
         let out_features = *dy.dims().last().ok_or_else(|| invalid("a 0-D gradient"))?;
         let rows = x.elem_count() / in_features.max(1);
-        let x2 = x.reshape((rows, in_features))?.to_dtype(DType::F32)?;
+        let x2 = x.reshape((rows, in_features))?;
         let dy2 = dy.reshape((rows, out_features))?;
         let mut dx = self.frozen_backward(&dy2, module)?;
-        // The adapter's share in f32, added to the frozen pullback in dy's storage dtype.
-        let dy2 = dy2.to_dtype(DType::F32)?;
         if let Some((adapter, pair)) = self
             .adapter
             .and_then(|a| a.pair(self.layer, module).map(|p| (a, p)))
         {
+            // The adapter's share in f32, added to the frozen pullback in dy's storage dtype.
+            let (x2, dy2) = (x2.to_dtype(DType::F32)?, dy2.to_dtype(DType::F32)?);
             let s = adapter.config().scaling();
             let a = pair.a.to_dtype(DType::F32)?;
             let b = pair.b.to_dtype(DType::F32)?;

@@ -14,11 +14,12 @@ pub mod generate;
 pub mod init;
 pub mod kv_cache;
 pub mod llama;
-mod matmul;
+pub(crate) mod matmul;
 pub mod quantize_dir;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{BnbQuantConfig, LlamaConfig, RopeScaling, TorchDtype};
 pub use fused::KernelPath;
+pub(crate) use fused_loss::chunk_rows as loss_chunk_rows;
 pub use weights::{LayerWeights, Linear, LlamaWeights, LoadOptions};

@@ -2,18 +2,22 @@
 //! quantization state, dense weights, adapters, gradients, optimizer states, checkpointed
 //! activations, one layer's recompute, logits/loss, workspace) for a Llama config and settings.
 //!
-//! Every count follows how this crate stores things. Two targets differ where the implementations
-//! differ: [`Target::Cpu`] is today's CPU path (`model::backward`: activations and gradients in
-//! f32, the seven frozen linears of one layer dequantized to f32 while it is recomputed, eager
-//! attention, whole-vocabulary logits); [`Target::Cuda`] is the planned device path (activations in
-//! the compute dtype, one reused dequantization buffer, logits in row chunks as
-//! `kernels::cross_entropy` computes them, eager or fused attention, cuBLAS workspace). The CPU
-//! plan is checked against bytes actually allocated in `tests/plan.rs`; the CUDA plan is the same
-//! inventory for the device layout and has not been measured on a GPU.
+//! Every count follows how this crate stores things (docs/ARCHITECTURE.md, "Memory plan").
+//! [`Target::Cpu`] is the tensor-op path (`model::backward` with f32 tensors holding
+//! compute-dtype values, the seven frozen linears of one layer widened to f32 while it is
+//! recomputed, eager attention, whole-vocabulary logits). [`Target::Cuda`] and
+//! [`Target::Emulated`] are the kernel path, one code on two devices (activations and their
+//! gradients in the compute dtype, fused attention, logits in the runtime's row chunks): the plan
+//! replays its allocations in order ([`KernelStep`]), and the two differ only in what a product
+//! with a frozen weight allocates (cuBLAS or the NF4 dequant-GEMM on CUDA; f32 tiles and each
+//! layer's NF4 linears dequantized on the emulator). `tests/plan.rs` checks the CPU and the
+//! emulated plans against bytes actually allocated; the CUDA plan is the same replay with the
+//! device's products and has not been measured on a GPU.
 
 use serde::Serialize;
 
 use crate::model::config::{LlamaConfig, TorchDtype};
+use crate::model::matmul::Weight;
 use crate::peft::TargetModule;
 use crate::quant::nf4::{NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES};
 use crate::{Error, Result};
@@ -23,8 +27,6 @@ use crate::{Error, Result};
 pub const PAGED_MIN_ELEMS: usize = 100_000;
 /// cuBLAS(Lt) workspace: NVIDIA's recommended size for Hopper (4 MiB before it), allotted once.
 pub const CUBLAS_WORKSPACE_BYTES: u128 = 32 << 20;
-/// Rows of logits the CUDA path computes at a time (`[rows, vocab]` per chunk).
-pub const DEFAULT_LOGITS_CHUNK_ROWS: usize = 1024;
 /// The longest sequence [`MemoryPlan::max_seq_len`] searches up to.
 pub const MAX_PLAN_SEQ_LEN: usize = 1 << 20;
 /// Bytes of the NF4 code book (16 f32) each quantized linear carries.
@@ -38,20 +40,13 @@ const MAX_DIM: usize = 1 << 24;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
-    /// Today's CPU training path (what the tests measure).
+    /// The tensor-op path on the CPU, the default there (measured by the tests).
     Cpu,
-    /// The planned CUDA path (not measured: no GPU runtime exists yet).
+    /// The kernel path on a CUDA device (the same replay as [`Target::Emulated`] with the
+    /// device's products; not yet measured on a GPU).
     Cuda,
-}
-
-/// How the CUDA path computes attention. The CPU path is always eager.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Attention {
-    /// Scores and probabilities `[B, heads, T, T]` materialised (the transformers "eager" path).
-    Eager,
-    /// Online softmax: only a log-sum-exp per row and head is kept (flash-attention style).
-    Fused,
+    /// The kernel path on the CPU emulator (`KernelPath::Emulated`, measured by the tests).
+    Emulated,
 }
 
 /// What a plan is computed for.
@@ -79,13 +74,9 @@ pub struct PlanSettings {
     pub double_quant: bool,
     /// AdamW states of tensors with at least [`PAGED_MIN_ELEMS`] elements live in host memory.
     pub paged_states: bool,
-    /// Micro-batches per update. The CPU trainer keeps an accumulator beside each micro-batch's
-    /// gradients when this exceeds 1; the CUDA path accumulates in place, so it changes nothing.
+    /// Micro-batches per update. The trainer keeps an accumulator beside each micro-batch's
+    /// gradients when this exceeds 1.
     pub grad_accumulation: usize,
-    /// CUDA: rows of logits per cross-entropy chunk. The CPU path computes every row at once.
-    pub logits_chunk_rows: usize,
-    /// CUDA attention; the CPU path is eager whatever this says.
-    pub attention: Attention,
     /// Device memory set aside for what this plan does not compute (CUDA context, allocator
     /// fragmentation): an assumption given by the user, counted in the total. 0 on the CPU.
     pub reserve_bytes: u128,
@@ -108,21 +99,16 @@ impl PlanSettings {
             double_quant: true,
             paged_states: false,
             grad_accumulation: 1,
-            logits_chunk_rows: DEFAULT_LOGITS_CHUNK_ROWS,
-            attention: Attention::Eager,
             reserve_bytes: 0,
         }
     }
 
-    /// The planned CUDA path: as [`Self::cpu`] but bf16 compute, paged states, fused attention
-    /// (what the runtime runs on CUDA when the head dim is a multiple of 8 up to 128), logits in
-    /// chunks of [`DEFAULT_LOGITS_CHUNK_ROWS`] rows and no reserve.
+    /// The CUDA kernel path: as [`Self::cpu`] but bf16 compute, paged states and no reserve.
     pub fn cuda(seq_len: usize) -> Self {
         Self {
             target: Target::Cuda,
             compute_dtype: TorchDtype::BF16,
             paged_states: true,
-            attention: Attention::Fused,
             ..Self::cpu(seq_len)
         }
     }
@@ -141,12 +127,14 @@ impl PlanSettings {
             ("batch", self.batch),
             ("seq_len", self.seq_len),
             ("grad_accumulation", self.grad_accumulation),
-            ("logits_chunk_rows", self.logits_chunk_rows),
         ];
         if let Some((name, v)) = dims.iter().find(|(_, v)| *v == 0 || *v > MAX_DIM) {
             return bad(format!("{name} {v} is not in 1..={MAX_DIM}"));
         }
-        if config.num_attention_heads % config.num_key_value_heads != 0 {
+        if !config
+            .num_attention_heads
+            .is_multiple_of(config.num_key_value_heads)
+        {
             return bad(format!(
                 "{} heads are not a multiple of {} key/value heads",
                 config.num_attention_heads, config.num_key_value_heads
@@ -208,7 +196,8 @@ pub enum Phase {
     Forward,
     /// Final norm, lm_head, loss and dL/dlogits.
     Loss,
-    /// The backward of the last layer: its forward recomputed, its gradients computed.
+    /// The backward of one layer (the last, or on the kernel path whichever end holds more):
+    /// its forward recomputed, its gradients computed.
     Backward,
 }
 
@@ -233,23 +222,30 @@ pub struct MemoryPlan {
     pub optimizer_device: u128,
     /// f32 AdamW moments paged to host memory (not in the device total).
     pub paged_host_bytes: u128,
-    /// Each layer's input kept by the checkpointed forward (CPU: f32, plus the last layer's
-    /// output kept until the backward ends; CUDA: compute dtype).
+    /// Each layer's input kept by the checkpointed forward, and from the loss on the last
+    /// layer's output (CPU: f32; kernel path: compute dtype, the inputs not yet pulled back).
     pub activations: u128,
-    /// One layer recomputed and pulled back at the peak: its frozen weights dequantized (CPU: all
-    /// seven in f32; CUDA: one reused buffer of the largest linear), the intermediates the
-    /// backward reads, and the gradient temporaries alive at the worst moment.
+    /// One layer recomputed and pulled back at the peak: its frozen weights as the layer
+    /// multiplies by them (CPU: all seven widened to f32; emulator: dequantized to the compute
+    /// dtype; CUDA: none for NF4, which the dequant-GEMM reads), the intermediates the backward
+    /// reads, the gradient temporaries alive at the worst moment and the products' scratch. On
+    /// the kernel path, net of the LoRA gradients not yet made at that moment (`gradients` counts
+    /// them whole).
     pub recompute: u128,
     /// Logits, dL/dlogits and loss temporaries alive at the peak (CPU: whole `[B·T, V]` f32
-    /// tensors; CUDA: one chunk of rows).
+    /// tensors; kernel path: one chunk of rows, then the final norm's output and gradient).
     pub logits_loss: u128,
-    /// Attention mask and RoPE tables (CPU), cuBLAS workspace and RoPE tables (CUDA).
+    /// Attention mask and RoPE tables (CPU); RoPE tables and positions (kernel path), with the
+    /// cuBLAS workspace and the tables' device copies on CUDA.
     pub workspace: u128,
     /// The user's reserve for what is not computed here.
     pub reserve: u128,
     pub peak_phase: Phase,
     /// LoRA parameters in all (A and B of every adapted linear).
     pub lora_params: u128,
+    /// Rows of logits the kernel path computes at a time (`[rows, vocab]` per chunk, as many as
+    /// fit 64 MiB of f32): the runtime's own choice for the vocabulary.
+    pub logits_chunk_rows: usize,
 }
 
 /// Element counts of one layer's tensors, for the activation inventories.
@@ -343,15 +339,11 @@ impl MemoryPlan {
                 }
             }
         }
-        let accumulators = match (s.target, s.grad_accumulation) {
-            (Target::Cpu, ga) if ga > 1 => 2,
-            _ => 1,
-        };
+        // The trainer sums each micro-batch's gradients into an accumulator, on every device.
+        let accumulators = if s.grad_accumulation > 1 { 2 } else { 1 };
         let gradients = accumulators * lora_params * 4;
 
         let d = LayerDims::new(config, s);
-        let largest_linear = shapes.iter().map(|[o, i]| u(*o) * u(*i)).max().unwrap_or(0);
-        let adapted = s.targets.len() as u128;
         let step = match s.target {
             Target::Cpu => {
                 // LayerPass::new widens each frozen linear to f32 unless it already is f32.
@@ -360,7 +352,8 @@ impl MemoryPlan {
                 let weights_f32 = if widened { layer_numel * 4 } else { 0 };
                 cpu_step(&d, layers, weights_f32, s, compute != 4)
             }
-            Target::Cuda => cuda_step(&d, layers, largest_linear, adapted, s),
+            Target::Cuda => kernel_step(&d, layers, &shapes, s, KernelDevice::Cuda),
+            Target::Emulated => kernel_step(&d, layers, &shapes, s, KernelDevice::Emulated),
         };
         Ok(Self {
             settings: s.clone(),
@@ -378,6 +371,7 @@ impl MemoryPlan {
             reserve: s.reserve_bytes,
             peak_phase: step.phase,
             lora_params,
+            logits_chunk_rows: crate::model::loss_chunk_rows(config.vocab_size),
         })
     }
 
@@ -507,9 +501,10 @@ impl MemoryPlan {
             (
                 "recompute working set",
                 self.recompute,
-                match cpu {
-                    true => "one layer: 7 linears dequantized to f32, intermediates, grads",
-                    false => "one layer: one dequant buffer, intermediates, grads",
+                match s.target {
+                    Target::Cpu => "one layer: 7 linears dequantized to f32, intermediates, grads",
+                    Target::Cuda => "one layer: intermediates, grads, NF4 GEMM outputs",
+                    Target::Emulated => "one layer: 7 linears dequantized, intermediates, grads",
                 }
                 .to_string(),
             ),
@@ -518,19 +513,20 @@ impl MemoryPlan {
                 self.logits_loss,
                 match (cpu, self.peak_phase) {
                     (true, _) => "whole [B*T, vocab] f32 logits and dL/dlogits".to_string(),
-                    (false, Phase::Loss) => format!("chunks of {} rows", s.logits_chunk_rows),
+                    (false, Phase::Loss) => format!("chunks of {} rows", self.logits_chunk_rows),
                     (false, _) => format!(
-                        "chunks of {} rows, freed before this peak",
-                        s.logits_chunk_rows
+                        "final norm and its gradient; chunks of {} rows, freed",
+                        self.logits_chunk_rows
                     ),
                 },
             ),
             (
                 "workspace",
                 self.workspace,
-                match cpu {
-                    true => "attention mask [B, T, T] f32, RoPE tables",
-                    false => "cuBLAS workspace, RoPE tables, masks",
+                match s.target {
+                    Target::Cpu => "attention mask [B, T, T] f32, RoPE tables",
+                    Target::Cuda => "cuBLAS workspace, RoPE tables and positions",
+                    Target::Emulated => "RoPE tables and positions",
                 }
                 .to_string(),
             ),
@@ -703,56 +699,375 @@ fn cpu_step(
     ])
 }
 
-/// The planned CUDA step: activations in the compute dtype `e`, gradients flowing in f32, keys and
-/// values not repeated (GQA kernels index the shared head), attention eager or fused.
-fn cuda_step(
+/// Where the kernel path runs: what a product with a frozen weight allocates beside its output,
+/// and whether a layer's NF4 linears are dequantized while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelDevice {
+    /// CUDA: cuBLAS products (their workspace counted once) and, for NF4 weights in bf16
+    /// compute, the dequant-GEMM with an f32 result cast to the compute dtype.
+    Cuda,
+    /// The CPU emulator: `model::matmul`'s products (AVX-512 BF16 on operands in place where
+    /// this CPU has it, else f32 tiles widened from the operands) and each layer's NF4 linears
+    /// dequantized to the compute dtype by `LayerPass::new`.
+    Emulated,
+}
+
+/// Live bytes of a step, allocated and freed in the order the code does it, and their peak.
+#[derive(Clone, Copy, Debug, Default)]
+struct Live {
+    now: u128,
+    peak: u128,
+}
+
+impl Live {
+    fn alloc(&mut self, bytes: u128) {
+        self.now += bytes;
+        self.peak = self.peak.max(self.now);
+    }
+
+    fn free(&mut self, bytes: u128) {
+        self.now = self.now.saturating_sub(bytes);
+    }
+
+    /// Bytes made and dropped inside one call: they count toward the peak only.
+    fn transient(&mut self, bytes: u128) {
+        self.alloc(bytes);
+        self.free(bytes);
+    }
+}
+
+/// The kernel path's step (`model::backward` with every layer through the kernels:
+/// docs/ARCHITECTURE.md, "Activation storage"), replayed allocation by allocation: activations
+/// and their gradients in the compute dtype `e`, f32 for the kernels' statistics, LoRA's
+/// T = x·Aᵀ and the LoRA gradient buffers. A named local lives to the end of its function, an
+/// operand passed by value is freed when the op returns; kernel inputs are the tensors
+/// themselves, in-place kernels work on a copy. LoRA runs through its kernels (no dropout).
+struct KernelStep<'a> {
+    d: &'a LayerDims,
+    s: &'a PlanSettings,
+    dev: KernelDevice,
+    /// Bytes per activation element (the compute dtype).
+    e: u128,
+    live: Live,
+}
+
+impl KernelStep<'_> {
+    fn adapted(&self, module: TargetModule) -> bool {
+        self.s.targets.contains(&module)
+    }
+
+    /// `x [rows, k]` times a frozen weight with `n` outputs (`side`): the product stays
+    /// (rows · n in the compute dtype); what the device makes beside it is dropped.
+    fn product(&mut self, rows: u128, k: u128, n: u128, side: Weight) -> u128 {
+        let (e, out) = (self.e, rows * n * self.e);
+        match self.dev {
+            KernelDevice::Emulated if e == 4 => self.live.alloc(out),
+            // `x · Wᵀ` on the AVX-512 BF16 units reads both operands in place.
+            KernelDevice::Emulated
+                if side == Weight::Transposed && crate::model::matmul::avx512::available() =>
+            {
+                self.live.alloc(out)
+            }
+            KernelDevice::Emulated => {
+                let block = (crate::model::matmul::TILE_ELEMENTS as u128 / k.max(1)).max(1);
+                let (bm, bn) = (block.min(rows), block.min(n));
+                let tiles = (bm * k + bn * k + bm * bn) * 4;
+                if bm == rows && bn == n {
+                    // The widened operands and the f32 product, then its bf16 copy.
+                    self.live.alloc(tiles);
+                    self.live.alloc(out);
+                    self.live.free(tiles);
+                } else {
+                    // Blocks rounded as they come, then joined into one tensor.
+                    self.live.alloc(out);
+                    self.live.transient(tiles);
+                    self.live.transient(out);
+                }
+            }
+            KernelDevice::Cuda if self.s.quantized && e == 2 => {
+                // The NF4 dequant-GEMM's f32 result, cast to the compute dtype.
+                self.live.alloc(rows * n * 4);
+                self.live.alloc(out);
+                self.live.free(rows * n * 4);
+            }
+            KernelDevice::Cuda => self.live.alloc(out),
+        }
+        out
+    }
+
+    /// `LayerPass::new`: the seven frozen linears as the layer multiplies by them, kept for the
+    /// layer's pass.
+    fn layer_weights(&mut self, shapes: &[[usize; 2]]) -> u128 {
+        if !self.s.quantized {
+            return 0;
+        }
+        let mut kept = 0;
+        for [o, i] in shapes {
+            let numel = *o as u128 * *i as u128;
+            match (self.dev, self.e) {
+                (KernelDevice::Cuda, 2) => {}
+                // Dequantized to f32 (host values), then cast to the compute dtype.
+                (KernelDevice::Emulated, 2) => {
+                    self.live.alloc(numel * 4);
+                    self.live.alloc(numel * 2);
+                    self.live.free(numel * 4);
+                    kept += numel * 2;
+                }
+                // Dequantized in the original dtype (bf16), widened to f32.
+                (KernelDevice::Cuda, _) => {
+                    self.live.alloc(numel * 2);
+                    self.live.alloc(numel * 4);
+                    self.live.free(numel * 2);
+                    kept += numel * 4;
+                }
+                (KernelDevice::Emulated, _) => {
+                    self.live.alloc(numel * 4);
+                    kept += numel * 4;
+                }
+            }
+        }
+        kept
+    }
+
+    /// `LayerPass::linear` through the fused LoRA forward: the product, a copy the kernel adds
+    /// the delta into (the product then dropped) and T `[n, r]` f32, kept. Returns the output.
+    fn linear(&mut self, module: TargetModule, k: u128, out: u128) -> u128 {
+        let y = self.product(self.d.n, k, out, Weight::Transposed);
+        if self.adapted(module) {
+            self.live.alloc(y);
+            self.live.alloc(self.d.n * self.d.r * 4);
+            self.live.free(y);
+        }
+        y
+    }
+
+    /// `LayerPass::linear_backward`: dy·W `[n, in]`, and through the fused LoRA backward a copy
+    /// it adds into, the gradient buffers (dA and dB kept: the step's gradients) and the base
+    /// pullback dropped. Returns dx.
+    fn linear_backward(&mut self, module: TargetModule, input: u128, out: u128) -> u128 {
+        let dx = self.product(self.d.n, out, input, Weight::Plain);
+        if self.adapted(module) {
+            let dims = crate::kernels::lora::LoraDims {
+                tokens: self.d.n as usize,
+                in_features: input as usize,
+                out_features: out as usize,
+                rank: self.d.r as usize,
+            };
+            let (grads, scratch) = crate::kernels::lora::lora_backward_floats(&dims);
+            self.live.alloc(dx);
+            self.live.alloc(grads as u128 * 4);
+            self.live.transient(scratch as u128 * 4);
+            self.live.free(dx);
+        }
+        dx
+    }
+
+    /// RMSNorm's output and rstd, kept.
+    fn norm(&mut self) -> u128 {
+        let bytes = self.d.n * self.d.h * self.e + self.d.n * 4;
+        self.live.alloc(bytes);
+        bytes
+    }
+
+    /// The RMSNorm backward: dx kept; dw and its row partials dropped at return.
+    fn norm_backward(&mut self) -> u128 {
+        let (n, h) = (self.d.n, self.d.h);
+        let shape = crate::kernels::llama::RmsNormShape {
+            rows: n as usize,
+            h: h as usize,
+        };
+        let dx = n * h * self.e;
+        self.live.alloc(dx);
+        self.live
+            .transient((1 + shape.dw_partial_rows() as u128) * h * 4);
+        dx
+    }
+
+    /// `LayerPass::forward`; returns the bytes of the `LayerActivations` it keeps (the rest of
+    /// its locals are freed as it returns).
+    fn layer_forward(&mut self) -> u128 {
+        let (n, h, q, kv, m) = (self.d.n, self.d.h, self.d.q, self.d.kv, self.d.m);
+        let e = self.e;
+        let before = self.live.now;
+        self.norm();
+        let proj_q = self.linear(TargetModule::QProj, h, q);
+        let proj_k = self.linear(TargetModule::KProj, h, kv);
+        let proj_v = self.linear(TargetModule::VProj, h, kv);
+        // Attention: RoPE's rotated copies of q and k, the three heads-first copies, o and the
+        // logsumexp, o merged back; the rotated copies go as it returns.
+        let rotated = n * q * e + n * kv * e;
+        self.live.alloc(rotated);
+        self.live.alloc(n * q * e + 2 * n * kv * e);
+        self.live.alloc(n * q * e + self.d.stats * 4);
+        self.live.alloc(n * q * e);
+        self.live.free(rotated);
+        let attn = self.linear(TargetModule::OProj, q, h);
+        self.live.alloc(n * h * e);
+        self.norm();
+        self.linear(TargetModule::GateProj, h, m);
+        self.linear(TargetModule::UpProj, h, m);
+        self.live.alloc(n * m * e);
+        let mlp = self.linear(TargetModule::DownProj, m, h);
+        self.live.alloc(n * h * e);
+        self.live.free(proj_q + proj_k + proj_v + attn + mlp);
+        self.live.now - before
+    }
+
+    /// `LayerPass::backward`: the recomputed forward and the pullback; everything it made is
+    /// freed at return but dx `[n, h]`.
+    fn layer_backward(&mut self) {
+        let (n, h, q, kv, m) = (self.d.n, self.d.h, self.d.q, self.d.kv, self.d.m);
+        let e = self.e;
+        let before = self.live.now;
+        self.layer_forward();
+        // MLP: dact, then dgate and dup (named, to the end), the gate and up pullbacks summed.
+        self.linear_backward(TargetModule::DownProj, m, h);
+        self.live.alloc(2 * n * m * e);
+        let gate = self.linear_backward(TargetModule::GateProj, h, m);
+        let up = self.linear_backward(TargetModule::UpProj, h, m);
+        self.live.alloc(n * h * e);
+        self.live.free(gate + up);
+        // dresidual = dy + the post-attention norm's pullback.
+        let normed = self.norm_backward();
+        self.live.alloc(n * h * e);
+        self.live.free(normed);
+        // Attention: dattn_out, then dout heads-first, the kernel's dq, dk, dv and delta, dq and
+        // dk merged and rotated back (the merged copies go with their statement), dv merged; the
+        // kernel's outputs and dout go as it returns.
+        self.linear_backward(TargetModule::OProj, q, h);
+        let dout = n * q * e;
+        let grads = n * q * e + 2 * n * kv * e;
+        self.live.alloc(dout + grads);
+        self.live.transient(self.d.stats * 4);
+        let merged = n * q * e + n * kv * e;
+        self.live.alloc(merged);
+        self.live.alloc(merged);
+        self.live.free(merged);
+        self.live.alloc(n * kv * e);
+        self.live.free(dout + grads);
+        // The q, k and v pullbacks summed into dnormed; dk and dv go as the loop takes them.
+        self.linear_backward(TargetModule::QProj, h, q);
+        for module in [TargetModule::KProj, TargetModule::VProj] {
+            let dm = self.linear_backward(module, h, kv);
+            self.live.alloc(n * h * e);
+            self.live.free(n * h * e + dm + n * kv * e);
+        }
+        // dx = dresidual + the input norm's pullback (both operands by value).
+        let normed = self.norm_backward();
+        self.live.alloc(n * h * e);
+        self.live.free(normed + n * h * e);
+        self.live.free(self.live.now - before - n * h * e);
+    }
+}
+
+/// The kernel path's step on `dev`, by phase: the checkpointed forward's last layer, the chunked
+/// loss, and the first layer the backward pulls back (the one with the most inputs saved).
+fn kernel_step(
     d: &LayerDims,
     layers: u128,
-    largest_linear: u128,
-    adapted: u128,
+    shapes: &[[usize; 2]],
     s: &PlanSettings,
+    dev: KernelDevice,
 ) -> StepPeak {
     let e = dtype_bytes(s.compute_dtype);
-    let ad = dtype_bytes(s.adapter_dtype);
-    let (n, h, q, kv, m) = (d.n, d.h, d.q, d.kv, d.m);
-    let workspace = CUBLAS_WORKSPACE_BYTES + 2 * d.t * d.head_dim * e + n * 4;
-    let saved = layers * n * h * e;
-    // Attention state the backward reads and its gradient: probabilities and dprobs (dscores
-    // overwrites dprobs) for eager; one f32 log-sum-exp per row and head for fused.
-    let (attention_fwd, attention) = match s.attention {
-        Attention::Eager => (d.scores * e, 2 * d.scores * e),
-        Attention::Fused => (d.stats * 4, d.stats * 4),
+    let (n, h) = (d.n, d.h);
+    // The RoPE half tables `[T, d / 2]` f32 twice and a position per token (uploaded once more
+    // on CUDA), and on CUDA the cuBLAS workspace.
+    let tables = 2 * d.t * (d.head_dim / 2) * 4 + n * 4;
+    let workspace = match dev {
+        KernelDevice::Emulated => tables,
+        KernelDevice::Cuda => 2 * tables + CUBLAS_WORKSPACE_BYTES,
     };
-    // One layer: the intermediates its backward reads (normed_attn, q, k, v, attn_out, residual,
-    // normed_mlp, gate, up, act), x·Aᵀ of each adapted linear (the fused LoRA forward saves it),
-    // dy and dx (f32), dact, dgate, dup, dq, dk, dv, the f32 dnormed, and one dequantized linear.
-    let intermediates = (3 * n * h + 2 * n * q + 2 * n * kv + 3 * n * m) * e;
-    let lora_saved = adapted * n * d.r * ad;
-    let grads = 2 * n * h * 4 + 3 * n * m * e + (n * q + 2 * n * kv) * e + n * h * 4;
-    let recompute = largest_linear * e + intermediates + lora_saved + attention + grads;
-    // Loss: the last hidden state and its norm, one chunk of logits (dL/dlogits overwrite it),
-    // per-row loss and lse (f32), and dhidden (f32).
-    let chunk = (s.logits_chunk_rows as u128).min(n);
-    let loss = 2 * n * h * e + chunk * d.vocab * e + 2 * n * 4 + n * h * 4;
+    let mut step = KernelStep {
+        d,
+        s,
+        dev,
+        e,
+        live: Live::default(),
+    };
+    // Every layer input (the one being run included) is one tensor: the saved input shares
+    // the storage of the layer's input in the compute dtype.
+    let saved = layers * n * h * e;
+
+    // Forward: the last layer's pass.
+    step.live = Live::default();
+    step.layer_weights(shapes);
+    step.layer_forward();
+    let forward = step.live.peak;
+
+    // Loss: the final norm (kept to the end of the step with its rstd), the shifted targets,
+    // and per chunk of rows the logits, the labels uploaded, the copy the cross-entropy kernels
+    // turn into dlogits with its losses and logsumexp, and dlogits · lm_head, the chunk's piece
+    // of dnormed; the losses and pieces joined at the end.
+    let chunk = (crate::model::loss_chunk_rows(d.vocab as usize) as u128).clamp(1, n.max(1));
+    step.live = Live::default();
+    step.norm();
+    step.live.alloc(n * 4);
+    let mut start = 0;
+    while start < n {
+        let rows = chunk.min(n - start);
+        let logits = step.product(rows, h, d.vocab, Weight::Transposed);
+        step.live.alloc(rows * 4 + logits + 2 * rows * 4);
+        step.live.free(2 * rows * 4);
+        step.product(rows, d.vocab, h, Weight::Plain);
+        step.live.free(2 * logits);
+        start += rows;
+    }
+    step.live.transient(2 * n * 4);
+    if n > chunk {
+        step.live.alloc(n * h * e);
+    }
+    let loss = step.live.peak;
+    // What the loss leaves for the backward: the final norm's output and rstd, dnormed.
+    let loss_kept = 2 * n * h * e + n * 4;
+
+    // Backward: the final norm's pullback, then each layer recomputed and pulled back, from
+    // the last (every input saved, no gradient made yet) to the first (one input left, every
+    // later layer's LoRA gradients made); the peak is at one of the two ends.
+    let layer_grads: u128 = s
+        .targets
+        .iter()
+        .map(|m| {
+            let [o, i] = shapes[*m as usize];
+            d.r * (o as u128 + i as u128) * 4
+        })
+        .sum();
+    let mut backward = None;
+    for pulled in [layers, 1] {
+        step.live = Live::default();
+        step.live.alloc((layers - pulled) * layer_grads);
+        step.norm_backward();
+        step.layer_weights(shapes);
+        step.layer_backward();
+        let inputs = pulled * n * h * e;
+        let total = inputs + step.live.peak;
+        if backward.is_none_or(|(t, _)| total > t) {
+            backward = Some((total, inputs));
+        }
+    }
+    let (backward, inputs) = backward.unwrap_or((0, saved));
+    let gradients = layers * layer_grads;
+    let hidden = n * h * e;
+
     peak_of([
         StepPeak {
             activations: saved,
-            recompute: largest_linear * e + intermediates + lora_saved + attention_fwd,
+            recompute: forward.saturating_sub(gradients),
             logits_loss: 0,
             workspace,
             phase: Phase::Forward,
         },
         StepPeak {
-            activations: saved,
+            activations: saved + hidden,
             recompute: 0,
-            logits_loss: loss,
+            logits_loss: loss.saturating_sub(gradients),
             workspace,
             phase: Phase::Loss,
         },
         StepPeak {
-            activations: saved,
-            recompute,
-            logits_loss: 0,
+            activations: inputs + hidden,
+            recompute: (backward - inputs).saturating_sub(gradients),
+            logits_loss: loss_kept,
             workspace,
             phase: Phase::Backward,
         },
@@ -847,8 +1162,10 @@ mod tests {
 
     #[test]
     fn checkpointed_activations_are_one_hidden_state_per_layer() {
+        // The kernel path's peak is in the last layer's backward: 40 inputs and the last
+        // layer's output, in bf16.
         let plan = llama2_13b_cuda();
-        assert_eq!(plan.activations, 40 * 2048 * 5120 * 2);
+        assert_eq!(plan.activations, 41 * 2048 * 5120 * 2);
         let cpu = MemoryPlan::new(&Preset::Llama2_13b.config(), &PlanSettings::cpu(2048)).unwrap();
         // f32, and the last layer's output kept beside the inputs.
         assert_eq!(cpu.activations, 41 * 2048 * 5120 * 4);
@@ -864,38 +1181,31 @@ mod tests {
     #[test]
     fn max_seq_len_is_the_last_length_that_fits() {
         let config = Preset::Llama2_13b.config();
-        for attention in [Attention::Eager, Attention::Fused] {
-            let settings = PlanSettings {
-                attention,
-                ..PlanSettings::cuda(1)
-            };
-            let budget = 24u128 << 30;
-            let t = MemoryPlan::max_seq_len(&config, &settings, budget)
-                .unwrap()
-                .unwrap();
-            let at = |t| {
-                MemoryPlan::new(
-                    &config,
-                    &PlanSettings {
-                        seq_len: t,
-                        ..settings.clone()
-                    },
-                )
-                .unwrap()
-            };
-            assert!(
-                at(t).fits(budget) && !at(t + 1).fits(budget),
-                "{attention:?} {t}"
-            );
-        }
+        let settings = PlanSettings::cuda(1);
+        let budget = 24u128 << 30;
+        let t = MemoryPlan::max_seq_len(&config, &settings, budget)
+            .unwrap()
+            .unwrap();
+        let at = |t| {
+            MemoryPlan::new(
+                &config,
+                &PlanSettings {
+                    seq_len: t,
+                    ..settings.clone()
+                },
+            )
+            .unwrap()
+        };
+        assert!(at(t).fits(budget) && !at(t + 1).fits(budget), "{t}");
         let tiny_budget = MemoryPlan::max_seq_len(&config, &PlanSettings::cuda(1), 1 << 30);
         assert_eq!(tiny_budget.unwrap(), None, "the weights alone exceed 1 GiB");
     }
 
     #[test]
-    fn grad_accumulation_adds_an_accumulator_only_on_the_cpu() {
+    fn grad_accumulation_adds_an_accumulator_on_every_target() {
+        // The trainer (`accumulate_gradients_in`) is one code for every device.
         let config = Preset::Tiny.config();
-        for (target, factor) in [(Target::Cpu, 2), (Target::Cuda, 1)] {
+        for (target, factor) in [(Target::Cpu, 2), (Target::Cuda, 2), (Target::Emulated, 2)] {
             let base = PlanSettings {
                 target,
                 ..PlanSettings::cpu(32)
