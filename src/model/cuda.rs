@@ -85,14 +85,39 @@ impl DeviceNf4Linears {
 
     /// `a · Wᵀ` (`op` Forward, `a` `[m, in]`) or `a · W` (InputGrad, `a` `[m, out]`) for the NF4
     /// weight W `[out, in]` of `module` in `layer`: `a` rounded to bf16, the products summed in f32
-    /// by the path [`Nf4Matmul`] picks for the shape, the result `[m, out]` / `[m, in]` in f32.
+    /// by the path [`Nf4Matmul`] picks for the shape, the result `[m, out]` / `[m, in]` written by
+    /// the kernel in `out` (bf16: rounded once there, as the kernel path stores activations; f32:
+    /// unrounded, for the tensor-op path).
     pub(crate) fn matmul(
         &self,
         op: GemmOp,
         a: &Tensor,
         layer: usize,
         module: TargetModule,
+        out: DType,
     ) -> Result<Tensor> {
+        match out {
+            DType::BF16 => self.matmul_into::<bf16>(op, a, layer, module),
+            DType::F32 => self.matmul_into::<f32>(op, a, layer, module),
+            other => Err(Error::invalid(
+                op.name(),
+                format!("an NF4 product in {other:?}, not f32 or bf16"),
+            )),
+        }
+    }
+
+    fn matmul_into<Y>(
+        &self,
+        op: GemmOp,
+        a: &Tensor,
+        layer: usize,
+        module: TargetModule,
+    ) -> Result<Tensor>
+    where
+        Y: crate::kernels::launch::Element
+            + candle_core::cuda_backend::CudaDType
+            + cudarc::driver::DeviceRepr,
+    {
         let w = self.tensor(layer, module)?;
         let (m, red) = a.dims2()?;
         let (out, inp) = match w.shape() {
@@ -117,7 +142,7 @@ impl DeviceNf4Linears {
         // A fresh tensor: contiguous and spanning its whole buffer, as `storage_slice` requires.
         let a = a.to_dtype(DType::BF16)?;
         // SAFETY: every element is written by the product before anyone reads it.
-        let mut y = unsafe { self.dev.stream().alloc::<f32>(m * cols) }.map_err(cuda_err)?;
+        let mut y = unsafe { self.dev.stream().alloc::<Y>(m * cols) }.map_err(cuda_err)?;
         {
             let mut gemm = self
                 .gemm

@@ -547,7 +547,7 @@ impl LlamaModel {
     /// path (`act` F32), cast to `act` (one rounding) on the kernel path.
     pub(crate) fn store(&self, y: Tensor, act: DType) -> Result<Tensor> {
         if act == DType::F32 {
-            return self.round(y);
+            return self.round(y.to_dtype(DType::F32)?);
         }
         Ok(y.to_dtype(act)?)
     }
@@ -601,7 +601,8 @@ impl LlamaModel {
 
     /// When [`Self::uses_nf4_gemm`]: `a · Wᵀ` (`op` Forward, `a` `[.., in]`) or `a · W`
     /// (InputGrad, `a` `[.., out]`) with the frozen NF4 weight W `[out, in]`, `a` rounded to bf16
-    /// and the products summed in f32, unrounded f32 `[.., out]` / `[.., in]`; None otherwise.
+    /// and the products summed in f32, `[.., out]` / `[.., in]` in a's dtype (bf16 rounded once by
+    /// the kernel on the kernel path; unrounded f32 on the tensor-op path); None otherwise.
     pub(crate) fn nf4_gemm(
         &self,
         op: GemmOp,
@@ -617,7 +618,7 @@ impl LlamaModel {
             let dims = a.dims();
             let red = *dims.last().ok_or_else(|| invalid("a 0-D activation"))?;
             let rows = a.elem_count() / red.max(1);
-            let y = on_device.matmul(op, &a.reshape((rows, red))?, layer, module)?;
+            let y = on_device.matmul(op, &a.reshape((rows, red))?, layer, module, a.dtype())?;
             let mut out_dims = dims.to_vec();
             if let Some(last) = out_dims.last_mut() {
                 *last = y.dim(1)?;

@@ -9,8 +9,8 @@
 //! [`Target::Emulated`] are the kernel path, one code on two devices (activations and their
 //! gradients in the compute dtype, fused attention, logits in the runtime's row chunks): the plan
 //! replays its allocations in order ([`KernelStep`]), and the two differ only in what a product
-//! with a frozen weight allocates (cuBLAS or the NF4 dequant-GEMM on CUDA; f32 tiles and each
-//! layer's NF4 linears dequantized on the emulator). `tests/plan.rs` checks the CPU and the
+//! with a frozen weight allocates (cuBLAS or the NF4 dequant-GEMM on CUDA; AVX-512 BF16 or f32
+//! tiles and each layer's NF4 linears dequantized on the emulator). `tests/plan.rs` checks the CPU and the
 //! emulated plans against bytes actually allocated; the CUDA plan is the same replay with the
 //! device's products and has not been measured on a GPU.
 
@@ -704,7 +704,7 @@ fn cpu_step(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KernelDevice {
     /// CUDA: cuBLAS products (their workspace counted once) and, for NF4 weights in bf16
-    /// compute, the dequant-GEMM with an f32 result cast to the compute dtype.
+    /// compute, the NF4 GEMV / dequant-GEMM writing the compute dtype.
     Cuda,
     /// The CPU emulator: `model::matmul`'s products (AVX-512 BF16 on operands in place where
     /// this CPU has it, else f32 tiles widened from the operands) and each layer's NF4 linears
@@ -784,12 +784,7 @@ impl KernelStep<'_> {
                     self.live.transient(out);
                 }
             }
-            KernelDevice::Cuda if self.s.quantized && e == 2 => {
-                // The NF4 dequant-GEMM's f32 result, cast to the compute dtype.
-                self.live.alloc(rows * n * 4);
-                self.live.alloc(out);
-                self.live.free(rows * n * 4);
-            }
+            // cuBLAS, or the NF4 GEMV / dequant-GEMM writing the compute dtype.
             KernelDevice::Cuda => self.live.alloc(out),
         }
         out
