@@ -117,6 +117,8 @@ pub(crate) fn lora_gradients_chunked(
         let (k, dt, eps) = (model.kernels(), model.dtype(), model.config().rms_norm_eps);
         let (normed, rstd) = k.rms_norm(dt, &forward.hidden, &w.norm, eps)?;
         let out = fused_loss::causal_lm_loss(model, &normed, labels, chunk)?;
+        // The final norm's output is not read again: freed before the layers are pulled back.
+        drop(normed);
         let lora = backward_from_dnormed(model, adapter, forward, &out.dnormed, Some(&rstd))?;
         return Ok(StackGradients {
             loss: out.loss,

@@ -515,7 +515,7 @@ impl MemoryPlan {
                     (true, _) => "whole [B*T, vocab] f32 logits and dL/dlogits".to_string(),
                     (false, Phase::Loss) => format!("chunks of {} rows", self.logits_chunk_rows),
                     (false, _) => format!(
-                        "final norm and its gradient; chunks of {} rows, freed",
+                        "final norm's gradient and rstd; chunks of {} rows, freed",
                         self.logits_chunk_rows
                     ),
                 },
@@ -1013,8 +1013,8 @@ fn kernel_step(
         step.live.alloc(n * h * e);
     }
     let loss = step.live.peak;
-    // What the loss leaves for the backward: the final norm's output and rstd, dnormed.
-    let loss_kept = 2 * n * h * e + n * 4;
+    // What the loss leaves for the backward: the final norm's rstd and dnormed.
+    let loss_kept = n * h * e + n * 4;
 
     // Backward: the final norm's pullback, then each layer recomputed and pulled back, from
     // the last (every input saved, no gradient made yet) to the first (one input left, every
