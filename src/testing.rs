@@ -45,6 +45,17 @@ pub fn quantizer_stress_vector(n: usize, seed: u64) -> Vec<f32> {
 /// A counting global allocator for tests that measure memory (`tests/plan.rs` against the memory
 /// plan, `tests/fuzz_loaders.rs` bounding what a damaged file may make a loader allocate). A test
 /// binary installs it with `#[global_allocator] static A: CountingAllocator = CountingAllocator;`.
+/// A tensor's values as host f32, whatever its device and dtype (flattened, row-major): how the
+/// tests compare tensors.
+pub fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    let host = t
+        .to_device(&candle_core::Device::Cpu)
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>());
+    host.unwrap_or_else(|e| panic!("tensor values: {e}"))
+}
+
 pub mod alloc {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::Cell;

@@ -395,9 +395,7 @@ impl<'a> Oracle<'a> {
     }
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+use qlora::testing::values;
 
 /// How a case's gradients are compared: f32 element by element within `Op::LoraGrad` F32; bf16
 /// compute within `Op::LoraGradScaled` BF16 after dividing each tensor by its largest |want|, as

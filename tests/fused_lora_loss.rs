@@ -88,14 +88,7 @@ fn batch() -> (Tensor, Tensor, Tensor) {
     (ids, mask, labels)
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
+use qlora::testing::values;
 
 /// Runs `lora_gradients` on the tensor ops and on the emulated kernels; checks every kernel ran
 /// on the fused side and returns `(tensor ops, fused)`.

@@ -115,9 +115,7 @@ fn launches(dtype: DType) -> Vec<u64> {
         .collect()
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+use qlora::testing::values;
 
 /// The largest |got − want| of one gradient tensor over its largest |want|.
 fn scaled_error(got: &[f32], want: &[f32]) -> f32 {

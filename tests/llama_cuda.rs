@@ -47,16 +47,7 @@ fn padded_batch() -> (Tensor, Tensor, Tensor) {
     )
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
+use qlora::testing::values;
 
 fn tol_dtype(dtype: DType) -> Dtype {
     match dtype {

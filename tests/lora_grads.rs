@@ -33,9 +33,7 @@ fn peft_key(layer: usize, module: TargetModule, matrix: char) -> String {
     )
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+use qlora::testing::values;
 
 /// The worst errors over all compared values: absolute, relative (where |want| is at least
 /// 1e-3 of the tensor's largest magnitude, so near-zero entries do not dominate), and the

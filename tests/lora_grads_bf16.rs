@@ -31,14 +31,7 @@ fn peft_key(layer: usize, module: TargetModule, matrix: char) -> String {
     )
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
+use qlora::testing::values;
 
 /// `adapter` with A and B rounded to `dtype`, as PEFT holds it without `autocast_adapter_dtype`.
 fn in_dtype(

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use qlora::kernels::adamw::AdamWConfig;
 use qlora::kernels::cuda::CudaDevice;
 use qlora::kernels::paged::{PagingMode, PagingPolicy};
@@ -109,16 +109,7 @@ fn train<O: Optimizer>(
         .collect()
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use qlora::testing::values;
 
 fn state(step: u64) -> TrainState {
     TrainState {

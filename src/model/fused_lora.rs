@@ -182,9 +182,7 @@ mod tests {
     use crate::tolerance::{lookup, Dtype, Op};
     use candle_core::Device;
 
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    }
+    use crate::testing::values;
 
     fn random(dims: (usize, usize), seed: u64) -> Tensor {
         let v = crate::testing::normal_vector(dims.0 * dims.1, 0.5, seed);

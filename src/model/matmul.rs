@@ -422,14 +422,7 @@ mod tests {
                 }
                 for got in results {
                     assert_eq!(got.dims(), [m, n]);
-                    let f = |t: &Tensor| {
-                        t.to_dtype(DType::F32)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap()
-                    };
+                    let f = crate::testing::values;
                     if let Err(e) = tol.check(&f(&got), &f(&want)) {
                         panic!("{side:?} [{m}, {k}] x [{k}, {n}]: {e}");
                     }
