@@ -603,19 +603,26 @@ fn attention_operands<D: TensorDevice, T: FusedElement>(
     ))
 }
 
+/// The kernels' view of [`attention_operands`].
+fn attention_inputs<D: TensorDevice, T: FusedElement>(
+    (q, k, v, m): &AttentionOperands<D, T>,
+) -> DeviceAttentionInputs<'_, D, T> {
+    DeviceAttentionInputs {
+        q,
+        k,
+        v,
+        key_mask: m.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
+    }
+}
+
 fn attention_on<D: TensorDevice, T: FusedElement>(
     dev: &D,
     qkv: &Qkv<'_>,
     mask: &KeyMask,
 ) -> Result<(Tensor, Tensor)> {
     let shape = qkv.shape;
-    let (q, k, v, m) = attention_operands::<D, T>(dev, qkv, mask)?;
-    let inputs = DeviceAttentionInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        key_mask: m.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
-    };
+    let operands = attention_operands::<D, T>(dev, qkv, mask)?;
+    let inputs = attention_inputs(&operands);
     let (o, lse) = attention::attention_forward(dev, &shape, &inputs)?;
     Ok((
         dev.tensor(o, qkv.q.dims())?,
@@ -640,13 +647,8 @@ fn attention_backward_on<D: TensorDevice, T: FusedElement>(
     d_o: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let shape = qkv.shape;
-    let (q, k, v, m) = attention_operands::<D, T>(dev, qkv, mask)?;
-    let inputs = DeviceAttentionInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        key_mask: m.as_ref().map(|m| m as &dyn KernelArg<D, u8>),
-    };
+    let operands = attention_operands::<D, T>(dev, qkv, mask)?;
+    let inputs = attention_inputs(&operands);
     let (os, dos, ls) = (
         dev.input::<T>(o)?,
         dev.input::<T>(d_o)?,

@@ -16,6 +16,7 @@
 
 use serde::Serialize;
 
+use crate::kernels::nf4_gemm::{GemmOp, Nf4MatmulPath, Nf4MatmulPlan};
 use crate::model::config::{LlamaConfig, TorchDtype};
 use crate::model::matmul::Weight;
 use crate::peft::TargetModule;
@@ -525,7 +526,7 @@ impl MemoryPlan {
                 self.workspace,
                 match s.target {
                     Target::Cpu => "attention mask [B, T, T] f32, RoPE tables",
-                    Target::Cuda => "cuBLAS workspace, RoPE tables and positions",
+                    Target::Cuda => "cuBLAS workspace, NF4 dequantize buffer, RoPE tables",
                     Target::Emulated => "RoPE tables and positions",
                 }
                 .to_string(),
@@ -969,9 +970,22 @@ fn kernel_step(
     // The RoPE half tables `[T, d / 2]` f32 twice and a position per token (uploaded once more
     // on CUDA), and on CUDA the cuBLAS workspace.
     let tables = 2 * d.t * (d.head_dim / 2) * 4 + n * 4;
+    // On CUDA the NF4 products that take dequantize + cuBLAS (`Nf4MatmulPlan::default_path`)
+    // share one bf16 buffer the size of the largest linear, kept once made.
+    let dequantizes = [GemmOp::Forward, GemmOp::InputGrad]
+        .into_iter()
+        .any(|op| Nf4MatmulPlan::default_path(op, n as usize) == Nf4MatmulPath::DequantCublas);
+    let dequant_buffer = match s.quantized && e == 2 && dev == KernelDevice::Cuda && dequantizes {
+        true => shapes
+            .iter()
+            .map(|[o, i]| *o as u128 * *i as u128 * 2)
+            .max()
+            .unwrap_or(0),
+        false => 0,
+    };
     let workspace = match dev {
         KernelDevice::Emulated => tables,
-        KernelDevice::Cuda => 2 * tables + CUBLAS_WORKSPACE_BYTES,
+        KernelDevice::Cuda => 2 * tables + CUBLAS_WORKSPACE_BYTES + dequant_buffer,
     };
     let mut step = KernelStep {
         d,
@@ -1164,6 +1178,24 @@ mod tests {
         let cpu = MemoryPlan::new(&Preset::Llama2_13b.config(), &PlanSettings::cpu(2048)).unwrap();
         // f32, and the last layer's output kept beside the inputs.
         assert_eq!(cpu.activations, 41 * 2048 * 5120 * 4);
+    }
+
+    #[test]
+    fn cuda_workspace_holds_the_dequantize_buffer_once_products_take_cublas() {
+        // 2048 rows take dequantize + cuBLAS, whose buffer fits gate_proj (13824 × 5120 bf16);
+        // 256 rows stay on the tensor-core kernel and need none.
+        let config = Preset::Llama2_13b.config();
+        let at = |t| {
+            MemoryPlan::new(&config, &PlanSettings::cuda(t))
+                .unwrap()
+                .workspace
+        };
+        let tables = |t: u128| 2 * (2 * t * 64 * 4 + t * 4);
+        assert_eq!(
+            at(2048),
+            CUBLAS_WORKSPACE_BYTES + tables(2048) + 13824 * 5120 * 2
+        );
+        assert_eq!(at(256), CUBLAS_WORKSPACE_BYTES + tables(256));
     }
 
     #[test]
