@@ -365,13 +365,7 @@ fn gemm_bad_arguments<D: LaunchDevice>(dev: &D) {
     let empty = Nf4Weight { n: 0, ..view() };
     assert!(run(f, x_all(), 3, empty), "n = 0");
     let bad_nested = Nf4Weight {
-        scales: Scales::Double {
-            absmax_q: all(dev, &dw.q),
-            nested_absmax: all(dev, &dw.na),
-            nested_code: all(dev, &dw.nc),
-            offset: dw.offset,
-            nested_blocksize: 3,
-        },
+        scales: dw.double_scales(dev, 3),
         ..view()
     };
     assert!(run(f, x_all(), 3, bad_nested), "nested blocksize");

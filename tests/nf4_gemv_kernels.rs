@@ -222,13 +222,7 @@ fn gemv_bad_arguments<D: LaunchDevice>(dev: &D) {
     };
     assert!(run(&x_all, 3, &empty, None), "n = 0");
     let bad_nested = Nf4Weight {
-        scales: Scales::Double {
-            absmax_q: all(dev, &dw.q),
-            nested_absmax: all(dev, &dw.na),
-            nested_code: all(dev, &dw.nc),
-            offset: dw.offset,
-            nested_blocksize: 3,
-        },
+        scales: dw.double_scales(dev, 3),
         ..dw.view(dev, true)
     };
     assert!(run(&x_all, 3, &bad_nested, None), "nested blocksize");

@@ -646,7 +646,7 @@ impl LlamaModel {
                 #[cfg(feature = "cuda")]
                 if let Some(on_device) = &self.nf4_device {
                     let w = on_device.dequantize(layer, module)?;
-                    return Ok(w.to_dtype(DType::F32)?.to_dtype(self.dtype)?);
+                    return Ok(w.to_dtype(self.dtype)?);
                 }
                 let mut values = t.dequantize()?;
                 match t.dtype.as_str() {

@@ -94,13 +94,7 @@ impl<D: LaunchDevice> DeviceWeight<D> {
 
     pub fn view<'a>(&'a self, dev: &'a D, double: bool) -> Nf4Weight<'a, D> {
         let scales = if double {
-            Scales::Double {
-                absmax_q: all(dev, &self.q),
-                nested_absmax: all(dev, &self.na),
-                nested_code: all(dev, &self.nc),
-                offset: self.offset,
-                nested_blocksize: self.nested_blocksize,
-            }
+            self.double_scales(dev, self.nested_blocksize)
         } else {
             Scales::F32(all(dev, &self.absmax))
         };
@@ -111,6 +105,17 @@ impl<D: LaunchDevice> DeviceWeight<D> {
             k: self.k,
             blocksize: self.blocksize,
             code: all(dev, &self.code),
+        }
+    }
+
+    /// The double-quantized scales with `nested_blocksize` (the refusal tests pass a bad one).
+    pub fn double_scales<'a>(&'a self, dev: &'a D, nested_blocksize: usize) -> Scales<'a, D> {
+        Scales::Double {
+            absmax_q: all(dev, &self.q),
+            nested_absmax: all(dev, &self.na),
+            nested_code: all(dev, &self.nc),
+            offset: self.offset,
+            nested_blocksize,
         }
     }
 }
