@@ -12,8 +12,9 @@ use common::llama::seeded;
 use qlora::kernels::emu::launches_on_this_thread;
 use qlora::model::backward::lora_gradients;
 use qlora::model::llama::LlamaModel;
-use qlora::model::{KernelPath, LlamaConfig, LlamaWeights};
+use qlora::model::{KernelPath, Linear, LlamaConfig, LlamaWeights};
 use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
+use qlora::quant::nf4::Nf4Tensor;
 use qlora::tolerance::{lookup, Dtype, Op};
 
 /// 2 layers, 4 query heads of 16 over 2 kv heads, an intermediate size and vocab that are not
@@ -24,6 +25,11 @@ fn config() -> LlamaConfig {
 
 /// The model in `dtype` with RMSNorm weights away from 1, so a dropped weight shows.
 fn model(dtype: DType) -> LlamaModel {
+    LlamaModel::new(config(), weights(dtype)).unwrap()
+}
+
+/// [`model`]'s weights.
+fn weights(dtype: DType) -> LlamaWeights {
     let c = config();
     let mut weights = LlamaWeights::random(&c, 0.08, 11, dtype, &Device::Cpu).unwrap();
     for (i, layer) in weights.layers.iter_mut().enumerate() {
@@ -37,7 +43,7 @@ fn model(dtype: DType) -> LlamaModel {
         layer.input_layernorm = norm(100 + i as u64);
         layer.post_attention_layernorm = norm(200 + i as u64);
     }
-    LlamaModel::new(c, weights).unwrap()
+    weights
 }
 
 /// r 8 on all seven linears, A as PEFT initialises it, a seeded non-zero B.
@@ -126,7 +132,29 @@ fn scaled_error(got: &[f32], want: &[f32]) -> f32 {
 }
 
 fn check(dtype: DType, tol_dtype: Dtype) {
-    let ops = model(dtype);
+    check_model(model(dtype), dtype, tol_dtype);
+}
+
+/// [`model`] in bf16 with its seven linears quantized to NF4 (blocks of 64, double quant), as
+/// quantize-on-load stores them.
+fn nf4_model() -> LlamaModel {
+    let mut weights = weights(DType::BF16);
+    for layer in weights.layers.iter_mut() {
+        for module in TargetModule::ALL {
+            let Linear::Dense(w) = layer.linear(module) else {
+                unreachable!("random weights are dense")
+            };
+            let t = Nf4Tensor::quantize(&values(w), w.dims(), 64, true).unwrap();
+            *layer.linear_mut(module) = Linear::Nf4(Nf4Tensor {
+                dtype: "bfloat16".into(),
+                ..t
+            });
+        }
+    }
+    LlamaModel::new(config(), weights).unwrap()
+}
+
+fn check_model(ops: LlamaModel, dtype: DType, tol_dtype: Dtype) {
     assert_eq!(ops.kernel_path(), KernelPath::TensorOps);
     let fused = ops.clone().with_kernel_path(KernelPath::Emulated).unwrap();
     let adapter = adapter(&ops);
@@ -173,6 +201,26 @@ fn check(dtype: DType, tol_dtype: Dtype) {
         }
     }
     eprintln!("{dtype:?}: worst LoRA gradient error {worst:.2e} of the tensor's largest");
+}
+
+#[test]
+fn fused_bf16_backward_on_nf4_linears_matches_the_tensor_ops() {
+    // The kernel path takes the NF4 linears through the GEMV / dequant-GEMM kernels by the
+    // dispatcher's path, as on CUDA; the tensor ops dequantize and multiply.
+    let ops = nf4_model();
+    let fused = ops.clone().with_kernel_path(KernelPath::Emulated).unwrap();
+    for layer in 0..2 {
+        for module in TargetModule::ALL {
+            assert!(!ops.uses_nf4_gemm(layer, module));
+            assert!(fused.uses_nf4_gemm(layer, module), "layer {layer} {module}");
+        }
+    }
+    let names = ["k_nf4_gemm_general", "k_nf4_gemm_dx_general"];
+    let before: Vec<u64> = names.iter().map(|k| launches_on_this_thread(k)).collect();
+    check_model(ops, DType::BF16, Dtype::BF16);
+    for (name, b) in names.iter().zip(before) {
+        assert!(launches_on_this_thread(name) > b, "{name} never ran");
+    }
 }
 
 #[test]

@@ -44,6 +44,7 @@ const MODEL_FILES: &[&[&str]] = &[
     &["weights"],
     &["init", "cuda", "quantize_dir"],
     &["fused"],
+    &["nf4_host"],
     &["fused_lora"],
     &["llama"],
     &["fused_loss"],

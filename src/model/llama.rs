@@ -584,19 +584,35 @@ impl LlamaModel {
     }
 
     /// Whether products with the frozen weight of `module` in `layer` run through the NF4
-    /// dequant-GEMM kernels ([`crate::kernels::nf4_gemm::Nf4Matmul`]) rather than a dequantized
-    /// copy: on a CUDA device, in bf16 compute, for an NF4 weight. bf16 compute only, since the
-    /// kernels take bf16 activations; an f32 model on CUDA keeps dequantize + f32 matmul, which
-    /// is exact against the CPU.
+    /// GEMV / dequant-GEMM kernels by the path [`crate::kernels::nf4_gemm::Nf4MatmulPlan`] picks,
+    /// rather than a dequantized copy: for an NF4 weight in bf16 compute on the kernel path, on a
+    /// CUDA device or the emulator (the same route). bf16 compute only, since the kernels take
+    /// bf16 activations; an f32 model keeps dequantize + f32 matmul, which is exact against the
+    /// CPU.
     pub fn uses_nf4_gemm(&self, layer: usize, module: TargetModule) -> bool {
-        #[cfg(feature = "cuda")]
-        if self.dtype == DType::BF16 {
-            if let Some(on_device) = &self.nf4_device {
-                return on_device.has(layer, module);
-            }
+        if self.dtype != DType::BF16 {
+            return false;
         }
-        let _ = (layer, module);
+        if self.kernels.path() == KernelPath::Emulated {
+            return self.nf4_linear(layer, module).is_some();
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(on_device) = &self.nf4_device {
+            return on_device.has(layer, module);
+        }
         false
+    }
+
+    /// The NF4 weight of `module` in `layer`, if it is one.
+    fn nf4_linear(
+        &self,
+        layer: usize,
+        module: TargetModule,
+    ) -> Option<&crate::quant::nf4::Nf4Tensor> {
+        match self.weights.layers.get(layer)?.linear(module) {
+            Linear::Nf4(t) => Some(t),
+            Linear::Dense(_) => None,
+        }
     }
 
     /// When [`Self::uses_nf4_gemm`]: `a · Wᵀ` (`op` Forward, `a` `[.., in]`) or `a · W`
@@ -613,20 +629,25 @@ impl LlamaModel {
         if !self.uses_nf4_gemm(layer, module) {
             return Ok(None);
         }
-        #[cfg(feature = "cuda")]
-        if let Some(on_device) = &self.nf4_device {
-            let dims = a.dims();
-            let red = *dims.last().ok_or_else(|| invalid("a 0-D activation"))?;
-            let rows = a.elem_count() / red.max(1);
-            let y = on_device.matmul(op, &a.reshape((rows, red))?, layer, module, a.dtype())?;
-            let mut out_dims = dims.to_vec();
-            if let Some(last) = out_dims.last_mut() {
-                *last = y.dim(1)?;
+        let dims = a.dims();
+        let red = *dims.last().ok_or_else(|| invalid("a 0-D activation"))?;
+        let a2 = a.reshape((a.elem_count() / red.max(1), red))?;
+        let y = match self.nf4_linear(layer, module) {
+            Some(t) if self.kernels.path() == KernelPath::Emulated => {
+                crate::model::nf4_host::matmul_nf4(t, op, &a2, a.dtype())?
             }
-            return Ok(Some(y.reshape(out_dims)?));
+            #[cfg(feature = "cuda")]
+            _ if self.nf4_device.is_some() => match &self.nf4_device {
+                Some(on_device) => on_device.matmul(op, &a2, layer, module, a.dtype())?,
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = y.dim(1)?;
         }
-        let _ = (op, a);
-        Ok(None)
+        Ok(Some(y.reshape(out_dims)?))
     }
 
     /// The frozen weight `[out, in]` of `module` in `layer` as [`Self::linear`] multiplies by it,

@@ -15,6 +15,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod llama;
 pub(crate) mod matmul;
+mod nf4_host;
 pub mod quantize_dir;
 pub mod tokenizer;
 pub mod weights;

@@ -71,6 +71,19 @@ impl LayerWeights {
         }
     }
 
+    /// The frozen linear `module`, to replace (e.g. by its NF4 quantization).
+    pub fn linear_mut(&mut self, module: TargetModule) -> &mut Linear {
+        match module {
+            TargetModule::QProj => &mut self.q_proj,
+            TargetModule::KProj => &mut self.k_proj,
+            TargetModule::VProj => &mut self.v_proj,
+            TargetModule::OProj => &mut self.o_proj,
+            TargetModule::GateProj => &mut self.gate_proj,
+            TargetModule::UpProj => &mut self.up_proj,
+            TargetModule::DownProj => &mut self.down_proj,
+        }
+    }
+
     /// These weights with every dense tensor on `device` ([`Linear::to_device`]).
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Self {

@@ -505,7 +505,7 @@ impl MemoryPlan {
                 match s.target {
                     Target::Cpu => "one layer: 7 linears dequantized to f32, intermediates, grads",
                     Target::Cuda => "one layer: intermediates, grads, NF4 GEMM outputs",
-                    Target::Emulated => "one layer: 7 linears dequantized, intermediates, grads",
+                    Target::Emulated => "one layer: intermediates, grads, products' scratch",
                 }
                 .to_string(),
             ),
@@ -707,9 +707,10 @@ enum KernelDevice {
     /// CUDA: cuBLAS products (their workspace counted once) and, for NF4 weights in bf16
     /// compute, the NF4 GEMV / dequant-GEMM writing the compute dtype.
     Cuda,
-    /// The CPU emulator: `model::matmul`'s products (AVX-512 BF16 on operands in place where
-    /// this CPU has it, else f32 tiles widened from the operands) and each layer's NF4 linears
-    /// dequantized to the compute dtype by `LayerPass::new`.
+    /// The CPU emulator: the same NF4 route (GEMV / dequant-GEMM kernels emulated; where CUDA
+    /// takes dequantize + cuBLAS, a dequantized copy for the one product), and `model::matmul`
+    /// for the other products (AVX-512 BF16 on operands in place where this CPU has it, else f32
+    /// tiles widened from the operands).
     Emulated,
 }
 
@@ -757,10 +758,35 @@ impl KernelStep<'_> {
         self.s.targets.contains(&module)
     }
 
-    /// `x [rows, k]` times a frozen weight with `n` outputs (`side`): the product stays
-    /// (rows · n in the compute dtype); what the device makes beside it is dropped.
-    fn product(&mut self, rows: u128, k: u128, n: u128, side: Weight) -> u128 {
+    /// Whether the layers' linears go through the NF4 GEMV / dequant-GEMM route
+    /// (`LlamaModel::uses_nf4_gemm`: NF4 weights in bf16 compute, on either device).
+    fn nf4_route(&self) -> bool {
+        self.s.quantized && self.e == 2
+    }
+
+    /// `x [rows, k]` times a frozen weight with `n` outputs (`side`; `linear`: a layer's linear,
+    /// else lm_head): the product stays (rows · n in the compute dtype); what the device makes
+    /// beside it is dropped.
+    fn product(&mut self, rows: u128, k: u128, n: u128, side: Weight, linear: bool) -> u128 {
         let (e, out) = (self.e, rows * n * self.e);
+        if linear && self.nf4_route() {
+            let op = match side {
+                Weight::Transposed => GemmOp::Forward,
+                Weight::Plain => GemmOp::InputGrad,
+            };
+            let path = Nf4MatmulPlan::default_path(op, rows as usize);
+            match (self.dev, path) {
+                // The emulator dequantizes the weight for this product alone, then multiplies.
+                (KernelDevice::Emulated, Nf4MatmulPath::DequantCublas) => {
+                    self.live.alloc(n * k * 2);
+                    self.product(rows, k, n, side, false);
+                    self.live.free(n * k * 2);
+                }
+                // The kernels write the output (CUDA's dequantize buffer is in the workspace).
+                _ => self.live.alloc(out),
+            }
+            return out;
+        }
         match self.dev {
             KernelDevice::Emulated if e == 4 => self.live.alloc(out),
             // `x · Wᵀ` on the AVX-512 BF16 units reads both operands in place.
@@ -794,29 +820,21 @@ impl KernelStep<'_> {
     /// `LayerPass::new`: the seven frozen linears as the layer multiplies by them, kept for the
     /// layer's pass.
     fn layer_weights(&mut self, shapes: &[[usize; 2]]) -> u128 {
-        if !self.s.quantized {
+        if !self.s.quantized || self.nf4_route() {
             return 0;
         }
         let mut kept = 0;
         for [o, i] in shapes {
             let numel = *o as u128 * *i as u128;
-            match (self.dev, self.e) {
-                (KernelDevice::Cuda, 2) => {}
-                // Dequantized to f32 (host values), then cast to the compute dtype.
-                (KernelDevice::Emulated, 2) => {
-                    self.live.alloc(numel * 4);
-                    self.live.alloc(numel * 2);
-                    self.live.free(numel * 4);
-                    kept += numel * 2;
-                }
+            match self.dev {
                 // Dequantized in the original dtype (bf16), widened to f32.
-                (KernelDevice::Cuda, _) => {
+                KernelDevice::Cuda => {
                     self.live.alloc(numel * 2);
                     self.live.alloc(numel * 4);
                     self.live.free(numel * 2);
                     kept += numel * 4;
                 }
-                (KernelDevice::Emulated, _) => {
+                KernelDevice::Emulated => {
                     self.live.alloc(numel * 4);
                     kept += numel * 4;
                 }
@@ -828,7 +846,7 @@ impl KernelStep<'_> {
     /// `LayerPass::linear` through the fused LoRA forward: the product, a copy the kernel adds
     /// the delta into (the product then dropped) and T `[n, r]` f32, kept. Returns the output.
     fn linear(&mut self, module: TargetModule, k: u128, out: u128) -> u128 {
-        let y = self.product(self.d.n, k, out, Weight::Transposed);
+        let y = self.product(self.d.n, k, out, Weight::Transposed, true);
         if self.adapted(module) {
             self.live.alloc(y);
             self.live.alloc(self.d.n * self.d.r * 4);
@@ -841,7 +859,7 @@ impl KernelStep<'_> {
     /// it adds into, the gradient buffers (dA and dB kept: the step's gradients) and the base
     /// pullback dropped. Returns dx.
     fn linear_backward(&mut self, module: TargetModule, input: u128, out: u128) -> u128 {
-        let dx = self.product(self.d.n, out, input, Weight::Plain);
+        let dx = self.product(self.d.n, out, input, Weight::Plain, true);
         if self.adapted(module) {
             let dims = crate::kernels::lora::LoraDims {
                 tokens: self.d.n as usize,
@@ -1015,10 +1033,10 @@ fn kernel_step(
     let mut start = 0;
     while start < n {
         let rows = chunk.min(n - start);
-        let logits = step.product(rows, h, d.vocab, Weight::Transposed);
+        let logits = step.product(rows, h, d.vocab, Weight::Transposed, false);
         step.live.alloc(rows * 4 + logits + 2 * rows * 4);
         step.live.free(2 * rows * 4);
-        step.product(rows, d.vocab, h, Weight::Plain);
+        step.product(rows, d.vocab, h, Weight::Plain, false);
         step.live.free(2 * logits);
         start += rows;
     }
