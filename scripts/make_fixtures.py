@@ -726,6 +726,173 @@ def make_tokenizer_fixtures(outdir: Path) -> None:
     (outdir / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
 
 
+GGUF_SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+# The GGML type of each tensor of tests/fixtures/gguf/tiny.gguf: every type gguf-py can write.
+GGUF_TYPES = {
+    "token_embd.weight": "F16", "output_norm.weight": "F32", "output.weight": "Q8_0",
+    "blk.0.attn_norm.weight": "F32", "blk.0.ffn_norm.weight": "F32",
+    "blk.0.attn_q.weight": "Q8_0", "blk.0.attn_k.weight": "Q4_0", "blk.0.attn_v.weight": "Q4_1",
+    "blk.0.attn_output.weight": "Q5_0", "blk.0.ffn_gate.weight": "BF16", "blk.0.ffn_up.weight": "F32",
+    "blk.0.ffn_down.weight": "Q8_0",
+}
+GGUF_TEXTS = ["hello world", "The sky is blue.", "  leading and  double  spaces\nnew line\ttab",
+              "café naïve 東京 🦙", "<s>special</s> inside <pad>", ""]
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's row order for a Q or K projection: each head's two rotary halves
+    interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, model, tokenizer_dir: Path) -> None:
+    """`model` (a transformers Llama) as llama.cpp's converter writes a GGUF file: GGUF tensor
+    names, Q/K rows permuted, each tensor in its GGUF_TYPES type (Q4_1 where not listed), and the
+    byte-level BPE of `tokenizer_dir` (tokenizer.json, tokenizer_config.json) as tokenizer metadata,
+    its special tokens as control tokens."""
+    import gguf
+    from gguf import quants
+
+    c = model.config
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {a["content"] for a in tok["added_tokens"] if a["special"]}
+    types = [3 if t in special else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("qlora tiny fixture")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["</s>"])
+    w.add_pad_token_id(vocab["<pad>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok_config["chat_template"])
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            layer, rest = hf_name[len("model.layers."):].split(".", 1)
+            name = f"blk.{layer}.{parts[rest[:-len('.weight')]]}.weight"
+        data = tensor.float().numpy()
+        if name.endswith("attn_q.weight"):
+            data = llama_cpp_permute(data, c.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            data = llama_cpp_permute(data, c.num_key_value_heads)
+        kind = GGUF_TYPES.get(name, "F32" if data.ndim == 1 else "Q4_1")
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        if kind == "F32":
+            w.add_tensor(name, np.ascontiguousarray(data))
+        elif kind == "F16":
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def make_gguf_fixtures(outdir: Path, tokenizer_dir: Path) -> None:
+    """tests/fixtures/gguf/: tiny.gguf (write_tiny_gguf of a random Llama of GGUF_SHAPE with the
+    tokenizer fixture's vocabulary, untied lm_head), and what transformers' GGUF loader makes of
+    it: expected.safetensors with the f32 logits of two rows of ids (`input_ids`, `logits`) and
+    the dequantized, unpermuted q_proj / k_proj / v_proj of layer 0; expected.json with the
+    config fields it read, and its tokenizer's ids (with and without special tokens) and decoded
+    text for GGUF_TEXTS and a rendered chat."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    vocab_size = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    model = tiny_llama(31, torch.float32, vocab_size=vocab_size, **GGUF_SHAPE)
+    write_tiny_gguf(outdir / "tiny.gguf", model, tokenizer_dir)
+
+    hf = AutoModelForCausalLM.from_pretrained(str(outdir), gguf_file="tiny.gguf", dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(str(outdir), gguf_file="tiny.gguf")
+    gen = torch.Generator().manual_seed(41)
+    ids = torch.randint(3, vocab_size, (2, 11), generator=gen)
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits.contiguous()
+    sd = hf.state_dict()
+    out = {"input_ids": ids, "logits": logits}
+    for m in ["q_proj", "k_proj", "v_proj"]:
+        out[f"layers.0.{m}"] = sd[f"model.layers.0.self_attn.{m}.weight"].contiguous()
+    save_file(out, str(outdir / "expected.safetensors"), metadata={"format": "pt"})
+    encode = [{"text": t, "ids": tok.encode(t, add_special_tokens=True),
+               "ids_no_special": tok.encode(t, add_special_tokens=False),
+               "decoded": tok.decode(tok.encode(t, add_special_tokens=False))} for t in GGUF_TEXTS]
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}]
+    c = hf.config
+    expected = {
+        "config": {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                   "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                   "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
+                   "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+                   "tie_word_embeddings": c.tie_word_embeddings,
+                   "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id},
+        "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+        "vocab_size": len(tok), "encode": encode,
+        "chat": {"messages": messages, "rendered": tok.apply_chat_template(messages, tokenize=False)},
+    }
+    (outdir / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+
+
+SMOLLM2_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and"
+
+
+def make_smollm2_fixture(outdir: Path) -> None:
+    """tests/fixtures/gguf/smollm2.safetensors, only where the SmolLM2-135M-Instruct Q4_1 GGUF is
+    at $QLORA_SMOLLM2_GGUF: transformers' GGUF loader on SMOLLM2_TEXT: its token ids, and in f32
+    and (keys `bf16.*`) bf16 the log-sum-exp and argmax of the logits at every position and the
+    whole last row of logits."""
+    path = os.environ.get("QLORA_SMOLLM2_GGUF")
+    if not path or not Path(path).is_file():
+        print("QLORA_SMOLLM2_GGUF not set to the SmolLM2 GGUF file: smollm2 fixture kept as is")
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    ids = torch.tensor([tok.encode(SMOLLM2_TEXT, add_special_tokens=False)])
+    out = {"input_ids": ids[0]}
+    for prefix, dtype in [("", torch.float32), ("bf16.", torch.bfloat16)]:
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype,
+                                                     attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        out[f"{prefix}lse"] = torch.logsumexp(logits.float(), dim=-1)
+        out[f"{prefix}argmax"] = logits.argmax(dim=-1)
+        out[f"{prefix}last_logits"] = logits[-1].contiguous()
+    save_file(out, str(outdir / "smollm2.safetensors"), metadata={"format": "pt", "text": SMOLLM2_TEXT})
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -751,6 +918,9 @@ def main() -> int:
     print(f"wrote {fixtures / 'lora' / 'lora_grads_bf16.safetensors'}")
     make_lora_merge_fixtures(fixtures / "lora")
     print(f"wrote {fixtures / 'lora' / 'merged.safetensors'}")
+    make_gguf_fixtures(fixtures / "gguf", fixtures / "tokenizer")
+    make_smollm2_fixture(fixtures / "gguf")
+    print(f"wrote {fixtures / 'gguf'}")
     return 0
 
 

@@ -40,7 +40,7 @@ const LAYERS: &[&[&str]] = &[
 /// llama.rs, generate.rs and peft/lora.rs must not come back).
 const MODEL_FILES: &[&[&str]] = &[
     &["config", "tokenizer", "kv_cache", "matmul"],
-    &["adapter"],
+    &["adapter", "gguf"],
     &["weights"],
     &["init", "cuda", "quantize_dir"],
     &["fused"],

@@ -17,6 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use indicatif::ProgressStyle;
 
+use crate::model::gguf::{is_gguf, GgufFile};
 use crate::model::llama::LlamaModel;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{LlamaConfig, LlamaWeights, LoadOptions};
@@ -41,7 +42,7 @@ pub struct LoadedModel {
 }
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json and
-/// tokenizer_config.json) onto `device`, dense tensors in `dtype`, the seven linears of each layer
+/// tokenizer_config.json; or a llama.cpp GGUF file, its tensors dequantized) onto `device`, dense tensors in `dtype`, the seven linears of each layer
 /// quantized to NF4 on load when `quantize` is NF4 (bitsandbytes pre-quantized linears are NF4
 /// either way).
 pub fn load_model(
@@ -51,8 +52,17 @@ pub fn load_model(
     device: DeviceName,
 ) -> Result<LoadedModel> {
     let candle_device = open_device(device)?;
-    let config = LlamaConfig::from_file(dir.join("config.json"))?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
+    let gguf = match is_gguf(dir) {
+        true => Some(GgufFile::open(dir)?),
+        false => None,
+    };
+    let (config, tokenizer) = match &gguf {
+        Some(g) => (g.config()?, g.tokenizer()?),
+        None => (
+            LlamaConfig::from_file(dir.join("config.json"))?,
+            Tokenizer::from_dir(dir)?,
+        ),
+    };
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(Error::invalid(
             "load model",
@@ -72,10 +82,25 @@ pub fn load_model(
         device: candle_device,
         quantize: quantize == Quantize::Nf4,
     };
-    let weights = LlamaWeights::load(dir, &config, &options)?;
+    let weights = match &gguf {
+        Some(g) => LlamaWeights::load_gguf(g, &config, &options)?,
+        None => LlamaWeights::load(dir, &config, &options)?,
+    };
     let stored_nf4 = config.quantization.is_some();
+    let source = match &gguf {
+        Some(g) => {
+            let types: Vec<String> = g
+                .type_counts()
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect();
+            format!("GGUF ({}), dequantized, then ", types.join(", "))
+        }
+        None => String::new(),
+    };
     let summary = format!(
-        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}); linears {}, compute {}, {}",
+        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}); linears {source}{}, compute \
+         {}, {}",
         dir.display(),
         config.num_hidden_layers,
         config.hidden_size,

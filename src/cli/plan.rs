@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::model::config::{LlamaConfig, RopeScaling, TorchDtype};
+use crate::model::gguf::{is_gguf, GgufFile};
 use crate::peft::TargetModule;
 use crate::train::plan::{
     dtype_name, format_bytes, MemoryPlan, Phase, PlanSettings, Target, MAX_PLAN_SEQ_LEN,
@@ -108,7 +109,7 @@ pub enum TargetArg {
 #[derive(Args, Clone, Debug)]
 #[command(group(clap::ArgGroup::new("shape").required(true).args(["model", "preset"])))]
 pub struct PlanArgs {
-    /// A model directory; its config.json gives the shapes.
+    /// A model directory (its config.json gives the shapes) or a GGUF file (its metadata).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A built-in model shape.
@@ -176,6 +177,9 @@ fn gib_to_bytes(what: &'static str, gib: f64) -> Result<u128> {
 /// The config and a name for it.
 fn model_config(args: &PlanArgs) -> Result<(LlamaConfig, String)> {
     match (&args.model, args.preset) {
+        (Some(path), None) if is_gguf(path) => {
+            Ok((GgufFile::open(path)?.config()?, path.display().to_string()))
+        }
         (Some(dir), None) => Ok((
             LlamaConfig::from_file(dir.join("config.json"))?,
             dir.display().to_string(),

@@ -124,9 +124,22 @@ pub fn first_non_finite(dtype: Dtype, bytes: &[u8]) -> Option<(usize, f64)> {
 /// [`ALLOW_NON_FINITE_ENV`] is set): such a weight would silently turn every output, loss or
 /// quantization scale it touches into NaN.
 pub fn check_finite(path: &Path, tensor: &str, dtype: Dtype, bytes: &[u8]) -> Result<()> {
-    let Some((index, value)) = first_non_finite(dtype, bytes) else {
-        return Ok(());
-    };
+    match first_non_finite(dtype, bytes) {
+        None => Ok(()),
+        Some((index, value)) => refuse_non_finite(path, tensor, index, value),
+    }
+}
+
+/// [`check_finite`] for values already decoded (a dequantized GGUF tensor, say): `values[index]`
+/// is the first non-finite one, the error names it unless [`ALLOW_NON_FINITE_ENV`] is set.
+pub fn check_finite_f32(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => refuse_non_finite(path, tensor, index, f64::from(values[index])),
+    }
+}
+
+fn refuse_non_finite(path: &Path, tensor: &str, index: usize, value: f64) -> Result<()> {
     if std::env::var_os(ALLOW_NON_FINITE_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
         return Ok(());
     }

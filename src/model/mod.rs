@@ -11,6 +11,7 @@ pub mod fused;
 mod fused_lora;
 mod fused_loss;
 pub mod generate;
+pub mod gguf;
 pub mod init;
 pub mod kv_cache;
 pub mod llama;

@@ -151,6 +151,14 @@ impl Tokenizer {
         })
     }
 
+    /// This tokenizer with `template` as its default chat template (a GGUF file's
+    /// `tokenizer.chat_template`).
+    pub fn with_chat_template(mut self, template: impl Into<String>) -> Self {
+        self.chat_templates
+            .insert(DEFAULT_TEMPLATE_NAME.to_string(), template.into());
+        self
+    }
+
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (e.g. prepends BOS), as
     /// transformers' `encode` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

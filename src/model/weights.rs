@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use crate::hf::checkpoint::{map_file, shard_files, widen, Checkpoint};
 use crate::model::adapter::TargetModule;
 use crate::model::config::LlamaConfig;
+use crate::model::gguf::GgufFile;
 use crate::quant::bnb::{is_bnb_nf4, nf4_from_safetensors};
 use crate::quant::nf4::Nf4Tensor;
 use crate::{Error, Result};
@@ -172,12 +173,7 @@ impl LlamaWeights {
         config: &LlamaConfig,
         options: &LoadOptions,
     ) -> Result<Self> {
-        if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::invalid(
-                "LlamaWeights::load",
-                format!("dtype {:?} is not f32, f16 or bf16", options.dtype),
-            ));
-        }
+        check_load_dtype(options.dtype)?;
         let files = shard_files(dir.as_ref())?;
         let maps = files
             .iter()
@@ -185,11 +181,34 @@ impl LlamaWeights {
             .collect::<Result<Vec<_>>>()?;
         let checkpoint = Checkpoint::new(&files, &maps)?;
         Loader {
-            checkpoint,
+            source: Source::Safetensors(checkpoint),
             config,
             options,
         }
         .load()
+    }
+
+    /// Loads the weights of the GGUF file `gguf` for `config` (its [`GgufFile::config`]): each
+    /// tensor dequantized from its GGML type, converted to `options.dtype` and, with
+    /// `options.quantize`, quantized to NF4 exactly as a safetensors checkpoint's would be.
+    pub fn load_gguf(gguf: &GgufFile, config: &LlamaConfig, options: &LoadOptions) -> Result<Self> {
+        check_load_dtype(options.dtype)?;
+        Loader {
+            source: Source::Gguf(gguf),
+            config,
+            options,
+        }
+        .load()
+    }
+}
+
+fn check_load_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::invalid(
+            "LlamaWeights::load",
+            format!("dtype {other:?} is not f32, f16 or bf16"),
+        )),
     }
 }
 
@@ -221,8 +240,16 @@ fn host_values(key: &str, view: &TensorView<'_>, dtype: DType) -> Result<HostVal
     })
 }
 
+/// Where the loader reads tensors by Hugging Face name.
+enum Source<'a> {
+    /// `model.safetensors` or its shards.
+    Safetensors(Checkpoint<'a>),
+    /// A llama.cpp GGUF file (dequantized per tensor).
+    Gguf(&'a GgufFile),
+}
+
 struct Loader<'a, 'c> {
-    checkpoint: Checkpoint<'a>,
+    source: Source<'a>,
     config: &'c LlamaConfig,
     options: &'c LoadOptions,
 }
@@ -269,21 +296,31 @@ impl Loader<'_, '_> {
         })
     }
 
-    /// The view of `key`, checked to have `shape`.
-    fn checked_view(&self, key: &str, shape: &[usize]) -> Result<TensorView<'_>> {
-        let view = self.checkpoint.finite_view(key)?;
+    /// The values of `key`, checked to have `shape` and to be finite, in the load dtype.
+    fn values(&self, key: &str, shape: &[usize]) -> Result<HostValues> {
+        let checkpoint = match &self.source {
+            Source::Safetensors(c) => c,
+            Source::Gguf(g) => {
+                let v = g.tensor_f32(key, shape, self.config)?;
+                return Ok(match self.options.dtype {
+                    DType::F16 => HostValues::F16(v.into_iter().map(f16::from_f32).collect()),
+                    DType::BF16 => HostValues::BF16(v.into_iter().map(bf16::from_f32).collect()),
+                    _ => HostValues::F32(v),
+                });
+            }
+        };
+        let view = checkpoint.finite_view(key)?;
         if view.shape() != shape {
             return Err(bad(
                 key,
                 format!("shape {:?}, expected {shape:?}", view.shape()),
             ));
         }
-        Ok(view)
+        host_values(key, &view, self.options.dtype)
     }
 
     fn dense(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        let view = self.checked_view(key, shape)?;
-        let tensor = match host_values(key, &view, self.options.dtype)? {
+        let tensor = match self.values(key, shape)? {
             HostValues::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
             HostValues::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
             HostValues::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu)?,
@@ -293,34 +330,16 @@ impl Loader<'_, '_> {
 
     fn linear(&self, prefix: &str, shape: [usize; 2]) -> Result<Linear> {
         let key = format!("{prefix}.weight");
-        if is_bnb_nf4(&self.checkpoint, prefix) {
-            // The codes are integers; a NaN can only hide in the f32 scales and code tables.
-            for suffix in [
-                ".absmax",
-                ".nested_absmax",
-                ".quant_map",
-                ".nested_quant_map",
-            ] {
-                let scale_key = format!("{key}{suffix}");
-                if self.checkpoint.shard_of.contains_key(&scale_key) {
-                    self.checkpoint.finite_view(&scale_key)?;
-                }
+        if let Source::Safetensors(checkpoint) = &self.source {
+            if is_bnb_nf4(checkpoint, prefix) {
+                return self.bnb_nf4(checkpoint, prefix, &key, shape);
             }
-            let t = nf4_from_safetensors(&self.checkpoint, prefix)?;
-            if t.shape != shape {
-                return Err(bad(
-                    &key,
-                    format!("NF4 shape {:?}, expected {shape:?}", t.shape),
-                ));
-            }
-            return Ok(Linear::Nf4(t));
         }
         if !self.options.quantize {
             return Ok(Linear::Dense(self.dense(&key, &shape)?));
         }
-        let view = self.checked_view(&key, &shape)?;
         let (bs, dq) = (NF4_LOAD_BLOCKSIZE, true);
-        let t = match host_values(&key, &view, self.options.dtype)? {
+        let t = match self.values(&key, &shape)? {
             HostValues::F32(v) => Nf4Tensor::quantize(&v, &shape, bs, dq)?,
             HostValues::BF16(v) => Nf4Tensor::quantize_bf16(&v, &shape, bs, dq)?,
             HostValues::F16(v) => {
@@ -332,6 +351,36 @@ impl Loader<'_, '_> {
                 t
             }
         };
+        Ok(Linear::Nf4(t))
+    }
+
+    /// A linear stored NF4 by bitsandbytes, as stored.
+    fn bnb_nf4(
+        &self,
+        checkpoint: &Checkpoint<'_>,
+        prefix: &str,
+        key: &str,
+        shape: [usize; 2],
+    ) -> Result<Linear> {
+        // The codes are integers; a NaN can only hide in the f32 scales and code tables.
+        for suffix in [
+            ".absmax",
+            ".nested_absmax",
+            ".quant_map",
+            ".nested_quant_map",
+        ] {
+            let scale_key = format!("{key}{suffix}");
+            if checkpoint.shard_of.contains_key(&scale_key) {
+                checkpoint.finite_view(&scale_key)?;
+            }
+        }
+        let t = nf4_from_safetensors(checkpoint, prefix)?;
+        if t.shape != shape {
+            return Err(bad(
+                key,
+                format!("NF4 shape {:?}, expected {shape:?}", t.shape),
+            ));
+        }
         Ok(Linear::Nf4(t))
     }
 }
