@@ -120,8 +120,10 @@ pub enum Error {
     #[error("writing {what}: {reason}")]
     Encode { what: String, reason: String },
 
+    /// A candle error, without the backtrace candle attaches when `RUST_BACKTRACE` is set (see
+    /// [`without_backtrace`]).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 }
 
 /// The crate's result type.
@@ -150,5 +152,30 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(e))
+    }
+}
+
+/// `e` without the backtrace candle captures into its errors when `RUST_BACKTRACE` is set: its
+/// message would print the whole stack (and resolving it allocates some 150 MB of debug info) in
+/// what is a user-facing error.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        other => other,
     }
 }

@@ -316,6 +316,57 @@ fn bnb_nf4_model_with_its_quant_state() {
     assert!(refused > 150, "{ok} loaded, {refused} refused");
 }
 
+/// GGUF header mutations: huge or zero counts, string lengths, dimensions, type ids and offsets
+/// written over the header's fields (every 8-byte-aligned word of the first `header` bytes can be
+/// one), as a damaged or hostile file would carry them.
+fn gguf_mutations(valid: &[u8], rng: &mut StdRng, n: usize) -> Vec<(String, Vec<u8>)> {
+    // The header (metadata and tensor directory) ends where the 32-byte-aligned tensor data
+    // starts; the tokenizer arrays make it most of this small file, so mutate the first 8 KiB.
+    let header = valid.len().min(8 << 10);
+    let words = [
+        0u64,
+        1,
+        30,
+        255,
+        u32::MAX as u64,
+        u64::MAX,
+        1 << 40,
+        1 << 62,
+    ];
+    (0..n)
+        .map(|i| {
+            let mut bytes = valid.to_vec();
+            let at = rng.random_range(0..header / 4) * 4;
+            let word = words[rng.random_range(0..words.len())];
+            let width = if rng.random_bool(0.5) { 4 } else { 8 };
+            let end = (at + width).min(bytes.len());
+            bytes[at..end].copy_from_slice(&word.to_le_bytes()[..end - at]);
+            (
+                format!("gguf word {i}: {word:#x} ({width} B) at {at}"),
+                bytes,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gguf_model() {
+    let dir = scratch("gguf");
+    let path = dir.join("tiny.gguf");
+    let valid = fs::read(fixture("gguf/tiny.gguf")).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut cases = byte_mutations(&valid, &mut rng, 200);
+    cases.extend(gguf_mutations(&valid, &mut rng, 400));
+    let (ok, refused) = run_cases(&path, cases, &["tiny.gguf"], || {
+        let file = qlora::model::gguf::GgufFile::open(&path)?;
+        let config = file.config()?;
+        LlamaWeights::load_gguf(&file, &config, &f32_options())?;
+        file.tokenizer()
+    });
+    eprintln!("gguf: {ok} loaded, {refused} refused");
+    assert!(refused > 200, "{ok} loaded, {refused} refused");
+}
+
 #[test]
 fn config_json() {
     let dir = model_folder("config", "llama/base");

@@ -17,6 +17,7 @@ use candle_core::Device;
 use memmap2::Mmap;
 use serde_json::{json, Map, Value as Json};
 
+use crate::error::without_backtrace;
 use crate::hf::checkpoint::map_file;
 use crate::hf::file::check_finite_f32;
 use crate::model::config::LlamaConfig;
@@ -94,7 +95,7 @@ impl GgufFile {
         let content =
             Content::read(&mut Cursor::new(&map[..])).map_err(|e| Error::CorruptFile {
                 path: path.clone(),
-                reason: format!("GGUF header: {e}"),
+                reason: format!("GGUF header: {}", without_backtrace(e)),
             })?;
         Ok(GgufFile { path, map, content })
     }
@@ -367,7 +368,9 @@ impl GgufFile {
                 info.shape.dims()
             )));
         }
-        let bad = |e: candle_core::Error| self.corrupt(format!("tensor `{name}`: {e}"));
+        let bad = |e: candle_core::Error| {
+            self.corrupt(format!("tensor `{name}`: {}", without_backtrace(e)))
+        };
         let q = info
             .read(
                 &mut Cursor::new(&self.map[..]),
