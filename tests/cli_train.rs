@@ -1145,3 +1145,70 @@ fn train_on_cuda_matches_the_cpu_and_resumes_across_devices() {
 fn cuda_opens() -> bool {
     qlora::cli::open_device(DeviceName::Cuda(0)).is_ok()
 }
+
+#[test]
+fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
+    // tests/fixtures/gguf/tiny.gguf through every command that takes --model: plan reads its
+    // metadata, train writes an adapter, eval scores with it, generate decodes with it.
+    let dir = temp_dir("gguf");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny.gguf");
+    let plan = assert_success(&qlora(
+        &["plan", "--seq-len", "64", "--target", "cpu"],
+        &[("--model", &gguf)],
+    ));
+    assert!(
+        plan.contains("hidden 64") && plan.contains("2 layers"),
+        "{plan}"
+    );
+    let data = dir.join("train.jsonl");
+    write_lines(&data, &mcqa_lines(8));
+    let output = dir.join("run");
+    let out = qlora(
+        &[
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--compute-dtype",
+            "f32",
+        ],
+        &[("--model", &gguf), ("--data", &data), ("--output", &output)],
+    );
+    assert_success(&out);
+    let adapter = output.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let eval = assert_success(&qlora(
+        &["eval", "--json", "--compute-dtype", "f32"],
+        &[
+            ("--model", &gguf),
+            ("--adapter", &adapter),
+            ("--data", &data),
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert!(v["accuracy"].as_f64().is_some(), "{eval}");
+    let gen = assert_success(&qlora(
+        &[
+            "generate",
+            "--json",
+            "--chat",
+            "--max-new-tokens",
+            "4",
+            "--prompt",
+            "hello",
+        ],
+        &[("--model", &gguf), ("--adapter", &adapter)],
+    ));
+    let v: serde_json::Value = serde_json::from_str(gen.lines().next().unwrap()).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4, "{gen}");
+    // A file that is not GGUF and not a folder is an error naming it.
+    let bogus = dir.join("model.gguf");
+    std::fs::write(&bogus, b"not a model").unwrap();
+    let stderr = assert_clean_failure(&qlora(
+        &["eval", "--json"],
+        &[("--model", &bogus), ("--data", &data)],
+    ));
+    assert!(stderr.contains("model.gguf"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

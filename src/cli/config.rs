@@ -130,7 +130,7 @@ impl std::fmt::Display for DeviceName {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Hugging Face Llama folder (config.json, safetensors, tokenizer files).
+    /// Hugging Face Llama folder (config.json, safetensors, tokenizer files) or llama.cpp GGUF file.
     pub model: Option<PathBuf>,
     /// Training JSONL file.
     pub data: Option<PathBuf>,

@@ -25,8 +25,8 @@ Loss is the mean cross-entropy over the response tokens (as in training), perple
 For multiple-choice data ({\"question\", \"choices\", \"answer\"}) each choice's answer letter\n\
 (\" A\", \" B\", ...) is scored by its log-likelihood after the prompt; the highest wins.")]
 pub struct EvalArgs {
-    /// Hugging Face Llama folder.
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face Llama folder, or a llama.cpp GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: PathBuf,
     /// PEFT LoRA adapter folder (e.g. the adapter/ of a `qlora train` run).
     #[arg(long, value_name = "DIR")]

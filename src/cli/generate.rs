@@ -24,8 +24,8 @@ fn invalid(reason: impl Into<String>) -> Error {
     qlora generate --model ./Llama-3.2-1B --prompts prompts.txt --json\n\n\
 All prompts run as one batch (left-padded). Greedy decoding unless --temperature > 0.")]
 pub struct GenerateArgs {
-    /// Hugging Face Llama folder.
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face Llama folder, or a llama.cpp GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: PathBuf,
     /// PEFT LoRA adapter folder (e.g. the adapter/ of a `qlora train` run).
     #[arg(long, value_name = "DIR")]

@@ -66,8 +66,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Hugging Face Llama folder: config.json, model.safetensors (or shards), tokenizer.json,
-    /// tokenizer_config.json. Plain bf16/f16/f32 or bitsandbytes NF4 pre-quantized.
-    #[arg(long, value_name = "DIR")]
+    /// tokenizer_config.json. Plain bf16/f16/f32 or bitsandbytes NF4 pre-quantized. Or a
+    /// llama.cpp GGUF file (Llama architecture, any GGML type candle reads).
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: Option<PathBuf>,
     /// Training data, JSONL.
     #[arg(long, value_name = "FILE")]
