@@ -1,14 +1,16 @@
 //! The `qlora` binary. With no arguments (or `qlora train --demo`) it runs the built-in demo: QLoRA
 //! on a tiny random NF4 Llama learning a synthetic multiple-choice task on the CPU. `qlora train`,
 //! `eval` and `generate` work on a Hugging Face Llama folder and JSONL data; `quantize` writes
-//! bitsandbytes-format NF4, `merge` folds a LoRA adapter into its base model and `plan` plans a
-//! training step's device memory, and `bench` measures the kernels (GPU) and a training step (CPU).
+//! bitsandbytes-format NF4, `merge` folds a LoRA adapter into its base model, `convert` writes a
+//! GGUF model as a Hugging Face folder, `plan` plans a training step's device memory, and `bench`
+//! measures the kernels (GPU) and a training step (CPU).
 //! Each subcommand's Args struct and `run` live in src/cli/.
 
 mod demo;
 
 use clap::{Parser, Subcommand};
 use qlora::cli::bench::BenchArgs;
+use qlora::cli::convert::ConvertArgs;
 use qlora::cli::eval::EvalArgs;
 use qlora::cli::generate::GenerateArgs;
 use qlora::cli::merge::MergeArgs;
@@ -52,6 +54,7 @@ enum Command {
     // Help text: the doc comments and `long_about` of the Args structs in src/cli/.
     Quantize(QuantizeArgs),
     Merge(MergeArgs),
+    Convert(ConvertArgs),
     /// Plan the device memory of a QLoRA training step, by category, against a budget.
     Plan(PlanArgs),
     /// Measure the kernels on the GPU (`bench kernels`) or a training step on the CPU
@@ -106,6 +109,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Generate(args)) => qlora::cli::generate::run(&args),
         Some(Command::Quantize(args)) => qlora::cli::quantize::run(&args),
         Some(Command::Merge(args)) => qlora::cli::merge::run(&args),
+        Some(Command::Convert(args)) => qlora::cli::convert::run(&args),
         Some(Command::Plan(args)) => qlora::cli::plan::run(&args),
         Some(Command::Bench(args)) => qlora::cli::bench::run(&args),
     };

@@ -1186,8 +1186,8 @@ fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
             ("--data", &data),
         ],
     ));
-    let v: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
-    assert!(v["accuracy"].as_f64().is_some(), "{eval}");
+    let scores: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert!(scores["accuracy"].as_f64().is_some(), "{eval}");
     let gen = assert_success(&qlora(
         &[
             "generate",
@@ -1202,6 +1202,20 @@ fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
     ));
     let v: serde_json::Value = serde_json::from_str(gen.lines().next().unwrap()).unwrap();
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 4, "{gen}");
+    // convert writes a folder that eval reads as it reads the GGUF file.
+    let hf = dir.join("hf");
+    assert_success(&qlora(
+        &["convert", "--dtype", "f32"],
+        &[("--gguf", &gguf), ("--output", &hf)],
+    ));
+    let from_folder = assert_success(&qlora(
+        &["eval", "--json", "--compute-dtype", "f32"],
+        &[("--model", &hf), ("--adapter", &adapter), ("--data", &data)],
+    ));
+    let w: serde_json::Value = serde_json::from_str(from_folder.trim()).unwrap();
+    for key in ["loss", "accuracy", "label_tokens"] {
+        assert_eq!(w[key], scores[key], "{key}: {from_folder} vs {eval}");
+    }
     // A file that is not GGUF and not a folder is an error naming it.
     let bogus = dir.join("model.gguf");
     std::fs::write(&bogus, b"not a model").unwrap();

@@ -618,3 +618,60 @@ fn row_logsumexp(logits: &Tensor) -> Tensor {
         .collect();
     Tensor::from_vec(out, rows, &Device::Cpu).unwrap()
 }
+
+#[test]
+fn converted_folder_loads_as_the_gguf_file_does() {
+    // `write_hf_folder` (qlora convert): the folder's config, weights and tokenizer give what the
+    // GGUF file gives: equal configs, bit-identical f32 logits, the same token ids and chat text.
+    let file = tiny();
+    let out = std::env::temp_dir().join(format!("qlora-gguf-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let written = file
+        .write_hf_folder(&out, qlora::model::TorchDtype::F32, 60_000)
+        .unwrap();
+    assert!(written.files.len() > 1, "60 KB shards: an index and shards");
+    assert!(out.join("model.safetensors.index.json").is_file());
+    let config = file.config().unwrap();
+    let folder_config = LlamaConfig::from_file(out.join("config.json")).unwrap();
+    assert_eq!(
+        folder_config,
+        LlamaConfig {
+            torch_dtype: Some(qlora::model::TorchDtype::F32),
+            ..config.clone()
+        }
+    );
+    let ids = tensors()["input_ids"].to_dtype(DType::U32).unwrap();
+    let from_gguf = LlamaModel::new(
+        config.clone(),
+        LlamaWeights::load_gguf(&file, &config, &f32_options()).unwrap(),
+    )
+    .unwrap()
+    .forward(&ids, None)
+    .unwrap();
+    let from_folder = LlamaModel::new(
+        folder_config.clone(),
+        LlamaWeights::load(&out, &folder_config, &f32_options()).unwrap(),
+    )
+    .unwrap()
+    .forward(&ids, None)
+    .unwrap();
+    assert!(values(&from_gguf)
+        .iter()
+        .zip(values(&from_folder))
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let (a, b) = (
+        file.tokenizer().unwrap(),
+        qlora::model::tokenizer::Tokenizer::from_dir(&out).unwrap(),
+    );
+    for case in expected()["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            a.encode(text, true).unwrap(),
+            b.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(a.eos(), b.eos());
+    assert_eq!(a.chat_template(), b.chat_template());
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod eval;
 pub mod generate;
 pub mod merge;

@@ -48,6 +48,31 @@ impl TorchDtype {
             Self::BF16 => candle_core::DType::BF16,
         }
     }
+
+    /// The safetensors dtype.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F16 => safetensors::Dtype::F16,
+            Self::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this dtype, each rounded to nearest even as torch's
+    /// `.to()` rounds.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::BF16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            Self::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
 }
 
 /// How RoPE frequencies are rescaled (`rope_type`).

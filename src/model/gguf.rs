@@ -20,7 +20,10 @@ use serde_json::{json, Map, Value as Json};
 use crate::error::without_backtrace;
 use crate::hf::checkpoint::map_file;
 use crate::hf::file::check_finite_f32;
-use crate::model::config::LlamaConfig;
+use crate::hf::folder::{
+    prepare_output_dir, write_checkpoint, write_config, OutTensor, WrittenCheckpoint,
+};
+use crate::model::config::{checkpoint_tensor_names, torch_dtype_name, LlamaConfig, TorchDtype};
 use crate::model::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -466,6 +469,80 @@ impl GgufFile {
         })
     }
 
+    /// Writes this model as a Hugging Face folder in `out`: the tensors dequantized (Q/K rows in
+    /// Hugging Face order) as `dtype` in `model.safetensors` or shards of at most
+    /// `max_shard_bytes`, `config.json` ([`Self::config_json`] with `architectures`,
+    /// `torch_dtype`), `tokenizer.json` ([`Self::tokenizer`]'s pipeline) and
+    /// `tokenizer_config.json` (special tokens and the chat template). One tensor is in memory
+    /// at a time.
+    pub fn write_hf_folder(
+        &self,
+        out: &Path,
+        dtype: TorchDtype,
+        max_shard_bytes: u64,
+    ) -> Result<WrittenCheckpoint> {
+        let config = self.config()?;
+        let parts = self.tokenizer_parts()?;
+        let tokenizer =
+            tokenizer_json(&parts).map_err(|e| self.corrupt(format!("tokenizer: {e}")))?;
+        let mut config_json = self.config_json()?;
+        config_json.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        config_json.insert("torch_dtype".into(), json!(torch_dtype_name(dtype)));
+        let mut parameters = 0u64;
+        let tensors: Vec<OutTensor<'_>> = checkpoint_tensor_names(&config)
+            .into_iter()
+            .map(|name| {
+                let shape = hf_tensor_shape(&config, &name);
+                parameters += shape.iter().product::<usize>() as u64;
+                let (config, key) = (&config, name.clone());
+                let produce_shape = shape.clone();
+                OutTensor {
+                    name,
+                    dtype: dtype.safetensors(),
+                    shape,
+                    produce: Box::new(move || {
+                        Ok(dtype.encode(&self.tensor_f32(&key, &produce_shape, config)?))
+                    }),
+                }
+            })
+            .collect();
+        prepare_output_dir(out, &[self.path.as_path()])?;
+        let written = write_checkpoint(out, tensors, max_shard_bytes, parameters)?;
+        write_config(out, &config_json)?;
+        let text = |t: Option<u32>| t.map(|i| parts.tokens[i as usize]);
+        let mut tok_config = Map::new();
+        tok_config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        for (key, id) in [
+            ("bos_token", parts.bos),
+            ("eos_token", parts.eos),
+            ("pad_token", parts.pad),
+            ("unk_token", parts.unk),
+        ] {
+            if let Some(t) = text(id) {
+                tok_config.insert(key.into(), json!(t));
+            }
+        }
+        tok_config.insert("add_bos_token".into(), json!(parts.add_bos));
+        tok_config.insert("clean_up_tokenization_spaces".into(), json!(false));
+        tok_config.insert(
+            "model_max_length".into(),
+            json!(config.max_position_embeddings),
+        );
+        if let Some(t) = parts.chat_template {
+            tok_config.insert("chat_template".into(), json!(t));
+        }
+        for (name, value) in [
+            ("tokenizer.json", tokenizer),
+            ("tokenizer_config.json", Json::Object(tok_config)),
+        ] {
+            let path = out.join(name);
+            let text = serde_json::to_string_pretty(&value)
+                .map_err(|e| Error::encode(path.display().to_string(), e))?;
+            std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(written)
+    }
+
     /// The names and GGML types of every tensor, sorted by name.
     pub fn tensor_types(&self) -> Vec<(String, String)> {
         let mut out: Vec<_> = self
@@ -647,4 +724,23 @@ pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The shape transformers gives the Llama tensor `name` (a name of [`checkpoint_tensor_names`]).
+pub fn hf_tensor_shape(c: &LlamaConfig, name: &str) -> Vec<usize> {
+    let (h, m) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    match module.rsplit('.').next().unwrap_or(module) {
+        "embed_tokens" | "lm_head" => vec![c.vocab_size, h],
+        "q_proj" => vec![q, h],
+        "k_proj" | "v_proj" => vec![kv, h],
+        "o_proj" => vec![h, q],
+        "gate_proj" | "up_proj" => vec![m, h],
+        "down_proj" => vec![h, m],
+        _ => vec![h],
+    }
 }

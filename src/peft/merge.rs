@@ -96,14 +96,6 @@ pub struct MergeSummary {
     pub report: Option<RequantizeReport>,
 }
 
-fn safetensors_dtype(dtype: TorchDtype) -> Dtype {
-    match dtype {
-        TorchDtype::F32 => Dtype::F32,
-        TorchDtype::F16 => Dtype::F16,
-        TorchDtype::BF16 => Dtype::BF16,
-    }
-}
-
 /// `s·(B·A)` `[out, in]` row-major: the product summed in f32, then scaled, as PEFT's
 /// `get_delta_weight` computes it on the CPU; for a bf16 or f16 adapter (whose A and B it widens
 /// to f32 first) the delta is then rounded back to the adapter's dtype before it is added.
@@ -136,21 +128,6 @@ fn round_to(dtype: TorchDtype, values: &mut [f32]) {
         TorchDtype::F16 => values
             .iter_mut()
             .for_each(|v| *v = f16::from_f32(*v).to_f32()),
-    }
-}
-
-/// Little-endian bytes of `values` (already representable) in `dtype`.
-fn encode(dtype: TorchDtype, values: &[f32]) -> Vec<u8> {
-    match dtype {
-        TorchDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        TorchDtype::BF16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        TorchDtype::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
     }
 }
 
@@ -315,7 +292,7 @@ fn merge(
         let out_name = name.to_string();
         OutTensor {
             name: name.to_string(),
-            dtype: safetensors_dtype(dtype),
+            dtype: dtype.safetensors(),
             shape: shape.clone(),
             produce: Box::new(move || {
                 let mut w: Vec<f32> = match &source {
@@ -350,7 +327,7 @@ fn merge(
                         norm,
                     ));
                 }
-                Ok(encode(dtype, &w))
+                Ok(dtype.encode(&w))
             }),
         }
     };
@@ -453,15 +430,15 @@ fn copied_tensor<'a>(name: &str, view: TensorView<'a>) -> OutTensor<'a> {
 fn converted_tensor<'a>(name: &str, view: TensorView<'a>, dtype: TorchDtype) -> OutTensor<'a> {
     OutTensor {
         name: name.to_string(),
-        dtype: safetensors_dtype(dtype),
+        dtype: dtype.safetensors(),
         shape: view.shape().to_vec(),
         produce: Box::new(move || {
-            if view.dtype() == safetensors_dtype(dtype) {
+            if view.dtype() == dtype.safetensors() {
                 return Ok(view.data().to_vec()); // the round trip through f32 is the identity
             }
             let mut values: Vec<f32> = widen(view.dtype(), view.data()).collect();
             round_to(dtype, &mut values);
-            Ok(encode(dtype, &values))
+            Ok(dtype.encode(&values))
         }),
     }
 }
