@@ -744,3 +744,100 @@ fn a_bf16_adapters_delta_is_rounded_to_bf16_as_peft_does_on_the_cpu() {
     let exact = lora_delta(&pair(DType::F32), scaling).unwrap();
     assert!(exact.iter().any(|&v| half::bf16::from_f32(v).to_f32() != v));
 }
+
+/// A copy of the fixture adapter `name` with a `qlora_base.json` saying it trained against the
+/// base quantized to NF4 on load in `from` (what `qlora train --quantize nf4` writes).
+fn adapter_trained_on_nf4(name: &str, from: &str) -> PathBuf {
+    use qlora::peft::base_record::{BaseLinears, BaseRecord};
+    let dir = scratch(&format!("adapter-{name}-{from}"));
+    for entry in fs::read_dir(adapter_dir(name)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    BaseRecord {
+        linears: BaseLinears::Nf4OnLoad,
+        blocksize: Some(64),
+        double_quant: Some(true),
+        quantized_from: Some(from.to_string()),
+        model: "base".to_string(),
+    }
+    .write(&dir)
+    .unwrap();
+    dir
+}
+
+#[test]
+fn an_adapter_trained_on_nf4_merges_into_the_nf4_weights_it_trained_against() {
+    // The QLoRA model a run trained: the dense base quantized on load (f32), plus the adapter.
+    // Merged by default (into the weights training saw), the merged model alone gives its
+    // logits; merged into the original dense weights, it is further off and says so.
+    use qlora::peft::merge::BaseWeights;
+    let recorded = adapter_trained_on_nf4("r4_all", "float32");
+    let adapter = LoraAdapter::load_pretrained(&recorded, &Device::Cpu).unwrap();
+    let trained = common::llama::load("base", DType::F32, true);
+    let want = logits(&trained, Some(&adapter));
+
+    let out = scratch("trained-base");
+    let summary = merge_adapter_dir(
+        fixture_dir("base"),
+        &recorded,
+        &out,
+        &options(TorchDtype::F32),
+    )
+    .unwrap();
+    assert_eq!(
+        summary.requantized_modules, 14,
+        "every dense linear of the base"
+    );
+    assert!(summary.record.is_some() && summary.original_vs_trained.is_none());
+    let got = logits(&load_model(&out, DType::F32), None);
+    let on_trained = max_abs_diff(&got, &want);
+    println!("merged into the NF4 weights vs the QLoRA model, max |Δlogit| {on_trained:.3e}");
+    check(
+        Op::MergedLogits,
+        Dtype::F32,
+        &got,
+        &want,
+        "merge into NF4 weights",
+    );
+
+    let out_original = scratch("original-base");
+    let summary = merge_adapter_dir(
+        fixture_dir("base"),
+        &recorded,
+        &out_original,
+        &MergeOptions {
+            base_weights: BaseWeights::Original,
+            ..options(TorchDtype::F32)
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.requantized_modules, 0);
+    let change = summary.original_vs_trained.unwrap();
+    println!(
+        "original vs NF4 weights: {:.2}% relative RMS",
+        100.0 * change
+    );
+    assert!(change > 0.01 && change < 0.5, "{change}");
+    let got = logits(&load_model(&out_original, DType::F32), None);
+    let on_original = max_abs_diff(&got, &want);
+    println!("merged into the original weights vs the QLoRA model, max |Δlogit| {on_original:.3e}");
+    assert!(
+        on_original > 100.0 * on_trained.max(1e-6),
+        "{on_original} vs {on_trained}"
+    );
+
+    // Without a record, the merge takes the base as stored (a PEFT adapter, say).
+    let out_plain = scratch("no-record");
+    let summary = merge_adapter_dir(
+        fixture_dir("base"),
+        adapter_dir("r4_all"),
+        &out_plain,
+        &options(TorchDtype::F32),
+    )
+    .unwrap();
+    assert!(summary.record.is_none() && summary.requantized_modules == 0);
+    for d in [out, out_original, out_plain, recorded] {
+        fs::remove_dir_all(d).unwrap();
+    }
+}

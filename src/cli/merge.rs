@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use crate::hf::folder::parse_size;
 use crate::model::config::TorchDtype;
-use crate::peft::merge::{merge_adapter_dir, MergeOptions, RequantizeReport};
+use crate::peft::base_record::BASE_RECORD_FILE;
+use crate::peft::merge::{merge_adapter_dir, BaseWeights, MergeOptions, RequantizeReport};
 use crate::{Error, Result};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -75,6 +76,20 @@ pub struct MergeArgs {
     /// printed and written to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub requantize_report: Option<PathBuf>,
+    /// The base weights to merge into. `trained` (default): those the adapter trained against,
+    /// from its qlora_base.json: an adapter trained on NF4 quantized on load is merged into the
+    /// dense base quantized and dequantized exactly as training loaded it, which keeps what the
+    /// adapter learned. `original`: the dense weights as stored (prints how far they are from
+    /// what the adapter trained against).
+    #[arg(long, value_enum, default_value = "trained")]
+    pub base_weights: BaseWeightsArg,
+}
+
+/// `--base-weights`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseWeightsArg {
+    Trained,
+    Original,
 }
 
 /// Runs `qlora merge`.
@@ -83,6 +98,10 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         dtype: args.dtype.torch(),
         max_shard_bytes: args.max_shard_size,
         requantize_report: args.requantize_report.is_some(),
+        base_weights: match args.base_weights {
+            BaseWeightsArg::Trained => BaseWeights::Trained,
+            BaseWeightsArg::Original => BaseWeights::Original,
+        },
     };
     let t0 = Instant::now();
     let s = merge_adapter_dir(&args.base, &args.adapter, &args.output, &options)?;
@@ -99,6 +118,27 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         s.files.len(),
         t0.elapsed().as_secs_f64()
     );
+    match (&s.record, s.original_vs_trained) {
+        (None, _) => println!(
+            "the adapter has no {BASE_RECORD_FILE}: merged into the base weights as stored"
+        ),
+        (Some(r), None) if s.requantized_modules > 0 => println!(
+            "the adapter trained against NF4 quantized on load (blocks of {}, from {}): {} dense \
+             linears quantized and dequantized as training loaded them before merging \
+             (--base-weights original merges into the stored weights)",
+            r.blocksize.unwrap_or_default(),
+            r.quantized_from.as_deref().unwrap_or("?"),
+            s.requantized_modules
+        ),
+        (Some(r), None) => println!("the adapter trained against {:?} base linears", r.linears),
+        (Some(_), Some(change)) => eprintln!(
+            "warning: the adapter trained against NF4 weights, and the original weights it is \
+             merged into differ from them by {:.2}% (relative RMS over the merged linears); \
+             what it learned may not carry over (drop --base-weights original to merge into \
+             the weights it trained against)",
+            100.0 * change
+        ),
+    }
     for f in &s.files {
         println!("wrote {}", f.display());
     }

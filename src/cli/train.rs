@@ -20,6 +20,8 @@ use crate::cli::config::{
 };
 use crate::cli::{check_format, load_model, progress_style};
 use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::NF4_LOAD_BLOCKSIZE;
+use crate::peft::base_record::{BaseLinears, BaseRecord};
 use crate::peft::LoraAdapter;
 use crate::train::checkpoint::{
     find_latest_checkpoint, load_checkpoint_with, save_checkpoint, DataPosition, OptimizerState,
@@ -568,6 +570,8 @@ impl Run<'_> {
             model.device(),
             config.seed,
         )?;
+        let base_record = base_record(config, model);
+        let base_record = &base_record;
         let fresh = Trainer::new(
             model,
             adapter,
@@ -722,6 +726,7 @@ impl Run<'_> {
                     rng_state: state.rng_state,
                 };
                 let path = save_checkpoint(output, trainer, &train_state, config.keep_last)?;
+                base_record.write(&path)?;
                 bar.suspend(|| println!("saved {}", path.display()));
             }
             Ok(())
@@ -733,13 +738,15 @@ impl Run<'_> {
 
         let adapter_dir = output.join(ADAPTER_DIR);
         trainer.adapter().save_pretrained(&adapter_dir)?;
+        base_record.write(&adapter_dir)?;
         let final_state = TrainState {
             step: total_steps,
             data_position: stream.position,
             rng_state: state.rng_state,
         };
         if config.save_steps > 0 {
-            save_checkpoint(output, &trainer, &final_state, config.keep_last)?;
+            let path = save_checkpoint(output, &trainer, &final_state, config.keep_last)?;
+            base_record.write(&path)?;
         }
         let svg = write_loss_curve(
             output,
@@ -773,5 +780,32 @@ impl Run<'_> {
         );
         println!("done in {:.1} s", started.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+/// What the adapter of this run trains against (written as the adapter's `qlora_base.json`).
+fn base_record(config: &TrainConfig, model: &crate::model::llama::LlamaModel) -> BaseRecord {
+    let linears = match (model.config().quantization.is_some(), config.quantize) {
+        (true, _) => BaseLinears::Nf4Stored,
+        (false, Quantize::Nf4) => BaseLinears::Nf4OnLoad,
+        (false, Quantize::None) => BaseLinears::Dense,
+    };
+    let on_load = linears == BaseLinears::Nf4OnLoad;
+    BaseRecord {
+        linears,
+        blocksize: on_load.then_some(NF4_LOAD_BLOCKSIZE),
+        double_quant: on_load.then_some(true),
+        quantized_from: on_load.then(|| {
+            match config.compute_dtype {
+                ComputeDtype::Bf16 => "bfloat16",
+                ComputeDtype::F32 => "float32",
+            }
+            .to_string()
+        }),
+        model: config
+            .model
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
     }
 }

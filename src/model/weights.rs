@@ -248,6 +248,38 @@ enum Source<'a> {
     Gguf(&'a GgufFile),
 }
 
+/// Quantize-on-load of one linear's values (already in the load dtype): blocks of
+/// [`NF4_LOAD_BLOCKSIZE`], double quant, as bitsandbytes quantizes the tensor
+/// `from_pretrained(torch_dtype=...)` loaded.
+fn quantize_host(values: HostValues, shape: &[usize]) -> Result<Nf4Tensor> {
+    let (bs, dq) = (NF4_LOAD_BLOCKSIZE, true);
+    Ok(match values {
+        HostValues::F32(v) => Nf4Tensor::quantize(&v, shape, bs, dq)?,
+        HostValues::BF16(v) => Nf4Tensor::quantize_bf16(&v, shape, bs, dq)?,
+        HostValues::F16(v) => {
+            // f16 widens to f32 exactly, so this is bitsandbytes quantizing the f16 tensor.
+            let widened: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            drop(v);
+            let mut t = Nf4Tensor::quantize(&widened, shape, bs, dq)?;
+            t.dtype = "float16".to_string();
+            t
+        }
+    })
+}
+
+/// The NF4 weight quantize-on-load makes of a linear whose stored values are `values` (widened to
+/// f32) when the model loads in `dtype`: the codes and scales a training run with that dtype
+/// trained against (what `qlora merge` merges into by default).
+pub fn quantize_as_loaded(values: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Nf4Tensor> {
+    check_load_dtype(dtype)?;
+    let host = match dtype {
+        DType::F16 => HostValues::F16(values.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => HostValues::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        _ => HostValues::F32(values),
+    };
+    quantize_host(host, shape)
+}
+
 struct Loader<'a, 'c> {
     source: Source<'a>,
     config: &'c LlamaConfig,
@@ -338,20 +370,10 @@ impl Loader<'_, '_> {
         if !self.options.quantize {
             return Ok(Linear::Dense(self.dense(&key, &shape)?));
         }
-        let (bs, dq) = (NF4_LOAD_BLOCKSIZE, true);
-        let t = match self.values(&key, &shape)? {
-            HostValues::F32(v) => Nf4Tensor::quantize(&v, &shape, bs, dq)?,
-            HostValues::BF16(v) => Nf4Tensor::quantize_bf16(&v, &shape, bs, dq)?,
-            HostValues::F16(v) => {
-                // f16 widens to f32 exactly, so this is bitsandbytes quantizing the f16 tensor.
-                let widened: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-                drop(v);
-                let mut t = Nf4Tensor::quantize(&widened, &shape, bs, dq)?;
-                t.dtype = "float16".to_string();
-                t
-            }
-        };
-        Ok(Linear::Nf4(t))
+        Ok(Linear::Nf4(quantize_host(
+            self.values(&key, &shape)?,
+            &shape,
+        )?))
     }
 
     /// A linear stored NF4 by bitsandbytes, as stored.

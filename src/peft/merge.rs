@@ -19,7 +19,8 @@ use crate::hf::folder::{
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
-use crate::model::weights::{is_linear, NF4_LOAD_BLOCKSIZE};
+use crate::model::weights::{is_linear, quantize_as_loaded, NF4_LOAD_BLOCKSIZE};
+use crate::peft::base_record::{BaseLinears, BaseRecord, BASE_RECORD_FILE};
 use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
 use crate::quant::bnb::{nf4_from_safetensors, weight_key, QUANT_STATE_SUFFIX};
 use crate::quant::nf4::Nf4Tensor;
@@ -34,6 +35,20 @@ pub struct MergeOptions {
     pub max_shard_bytes: u64,
     /// Measure what re-quantizing each merged linear to NF4 would cost (see [`RequantizeReport`]).
     pub requantize_report: bool,
+    /// Which base weights a dense base's linears are merged into when the adapter's
+    /// [`BaseRecord`] says it trained against NF4 quantized on load.
+    pub base_weights: BaseWeights,
+}
+
+/// The base weights an adapter is merged into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BaseWeights {
+    /// Those the adapter was trained against ([`BaseRecord`]): a dense base quantized to NF4
+    /// and dequantized exactly as the training run's loader did, when it trained on NF4.
+    #[default]
+    Trained,
+    /// The base folder's weights as stored, whatever the adapter trained against.
+    Original,
 }
 
 impl Default for MergeOptions {
@@ -43,6 +58,7 @@ impl Default for MergeOptions {
             dtype: TorchDtype::BF16,
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             requantize_report: false,
+            base_weights: BaseWeights::Trained,
         }
     }
 }
@@ -94,6 +110,13 @@ pub struct MergeSummary {
     /// Tokenizer and generation files copied from the base.
     pub copied_files: Vec<String>,
     pub report: Option<RequantizeReport>,
+    /// What the adapter's [`BaseRecord`] says it trained against (`None`: no record).
+    pub record: Option<BaseRecord>,
+    /// Dense linears merged into their NF4-on-load form (the default for an adapter trained so).
+    pub requantized_modules: usize,
+    /// With [`BaseWeights::Original`] on an adapter trained against NF4: the relative RMS
+    /// difference between the merged linears' original weights and the NF4 weights training saw.
+    pub original_vs_trained: Option<f64>,
 }
 
 /// `s·(B·A)` `[out, in]` row-major: the product summed in f32, then scaled, as PEFT's
@@ -191,11 +214,13 @@ pub fn merge_adapter_dir(
         ));
     }
     let adapter = LoraAdapter::load_pretrained(adapter_dir, &Device::Cpu)?;
+    let record = BaseRecord::read(adapter_dir)?;
     merge(
         base_dir.as_ref(),
         &adapter,
         out_dir.as_ref(),
         options,
+        record,
         &[adapter_dir],
     )
 }
@@ -214,7 +239,14 @@ pub fn merge_adapter(
     out_dir: impl AsRef<Path>,
     options: &MergeOptions,
 ) -> Result<MergeSummary> {
-    merge(base_dir.as_ref(), adapter, out_dir.as_ref(), options, &[])
+    merge(
+        base_dir.as_ref(),
+        adapter,
+        out_dir.as_ref(),
+        options,
+        None,
+        &[],
+    )
 }
 
 fn merge(
@@ -222,9 +254,42 @@ fn merge(
     adapter: &LoraAdapter,
     out_dir: &Path,
     options: &MergeOptions,
+    record: Option<BaseRecord>,
     other_inputs: &[&Path],
 ) -> Result<MergeSummary> {
     let folder = ModelFolder::open(base_dir)?;
+    // The load dtype in which a dense linear is quantized to rebuild the NF4 weights training
+    // saw, for an adapter whose record says it trained on NF4 quantized on load.
+    let trained_nf4 = match &record {
+        Some(r) if r.linears == BaseLinears::Nf4OnLoad => {
+            if r.blocksize != Some(NF4_LOAD_BLOCKSIZE) || r.double_quant == Some(false) {
+                return Err(Error::AdapterConfig {
+                    field: "blocksize",
+                    reason: format!(
+                        "{BASE_RECORD_FILE} records NF4 blocks of {:?}, double quant {:?}; qlora \
+                         quantizes on load in blocks of {NF4_LOAD_BLOCKSIZE} with double quant",
+                        r.blocksize, r.double_quant
+                    ),
+                });
+            }
+            Some(match r.quantized_from.as_deref() {
+                Some("bfloat16") => DType::BF16,
+                Some("float16") => DType::F16,
+                Some("float32") => DType::F32,
+                other => {
+                    return Err(Error::AdapterConfig {
+                        field: "quantized_from",
+                        reason: format!("{other:?} in {BASE_RECORD_FILE} is not a float dtype"),
+                    })
+                }
+            })
+        }
+        _ => None,
+    };
+    let requantize_in = trained_nf4.filter(|_| options.base_weights == BaseWeights::Trained);
+    let compare_in = trained_nf4.filter(|_| options.base_weights == BaseWeights::Original);
+    let requantized = RefCell::new(0usize);
+    let change = RefCell::new((0f64, 0f64));
     let (mut raw_config, config) = read_folder_config(&folder)?;
     adapter.check_fits(&config).map_err(|e| match e {
         Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
@@ -286,6 +351,7 @@ fn merge(
     let want_report = options.requantize_report;
     let checkpoint = &checkpoint;
     let report_ref = &report;
+    let (requantized_ref, change_ref) = (&requantized, &change);
     let linear_tensor = |name: &str, source: BaseLinear, shape: Vec<usize>| -> OutTensor<'_> {
         let prefix = name.trim_end_matches(".weight").to_string();
         let pair = targets.get(&prefix).copied();
@@ -301,7 +367,25 @@ fn merge(
                     }
                     BaseLinear::Dense(key) => {
                         let view = checkpoint.view(key)?;
-                        widen(view.dtype(), view.data()).collect()
+                        let w: Vec<f32> = widen(view.dtype(), view.data()).collect();
+                        match requantize_in {
+                            Some(dtype) => {
+                                *requantized_ref.borrow_mut() += 1;
+                                quantize_as_loaded(w, &shape, dtype)?.dequantize_original()?
+                            }
+                            None if compare_in.is_some() => {
+                                let dtype = compare_in.unwrap_or(DType::F32);
+                                let q = quantize_as_loaded(w.clone(), &shape, dtype)?
+                                    .dequantize_original()?;
+                                let mut c = change_ref.borrow_mut();
+                                for (a, b) in w.iter().zip(&q) {
+                                    c.0 += f64::from(a - b).powi(2);
+                                    c.1 += f64::from(*b).powi(2);
+                                }
+                                w
+                            }
+                            None => w,
+                        }
                     }
                 };
                 if let Some(pair) = pair {
@@ -410,6 +494,12 @@ fn merge(
         nf4_modules: nf4_prefixes.len(),
         copied_files,
         report,
+        record,
+        requantized_modules: requantized.into_inner(),
+        original_vs_trained: compare_in.map(|_| {
+            let (diff, norm) = change.into_inner();
+            relative(diff, norm)
+        }),
     })
 }
 

@@ -3,6 +3,7 @@
 //! forward delta and the PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`);
 //! `merge` folds an adapter into its base model and writes the merged model folder.
 
+pub mod base_record;
 pub mod lora;
 pub mod merge;
 
