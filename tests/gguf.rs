@@ -231,44 +231,30 @@ fn metadata(c: &LlamaConfig) -> Vec<(String, Value)> {
     let tokens: Vec<Value> = (0..c.vocab_size)
         .map(|i| Value::String(char::from(b'!' + i as u8).to_string()))
         .collect();
-    vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        (
-            "llama.embedding_length".into(),
-            Value::U32(c.hidden_size as u32),
-        ),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(c.intermediate_size as u32),
-        ),
-        (
-            "llama.block_count".into(),
-            Value::U32(c.num_hidden_layers as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(c.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(c.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(c.rms_norm_eps as f32),
-        ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(c.rope_theta as f32),
-        ),
-        (
-            "llama.context_length".into(),
-            Value::U32(c.max_position_embeddings as u32),
-        ),
+    let mut meta: Vec<(String, Value)> =
+        vec![("general.architecture".into(), Value::String("llama".into()))];
+    for (key, n) in [
+        ("llama.embedding_length", c.hidden_size),
+        ("llama.feed_forward_length", c.intermediate_size),
+        ("llama.block_count", c.num_hidden_layers),
+        ("llama.attention.head_count", c.num_attention_heads),
+        ("llama.attention.head_count_kv", c.num_key_value_heads),
+        ("llama.context_length", c.max_position_embeddings),
+    ] {
+        meta.push((key.into(), Value::U32(n as u32)));
+    }
+    for (key, x) in [
+        ("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+        ("llama.rope.freq_base", c.rope_theta),
+    ] {
+        meta.push((key.into(), Value::F32(x as f32)));
+    }
+    meta.extend([
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
-    ]
+    ]);
+    meta
 }
 
 /// Writes `weights` of `c` as a GGUF file: Q/K rows permuted as llama.cpp does, each linear in

@@ -689,26 +689,18 @@ fn tokenizer_json(t: &GgufTokenizer<'_>) -> std::result::Result<Json, String> {
 /// llama.cpp stores row `2t + s` what Hugging Face stores at row `s·head_dim/2 + t` (the two
 /// rotary halves interleaved).
 pub fn unpermute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
-    let (rows, cols) = (shape[0], shape[1]);
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for t in 0..half {
-                let hf = h * head_dim + s * half + t;
-                let gg = h * head_dim + 2 * t + s;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&values[gg * cols..(gg + 1) * cols]);
-            }
-        }
-    }
-    out
+    move_rows(values, shape, heads, true)
 }
 
 /// llama.cpp's permutation of a Hugging Face Q or K projection (the inverse of
 /// [`unpermute_rows`]), as its converter writes GGUF files.
 pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+    move_rows(values, shape, heads, false)
+}
+
+/// Row `2t + s` of each head (llama.cpp) to row `s·head_dim/2 + t` (Hugging Face) when `to_hf`,
+/// else the other way.
+fn move_rows(values: &[f32], shape: &[usize], heads: usize, to_hf: bool) -> Vec<f32> {
     let (rows, cols) = (shape[0], shape[1]);
     let head_dim = rows / heads;
     let half = head_dim / 2;
@@ -718,8 +710,9 @@ pub fn permute_rows(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
             for t in 0..half {
                 let hf = h * head_dim + s * half + t;
                 let gg = h * head_dim + 2 * t + s;
-                out[gg * cols..(gg + 1) * cols]
-                    .copy_from_slice(&values[hf * cols..(hf + 1) * cols]);
+                let (to, from) = if to_hf { (hf, gg) } else { (gg, hf) };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
             }
         }
     }
