@@ -1226,3 +1226,47 @@ fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
     assert!(stderr.contains("model.gguf"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn jsonl_prompts_hold_multiline_text_and_conversations() {
+    let dir = temp_dir("jsonl-prompts");
+    let model_dir = write_model(&dir);
+    let ids_of = |args: &[&str], paths: &[(&str, &Path)]| -> Vec<Vec<u32>> {
+        let mut all = vec![
+            "generate",
+            "--json",
+            "--max-new-tokens",
+            "5",
+            "--compute-dtype",
+            "f32",
+        ];
+        all.extend_from_slice(args);
+        let mut with_model = vec![("--model", model_dir.as_path())];
+        with_model.extend_from_slice(paths);
+        assert_success(&qlora(&all, &with_model))
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::from_value(v["token_ids"].clone()).unwrap()
+            })
+            .collect()
+    };
+    let file = dir.join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "\"red cat\\nthe blue moon\"\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"red cat\"}]}\n",
+    )
+    .unwrap();
+    let from_file = ids_of(&[], &[("--prompts", &file)]);
+    let text = ids_of(&["--prompt", "red cat\nthe blue moon"], &[]);
+    let chat = ids_of(&["--chat", "--prompt", "red cat"], &[]);
+    assert_eq!(from_file, vec![text[0].clone(), chat[0].clone()]);
+    // A line that is neither is an error naming the file and line.
+    std::fs::write(&file, "\"ok\"\n{\"prompt\": 3}\n").unwrap();
+    let stderr = assert_clean_failure(&qlora(
+        &["generate"],
+        &[("--model", &model_dir), ("--prompts", &file)],
+    ));
+    assert!(stderr.contains("prompts.jsonl:2"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -33,7 +33,10 @@ pub struct GenerateArgs {
     /// A prompt; repeat the flag for several.
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// A file of prompts, one per line (blank lines skipped).
+    /// A file of prompts. Plain text: one prompt per line (blank lines skipped). `.jsonl`: one
+    /// JSON value per line, a string (a prompt, `\n` for newlines) or `{"messages": [{"role",
+    /// "content"}, ...]}` (a conversation, rendered by the chat template with the assistant
+    /// generation prompt).
     #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
     /// Render each prompt as a user message with the tokenizer's chat template (and the
@@ -67,16 +70,53 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// The prompts of `args`: the `--prompt` flags, then the lines of `--prompts`.
-fn collect_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
-    let mut prompts = args.prompt.clone();
+/// One prompt: text (rendered as a user message with `--chat`), or a whole conversation.
+#[derive(Clone, Debug, PartialEq)]
+enum Prompt {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// A `.jsonl` prompts line: a JSON string or `{"messages": [...]}`.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum PromptLine {
+    Text(String),
+    Chat { messages: Vec<ChatMessage> },
+}
+
+/// The prompts of `args`: the `--prompt` flags, then those of `--prompts` (see its help).
+fn collect_prompts(args: &GenerateArgs) -> Result<Vec<Prompt>> {
+    let mut prompts: Vec<Prompt> = args.prompt.iter().cloned().map(Prompt::Text).collect();
     if let Some(path) = &args.prompts {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        prompts.extend(
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_string),
-        );
+        let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            if !jsonl {
+                prompts.push(Prompt::Text(line.to_string()));
+                continue;
+            }
+            let bad = |reason: String| Error::Dataset {
+                path: path.clone(),
+                line: i + 1,
+                reason,
+            };
+            let parsed: PromptLine = serde_json::from_str(line).map_err(|e| {
+                bad(format!(
+                    "not a JSON string or {{\"messages\": [...]}} object ({e})"
+                ))
+            })?;
+            prompts.push(match parsed {
+                PromptLine::Text(t) => Prompt::Text(t),
+                PromptLine::Chat { messages } if messages.is_empty() => {
+                    return Err(bad("`messages` is empty".into()))
+                }
+                PromptLine::Chat { messages } => Prompt::Chat(messages),
+            });
+        }
     }
     if prompts.is_empty() {
         return Err(invalid(
@@ -110,7 +150,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let tokenizer = &loaded.tokenizer;
     let ids = prompts
         .iter()
-        .map(|p| encode_prompt(tokenizer, p, args.chat))
+        .map(|p| match p {
+            Prompt::Text(t) => encode_prompt(tokenizer, t, args.chat),
+            Prompt::Chat(messages) => {
+                let text = tokenizer.apply_chat_template(messages, true)?;
+                tokenizer.encode(&text, false)
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut stop = loaded.model.config().eos_token_ids.clone();
     if let Some(eos) = tokenizer.eos() {
@@ -138,6 +184,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             false => &new_ids[..],
         };
         let completion = tokenizer.decode(text_ids, true)?;
+        let prompt = match prompt {
+            Prompt::Text(t) => json!(t),
+            Prompt::Chat(messages) => json!(messages
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>()),
+        };
         if args.json {
             let line = json!({
                 "prompt": prompt,
@@ -147,7 +200,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             });
             println!("{line}");
         } else {
-            println!("--- prompt: {prompt}");
+            match &prompt {
+                serde_json::Value::String(t) => println!("--- prompt: {t}"),
+                other => println!("--- chat: {other}"),
+            }
             println!("{completion}");
             if !stopped {
                 println!("[stopped after {} tokens]", new_ids.len());
