@@ -1173,9 +1173,21 @@ fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
             "--compute-dtype",
             "f32",
         ],
-        &[("--model", &gguf), ("--data", &data), ("--output", &output)],
+        &[
+            ("--model", &gguf),
+            ("--data", &data),
+            ("--eval-data", &data),
+            ("--output", &output),
+        ],
     );
-    assert_success(&out);
+    let train_out = assert_success(&out);
+    // An all-MCQA eval file is scored for accuracy before training and at each eval.
+    assert!(
+        train_out.contains("eval accuracy before training: "),
+        "{train_out}"
+    );
+    let records = read_metrics(&output).unwrap();
+    let final_accuracy = records.last().unwrap().eval_accuracy.unwrap();
     let adapter = output.join("adapter");
     assert!(adapter.join("adapter_model.safetensors").is_file());
     let eval = assert_success(&qlora(
@@ -1187,7 +1199,7 @@ fn a_gguf_file_trains_evaluates_and_generates_like_a_folder() {
         ],
     ));
     let scores: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
-    assert!(scores["accuracy"].as_f64().is_some(), "{eval}");
+    assert_eq!(scores["accuracy"].as_f64(), Some(final_accuracy), "{eval}");
     let gen = assert_success(&qlora(
         &[
             "generate",

@@ -34,6 +34,7 @@ fn record(step: u64, rng: &mut rand::rngs::StdRng) -> StepRecord {
         peak_rss_mib: Some(float()),
         eval_loss: step.is_multiple_of(3).then(&mut float),
         skipped: false,
+        eval_accuracy: step.is_multiple_of(3).then(&mut float),
     }
 }
 

@@ -28,7 +28,8 @@ use crate::train::checkpoint::{
     RngState, TrainState, TRAINER_STATE_FILE,
 };
 use crate::train::data::{load_jsonl, pack, read_records, Dataset, Example};
-use crate::train::eval::evaluate_loss;
+use crate::train::data::{Record, RecordKind};
+use crate::train::eval::{evaluate_loss, multiple_choice_accuracy, ChoiceReport};
 use crate::train::metrics::{peak_rss_mib, write_loss_curve, MetricsWriter, StepRecord};
 use crate::train::train_loop::{run_steps, DataStream, StreamBatches};
 use crate::train::trainer::{CheckpointOptimizer, CpuAdamW, Trainer};
@@ -419,8 +420,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let train_data = load_dataset(&data_path, config.format, tokenizer, &config, "training")?;
     let mut train_rows = train_data.examples;
     let mut eval_rows: Vec<Example> = Vec::new();
+    // An eval file of multiple-choice questions only is also scored for accuracy.
+    let mut eval_questions: Vec<Record> = Vec::new();
     if let Some(path) = &config.eval_data {
         eval_rows = load_dataset(path, config.format, tokenizer, &config, "eval")?.examples;
+        let records = read_records(path)?;
+        if records
+            .iter()
+            .all(|(_, r)| r.kind() == RecordKind::MultipleChoice)
+        {
+            eval_questions = records.into_iter().map(|(_, r)| r).collect();
+        }
     } else if config.eval_split > 0.0 {
         let held = ((train_rows.len() as f64) * config.eval_split).round() as usize;
         if held == 0 || held >= train_rows.len() {
@@ -475,9 +485,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         args,
         config: &config,
         model,
+        tokenizer,
         pad_id,
         train_rows: &train_rows,
         eval_rows: &eval_rows,
+        eval_questions: &eval_questions,
         total_steps,
         output: &output,
         data_path: &data_path,
@@ -535,9 +547,13 @@ struct Run<'a> {
     args: &'a TrainArgs,
     config: &'a TrainConfig,
     model: &'a crate::model::llama::LlamaModel,
+    tokenizer: &'a Tokenizer,
     pad_id: u32,
     train_rows: &'a [Example],
     eval_rows: &'a [Example],
+    /// The eval file's questions when it is all multiple-choice (else empty): scored for
+    /// accuracy before training and at each eval.
+    eval_questions: &'a [Record],
     total_steps: u64,
     output: &'a Path,
     data_path: &'a Path,
@@ -555,9 +571,11 @@ impl Run<'_> {
             args,
             config,
             model,
+            tokenizer,
             pad_id,
             train_rows,
             eval_rows,
+            eval_questions,
             total_steps,
             output,
             data_path,
@@ -651,9 +669,27 @@ impl Run<'_> {
             grad_accum: config.grad_accum,
             pad_id,
         };
+        let accuracy = |adapter: &LoraAdapter| -> Result<Option<ChoiceReport>> {
+            match eval_questions.is_empty() {
+                true => Ok(None),
+                false => multiple_choice_accuracy(model, Some(adapter), tokenizer, eval_questions)
+                    .map(Some),
+            }
+        };
+        if state.step == 0 {
+            if let Some(c) = accuracy(trainer.adapter())? {
+                println!(
+                    "eval accuracy before training: {:.2}% ({}/{})",
+                    100.0 * c.accuracy,
+                    c.correct,
+                    c.questions
+                );
+            }
+        }
         let bar = ProgressBar::new(total_steps).with_style(progress_style()?);
         bar.set_position(state.step);
         let mut last_eval = None;
+        let mut last_accuracy = None;
         let steps = state.step + 1..=total_steps;
         let summary = run_steps(&mut trainer, steps, &mut source, |trainer, source, r| {
             let (step, m, elapsed, tokens_per_s) =
@@ -662,7 +698,7 @@ impl Run<'_> {
             let eval_now = !eval_rows.is_empty()
                 && (step == total_steps
                     || (config.eval_steps > 0 && step % config.eval_steps == 0));
-            let eval_loss = match eval_now {
+            let (eval_loss, eval_accuracy) = match eval_now {
                 true => {
                     let report = bar.suspend(|| {
                         evaluate_loss(
@@ -674,9 +710,14 @@ impl Run<'_> {
                         )
                     })?;
                     last_eval = Some(report);
-                    Some(report.loss)
+                    let choices = bar.suspend(|| accuracy(trainer.adapter()))?;
+                    let acc = choices.as_ref().map(|c| c.accuracy);
+                    if choices.is_some() {
+                        last_accuracy = choices;
+                    }
+                    (Some(report.loss), acc)
                 }
-                false => None,
+                false => (None, None),
             };
             let rss = peak_rss_mib();
             metrics.write(StepRecord {
@@ -692,6 +733,7 @@ impl Run<'_> {
                 peak_rss_mib: rss,
                 eval_loss,
                 skipped: m.skipped,
+                eval_accuracy,
             })?;
             bar.set_message(format!(
                 "loss {:.4}  lr {:.2e}  {:.0} tok/s  peak RSS {}",
@@ -709,7 +751,11 @@ impl Run<'_> {
                         m.loss,
                         m.lr,
                         m.grad_norm,
-                        eval_loss.map_or(String::new(), |l| format!("  eval loss {l:.4}")),
+                        eval_loss.map_or(String::new(), |l| format!("  eval loss {l:.4}"))
+                            + &eval_accuracy.map_or(String::new(), |a| format!(
+                                "  eval accuracy {:.2}%",
+                                100.0 * a
+                            )),
                         if m.skipped {
                             "  (skipped: not finite)"
                         } else {
@@ -763,6 +809,14 @@ impl Run<'_> {
             println!(
                 "eval: loss {:.4}, perplexity {:.3} over {} label tokens of {} examples",
                 report.loss, report.perplexity, report.label_tokens, report.examples
+            );
+        }
+        if let Some(c) = last_accuracy {
+            println!(
+                "eval accuracy: {:.2}% ({}/{})",
+                100.0 * c.accuracy,
+                c.correct,
+                c.questions
             );
         }
         println!(

@@ -15,7 +15,7 @@ pub const METRICS_CSV: &str = "metrics.csv";
 pub const LOSS_SVG: &str = "loss.svg";
 
 /// The CSV header, in [`StepRecord`]'s field order.
-const CSV_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens,label_tokens,tokens_per_s,elapsed_s,peak_rss_mib,eval_loss,skipped";
+const CSV_HEADER: &str = "step,epoch,loss,lr,grad_norm,tokens,label_tokens,tokens_per_s,elapsed_s,peak_rss_mib,eval_loss,skipped,eval_accuracy";
 
 /// One optimizer step. Floats are written in Rust's shortest round-trip form, so a reader gets
 /// back the exact values (a resumed run's losses compare bit for bit).
@@ -38,13 +38,17 @@ pub struct StepRecord {
     /// Mean loss over the eval set after this step, when evaluated.
     pub eval_loss: Option<f64>,
     pub skipped: bool,
+    /// Multiple-choice accuracy on the eval set after this step, when evaluated on an all-MCQA
+    /// eval file (absent in files written before it was recorded).
+    #[serde(default)]
+    pub eval_accuracy: Option<f64>,
 }
 
 impl StepRecord {
     fn csv_row(&self) -> String {
         let opt = |x: Option<f64>| x.map(|v| format!("{v:?}")).unwrap_or_default();
         format!(
-            "{},{:?},{:?},{:?},{:?},{},{},{:?},{:?},{},{},{}",
+            "{},{:?},{:?},{:?},{:?},{},{},{:?},{:?},{},{},{},{}",
             self.step,
             self.epoch,
             self.loss,
@@ -56,7 +60,8 @@ impl StepRecord {
             self.elapsed_s,
             opt(self.peak_rss_mib),
             opt(self.eval_loss),
-            self.skipped
+            self.skipped,
+            opt(self.eval_accuracy)
         )
     }
 }
