@@ -532,3 +532,32 @@ fn bad_lines_name_file_line_and_reason() {
         Err(Error::Io { .. })
     ));
 }
+
+#[test]
+fn text_lines_learn_every_token_but_bos() {
+    // {"text": ...}: continued pretraining and perplexity; every token after BOS is a label,
+    // EOS appended, and an empty text is an error naming the line.
+    let tok = tokenizer();
+    let dir = TempDir::new("text");
+    let path = dir.write(
+        "text.jsonl",
+        concat!(r#"{"text": "The sky is blue.\nHello world"}"#, "\n"),
+    );
+    let data = load_jsonl(&path, &tok, &config(512)).unwrap();
+    let ex = &data.examples[0];
+    let ids = tok.encode("The sky is blue.\nHello world", true).unwrap();
+    assert_eq!(ex.input_ids[..ids.len()], ids[..]);
+    assert_eq!(ex.labels[0], IGNORE_INDEX, "BOS is not predicted");
+    assert!(ex.labels[1..]
+        .iter()
+        .zip(&ex.input_ids[1..])
+        .all(|(&l, &id)| l == i64::from(id)));
+    assert_eq!(response_text(&tok, ex), "The sky is blue.\nHello world</s>");
+    let bad = dir.write("bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": \"  \"}\n");
+    match load_jsonl(&bad, &tok, &config(512)) {
+        Err(Error::Dataset {
+            line: 2, reason, ..
+        }) => assert!(reason.contains("empty"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}

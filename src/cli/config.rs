@@ -28,6 +28,7 @@ pub enum DataFormat {
     Instruction,
     Chat,
     Mcqa,
+    Text,
 }
 
 /// The learning-rate curve after the linear warmup.

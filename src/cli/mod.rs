@@ -159,6 +159,7 @@ pub fn check_format(path: &Path, records: &[(usize, Record)], format: DataFormat
         DataFormat::Instruction => RecordKind::Instruction,
         DataFormat::Chat => RecordKind::Chat,
         DataFormat::Mcqa => RecordKind::MultipleChoice,
+        DataFormat::Text => RecordKind::Text,
     };
     match records.iter().find(|(_, r)| r.kind() != want) {
         Some((line, record)) => Err(Error::Dataset {

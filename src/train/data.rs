@@ -7,6 +7,7 @@
 //! - chat: `messages: [{role, content}]`, rendered with the tokenizer's chat template.
 //! - multiple-choice QA: `question`, `choices: [..]`, `answer` (0-based index or letter); the
 //!   prompt is `"Question: {question}\nA. {choice}\nB. ...\nAnswer:"`, the response `" {letter}"`.
+//! - plain text: `text`; no prompt, the loss on every token (continued pretraining, perplexity).
 //!
 //! Tokens and labels: the whole rendered text is tokenized at once (so chat ids equal
 //! transformers' `apply_chat_template(tokenize=True)`), and a token is a response token when its
@@ -143,6 +144,15 @@ pub enum Record {
         /// 0-based index into `choices`.
         answer: usize,
     },
+    /// Plain text, every token learned.
+    Text {
+        text: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct TextLine {
+    text: String,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +239,12 @@ impl Record {
                 choices: line.choices,
                 answer,
             })
+        } else if object.contains_key("text") {
+            let line: TextLine = serde_json::from_value(value).map_err(|e| shape(e, "text"))?;
+            if line.text.trim().is_empty() {
+                return Err("`text` is empty".into());
+            }
+            Ok(Record::Text { text: line.text })
         } else if object.contains_key("instruction") {
             let line: InstructionLine =
                 serde_json::from_value(value).map_err(|e| shape(e, "instruction"))?;
@@ -239,8 +255,8 @@ impl Record {
             })
         } else {
             Err(
-                "unknown shape: expected `instruction`/`output`, `messages`, or \
-                 `question`/`choices`/`answer`"
+                "unknown shape: expected `instruction`/`output`, `messages`, \
+                 `question`/`choices`/`answer`, or `text`"
                     .into(),
             )
         }
@@ -277,6 +293,7 @@ impl Record {
                 prompt_response(tokenizer, &prompt, &format!(" {}", choice_letter(*answer)))
             }
             Record::Chat { messages } => chat_example(tokenizer, messages),
+            Record::Text { text } => prompt_response(tokenizer, "", text),
         }
     }
 }
@@ -564,6 +581,7 @@ pub enum RecordKind {
     Instruction,
     Chat,
     MultipleChoice,
+    Text,
 }
 
 impl Record {
@@ -572,6 +590,7 @@ impl Record {
             Record::Instruction { .. } => RecordKind::Instruction,
             Record::Chat { .. } => RecordKind::Chat,
             Record::MultipleChoice { .. } => RecordKind::MultipleChoice,
+            Record::Text { .. } => RecordKind::Text,
         }
     }
 }
