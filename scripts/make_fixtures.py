@@ -864,6 +864,60 @@ def make_gguf_fixtures(outdir: Path, tokenizer_dir: Path) -> None:
     (outdir / "expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
 
 
+def make_gguf_spm_fixture(outdir: Path) -> None:
+    """tests/fixtures/gguf/spm.gguf + spm_expected.json: a SentencePiece-style vocabulary (GGUF
+    tokenizer model `llama`, as llama.cpp stores Llama 2's: `<unk>` `<s>` `</s>`, 256 byte tokens
+    `<0xNN>` of type 6, then `▁`-spelled pieces with scores and no merges) learned by tokenizers'
+    SentencePieceBPETokenizer from a fixed corpus, in a GGUF with the tiny model's metadata and no
+    tensors; and transformers' GGUF tokenizer's ids (with and without special tokens) and decoded
+    text for GGUF_TEXTS plus texts that need byte fallback."""
+    import gguf
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import AutoTokenizer
+
+    gen = np.random.default_rng(59)
+    words = TOKENIZER_CORPUS_WORDS
+    corpus = [" ".join(words[i] for i in gen.integers(0, len(words), 12)) + "." for _ in range(400)]
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(corpus, vocab_size=200, min_frequency=2, show_progress=False, special_tokens=[])
+    learned = spm.get_vocab()
+    pieces = [t for t, _ in sorted(learned.items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    # Scores as llama.cpp's converter stores a BPE SentencePiece model's: minus the piece's rank.
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    path = outdir / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("qlora spm tokenizer fixture")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    tok = AutoTokenizer.from_pretrained(str(outdir), gguf_file="spm.gguf")
+    texts = GGUF_TEXTS + ["Zebra: ÿ ñ 42!", "  two leading spaces", "tab\tand\nnewline"]
+    encode = [{"text": t, "ids": tok.encode(t, add_special_tokens=True),
+               "ids_no_special": tok.encode(t, add_special_tokens=False),
+               "decoded": tok.decode(tok.encode(t, add_special_tokens=False))} for t in texts]
+    expected = {"bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "unk_id": tok.unk_token_id,
+                "vocab_size": len(tok), "encode": encode}
+    (outdir / "spm_expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+
+
 SMOLLM2_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and"
 
 
@@ -919,6 +973,7 @@ def main() -> int:
     make_lora_merge_fixtures(fixtures / "lora")
     print(f"wrote {fixtures / 'lora' / 'merged.safetensors'}")
     make_gguf_fixtures(fixtures / "gguf", fixtures / "tokenizer")
+    make_gguf_spm_fixture(fixtures / "gguf")
     make_smollm2_fixture(fixtures / "gguf")
     print(f"wrote {fixtures / 'gguf'}")
     return 0

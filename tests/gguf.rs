@@ -661,3 +661,50 @@ fn converted_folder_loads_as_the_gguf_file_does() {
     assert_eq!(a.chat_template(), b.chat_template());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn sentencepiece_tokenizer_matches_transformers_gguf_tokenizer() {
+    // tests/fixtures/gguf/spm.gguf: a Llama 2 style vocabulary (`tokenizer.ggml.model` llama:
+    // byte tokens, `▁` pieces with scores, no stored merges, BOS added by default). The merges
+    // are derived from the scores as transformers derives them; ids, decode and special tokens
+    // equal its GGUF tokenizer's, byte fallback included.
+    let file = GgufFile::open(fixture("spm.gguf")).unwrap();
+    let tok = file.tokenizer().unwrap();
+    let want: Json =
+        serde_json::from_str(&std::fs::read_to_string(fixture("spm_expected.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tok.bos().unwrap().id,
+        want["bos_id"].as_u64().unwrap() as u32
+    );
+    assert_eq!(
+        tok.eos().unwrap().id,
+        want["eos_id"].as_u64().unwrap() as u32
+    );
+    assert_eq!(
+        tok.vocab_size(),
+        want["vocab_size"].as_u64().unwrap() as usize
+    );
+    let ids = |v: &Json| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for case in want["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+        let plain = tok.encode(text, false).unwrap();
+        assert_eq!(plain, ids(&case["ids_no_special"]), "{text:?}");
+        assert_eq!(
+            tok.decode(&plain, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}

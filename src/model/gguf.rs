@@ -180,6 +180,27 @@ impl GgufFile {
             .map(Some)
     }
 
+    fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.metadata(key) else {
+            return Ok(None);
+        };
+        let Value::Array(items) = v else {
+            return Err(self.corrupt(format!("metadata `{key}` is not an array")));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match *item {
+                Value::F32(x) => Ok(x),
+                Value::F64(x) => Ok(x as f32),
+                ref other => {
+                    Err(self.corrupt(format!("metadata `{key}`[{i}] is not a float: {other:?}")))
+                }
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
         let Some(v) = self.metadata(key) else {
             return Ok(None);
@@ -445,8 +466,9 @@ impl GgufFile {
                 Some(n) => Err(self.corrupt(format!("`{key}` {n} is outside the {count} tokens"))),
             }
         };
+        // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
         let add_bos = match self.metadata("tokenizer.ggml.add_bos_token") {
-            None => false,
+            None => model == "llama",
             Some(Value::Bool(b)) => *b,
             Some(v) => {
                 return Err(self.corrupt(format!(
@@ -458,6 +480,7 @@ impl GgufFile {
             model,
             pre: self.string("tokenizer.ggml.pre")?,
             merges: self.strings("tokenizer.ggml.merges")?.unwrap_or_default(),
+            scores: self.floats("tokenizer.ggml.scores")?.unwrap_or_default(),
             tokens,
             token_types: token_types.unwrap_or_default(),
             bos: id("tokenizer.ggml.bos_token_id")?,
@@ -579,6 +602,8 @@ struct GgufTokenizer<'a> {
     token_types: Vec<i64>,
     /// `tokenizer.ggml.merges`, `"a b"` each.
     merges: Vec<&'a str>,
+    /// `tokenizer.ggml.scores` (SentencePiece); empty when absent.
+    scores: Vec<f32>,
     bos: Option<u32>,
     eos: Option<u32>,
     pad: Option<u32>,
@@ -601,13 +626,116 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// own tokenizer.json has it), control tokens (type 3) special, user-defined ones (type 4) added,
 /// and BOS prepended when `tokenizer.ggml.add_bos_token` says so.
 fn tokenizer_json(t: &GgufTokenizer<'_>) -> std::result::Result<Json, String> {
-    if t.model != "gpt2" {
-        return Err(format!(
-            "tokenizer model {:?} is not supported (gpt2: byte-level BPE)",
-            t.model
-        ));
+    let sentencepiece = match t.model {
+        "gpt2" => false,
+        "llama" => true,
+        other => {
+            return Err(format!(
+                "tokenizer model {other:?} is not supported (gpt2: byte-level BPE; llama: \
+                 SentencePiece BPE)"
+            ))
+        }
+    };
+    let vocab: Map<String, Json> = t
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, tok)| (tok.to_string(), json!(i)))
+        .collect();
+    if vocab.len() != t.tokens.len() {
+        return Err("`tokenizer.ggml.tokens` repeats a token".into());
     }
-    let pre_tokenizer = match t.pre.unwrap_or("default") {
+    let merges: Vec<Json> = if t.merges.is_empty() && sentencepiece {
+        sentencepiece_merges(&t.tokens, &t.scores)?
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect()
+    } else {
+        t.merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| json!([a, b]))
+                    .ok_or_else(|| format!("merge {m:?} is not two tokens"))
+            })
+            .collect::<std::result::Result<_, _>>()?
+    };
+    // Control tokens are special, user-defined ones added; a SentencePiece vocabulary's unknown
+    // token is special too (as transformers' LlamaTokenizer registers it).
+    let added: Vec<Json> = t
+        .token_types
+        .iter()
+        .enumerate()
+        .filter(|&(id, ty)| matches!(ty, 3 | 4) || (sentencepiece && t.unk == Some(id as u32)))
+        .map(|(id, ty)| {
+            json!({"id": id, "content": t.tokens[id], "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": *ty == 4, "special": *ty != 4})
+        })
+        .collect();
+    let bos_template = match (t.add_bos, t.bos) {
+        (true, Some(bos)) => {
+            let b = t.tokens[bos as usize];
+            Some(json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": b, "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": b, "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": b, "type_id": 1}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {b: {"id": b, "ids": [bos], "tokens": [b]}}}))
+        }
+        _ => None,
+    };
+    let (pre_tokenizer, post_processor, decoder) = if sentencepiece {
+        // transformers' LlamaTokenizer (not legacy): `▁` for spaces and before the first word,
+        // bytes for what the vocabulary lacks.
+        (
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first",
+                   "split": false}),
+            bos_template.unwrap_or(Json::Null),
+            json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
+        )
+    } else {
+        let byte_post = json!({"type": "ByteLevel", "add_prefix_space": true,
+                               "trim_offsets": false, "use_regex": true});
+        (
+            byte_level_pre_tokenizer(t.pre)?,
+            match bos_template {
+                Some(tp) => json!({"type": "Sequence", "processors": [byte_post, tp]}),
+                None => byte_post,
+            },
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                   "use_regex": true}),
+        )
+    };
+    let unk = match sentencepiece {
+        true => Json::Null,
+        false => json!(t.unk.map(|u| t.tokens[u as usize])),
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": decoder,
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": sentencepiece, "byte_fallback": sentencepiece,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// The byte-level pre-tokenizer of the model family llama.cpp names in `tokenizer.ggml.pre`, as
+/// that family's own tokenizer.json has it.
+fn byte_level_pre_tokenizer(pre: Option<&str>) -> std::result::Result<Json, String> {
+    Ok(match pre.unwrap_or("default") {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         // SmolLM's tokenizer.json: digits one by one, then GPT-2's split.
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
@@ -622,67 +750,46 @@ fn tokenizer_json(t: &GgufTokenizer<'_>) -> std::result::Result<Json, String> {
                  smollm, llama3, llama-bpe, smaug-bpe)"
             ))
         }
-    };
-    let vocab: Map<String, Json> = t
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, tok)| (tok.to_string(), json!(i)))
-        .collect();
-    if vocab.len() != t.tokens.len() {
-        return Err("`tokenizer.ggml.tokens` repeats a token".into());
+    })
+}
+
+/// The merges a SentencePiece vocabulary without stored merges implies, as transformers derives
+/// them (`generate_merges`): every split of every token into two vocabulary tokens, those of one
+/// token in vocabulary order, then all of them by the token's score, then by the pieces' lengths
+/// in characters, best first (a stable sort, so ties keep that order).
+fn sentencepiece_merges<'a>(
+    tokens: &[&'a str],
+    scores: &[f32],
+) -> std::result::Result<Vec<(&'a str, &'a str)>, String> {
+    if scores.len() != tokens.len() {
+        return Err(format!(
+            "`tokenizer.ggml.scores` has {} entries for {} tokens (a SentencePiece vocabulary \
+             without merges needs one score per token)",
+            scores.len(),
+            tokens.len()
+        ));
     }
-    let merges = t
-        .merges
-        .iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| json!([a, b]))
-                .ok_or_else(|| format!("merge {m:?} is not two tokens"))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let added: Vec<Json> = t
-        .token_types
-        .iter()
-        .enumerate()
-        .filter(|(_, ty)| matches!(ty, 3 | 4))
-        .map(|(id, ty)| {
-            json!({"id": id, "content": t.tokens[id], "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": *ty == 4, "special": *ty == 3})
-        })
-        .collect();
-    let byte_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
-                           "use_regex": true});
-    let post_processor = match (t.add_bos, t.bos) {
-        (true, Some(bos)) => {
-            let b = t.tokens[bos as usize];
-            json!({"type": "Sequence", "processors": [byte_post, {
-                "type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": b, "type_id": 0}},
-                           {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": b, "type_id": 0}},
-                         {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": b, "type_id": 1}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {b: {"id": b, "ids": [bos], "tokens": [b]}}}]})
-        }
-        _ => byte_post,
-    };
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                    "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": t.unk.map(|u| t.tokens[u as usize]),
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
-    }))
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for (&token, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(&str, &str, f32)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    Ok(merges.into_iter().map(|(l, r, _)| (l, r)).collect())
 }
 
 /// Undoes llama.cpp's permutation of a Q or K projection `[heads·head_dim, in]`: within each head,
