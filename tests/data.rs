@@ -478,7 +478,8 @@ fn bad_lines_name_file_line_and_reason() {
     let cases = [
         ("{oops", "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        (r#"{"text": "x"}"#, "unknown shape"),
+        (r#"{"body": "x"}"#, "unknown shape"),
+        (r#"{"text": 3}"#, "text line"),
         (r#"{"instruction": "a"}"#, "missing field `output`"),
         (
             r#"{"question": "q", "choices": ["x", "y"], "answer": 2}"#,
