@@ -172,28 +172,7 @@ fn tokenizer_encodes_and_decodes_as_transformers_gguf_tokenizer() {
     // the file has 300 and so do we.
     assert_eq!(tok.vocab_size(), 300);
     assert_eq!(want["vocab_size"].as_u64(), Some(301));
-    let ids = |v: &Json| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_u64().unwrap() as u32)
-            .collect()
-    };
-    for case in want["encode"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(text, true).unwrap(),
-            ids(&case["ids"]),
-            "{text:?}"
-        );
-        let plain = tok.encode(text, false).unwrap();
-        assert_eq!(plain, ids(&case["ids_no_special"]), "{text:?}");
-        assert_eq!(
-            tok.decode(&plain, false).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "{text:?}"
-        );
-    }
+    check_encodings(&tok, &want["encode"]);
     let chat = &want["chat"];
     let messages: Vec<ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
     assert_eq!(
@@ -685,6 +664,12 @@ fn sentencepiece_tokenizer_matches_transformers_gguf_tokenizer() {
         tok.vocab_size(),
         want["vocab_size"].as_u64().unwrap() as usize
     );
+    check_encodings(&tok, &want["encode"]);
+}
+
+/// Each case of `cases` (transformers' `text`, `ids`, `ids_no_special`, `decoded`): the same ids
+/// with and without special tokens, and the same decoded text.
+fn check_encodings(tok: &qlora::model::tokenizer::Tokenizer, cases: &Json) {
     let ids = |v: &Json| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -692,7 +677,7 @@ fn sentencepiece_tokenizer_matches_transformers_gguf_tokenizer() {
             .map(|i| i.as_u64().unwrap() as u32)
             .collect()
     };
-    for case in want["encode"].as_array().unwrap() {
+    for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(
             tok.encode(text, true).unwrap(),

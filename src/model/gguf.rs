@@ -160,7 +160,13 @@ impl GgufFile {
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
+    /// The array `key`, each element converted by `item` (`None`: not a `what`).
+    fn array<'s, T>(
+        &'s self,
+        key: &str,
+        what: &str,
+        item: impl Fn(&'s Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         let Some(v) = self.metadata(key) else {
             return Ok(None);
         };
@@ -170,61 +176,41 @@ impl GgufFile {
         items
             .iter()
             .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(s) => Ok(s.as_str()),
-                other => {
-                    Err(self.corrupt(format!("metadata `{key}`[{i}] is not a string: {other:?}")))
-                }
+            .map(|(i, v)| {
+                item(v).ok_or_else(|| {
+                    self.corrupt(format!("metadata `{key}`[{i}] is not {what}: {v:?}"))
+                })
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
+        self.array(key, "a string", |v| match v {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
-        let Some(v) = self.metadata(key) else {
-            return Ok(None);
-        };
-        let Value::Array(items) = v else {
-            return Err(self.corrupt(format!("metadata `{key}` is not an array")));
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match *item {
-                Value::F32(x) => Ok(x),
-                Value::F64(x) => Ok(x as f32),
-                ref other => {
-                    Err(self.corrupt(format!("metadata `{key}`[{i}] is not a float: {other:?}")))
-                }
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.array(key, "a float", |v| match *v {
+            Value::F32(x) => Some(x),
+            Value::F64(x) => Some(x as f32),
+            _ => None,
+        })
     }
 
     fn integers(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        let Some(v) = self.metadata(key) else {
-            return Ok(None);
-        };
-        let Value::Array(items) = v else {
-            return Err(self.corrupt(format!("metadata `{key}` is not an array")));
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match *item {
-                Value::I32(n) => Ok(i64::from(n)),
-                Value::U32(n) => Ok(i64::from(n)),
-                Value::I8(n) => Ok(i64::from(n)),
-                Value::U8(n) => Ok(i64::from(n)),
-                Value::I16(n) => Ok(i64::from(n)),
-                Value::U16(n) => Ok(i64::from(n)),
-                Value::I64(n) => Ok(n),
-                ref other => Err(self.corrupt(format!(
-                    "metadata `{key}`[{i}] is not an integer: {other:?}"
-                ))),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.array(key, "an integer", |v| match *v {
+            Value::I32(n) => Some(i64::from(n)),
+            Value::U32(n) => Some(i64::from(n)),
+            Value::I8(n) => Some(i64::from(n)),
+            Value::U8(n) => Some(i64::from(n)),
+            Value::I16(n) => Some(i64::from(n)),
+            Value::U16(n) => Some(i64::from(n)),
+            Value::I64(n) => Some(n),
+            _ => None,
+        })
     }
 
     /// `general.architecture`; only `llama` is a model qlora runs.
