@@ -562,3 +562,41 @@ fn text_lines_learn_every_token_but_bos() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_txt_file_is_one_document_cut_into_blocks() {
+    // Continued pretraining on a .txt file: BOS + the whole text + EOS, in blocks of max_seq_len
+    // tokens (the last one shorter), every token a label; `read_records` sees one text record.
+    let tok = tokenizer();
+    let dir = TempDir::new("txt");
+    let text = "The sky is blue.\n\nHello world, hello sky.\nThe end.\n";
+    let path = dir.write("book.txt", text);
+    let data = load_jsonl(&path, &tok, &config(8)).unwrap();
+    let mut want = tok.encode(text, true).unwrap();
+    want.push(tok.eos().unwrap().id);
+    let got: Vec<u32> = data
+        .examples
+        .iter()
+        .flat_map(|e| e.input_ids.clone())
+        .collect();
+    assert_eq!(got, want);
+    assert!(data.examples.iter().all(|e| e.len() <= 8));
+    assert_eq!(data.examples.len(), want.len().div_ceil(8));
+    for e in &data.examples {
+        assert!(e
+            .labels
+            .iter()
+            .zip(&e.input_ids)
+            .all(|(&l, &id)| l == i64::from(id)));
+    }
+    assert_eq!((data.stats.lines, data.stats.blank_lines), (4, 1));
+    let records = qlora::train::data::read_records(&path).unwrap();
+    assert!(
+        matches!(&records[..], [(1, qlora::train::data::Record::Text { text: t })] if t == text)
+    );
+    let empty = dir.write("empty.txt", " \n\n");
+    assert!(matches!(
+        load_jsonl(&empty, &tok, &config(8)),
+        Err(Error::Dataset { line: 1, .. })
+    ));
+}

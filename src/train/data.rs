@@ -9,6 +9,9 @@
 //!   prompt is `"Question: {question}\nA. {choice}\nB. ...\nAnswer:"`, the response `" {letter}"`.
 //! - plain text: `text`; no prompt, the loss on every token (continued pretraining, perplexity).
 //!
+//! A `.txt` file is read as one document instead: tokenized whole (BOS, text, EOS) and cut into
+//! blocks of `max_seq_len` tokens, every token learned.
+//!
 //! Tokens and labels: the whole rendered text is tokenized at once (so chat ids equal
 //! transformers' `apply_chat_template(tokenize=True)`), and a token is a response token when its
 //! byte range overlaps a response span. Instruction and QA texts are encoded with special tokens
@@ -79,8 +82,10 @@ pub struct DataConfig {
     pub overflow: Overflow,
 }
 
-/// Counts for one loaded file; every line is accounted for:
+/// Counts for one loaded file; in a JSONL file every line is accounted for:
 /// `lines == blank_lines + examples + skipped_too_long + skipped_no_labels + skipped_long_lines`.
+/// A `.txt` file is one document cut into blocks: `lines` counts its lines, `examples` its
+/// blocks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatasetStats {
     pub lines: usize,
@@ -429,6 +434,9 @@ pub fn load_jsonl(
             "max_seq_len must be at least 1",
         ));
     }
+    if is_text_file(path) {
+        return load_text(path, tokenizer, config);
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bos = tokenizer.bos().map(|t| t.id);
     let limit = line_byte_limit(config.max_seq_len, tokenizer);
@@ -475,6 +483,64 @@ pub fn load_jsonl(
         stats.tokens += example.len();
         stats.label_tokens += example.label_tokens();
         examples.push(example);
+    }
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        examples,
+        stats,
+    })
+}
+
+/// Whether `path` is a plain-text dataset (`.txt`) rather than JSONL.
+pub fn is_text_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "txt")
+}
+
+/// The whole text of a `.txt` dataset, checked to be UTF-8 and not blank.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::Dataset {
+        path: path.to_path_buf(),
+        line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
+        reason: format!("invalid UTF-8: {}", e.utf8_error()),
+    })?;
+    if text.trim().is_empty() {
+        return Err(Error::Dataset {
+            path: path.to_path_buf(),
+            line: 1,
+            reason: "the text file is empty".into(),
+        });
+    }
+    Ok(text)
+}
+
+/// A `.txt` dataset for continued pretraining: the whole file tokenized as one document (BOS
+/// first, EOS last) and cut into blocks of `max_seq_len` tokens, every token learned, as
+/// transformers' `run_clm` groups texts (the last, shorter block kept).
+fn load_text(path: &Path, tokenizer: &Tokenizer, config: &DataConfig) -> Result<Dataset> {
+    let text = read_text(path)?;
+    let document = Record::Text { text: text.clone() }.tokenize(tokenizer)?;
+    let mut stats = DatasetStats {
+        lines: text.lines().count(),
+        blank_lines: text.lines().filter(|l| l.trim().is_empty()).count(),
+        ..DatasetStats::default()
+    };
+    let examples: Vec<Example> = document
+        .input_ids
+        .chunks(config.max_seq_len)
+        .map(|ids| Example {
+            input_ids: ids.to_vec(),
+            labels: ids.iter().map(|&id| i64::from(id)).collect(),
+        })
+        .filter(|e| e.len() > 1)
+        .collect();
+    for e in &examples {
+        stats.examples += 1;
+        stats.tokens += e.len();
+        stats.label_tokens += e.label_tokens();
     }
     Ok(Dataset {
         path: path.to_path_buf(),
@@ -599,6 +665,14 @@ impl Record {
 /// line is an [`Error::Dataset`] naming the file and line, as in [`load_jsonl`].
 pub fn read_records(path: impl AsRef<Path>) -> Result<Vec<(usize, Record)>> {
     let path = path.as_ref();
+    if is_text_file(path) {
+        return Ok(vec![(
+            1,
+            Record::Text {
+                text: read_text(path)?,
+            },
+        )]);
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let mut records = Vec::new();
     for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
