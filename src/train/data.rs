@@ -533,7 +533,10 @@ fn load_text(path: &Path, tokenizer: &Tokenizer, config: &DataConfig) -> Result<
         .chunks(config.max_seq_len)
         .map(|ids| Example {
             input_ids: ids.to_vec(),
-            labels: ids.iter().map(|&id| i64::from(id)).collect(),
+            // A block's first token has nothing before it to be predicted from.
+            labels: std::iter::once(IGNORE_INDEX)
+                .chain(ids[1..].iter().map(|&id| i64::from(id)))
+                .collect(),
         })
         .filter(|e| e.len() > 1)
         .collect();
