@@ -583,10 +583,13 @@ fn a_txt_file_is_one_document_cut_into_blocks() {
     assert!(data.examples.iter().all(|e| e.len() <= 8));
     assert_eq!(data.examples.len(), want.len().div_ceil(8));
     for e in &data.examples {
-        assert!(e
-            .labels
+        assert_eq!(
+            e.labels[0], IGNORE_INDEX,
+            "nothing before a block's first token"
+        );
+        assert!(e.labels[1..]
             .iter()
-            .zip(&e.input_ids)
+            .zip(&e.input_ids[1..])
             .all(|(&l, &id)| l == i64::from(id)));
     }
     assert_eq!((data.stats.lines, data.stats.blank_lines), (4, 1));
