@@ -10,7 +10,7 @@
 //! - plain text: `text`; no prompt, the loss on every token (continued pretraining, perplexity).
 //!
 //! A `.txt` file is read as one document instead: tokenized whole (BOS, text, EOS) and cut into
-//! blocks of `max_seq_len` tokens, every token learned.
+//! blocks of `max_seq_len` tokens, every token after a block's first learned.
 //!
 //! Tokens and labels: the whole rendered text is tokenized at once (so chat ids equal
 //! transformers' `apply_chat_template(tokenize=True)`), and a token is a response token when its
@@ -518,8 +518,8 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 /// A `.txt` dataset for continued pretraining: the whole file tokenized as one document (BOS
-/// first, EOS last) and cut into blocks of `max_seq_len` tokens, every token learned, as
-/// transformers' `run_clm` groups texts (the last, shorter block kept).
+/// first, EOS last) and cut into blocks of `max_seq_len` tokens, every token after a block's
+/// first learned, as transformers' `run_clm` groups texts (the last, shorter block kept).
 fn load_text(path: &Path, tokenizer: &Tokenizer, config: &DataConfig) -> Result<Dataset> {
     let text = read_text(path)?;
     let document = Record::Text { text: text.clone() }.tokenize(tokenizer)?;
