@@ -23,7 +23,9 @@ use crate::hf::file::check_finite_f32;
 use crate::hf::folder::{
     prepare_output_dir, write_checkpoint, write_config, OutTensor, WrittenCheckpoint,
 };
-use crate::model::config::{checkpoint_tensor_names, torch_dtype_name, LlamaConfig, TorchDtype};
+use crate::model::config::{
+    checkpoint_tensor_names, linear_shape, torch_dtype_name, LlamaConfig, TorchDtype,
+};
 use crate::model::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -552,18 +554,6 @@ impl GgufFile {
         Ok(written)
     }
 
-    /// The names and GGML types of every tensor, sorted by name.
-    pub fn tensor_types(&self) -> Vec<(String, String)> {
-        let mut out: Vec<_> = self
-            .content
-            .tensor_infos
-            .iter()
-            .map(|(n, t)| (n.clone(), format!("{:?}", t.ggml_dtype)))
-            .collect();
-        out.sort();
-        out
-    }
-
     /// How many tensors of each GGML type the file holds (for a summary line).
     pub fn type_counts(&self) -> Vec<(String, usize)> {
         let mut counts: HashMap<String, usize> = HashMap::new();
@@ -812,21 +802,16 @@ fn move_rows(values: &[f32], shape: &[usize], heads: usize, to_hf: bool) -> Vec<
     out
 }
 
-/// The shape transformers gives the Llama tensor `name` (a name of [`checkpoint_tensor_names`]).
+/// The shape transformers gives the Llama tensor `name` (a name of [`checkpoint_tensor_names`]):
+/// the linears' from [`linear_shape`], `[vocab, hidden]` for embeddings and lm_head, `[hidden]`
+/// for the norms.
 pub fn hf_tensor_shape(c: &LlamaConfig, name: &str) -> Vec<usize> {
-    let (h, m) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
     let module = name.strip_suffix(".weight").unwrap_or(name);
     match module.rsplit('.').next().unwrap_or(module) {
-        "embed_tokens" | "lm_head" => vec![c.vocab_size, h],
-        "q_proj" => vec![q, h],
-        "k_proj" | "v_proj" => vec![kv, h],
-        "o_proj" => vec![h, q],
-        "gate_proj" | "up_proj" => vec![m, h],
-        "down_proj" => vec![h, m],
-        _ => vec![h],
+        "embed_tokens" | "lm_head" => vec![c.vocab_size, c.hidden_size],
+        m @ ("q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj") => {
+            linear_shape(c, m).to_vec()
+        }
+        _ => vec![c.hidden_size],
     }
 }
