@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use qlora::cli::bench::BenchArgs;
 use qlora::cli::convert::ConvertArgs;
 use qlora::cli::eval::EvalArgs;
+use qlora::cli::export::ExportArgs;
 use qlora::cli::generate::GenerateArgs;
 use qlora::cli::merge::MergeArgs;
 use qlora::cli::plan::PlanArgs;
@@ -55,6 +56,7 @@ enum Command {
     Quantize(QuantizeArgs),
     Merge(MergeArgs),
     Convert(ConvertArgs),
+    Export(ExportArgs),
     /// Plan the device memory of a QLoRA training step, by category, against a budget.
     Plan(PlanArgs),
     /// Measure the kernels on the GPU (`bench kernels`) or a training step on the CPU
@@ -110,6 +112,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Quantize(args)) => qlora::cli::quantize::run(&args),
         Some(Command::Merge(args)) => qlora::cli::merge::run(&args),
         Some(Command::Convert(args)) => qlora::cli::convert::run(&args),
+        Some(Command::Export(args)) => qlora::cli::export::run(&args),
         Some(Command::Plan(args)) => qlora::cli::plan::run(&args),
         Some(Command::Bench(args)) => qlora::cli::bench::run(&args),
     };

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::hf::folder::parse_size;
 use crate::model::config::TorchDtype;
-use crate::peft::base_record::BASE_RECORD_FILE;
+use crate::peft::base_record::{BaseRecord, BASE_RECORD_FILE};
 use crate::peft::merge::{merge_adapter_dir, BaseWeights, MergeOptions, RequantizeReport};
 use crate::{Error, Result};
 
@@ -118,27 +118,7 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         s.files.len(),
         t0.elapsed().as_secs_f64()
     );
-    match (&s.record, s.original_vs_trained) {
-        (None, _) => println!(
-            "the adapter has no {BASE_RECORD_FILE}: merged into the base weights as stored"
-        ),
-        (Some(r), None) if s.requantized_modules > 0 => println!(
-            "the adapter trained against NF4 quantized on load (blocks of {}, from {}): {} dense \
-             linears quantized and dequantized as training loaded them before merging \
-             (--base-weights original merges into the stored weights)",
-            r.blocksize.unwrap_or_default(),
-            r.quantized_from.as_deref().unwrap_or("?"),
-            s.requantized_modules
-        ),
-        (Some(r), None) => println!("the adapter trained against {:?} base linears", r.linears),
-        (Some(_), Some(change)) => eprintln!(
-            "warning: the adapter trained against NF4 weights, and the original weights it is \
-             merged into differ from them by {:.2}% (relative RMS over the merged linears); \
-             what it learned may not carry over (drop --base-weights original to merge into \
-             the weights it trained against)",
-            100.0 * change
-        ),
-    }
+    print_base_weights(&s.record, s.requantized_modules, s.original_vs_trained);
     for f in &s.files {
         println!("wrote {}", f.display());
     }
@@ -154,6 +134,36 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// What an adapter was merged into: the weights it trained against (from its record), or the
+/// original weights with a warning that measures how far they are from those.
+pub fn print_base_weights(
+    record: &Option<BaseRecord>,
+    requantized_modules: usize,
+    original_vs_trained: Option<f64>,
+) {
+    match (record, original_vs_trained) {
+        (None, _) => println!(
+            "the adapter has no {BASE_RECORD_FILE}: merged into the base weights as stored"
+        ),
+        (Some(r), None) if requantized_modules > 0 => println!(
+            "the adapter trained against NF4 quantized on load (blocks of {}, from {}): {} dense \
+             linears quantized and dequantized as training loaded them before merging \
+             (--base-weights original merges into the stored weights)",
+            r.blocksize.unwrap_or_default(),
+            r.quantized_from.as_deref().unwrap_or("?"),
+            requantized_modules
+        ),
+        (Some(r), None) => println!("the adapter trained against {:?} base linears", r.linears),
+        (Some(_), Some(change)) => eprintln!(
+            "warning: the adapter trained against NF4 weights, and the original weights it is \
+             merged into differ from them by {:.2}% (relative RMS over the merged linears); \
+             what it learned may not carry over (drop --base-weights original to merge into \
+             the weights it trained against)",
+            100.0 * change
+        ),
+    }
 }
 
 fn print_report(report: &RequantizeReport) {

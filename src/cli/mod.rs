@@ -1,5 +1,5 @@
 //! The `qlora` command line: one module per subcommand, each with a `#[derive(clap::Args)]`
-//! struct and a `run` function (`train`, `eval`, `generate`, `merge`, `quantize`, `plan`), the
+//! struct and a `run` function (`train`, `eval`, `generate`, `merge`, `export`, `convert`, `quantize`, `plan`), the
 //! training settings file (`config`), and what they share: loading a Hugging Face Llama folder with its tokenizer and an
 //! optional PEFT adapter, and the progress bar.
 
@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod plan;

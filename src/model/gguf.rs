@@ -493,9 +493,9 @@ impl GgufFile {
         max_shard_bytes: u64,
     ) -> Result<WrittenCheckpoint> {
         let config = self.config()?;
-        let parts = self.tokenizer_parts()?;
-        let tokenizer =
-            tokenizer_json(&parts).map_err(|e| self.corrupt(format!("tokenizer: {e}")))?;
+        // The tokenizer is checked before anything is written.
+        tokenizer_json(&self.tokenizer_parts()?)
+            .map_err(|e| self.corrupt(format!("tokenizer: {e}")))?;
         let mut config_json = self.config_json()?;
         config_json.insert("architectures".into(), json!(["LlamaForCausalLM"]));
         config_json.insert("torch_dtype".into(), json!(torch_dtype_name(dtype)));
@@ -520,6 +520,18 @@ impl GgufFile {
         prepare_output_dir(out, &[self.path.as_path()])?;
         let written = write_checkpoint(out, tensors, max_shard_bytes, parameters)?;
         write_config(out, &config_json)?;
+        self.write_tokenizer_files(out)?;
+        Ok(written)
+    }
+
+    /// Writes `tokenizer.json` ([`Self::tokenizer`]'s pipeline) and `tokenizer_config.json`
+    /// (special tokens, BOS handling and the chat template) into the folder `out`; returns their
+    /// names.
+    pub fn write_tokenizer_files(&self, out: &Path) -> Result<Vec<String>> {
+        let config = self.config()?;
+        let parts = self.tokenizer_parts()?;
+        let tokenizer =
+            tokenizer_json(&parts).map_err(|e| self.corrupt(format!("tokenizer: {e}")))?;
         let text = |t: Option<u32>| t.map(|i| parts.tokens[i as usize]);
         let mut tok_config = Map::new();
         tok_config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
@@ -542,6 +554,7 @@ impl GgufFile {
         if let Some(t) = parts.chat_template {
             tok_config.insert("chat_template".into(), json!(t));
         }
+        let mut names = Vec::new();
         for (name, value) in [
             ("tokenizer.json", tokenizer),
             ("tokenizer_config.json", Json::Object(tok_config)),
@@ -550,8 +563,22 @@ impl GgufFile {
             let text = serde_json::to_string_pretty(&value)
                 .map_err(|e| Error::encode(path.display().to_string(), e))?;
             std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
+            names.push(name.to_string());
         }
-        Ok(written)
+        Ok(names)
+    }
+
+    /// Every `tokenizer.*` metadata entry, by key (what a GGUF file written from this one copies).
+    pub fn tokenizer_metadata(&self) -> Vec<(String, Value)> {
+        let mut out: Vec<(String, Value)> = self
+            .content
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// How many tensors of each GGML type the file holds (for a summary line).
@@ -710,7 +737,7 @@ fn tokenizer_json(t: &GgufTokenizer<'_>) -> std::result::Result<Json, String> {
 
 /// The byte-level pre-tokenizer of the model family llama.cpp names in `tokenizer.ggml.pre`, as
 /// that family's own tokenizer.json has it.
-fn byte_level_pre_tokenizer(pre: Option<&str>) -> std::result::Result<Json, String> {
+pub(crate) fn byte_level_pre_tokenizer(pre: Option<&str>) -> std::result::Result<Json, String> {
     Ok(match pre.unwrap_or("default") {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         // SmolLM's tokenizer.json: digits one by one, then GPT-2's split.

@@ -12,6 +12,7 @@ mod fused_lora;
 mod fused_loss;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_write;
 pub mod init;
 pub mod kv_cache;
 pub mod llama;

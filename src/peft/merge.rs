@@ -11,14 +11,17 @@ use candle_core::{DType, Device};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::hf::checkpoint::widen;
 use crate::hf::folder::{
     copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
     write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{read_folder_config, torch_dtype_name, TorchDtype};
+use crate::model::config::{
+    checkpoint_tensor_names, read_folder_config, torch_dtype_name, LlamaConfig, TorchDtype,
+};
+use crate::model::gguf::{gguf_name, hf_tensor_shape, is_gguf, GgufFile};
 use crate::model::weights::{is_linear, quantize_as_loaded, NF4_LOAD_BLOCKSIZE};
 use crate::peft::base_record::{BaseLinears, BaseRecord, BASE_RECORD_FILE};
 use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
@@ -191,8 +194,84 @@ fn relative(se: f64, norm: f64) -> f64 {
 /// Where a linear's base values come from.
 #[derive(Clone)]
 enum BaseLinear {
-    Dense(String),
+    /// Stored dense (a folder's F32/F16/BF16 tensor, or a GGUF tensor dequantized), by name.
+    Stored(String),
+    /// A folder's bitsandbytes NF4 weight, by module prefix.
     Nf4(String),
+}
+
+/// The model an adapter is merged into: a Hugging Face folder (dense or bitsandbytes NF4) or a
+/// llama.cpp GGUF file (each tensor dequantized, Q/K rows in Hugging Face order).
+pub enum MergeBase {
+    Folder(ModelFolder),
+    Gguf(GgufFile),
+}
+
+impl MergeBase {
+    /// Opens `path`: a GGUF file when it starts with GGUF's magic bytes, else a model folder.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.is_file() && is_gguf(path) {
+            Ok(Self::Gguf(GgufFile::open(path)?))
+        } else {
+            Ok(Self::Folder(ModelFolder::open(path)?))
+        }
+    }
+
+    /// The folder or file it was opened from.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Folder(f) => f.dir(),
+            Self::Gguf(g) => g.path(),
+        }
+    }
+
+    /// `config.json` as a JSON object (a GGUF file's built from its metadata) and validated.
+    pub fn config(&self) -> Result<(Map<String, Value>, LlamaConfig)> {
+        match self {
+            Self::Folder(f) => read_folder_config(f),
+            Self::Gguf(g) => {
+                let mut raw = g.config_json()?;
+                raw.insert(
+                    "architectures".into(),
+                    Value::from(vec!["LlamaForCausalLM"]),
+                );
+                Ok((raw, g.config()?))
+            }
+        }
+    }
+
+    /// The tokenizer (and generation) files of the base written into `out`: a folder's copied,
+    /// a GGUF file's built from its metadata.
+    pub fn write_side_files(&self, out: &Path) -> Result<Vec<String>> {
+        match self {
+            Self::Folder(f) => copy_side_files(f.dir(), out),
+            Self::Gguf(g) => g.write_tokenizer_files(out),
+        }
+    }
+}
+
+/// A merged model ready to be written: its config and its tensors in Hugging Face names and
+/// order, each produced (merged, converted) when the writer asks for it.
+pub struct MergedModel<'a> {
+    pub base: &'a MergeBase,
+    pub config: &'a LlamaConfig,
+    /// `config.json` without `quantization_config`, with `torch_dtype` set to the output dtype.
+    pub raw_config: Map<String, Value>,
+    pub tensors: Vec<OutTensor<'a>>,
+    /// Elements over all tensors.
+    pub parameters: u64,
+}
+
+/// What merging did, whatever was written.
+#[derive(Clone, Debug, Default)]
+pub struct MergeStats {
+    pub merged_modules: usize,
+    pub nf4_modules: usize,
+    pub report: Option<RequantizeReport>,
+    pub record: Option<BaseRecord>,
+    pub requantized_modules: usize,
+    pub original_vs_trained: Option<f64>,
 }
 
 /// Reads the PEFT adapter in `adapter_dir` and merges it into the model in `base_dir`, writing
@@ -204,19 +283,10 @@ pub fn merge_adapter_dir(
     options: &MergeOptions,
 ) -> Result<MergeSummary> {
     let adapter_dir = adapter_dir.as_ref();
-    if !adapter_dir.is_dir() {
-        return Err(Error::io(
-            adapter_dir,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the adapter folder does not exist",
-            ),
-        ));
-    }
-    let adapter = LoraAdapter::load_pretrained(adapter_dir, &Device::Cpu)?;
-    let record = BaseRecord::read(adapter_dir)?;
-    merge(
-        base_dir.as_ref(),
+    let (adapter, record) = read_adapter(adapter_dir)?;
+    let base = MergeBase::open(base_dir.as_ref())?;
+    write_folder(
+        &base,
         &adapter,
         out_dir.as_ref(),
         options,
@@ -225,10 +295,26 @@ pub fn merge_adapter_dir(
     )
 }
 
-/// Merges `adapter` into the model in `base_dir` and writes `out_dir`: every floating-point tensor
-/// in `options.dtype` (each adapted linear `W + s·B·A`, NF4 linears dequantized, other tensors
-/// converted, non-float tensors copied), sharded by `options.max_shard_bytes`, `config.json`
-/// without `quantization_config` and with `torch_dtype` set, and the tokenizer files.
+/// The adapter in `dir` and its [`BaseRecord`] (`None`: it has none).
+pub fn read_adapter(dir: &Path) -> Result<(LoraAdapter, Option<BaseRecord>)> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the adapter folder does not exist",
+            ),
+        ));
+    }
+    let adapter = LoraAdapter::load_pretrained(dir, &Device::Cpu)?;
+    Ok((adapter, BaseRecord::read(dir)?))
+}
+
+/// Merges `adapter` into the model in `base_dir` (a folder or a GGUF file) and writes `out_dir`:
+/// every floating-point tensor in `options.dtype` (each adapted linear `W + s·B·A`, NF4 linears
+/// dequantized, other tensors converted, non-float tensors copied), sharded by
+/// `options.max_shard_bytes`, `config.json` without `quantization_config` and with `torch_dtype`
+/// set, and the tokenizer files.
 ///
 /// Everything is checked before the first byte is written: an adapter whose layer count or
 /// shapes do not fit gives [`Error::AdapterMismatch`], a missing base tensor
@@ -239,25 +325,56 @@ pub fn merge_adapter(
     out_dir: impl AsRef<Path>,
     options: &MergeOptions,
 ) -> Result<MergeSummary> {
-    merge(
-        base_dir.as_ref(),
-        adapter,
-        out_dir.as_ref(),
-        options,
-        None,
-        &[],
-    )
+    let base = MergeBase::open(base_dir.as_ref())?;
+    write_folder(&base, adapter, out_dir.as_ref(), options, None, &[])
 }
 
-fn merge(
-    base_dir: &Path,
+fn write_folder(
+    base: &MergeBase,
     adapter: &LoraAdapter,
     out_dir: &Path,
     options: &MergeOptions,
     record: Option<BaseRecord>,
     other_inputs: &[&Path],
 ) -> Result<MergeSummary> {
-    let folder = ModelFolder::open(base_dir)?;
+    let ((written, copied_files), stats) =
+        merge_with(base, Some(adapter), options, record, |merged| {
+            let mut inputs = vec![merged.base.path()];
+            inputs.extend_from_slice(other_inputs);
+            prepare_output_dir(out_dir, &inputs)?;
+            let written = write_checkpoint(
+                out_dir,
+                merged.tensors,
+                options.max_shard_bytes,
+                merged.parameters,
+            )?;
+            write_config(out_dir, &merged.raw_config)?;
+            let copied = merged.base.write_side_files(out_dir)?;
+            Ok((written, copied))
+        })?;
+    Ok(MergeSummary {
+        files: written.files,
+        total_bytes: written.total_bytes,
+        merged_modules: stats.merged_modules,
+        nf4_modules: stats.nf4_modules,
+        copied_files,
+        report: stats.report,
+        record: stats.record,
+        requantized_modules: stats.requantized_modules,
+        original_vs_trained: stats.original_vs_trained,
+    })
+}
+
+/// Merges `adapter` (none: the base as it is) into `base` and hands the merged model to `sink`,
+/// which writes it (a folder, a GGUF file); the tensors are produced while `sink` runs, so the
+/// returned [`MergeStats`] are complete only after it.
+pub fn merge_with<R>(
+    base: &MergeBase,
+    adapter: Option<&LoraAdapter>,
+    options: &MergeOptions,
+    record: Option<BaseRecord>,
+    sink: impl FnOnce(MergedModel<'_>) -> Result<R>,
+) -> Result<(R, MergeStats)> {
     // The load dtype in which a dense linear is quantized to rebuild the NF4 weights training
     // saw, for an adapter whose record says it trained on NF4 quantized on load.
     let trained_nf4 = match &record {
@@ -290,13 +407,21 @@ fn merge(
     let compare_in = trained_nf4.filter(|_| options.base_weights == BaseWeights::Original);
     let requantized = RefCell::new(0usize);
     let change = RefCell::new((0f64, 0f64));
-    let (mut raw_config, config) = read_folder_config(&folder)?;
-    adapter.check_fits(&config).map_err(|e| match e {
-        Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
-        other => other,
-    })?;
-    let checkpoint = folder.checkpoint()?;
-    let names = ordered_names(&checkpoint);
+    let (mut raw_config, config) = base.config()?;
+    if let Some(adapter) = adapter {
+        adapter.check_fits(&config).map_err(|e| match e {
+            Error::InvalidArgument { reason, .. } => Error::AdapterMismatch { reason },
+            other => other,
+        })?;
+    }
+    let (checkpoint, gguf) = match base {
+        MergeBase::Folder(f) => (Some(f.checkpoint()?), None),
+        MergeBase::Gguf(g) => (None, Some(g)),
+    };
+    let names = match &checkpoint {
+        Some(c) => ordered_names(c),
+        None => checkpoint_tensor_names(&config),
+    };
 
     let mut nf4_prefixes = BTreeSet::new();
     for name in &names {
@@ -311,21 +436,23 @@ fn merge(
     }
     // Every NF4 weight is read back (and checked) now, so a malformed one fails before writing.
     let mut nf4_shapes = HashMap::new();
-    for prefix in &nf4_prefixes {
-        nf4_shapes.insert(
-            prefix.clone(),
-            nf4_from_safetensors(&checkpoint, prefix)?.shape,
-        );
+    if let Some(checkpoint) = &checkpoint {
+        for prefix in &nf4_prefixes {
+            nf4_shapes.insert(
+                prefix.clone(),
+                nf4_from_safetensors(checkpoint, prefix)?.shape,
+            );
+        }
     }
 
-    let scaling = adapter.config().scaling();
+    let scaling = adapter.map_or(1.0, |a| a.config().scaling());
     let mut targets: HashMap<String, &LoraPair> = HashMap::new();
-    for ((layer, module), pair) in adapter.pairs() {
+    for ((layer, module), pair) in adapter.iter().flat_map(|a| a.pairs()) {
         let prefix = linear_prefix(layer, module);
         let shape = module.shape(&config).to_vec();
-        let base_shape = match nf4_shapes.get(&prefix) {
-            Some(s) => s.clone(),
-            None => {
+        let base_shape = match (nf4_shapes.get(&prefix), &checkpoint) {
+            (Some(s), _) => s.clone(),
+            (None, Some(checkpoint)) => {
                 let key = weight_key(&prefix, "");
                 let view = checkpoint.view(&key)?;
                 if !is_float(view.dtype()) {
@@ -335,6 +462,14 @@ fn merge(
                     });
                 }
                 view.shape().to_vec()
+            }
+            (None, None) => {
+                let key = weight_key(&prefix, "");
+                let g = gguf.ok_or_else(|| Error::MissingTensor { key: key.clone() })?;
+                let name = gguf_name(&key).unwrap_or_default();
+                g.tensor_shape(&name)
+                    .ok_or_else(|| Error::MissingTensor { key: key.clone() })?
+                    .to_vec()
             }
         };
         if base_shape != shape {
@@ -350,6 +485,18 @@ fn merge(
     let report = RefCell::new(ReportSums::default());
     let want_report = options.requantize_report;
     let checkpoint = &checkpoint;
+    let config_ref = &config;
+    // A stored tensor's values widened to f32 (a GGUF tensor dequantized, rows unpermuted).
+    let stored = move |key: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        match (checkpoint, gguf) {
+            (Some(c), _) => {
+                let view = c.view(key)?;
+                Ok(widen(view.dtype(), view.data()).collect())
+            }
+            (None, Some(g)) => g.tensor_f32(key, shape, config_ref),
+            (None, None) => Err(Error::MissingTensor { key: key.into() }),
+        }
+    };
     let report_ref = &report;
     let (requantized_ref, change_ref) = (&requantized, &change);
     let linear_tensor = |name: &str, source: BaseLinear, shape: Vec<usize>| -> OutTensor<'_> {
@@ -362,12 +509,16 @@ fn merge(
             shape: shape.clone(),
             produce: Box::new(move || {
                 let mut w: Vec<f32> = match &source {
-                    BaseLinear::Nf4(prefix) => {
-                        nf4_from_safetensors(checkpoint, prefix)?.dequantize_original()?
-                    }
-                    BaseLinear::Dense(key) => {
-                        let view = checkpoint.view(key)?;
-                        let w: Vec<f32> = widen(view.dtype(), view.data()).collect();
+                    BaseLinear::Nf4(prefix) => match checkpoint {
+                        Some(c) => nf4_from_safetensors(c, prefix)?.dequantize_original()?,
+                        None => {
+                            return Err(Error::MissingTensor {
+                                key: prefix.clone(),
+                            })
+                        }
+                    },
+                    BaseLinear::Stored(key) => {
+                        let w = stored(key, &shape)?;
                         match requantize_in {
                             Some(dtype) => {
                                 *requantized_ref.borrow_mut() += 1;
@@ -425,16 +576,40 @@ fn merge(
             }
         }
         let prefix = name.strip_suffix(".weight");
-        let tensor = match prefix.filter(|p| nf4_prefixes.contains(*p)) {
-            Some(p) => linear_tensor(name, BaseLinear::Nf4(p.to_string()), nf4_shapes[p].clone()),
-            None => {
+        let tensor = match (prefix.filter(|p| nf4_prefixes.contains(*p)), checkpoint) {
+            (Some(p), _) => {
+                linear_tensor(name, BaseLinear::Nf4(p.to_string()), nf4_shapes[p].clone())
+            }
+            (None, Some(checkpoint)) => {
                 let view = checkpoint.view(name)?;
                 if !is_float(view.dtype()) {
                     copied_tensor(name, view)
                 } else if prefix.is_some_and(|p| targets.contains_key(p)) || is_linear(name) {
-                    linear_tensor(name, BaseLinear::Dense(name.clone()), view.shape().to_vec())
+                    linear_tensor(
+                        name,
+                        BaseLinear::Stored(name.clone()),
+                        view.shape().to_vec(),
+                    )
                 } else {
                     converted_tensor(name, view, dtype)
+                }
+            }
+            (None, None) => {
+                let shape = hf_tensor_shape(&config, name);
+                if is_linear(name) {
+                    linear_tensor(name, BaseLinear::Stored(name.clone()), shape)
+                } else {
+                    let (key, stored) = (name.clone(), &stored);
+                    OutTensor {
+                        name: name.clone(),
+                        dtype: dtype.safetensors(),
+                        shape: shape.clone(),
+                        produce: Box::new(move || {
+                            let mut values = stored(&key, &shape)?;
+                            round_to(dtype, &mut values);
+                            Ok(dtype.encode(&values))
+                        }),
+                    }
                 }
             }
         };
@@ -455,12 +630,13 @@ fn merge(
         raw_config.insert("torch_dtype".to_string(), Value::from(dtype_name));
     }
 
-    let mut inputs = vec![base_dir];
-    inputs.extend_from_slice(other_inputs);
-    prepare_output_dir(out_dir, &inputs)?;
-    let written = write_checkpoint(out_dir, tensors, options.max_shard_bytes, parameters)?;
-    write_config(out_dir, &raw_config)?;
-    let copied_files = copy_side_files(base_dir, out_dir)?;
+    let out = sink(MergedModel {
+        base,
+        config: &config,
+        raw_config,
+        tensors,
+        parameters,
+    })?;
 
     let report = want_report.then(|| {
         let mut modules = report.into_inner().modules;
@@ -487,12 +663,9 @@ fn merge(
             },
         }
     });
-    Ok(MergeSummary {
-        files: written.files,
-        total_bytes: written.total_bytes,
+    let stats = MergeStats {
         merged_modules: targets.len(),
         nf4_modules: nf4_prefixes.len(),
-        copied_files,
         report,
         record,
         requantized_modules: requantized.into_inner(),
@@ -500,7 +673,8 @@ fn merge(
             let (diff, norm) = change.into_inner();
             relative(diff, norm)
         }),
-    })
+    };
+    Ok((out, stats))
 }
 
 /// `model.layers.{layer}.{block}.{module}`.

@@ -4,6 +4,7 @@
 //! `merge` folds an adapter into its base model and writes the merged model folder.
 
 pub mod base_record;
+pub mod export;
 pub mod lora;
 pub mod merge;
 
