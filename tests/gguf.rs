@@ -1,8 +1,10 @@
-//! GGUF in: a llama.cpp GGUF file read as a model source (`qlora::model::gguf`) against
+//! GGUF in and out: a llama.cpp GGUF file read as a model source (`qlora::model::gguf`) against
 //! transformers' GGUF loader on tests/fixtures/gguf/ (written by scripts/make_fixtures.py: a tiny
 //! random Llama in F32, F16, BF16, Q8_0, Q4_0, Q4_1 and Q5_0 tensors with a byte-level BPE
 //! tokenizer), files written here with candle's GGUF writer (K-quants, bit-exact round trips),
-//! damaged files, and the real SmolLM2-135M-Instruct GGUF when it is present.
+//! damaged files, and the real SmolLM2-135M-Instruct GGUF when it is present; then `qlora
+//! export`'s writer against candle's, llama.cpp's Q4_K_M type choices, and exported models,
+//! tokenizers and merged adapters read back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,9 +13,14 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use qlora::model::gguf::{gguf_name, is_gguf, permute_rows, GgufFile};
+use qlora::model::gguf_write;
 use qlora::model::llama::LlamaModel;
 use qlora::model::tokenizer::ChatMessage;
+use qlora::model::tokenizer::Tokenizer;
 use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions, RopeScaling};
+use qlora::peft::export::{export_gguf, ExportOptions};
+use qlora::peft::merge::{BaseWeights, MergeBase};
+use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 use qlora::testing::values;
 use qlora::tolerance::{lookup, Dtype, Op};
 use qlora::Error;
@@ -684,4 +691,683 @@ fn check_encodings(tok: &qlora::model::tokenizer::Tokenizer, cases: &Json) {
 fn check_bos_eos(tok: &qlora::model::tokenizer::Tokenizer, want: &Json) {
     assert_eq!(Some(tok.bos().unwrap().id as u64), want["bos_id"].as_u64());
     assert_eq!(Some(tok.eos().unwrap().id as u64), want["eos_id"].as_u64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF out: `qlora export` (qlora::model::gguf_write, qlora::peft::export).
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-export-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_writer_lays_out_bytes_as_candles_gguf_writer() {
+    // The same metadata and tensors through our streaming writer and candle's in-memory one:
+    // identical bytes but the version field (we write 3, candle 2).
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("a.u8".into(), Value::U8(7)),
+        ("a.i32".into(), Value::I32(-3)),
+        ("a.u64".into(), Value::U64(1 << 40)),
+        ("a.f32".into(), Value::F32(0.25)),
+        ("a.f64".into(), Value::F64(-1.5)),
+        ("a.bool".into(), Value::Bool(true)),
+        (
+            "a.strings".into(),
+            Value::Array(vec![Value::String("x y".into()), Value::String("é".into())]),
+        ),
+        (
+            "a.ints".into(),
+            Value::Array((0..5).map(Value::I32).collect()),
+        ),
+    ];
+    let shapes: [(&str, Vec<usize>, GgmlDType); 5] = [
+        ("norm", vec![96], GgmlDType::F32),
+        ("half", vec![3, 64], GgmlDType::F16),
+        ("q8", vec![5, 96], GgmlDType::Q8_0),
+        ("q4k", vec![3, 256], GgmlDType::Q4K),
+        ("q6k", vec![2, 512], GgmlDType::Q6K),
+    ];
+    let data: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, s, _))| qlora::testing::normal_vector(s.iter().product(), 0.5, 40 + i as u64))
+        .collect();
+    let ours = scratch_dir("writer").join("ours.gguf");
+    let tensors: Vec<gguf_write::GgufTensorOut<'_>> = shapes
+        .iter()
+        .zip(&data)
+        .map(|((name, shape, dtype), values)| gguf_write::GgufTensorOut {
+            name: name.to_string(),
+            shape: shape.clone(),
+            dtype: *dtype,
+            produce: Box::new(move || Ok(values.clone())),
+        })
+        .collect();
+    let size = gguf_write::write_gguf(&ours, &meta, &tensors).unwrap();
+    let ours = std::fs::read(&ours).unwrap();
+    assert_eq!(size as usize, ours.len());
+
+    let qtensors: Vec<(String, QTensor)> = shapes
+        .iter()
+        .zip(&data)
+        .map(|((name, shape, dtype), values)| {
+            let t = Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+            (name.to_string(), QTensor::quantize(&t, *dtype).unwrap())
+        })
+        .collect();
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut theirs = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut theirs, &meta_refs, &tensor_refs).unwrap();
+    let mut theirs = theirs.into_inner();
+    assert_eq!(&theirs[4..8], &2u32.to_le_bytes());
+    theirs[4..8].copy_from_slice(&gguf_write::VERSION.to_le_bytes());
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours == theirs, "the files differ");
+}
+
+#[test]
+fn q4_k_m_picks_llama_cpps_types() {
+    use gguf_write::{tensor_type, use_more_bits, ExportType::*};
+    // A 32-layer model: the first and last four layers and every third one from layer 6.
+    let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
+    assert_eq!(
+        more,
+        [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    );
+    let t = |name: &str, shape: &[usize], tied: bool| tensor_type(Q4KM, name, shape, 32, 4, tied);
+    let m = [4096, 4096];
+    assert_eq!(t("output.weight", &[32000, 4096], false), GgmlDType::Q6K);
+    assert_eq!(
+        t("token_embd.weight", &[32000, 4096], false),
+        GgmlDType::Q4K
+    );
+    assert_eq!(t("token_embd.weight", &[32000, 4096], true), GgmlDType::Q6K);
+    assert_eq!(t("blk.0.attn_v.weight", &m, false), GgmlDType::Q6K);
+    assert_eq!(t("blk.4.attn_v.weight", &m, false), GgmlDType::Q4K);
+    assert_eq!(t("blk.6.ffn_down.weight", &m, false), GgmlDType::Q6K);
+    assert_eq!(t("blk.7.ffn_down.weight", &m, false), GgmlDType::Q4K);
+    assert_eq!(t("blk.6.attn_q.weight", &m, false), GgmlDType::Q4K);
+    assert_eq!(t("blk.6.attn_norm.weight", &[4096], false), GgmlDType::F32);
+    // 70B's grouped-query shape: attn_v outside the more-bits layers in Q5_K.
+    assert_eq!(
+        tensor_type(Q4KM, "blk.11.attn_v.weight", &[1024, 8192], 80, 8, false),
+        GgmlDType::Q5K
+    );
+    // Rows the 256-block does not divide fall back as llama.cpp does; 72 is not even 32s.
+    assert_eq!(t("blk.5.attn_q.weight", &[64, 576], false), GgmlDType::Q5_0);
+    assert_eq!(t("output.weight", &[64, 96], false), GgmlDType::Q8_0);
+    assert_eq!(t("blk.5.attn_q.weight", &[64, 72], false), GgmlDType::F16);
+    assert_eq!(
+        tensor_type(Q8_0, "blk.0.attn_q.weight", &[64, 72], 2, 1, false),
+        GgmlDType::F16
+    );
+    assert_eq!(
+        tensor_type(Q8_0, "blk.0.attn_q.weight", &[64, 96], 2, 1, false),
+        GgmlDType::Q8_0
+    );
+    assert_eq!(
+        tensor_type(F16, "output.weight", &[64, 72], 2, 1, false),
+        GgmlDType::F16
+    );
+}
+
+/// A random Llama folder (hidden 256, intermediate 512, 4 heads of 64 over 2 kv heads, 2 layers,
+/// vocab 300) with the tokenizer of tests/fixtures/tokenizer; `tied`: no lm_head.
+fn random_folder(name: &str, tied: bool) -> (PathBuf, LlamaConfig) {
+    let dir = scratch_dir(name);
+    let mut config: serde_json::Map<String, Json> = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/base/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("intermediate_size", 512),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 64),
+        ("num_hidden_layers", 2),
+        ("vocab_size", 300),
+        ("bos_token_id", 0),
+        ("eos_token_id", 1),
+        ("pad_token_id", 2),
+    ] {
+        config.insert(k.into(), Json::from(v));
+    }
+    config.insert("tie_word_embeddings".into(), Json::Bool(tied));
+    config.insert("dtype".into(), Json::from("float32"));
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let c = LlamaConfig::from_file(dir.join("config.json")).unwrap();
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !tied {
+        names.push("lm_head.weight".into());
+    }
+    for i in 0..c.num_hidden_layers {
+        for n in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            names.push(format!("model.layers.{i}.{n}.weight"));
+        }
+    }
+    let tensors: HashMap<String, Tensor> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let shape = qlora::model::gguf::hf_tensor_shape(&c, name);
+            let n: usize = shape.iter().product();
+            let mut v = qlora::testing::normal_vector(n, 0.05, 100 + i as u64);
+            if shape.len() == 1 {
+                v.iter_mut().for_each(|x| *x += 1.0);
+            }
+            (
+                name.clone(),
+                Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tokenizer")
+                .join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    (dir, c)
+}
+
+fn export(base: &Path, adapter: Option<&Path>, out: &Path, export: gguf_write::ExportType) {
+    let (adapter, record) = match adapter {
+        Some(dir) => {
+            let (a, r) = qlora::peft::merge::read_adapter(dir).unwrap();
+            (Some(a), r)
+        }
+        None => (None, None),
+    };
+    let base = MergeBase::open(base).unwrap();
+    let options = ExportOptions {
+        export,
+        base_weights: BaseWeights::Trained,
+        tokenizer: None,
+    };
+    export_gguf(&base, adapter.as_ref(), record, out, &options).unwrap();
+}
+
+/// The GGML type of every tensor of the GGUF file `path`, read by candle's parser.
+fn ggml_types(path: &Path) -> HashMap<String, GgmlDType> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    content
+        .tensor_infos
+        .into_iter()
+        .map(|(k, v)| (k, v.ggml_dtype))
+        .collect()
+}
+
+/// `values` (Hugging Face order) as a GGUF file of `dtype` stores them and candle reads them back:
+/// Q/K rows permuted, quantized, dequantized, unpermuted.
+fn stored_as(values: &[f32], shape: &[usize], dtype: GgmlDType, heads: Option<usize>) -> Vec<f32> {
+    let permuted = match heads {
+        Some(h) => permute_rows(values, shape, h),
+        None => values.to_vec(),
+    };
+    let t = Tensor::from_vec(permuted, shape, &Device::Cpu).unwrap();
+    let back = values_of(&QTensor::quantize(&t, dtype).unwrap());
+    match heads {
+        Some(h) => qlora::model::gguf::unpermute_rows(&back, shape, h),
+        None => back,
+    }
+}
+
+fn values_of(q: &QTensor) -> Vec<f32> {
+    values(&q.dequantize(&Device::Cpu).unwrap())
+}
+
+fn heads_of(name: &str, c: &LlamaConfig) -> Option<usize> {
+    if name.ends_with("q_proj.weight") {
+        Some(c.num_attention_heads)
+    } else if name.ends_with("k_proj.weight") {
+        Some(c.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn an_exported_folder_reads_back_as_its_weights_in_each_type() {
+    // Each type: the config and tokenizer read back equal the folder's, every tensor is the
+    // folder's tensor quantized to the type llama.cpp would pick (bit for bit what candle's
+    // quantizer makes of the whole tensor), and Q/K come back in Hugging Face order.
+    use gguf_write::ExportType;
+    for (tied, export_type) in [
+        (false, ExportType::F16),
+        (false, ExportType::Q8_0),
+        (false, ExportType::Q4KM),
+        (true, ExportType::Q4KM),
+    ] {
+        let (dir, c) = random_folder(&format!("folder-{tied}-{export_type:?}"), tied);
+        let out = dir.join("out.gguf");
+        export(&dir, None, &out, export_type);
+        let file = GgufFile::open(&out).unwrap();
+        let got = file.config().unwrap();
+        assert_eq!(
+            (
+                got.hidden_size,
+                got.intermediate_size,
+                got.num_hidden_layers
+            ),
+            (256, 512, 2)
+        );
+        assert_eq!(
+            (
+                got.num_attention_heads,
+                got.num_key_value_heads,
+                got.head_dim
+            ),
+            (4, 2, 64)
+        );
+        assert_eq!(got.vocab_size, 300);
+        assert_eq!(got.rms_norm_eps, c.rms_norm_eps as f32 as f64);
+        assert_eq!(got.rope_theta, c.rope_theta);
+        assert_eq!(got.max_position_embeddings, c.max_position_embeddings);
+        assert_eq!(got.tie_word_embeddings, tied);
+        assert_eq!(
+            (
+                got.bos_token_id,
+                got.eos_token_ids.clone(),
+                got.pad_token_id
+            ),
+            (Some(0), vec![1], Some(2))
+        );
+
+        let types = ggml_types(&out);
+        let want_type = |gguf: &str| -> GgmlDType {
+            if gguf.ends_with("norm.weight") {
+                return GgmlDType::F32;
+            }
+            match export_type {
+                ExportType::F16 => GgmlDType::F16,
+                ExportType::Q8_0 => GgmlDType::Q8_0,
+                ExportType::Q4KM => match gguf {
+                    "output.weight" | "blk.1.attn_v.weight" | "blk.1.ffn_down.weight" => {
+                        GgmlDType::Q6K
+                    }
+                    "token_embd.weight" if tied => GgmlDType::Q6K,
+                    _ => GgmlDType::Q4K,
+                },
+            }
+        };
+        let stored =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(types.len(), stored.len());
+        for (name, t) in &stored {
+            let gguf = gguf_name(name).unwrap();
+            let dtype = types[&gguf];
+            assert_eq!(dtype, want_type(&gguf), "{gguf} in {export_type:?}");
+            let shape = t.dims().to_vec();
+            let want = stored_as(&values(t), &shape, dtype, heads_of(name, &c));
+            let got = file.tensor_f32(name, &shape, &got).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} in {export_type:?}"
+            );
+        }
+
+        let want = Tokenizer::from_dir(&dir).unwrap();
+        let tok = file.tokenizer().unwrap();
+        let cases: Json = serde_json::from_str(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/tokenizer/expected.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        check_bos_eos(&tok, &cases);
+        for case in cases["encode"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            for special in [true, false] {
+                assert_eq!(
+                    tok.encode(text, special).unwrap(),
+                    want.encode(text, special).unwrap(),
+                    "{text:?}"
+                );
+            }
+            let ids = want.encode(text, false).unwrap();
+            assert_eq!(
+                tok.decode(&ids, true).unwrap(),
+                case["decoded_skip_special"].as_str().unwrap()
+            );
+        }
+        for chat in cases["chat"].as_array().unwrap() {
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(chat["messages"].clone()).unwrap();
+            let generation = chat["add_generation_prompt"].as_bool().unwrap();
+            assert_eq!(
+                tok.apply_chat_template(&messages, generation).unwrap(),
+                chat["rendered"].as_str().unwrap()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn a_gguf_exported_again_keeps_its_tokenizer_metadata_and_weights() {
+    // tiny.gguf (F32 … Q5_0 tensors) to f16: the `tokenizer.*` entries are copied as they are,
+    // and each tensor is tiny's dequantized tensor rounded to f16.
+    let dir = scratch_dir("regguf");
+    let out = dir.join("tiny-f16.gguf");
+    export(
+        &fixture("tiny.gguf"),
+        None,
+        &out,
+        gguf_write::ExportType::F16,
+    );
+    let (src, got) = (tiny(), GgufFile::open(&out).unwrap());
+    // candle's `Value` has no `PartialEq`; its `Debug` text shows every value.
+    assert_eq!(
+        format!("{:?}", src.tokenizer_metadata()),
+        format!("{:?}", got.tokenizer_metadata())
+    );
+    let c = src.config().unwrap();
+    assert_eq!(got.config().unwrap(), c);
+    for (name, t) in tensors() {
+        if !name.starts_with("model.") && name != "lm_head.weight" {
+            continue;
+        }
+        let shape = t.dims().to_vec();
+        let want = src.tensor_f32(&name, &shape, &c).unwrap();
+        let dtype = ggml_types(&out)[&gguf_name(&name).unwrap()];
+        let want = stored_as(&want, &shape, dtype, heads_of(&name, &c));
+        let have = got.tensor_f32(&name, &shape, &c).unwrap();
+        assert!(
+            have.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_sentencepiece_tokenizer_survives_gguf_to_folder_to_gguf() {
+    // spm.gguf's vocabulary written as tokenizer.json (merges from the scores), then back to GGUF
+    // metadata (scores from the merge ranks): the ids are still transformers'.
+    let src = GgufFile::open(fixture("spm.gguf")).unwrap();
+    let dir = scratch_dir("spm");
+    src.write_tokenizer_files(&dir).unwrap();
+    // spm.gguf holds no tensors: any Llama shape with its vocabulary size.
+    let c = LlamaConfig {
+        vocab_size: 459,
+        ..k_config()
+    };
+    let mut meta = gguf_write::llama_metadata(&c, "spm", gguf_write::ExportType::F16).unwrap();
+    let tok_meta = gguf_write::hf_tokenizer_metadata(&dir, c.vocab_size).unwrap();
+    let get = |key: &str| tok_meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    assert_eq!(
+        get("tokenizer.ggml.model").unwrap().to_string().unwrap(),
+        "llama"
+    );
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type"] {
+        assert_eq!(
+            format!("{:?}", get(key)),
+            format!("{:?}", src.metadata(key)),
+            "{key}"
+        );
+    }
+    meta.extend(tok_meta);
+    let out = dir.join("spm-again.gguf");
+    gguf_write::write_gguf(&out, &meta, &[]).unwrap();
+    let tok = GgufFile::open(&out).unwrap().tokenizer().unwrap();
+    let want: Json =
+        serde_json::from_str(&std::fs::read_to_string(fixture("spm_expected.json")).unwrap())
+            .unwrap();
+    check_bos_eos(&tok, &want);
+    check_encodings(&tok, &want["encode"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A PEFT adapter (r 4, all seven linears, normal A and B) for a model of `c`, saved in `dir`.
+fn random_adapter(c: &LlamaConfig, dir: &Path, seed: u64) -> LoraAdapter {
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: TargetModule::ALL.to_vec(),
+        ..LoraConfig::default()
+    };
+    let mut adapter = LoraAdapter::init(lora, c, DType::F32, &Device::Cpu, seed).unwrap();
+    for layer in 0..c.num_hidden_layers {
+        for (j, module) in TargetModule::ALL.into_iter().enumerate() {
+            let [out, inp] = module.shape(c);
+            let s = seed * 1000 + (layer * 10 + j) as u64 * 2;
+            let m = |rows: usize, cols: usize, seed: u64| {
+                let v = qlora::testing::normal_vector(rows * cols, 0.1, seed);
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            let pair = LoraPair {
+                a: m(4, inp, s),
+                b: m(out, 4, s + 1),
+            };
+            adapter.set_pair(layer, module, pair).unwrap();
+        }
+    }
+    adapter.save_pretrained(dir).unwrap();
+    adapter
+}
+
+#[test]
+fn an_adapter_exported_with_its_base_is_the_merged_folder_quantized() {
+    // export --adapter merges as `qlora merge` does (f32): each tensor of the q4_k_m file is the
+    // merged folder's tensor in the type llama.cpp picks for it, bit for bit.
+    let (dir, c) = random_folder("adapter", false);
+    random_adapter(&c, &dir.join("adapter"), 3);
+    let merged = dir.join("merged");
+    let summary = qlora::peft::merge::merge_adapter_dir(
+        &dir,
+        dir.join("adapter"),
+        &merged,
+        &qlora::peft::merge::MergeOptions {
+            dtype: qlora::model::config::TorchDtype::F32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.merged_modules, 14);
+    let out = dir.join("merged.gguf");
+    export(
+        &dir,
+        Some(&dir.join("adapter")),
+        &out,
+        gguf_write::ExportType::Q4KM,
+    );
+    let file = GgufFile::open(&out).unwrap();
+    let types = ggml_types(&out);
+    let stored =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &stored {
+        let shape = t.dims().to_vec();
+        let dtype = types[&gguf_name(name).unwrap()];
+        let want = stored_as(&values(t), &shape, dtype, heads_of(name, &c));
+        let got = file.tensor_f32(name, &shape, &c).unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}"
+        );
+        if name.contains("_proj") {
+            // The adapter did change what was written.
+            let unmerged = stored_as(&values(&base[name]), &shape, dtype, heads_of(name, &c));
+            assert!(got != unmerged, "{name} is the base's");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_adapter_merges_into_a_gguf_base() {
+    // `qlora merge --base model.gguf`: W (dequantized, Hugging Face order) + s·B·A in f32, the
+    // config and tokenizer files the GGUF file describes.
+    let dir = scratch_dir("gguf-base");
+    let src = tiny();
+    let c = src.config().unwrap();
+    let adapter = random_adapter(&c, &dir.join("adapter"), 5);
+    let out = dir.join("merged");
+    qlora::peft::merge::merge_adapter_dir(
+        fixture("tiny.gguf"),
+        dir.join("adapter"),
+        &out,
+        &qlora::peft::merge::MergeOptions {
+            dtype: qlora::model::config::TorchDtype::F32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        LlamaConfig::from_file(out.join("config.json")).unwrap(),
+        LlamaConfig {
+            torch_dtype: Some(qlora::model::config::TorchDtype::F32),
+            ..c.clone()
+        }
+    );
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    check_encodings(&tok, &expected()["encode"]);
+    let merged =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let scaling = adapter.config().scaling();
+    let mut linears = 0;
+    for (name, t) in &merged {
+        let shape = t.dims().to_vec();
+        let mut want = src.tensor_f32(name, &shape, &c).unwrap();
+        let module = TargetModule::ALL
+            .into_iter()
+            .find(|m| name.ends_with(&format!("{}.weight", m.name())));
+        if let Some(module) = module {
+            let layer: usize = name.split('.').nth(2).unwrap().parse().unwrap();
+            let delta =
+                qlora::peft::merge::lora_delta(adapter.pair(layer, module).unwrap(), scaling)
+                    .unwrap();
+            want.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
+            linears += 1;
+        }
+        lookup(Op::LoraMerge, Dtype::F32)
+            .check(&values(t), &want)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    assert_eq!(linears, 14);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cli_exports_and_refuses_to_overwrite_its_input() {
+    let (dir, c) = random_folder("cli", false);
+    random_adapter(&c, &dir.join("adapter"), 7);
+    let out = dir.join("model.gguf");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["export", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .arg("--gguf")
+        .arg(&out)
+        .args(["--type", "q4_k_m"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("14 linears merged"), "{stdout}");
+    assert!(
+        stdout.contains("3 Q6K") && stdout.contains("13 Q4K"),
+        "{stdout}"
+    );
+    assert!(GgufFile::open(&out).unwrap().config().is_ok());
+
+    // The file as its own input, a missing adapter, an unknown type: errors, nothing written.
+    for (args, needle) in [
+        (
+            vec!["--model", "model.gguf", "--gguf", "model.gguf"],
+            "also the input",
+        ),
+        (
+            vec!["--model", ".", "--adapter", "none", "--gguf", "x.gguf"],
+            "none",
+        ),
+        (
+            vec!["--model", ".", "--gguf", "x.gguf", "--type", "q3_k"],
+            "q3_k",
+        ),
+    ] {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .current_dir(&dir)
+            .arg("export")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!dir.join("x.gguf").exists() && !dir.join("x.gguf.partial").exists());
+    }
+    assert!(GgufFile::open(&out).is_ok(), "the input survived");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_tokenizer_gguf_cannot_hold_is_refused_by_name() {
+    // A WordPiece tokenizer.json: a typed error naming the file, before anything is written.
+    let (dir, _) = random_folder("wordpiece", false);
+    let path = dir.join("tokenizer.json");
+    let mut json: Json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["model"]["type"] = Json::from("WordPiece");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let base = MergeBase::open(&dir).unwrap();
+    let options = ExportOptions {
+        export: gguf_write::ExportType::F16,
+        base_weights: BaseWeights::Trained,
+        tokenizer: None,
+    };
+    let out = dir.join("x.gguf");
+    match export_gguf(&base, None, None, &out, &options) {
+        Err(Error::TokenizerFile { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("WordPiece"), "{reason}");
+        }
+        other => panic!("{:?}", other.map(|s| s.bytes)),
+    }
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

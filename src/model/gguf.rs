@@ -528,7 +528,6 @@ impl GgufFile {
     /// (special tokens, BOS handling and the chat template) into the folder `out`; returns their
     /// names.
     pub fn write_tokenizer_files(&self, out: &Path) -> Result<Vec<String>> {
-        let config = self.config()?;
         let parts = self.tokenizer_parts()?;
         let tokenizer =
             tokenizer_json(&parts).map_err(|e| self.corrupt(format!("tokenizer: {e}")))?;
@@ -547,10 +546,10 @@ impl GgufFile {
         }
         tok_config.insert("add_bos_token".into(), json!(parts.add_bos));
         tok_config.insert("clean_up_tokenization_spaces".into(), json!(false));
-        tok_config.insert(
-            "model_max_length".into(),
-            json!(config.max_position_embeddings),
-        );
+        // The context length is all of the model this needs (a tokenizer-only file has none).
+        if let Some(n) = self.unsigned(&format!("{}.context_length", self.architecture()?))? {
+            tok_config.insert("model_max_length".into(), json!(n));
+        }
         if let Some(t) = parts.chat_template {
             tok_config.insert("chat_template".into(), json!(t));
         }

@@ -91,9 +91,7 @@ pub fn ggml_type_code(dtype: GgmlDType) -> u32 {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third layer
 /// between them.
 pub fn use_more_bits(layer: usize, layers: usize) -> bool {
-    layer < layers / 8
-        || layer >= 7 * layers / 8
-        || (layer - layers / 8) % 3 == 2
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
 }
 
 /// The tensor type of the GGUF tensor `name` (row-major `shape`) in an `export` file of a model
