@@ -947,6 +947,44 @@ def make_smollm2_fixture(outdir: Path) -> None:
     save_file(out, str(outdir / "smollm2.safetensors"), metadata={"format": "pt", "text": SMOLLM2_TEXT})
 
 
+# The files `qlora export` writes from tests/gguf.rs's deterministic export model (hidden 256, one
+# layer, tied embeddings, the tokenizer fixture's vocabulary), committed by
+# `QLORA_BLESS_EXPORT=1 cargo test --test gguf exported_files`.
+EXPORTED_GGUF = ["exported-q8_0.gguf", "exported-q4_k_m.gguf"]
+
+
+def make_exported_gguf_fixture(outdir: Path) -> None:
+    """tests/fixtures/gguf/exported.safetensors + exported.json: what independent readers make of
+    the GGUF files qlora exported (EXPORTED_GGUF): gguf-py's tensor types, and transformers' GGUF
+    loader's f32 logits of one row of ids (`input_ids`, `logits.<file>`) and its tokenizer's ids
+    for GGUF_TEXTS. Skipped (with a message) when the exported files are missing."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not all((outdir / f).exists() for f in EXPORTED_GGUF):
+        print(f"no {EXPORTED_GGUF} in {outdir}: run QLORA_BLESS_EXPORT=1 cargo test --test gguf "
+              "exported_files first; exported.safetensors not written")
+        return
+    gen = torch.Generator().manual_seed(43)
+    ids = torch.randint(3, 300, (1, 13), generator=gen)
+    out = {"input_ids": ids}
+    expected = {}
+    for name in EXPORTED_GGUF:
+        reader = gguf.GGUFReader(str(outdir / name))
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        hf = AutoModelForCausalLM.from_pretrained(str(outdir), gguf_file=name, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(str(outdir), gguf_file=name)
+        with torch.no_grad():
+            out[f"logits.{name}"] = hf(input_ids=ids).logits.contiguous()
+        expected[name] = {
+            "types": types,
+            "encode": [{"text": t, "ids": tok.encode(t, add_special_tokens=True)} for t in GGUF_TEXTS],
+        }
+    save_file(out, str(outdir / "exported.safetensors"), metadata={"format": "pt"})
+    (outdir / "exported.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+
+
 def main() -> int:
     torch.use_deterministic_algorithms(True)
     fixtures = REPO / "tests" / "fixtures"
@@ -975,6 +1013,7 @@ def main() -> int:
     make_gguf_fixtures(fixtures / "gguf", fixtures / "tokenizer")
     make_gguf_spm_fixture(fixtures / "gguf")
     make_smollm2_fixture(fixtures / "gguf")
+    make_exported_gguf_fixture(fixtures / "gguf")
     print(f"wrote {fixtures / 'gguf'}")
     return 0
 

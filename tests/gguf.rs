@@ -820,6 +820,16 @@ fn q4_k_m_picks_llama_cpps_types() {
 /// A random Llama folder (hidden 256, intermediate 512, 4 heads of 64 over 2 kv heads, 2 layers,
 /// vocab 300) with the tokenizer of tests/fixtures/tokenizer; `tied`: no lm_head.
 fn random_folder(name: &str, tied: bool) -> (PathBuf, LlamaConfig) {
+    random_folder_of(name, tied, 2, 512)
+}
+
+/// [`random_folder`] with `layers` layers of `intermediate` MLP width; the same values each run.
+fn random_folder_of(
+    name: &str,
+    tied: bool,
+    layers: usize,
+    intermediate: usize,
+) -> (PathBuf, LlamaConfig) {
     let dir = scratch_dir(name);
     let mut config: serde_json::Map<String, Json> = serde_json::from_str(
         &std::fs::read_to_string(
@@ -830,11 +840,11 @@ fn random_folder(name: &str, tied: bool) -> (PathBuf, LlamaConfig) {
     .unwrap();
     for (k, v) in [
         ("hidden_size", 256),
-        ("intermediate_size", 512),
+        ("intermediate_size", intermediate),
         ("num_attention_heads", 4),
         ("num_key_value_heads", 2),
         ("head_dim", 64),
-        ("num_hidden_layers", 2),
+        ("num_hidden_layers", layers),
         ("vocab_size", 300),
         ("bos_token_id", 0),
         ("eos_token_id", 1),
@@ -850,28 +860,7 @@ fn random_folder(name: &str, tied: bool) -> (PathBuf, LlamaConfig) {
     )
     .unwrap();
     let c = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    if !tied {
-        names.push("lm_head.weight".into());
-    }
-    for i in 0..c.num_hidden_layers {
-        for n in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{i}.{n}.weight"));
-        }
-    }
+    let names = qlora::model::config::checkpoint_tensor_names(&c);
     let tensors: HashMap<String, Tensor> = names
         .iter()
         .enumerate()
@@ -1369,5 +1358,77 @@ fn a_tokenizer_gguf_cannot_hold_is_refused_by_name() {
         other => panic!("{:?}", other.map(|s| s.bytes)),
     }
     assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn exported_files_are_current_and_read_by_transformers_as_by_qlora() {
+    // tests/fixtures/gguf/exported-*.gguf are what `export` writes today from a deterministic
+    // model (byte for byte; `QLORA_BLESS_EXPORT=1` rewrites them, then scripts/make_fixtures.py
+    // re-reads them). transformers' GGUF loader and gguf-py, independent readers, made
+    // exported.safetensors / exported.json of them: the same tensor types, the same tokenizer ids
+    // as the source folder's tokenizer, and logits qlora's GGUF loader reproduces.
+    let (dir, _) = random_folder_of("fixture", true, 1, 256);
+    let files = [
+        ("exported-q8_0.gguf", gguf_write::ExportType::Q8_0),
+        ("exported-q4_k_m.gguf", gguf_write::ExportType::Q4KM),
+    ];
+    let bless = std::env::var_os("QLORA_BLESS_EXPORT").is_some();
+    for (name, export_type) in files {
+        let out = dir.join(name);
+        export(&dir, None, &out, export_type);
+        if bless {
+            std::fs::copy(&out, fixture(name)).unwrap();
+        }
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(fixture(name)).unwrap(),
+            "{name}: export no longer writes the committed file (QLORA_BLESS_EXPORT=1 rewrites it, \
+             then rerun scripts/make_fixtures.py)"
+        );
+    }
+    if bless {
+        return;
+    }
+    let want: Json =
+        serde_json::from_str(&std::fs::read_to_string(fixture("exported.json")).unwrap()).unwrap();
+    let logits =
+        candle_core::safetensors::load(fixture("exported.safetensors"), &Device::Cpu).unwrap();
+    let source_tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    for (name, _) in files {
+        let out = dir.join(name);
+        let types: HashMap<String, String> = ggml_types(&out)
+            .into_iter()
+            .map(|(k, v)| (k, format!("{v:?}")))
+            .collect();
+        let gguf_py: HashMap<String, String> = want[name]["types"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                // gguf-py's names (Q4_K) against candle's (Q4K).
+                (k.clone(), v.as_str().unwrap().replace("_K", "K"))
+            })
+            .collect();
+        assert_eq!(types, gguf_py, "{name}");
+        for case in want[name]["encode"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(
+                source_tokenizer.encode(text, true).unwrap(),
+                ids,
+                "{text:?}"
+            );
+        }
+        let file = GgufFile::open(&out).unwrap();
+        let config = file.config().unwrap();
+        let weights = LlamaWeights::load_gguf(&file, &config, &f32_options()).unwrap();
+        let got = LlamaModel::new(config, weights)
+            .unwrap()
+            .forward(&logits["input_ids"].to_dtype(DType::U32).unwrap(), None)
+            .unwrap();
+        lookup(Op::LlamaLogits, Dtype::F32)
+            .check(&values(&got), &values(&logits[&format!("logits.{name}")]))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -41,7 +41,7 @@ const LAYERS: &[&[&str]] = &[
 const MODEL_FILES: &[&[&str]] = &[
     &["config", "tokenizer", "kv_cache", "matmul"],
     &["adapter", "gguf"],
-    &["weights"],
+    &["weights", "gguf_write"],
     &["init", "cuda", "quantize_dir"],
     &["fused"],
     &["nf4_host"],

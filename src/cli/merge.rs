@@ -1,6 +1,7 @@
 //! `qlora merge`: a PEFT LoRA adapter folded into its base model (`W + s·B·A` per adapted linear,
 //! in f32 from the base's values, NF4 bases dequantized), written as a standalone Hugging Face
-//! model folder, optionally with the error re-quantizing it to NF4 would add.
+//! model folder, optionally with the error re-quantizing it to NF4 would add. The base may be a
+//! GGUF file (docs/ARCHITECTURE.md, "Merging").
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,17 +47,19 @@ pub fn parse_shard_size(text: &str) -> std::result::Result<u64, String> {
         model folder.\n\n\
         Every adapted linear becomes W + scaling·B·A (scaling = alpha/r, or alpha/sqrt(r) with \
         rsLoRA), computed in f32 from the base's stored values; an NF4 (bitsandbytes) base is \
-        dequantized to its original dtype first, exactly as the forward uses it. Tensors are \
+        dequantized to its original dtype first, exactly as the forward uses it; a llama.cpp \
+        GGUF base is dequantized as `--model FILE.gguf` loads it. Tensors are \
         read and written one at a time, so memory stays near the largest tensor. The output \
         holds model.safetensors (or shards with model.safetensors.index.json), config.json \
         without quantization_config and with torch_dtype set, and the base's tokenizer and \
-        generation files. transformers loads it with from_pretrained; qlora loads it with no \
-        adapter."
+        generation files (a GGUF base's tokenizer as `qlora convert` writes it). transformers \
+        loads it with from_pretrained; qlora loads it with no adapter. `qlora export` merges \
+        the same way into a GGUF file."
 )]
 pub struct MergeArgs {
     /// The base model folder: config.json + model.safetensors or shards; dense (f32, f16, bf16)
-    /// or bitsandbytes NF4 pre-quantized.
-    #[arg(long, value_name = "DIR")]
+    /// or bitsandbytes NF4 pre-quantized; or a llama.cpp GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub base: PathBuf,
     /// The PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]

@@ -389,34 +389,35 @@ pub fn llama_metadata(
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(export.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    for (key, field, v) in [
         (
-            "llama.context_length".into(),
-            u32_of("max_position_embeddings", config.max_position_embeddings)?,
+            "context_length",
+            "max_position_embeddings",
+            config.max_position_embeddings,
+        ),
+        ("embedding_length", "hidden_size", config.hidden_size),
+        ("block_count", "num_hidden_layers", config.num_hidden_layers),
+        (
+            "feed_forward_length",
+            "intermediate_size",
+            config.intermediate_size,
+        ),
+        ("rope.dimension_count", "head_dim", config.head_dim),
+        (
+            "attention.head_count",
+            "num_attention_heads",
+            config.num_attention_heads,
         ),
         (
-            "llama.embedding_length".into(),
-            u32_of("hidden_size", config.hidden_size)?,
+            "attention.head_count_kv",
+            "num_key_value_heads",
+            config.num_key_value_heads,
         ),
-        (
-            "llama.block_count".into(),
-            u32_of("num_hidden_layers", config.num_hidden_layers)?,
-        ),
-        (
-            "llama.feed_forward_length".into(),
-            u32_of("intermediate_size", config.intermediate_size)?,
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            u32_of("head_dim", config.head_dim)?,
-        ),
-        (
-            "llama.attention.head_count".into(),
-            u32_of("num_attention_heads", config.num_attention_heads)?,
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            u32_of("num_key_value_heads", config.num_key_value_heads)?,
-        ),
+    ] {
+        m.push((format!("llama.{key}"), u32_of(field, v)?));
+    }
+    m.extend([
         (
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F32(config.rms_norm_eps as f32),
@@ -429,7 +430,7 @@ pub fn llama_metadata(
             "llama.vocab_size".into(),
             u32_of("vocab_size", config.vocab_size)?,
         ),
-    ];
+    ]);
     if config.head_dim * config.num_attention_heads != config.hidden_size {
         for key in ["llama.attention.key_length", "llama.attention.value_length"] {
             m.push((key.into(), u32_of("head_dim", config.head_dim)?));
