@@ -825,12 +825,14 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 8e-3,
         },
     ),
-    // f16 merged weights run in f32: each weight moved by ≤ 2^-12 relative; measured 2.4e-4.
+    // f16 merged weights run in f32: each weight moved by ≤ 2^-12 relative; measured 2.4e-4 on
+    // the fixture (hidden 72, logits |x| ≲ 1.5), 2.3e-3 on tests/gguf.rs's f16 GGUF export (hidden
+    // 256, K up to 512, |x| ≤ 2.7; into the original weights instead: 0.69).
     (
         Op::MergedLogits,
         Dtype::F16,
         Tolerance {
-            atol: 2e-3,
+            atol: 5e-3,
             rtol: 1e-3,
         },
     ),

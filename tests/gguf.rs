@@ -1145,7 +1145,8 @@ fn a_sentencepiece_tokenizer_survives_gguf_to_folder_to_gguf() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A PEFT adapter (r 4, all seven linears, normal A and B) for a model of `c`, saved in `dir`.
+/// A PEFT adapter (r 4, alpha 8, all seven linears, A and B normal with std 0.05) for a model of
+/// `c`, saved in `dir`.
 fn random_adapter(c: &LlamaConfig, dir: &Path, seed: u64) -> LoraAdapter {
     let lora = LoraConfig {
         r: 4,
@@ -1159,7 +1160,7 @@ fn random_adapter(c: &LlamaConfig, dir: &Path, seed: u64) -> LoraAdapter {
             let [out, inp] = module.shape(c);
             let s = seed * 1000 + (layer * 10 + j) as u64 * 2;
             let m = |rows: usize, cols: usize, seed: u64| {
-                let v = qlora::testing::normal_vector(rows * cols, 0.1, seed);
+                let v = qlora::testing::normal_vector(rows * cols, 0.05, seed);
                 Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
             };
             let pair = LoraPair {
@@ -1430,5 +1431,92 @@ fn exported_files_are_current_and_read_by_transformers_as_by_qlora() {
             .check(&values(&got), &values(&logits[&format!("logits.{name}")]))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_adapter_trained_on_nf4_is_exported_into_the_weights_it_trained_against() {
+    // The QLoRA model a run trained (the folder quantized to NF4 on load, plus the adapter, whose
+    // qlora_base.json says so): the default f16 export alone gives its logits within f16's
+    // rounding; exported into the original weights, it is far further off.
+    use qlora::peft::base_record::{BaseLinears, BaseRecord};
+    let (dir, c) = random_folder("trained", false);
+    let adapter = random_adapter(&c, &dir.join("adapter"), 11);
+    BaseRecord {
+        linears: BaseLinears::Nf4OnLoad,
+        blocksize: Some(64),
+        double_quant: Some(true),
+        quantized_from: Some("float32".into()),
+        model: "trained".into(),
+    }
+    .write(&dir.join("adapter"))
+    .unwrap();
+    let ids = Tensor::new(
+        &[[0u32, 74, 71, 78, 78, 81, 260, 271, 78, 70, 5, 299]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let qlora_model = LlamaModel::new(
+        c.clone(),
+        LlamaWeights::load(
+            &dir,
+            &c,
+            &LoadOptions {
+                quantize: true,
+                ..f32_options()
+            },
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let want = values(
+        &qlora_model
+            .forward_with_adapter(&ids, None, &adapter, &qlora::model::adapter::LoraMode::Eval)
+            .unwrap(),
+    );
+    let run_export = |name: &str, base_weights: BaseWeights| -> Vec<f32> {
+        let (adapter, record) = qlora::peft::merge::read_adapter(&dir.join("adapter")).unwrap();
+        assert!(record.is_some());
+        let out = dir.join(name);
+        let options = ExportOptions {
+            export: gguf_write::ExportType::F16,
+            base_weights,
+            tokenizer: None,
+        };
+        let s = export_gguf(
+            &MergeBase::open(&dir).unwrap(),
+            Some(&adapter),
+            record,
+            &out,
+            &options,
+        )
+        .unwrap();
+        assert_eq!(s.stats.merged_modules, 14);
+        let file = GgufFile::open(&out).unwrap();
+        let config = file.config().unwrap();
+        let weights = LlamaWeights::load_gguf(&file, &config, &f32_options()).unwrap();
+        values(
+            &LlamaModel::new(config, weights)
+                .unwrap()
+                .forward(&ids, None)
+                .unwrap(),
+        )
+    };
+    let trained = run_export("trained.gguf", BaseWeights::Trained);
+    let on_trained = max_diff(&trained, &want);
+    let original = run_export("original.gguf", BaseWeights::Original);
+    let on_original = max_diff(&original, &want);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!(
+        "max |Δlogit| vs the QLoRA model (|logit| ≤ {scale:.2}): trained-against {on_trained:.2e}, \
+         original {on_original:.2e}"
+    );
+    lookup(Op::MergedLogits, Dtype::F16)
+        .check(&trained, &want)
+        .unwrap_or_else(|e| panic!("exported into the trained-against weights: {e}"));
+    assert!(
+        on_original > 20.0 * on_trained,
+        "{on_original} vs {on_trained}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
