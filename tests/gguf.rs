@@ -15,11 +15,12 @@ use candle_core::{DType, Device, Tensor};
 use qlora::model::gguf::{gguf_name, is_gguf, permute_rows, GgufFile};
 use qlora::model::gguf_write;
 use qlora::model::llama::LlamaModel;
+use qlora::model::source::ModelSource;
 use qlora::model::tokenizer::ChatMessage;
 use qlora::model::tokenizer::Tokenizer;
 use qlora::model::{LlamaConfig, LlamaWeights, LoadOptions, RopeScaling};
 use qlora::peft::export::{export_gguf, ExportOptions};
-use qlora::peft::merge::{BaseWeights, MergeBase};
+use qlora::peft::merge::BaseWeights;
 use qlora::peft::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 use qlora::testing::values;
 use qlora::tolerance::{lookup, Dtype, Op};
@@ -898,7 +899,7 @@ fn export(base: &Path, adapter: Option<&Path>, out: &Path, export: gguf_write::E
         }
         None => (None, None),
     };
-    let base = MergeBase::open(base).unwrap();
+    let base = ModelSource::open(base).unwrap();
     let options = ExportOptions {
         export,
         base_weights: BaseWeights::Trained,
@@ -1344,7 +1345,7 @@ fn a_tokenizer_gguf_cannot_hold_is_refused_by_name() {
     let mut json: Json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     json["model"]["type"] = Json::from("WordPiece");
     std::fs::write(&path, json.to_string()).unwrap();
-    let base = MergeBase::open(&dir).unwrap();
+    let base = ModelSource::open(&dir).unwrap();
     let options = ExportOptions {
         export: gguf_write::ExportType::F16,
         base_weights: BaseWeights::Trained,
@@ -1484,7 +1485,7 @@ fn an_adapter_trained_on_nf4_is_exported_into_the_weights_it_trained_against() {
             tokenizer: None,
         };
         let s = export_gguf(
-            &MergeBase::open(&dir).unwrap(),
+            &ModelSource::open(&dir).unwrap(),
             Some(&adapter),
             record,
             &out,

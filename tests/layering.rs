@@ -41,7 +41,7 @@ const LAYERS: &[&[&str]] = &[
 const MODEL_FILES: &[&[&str]] = &[
     &["config", "tokenizer", "kv_cache", "matmul"],
     &["adapter", "gguf"],
-    &["weights", "gguf_write"],
+    &["weights", "gguf_write", "source"],
     &["init", "cuda", "quantize_dir"],
     &["fused"],
     &["nf4_host"],

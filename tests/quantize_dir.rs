@@ -303,3 +303,46 @@ fn a_folder_missing_a_tensor_is_refused_naming_it() {
     assert!(!out.join("q").exists());
     fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn a_gguf_file_quantizes_to_the_nf4_weights_quantize_on_load_makes_of_it() {
+    // tests/fixtures/gguf/tiny.gguf (F32 … Q5_0 tensors): the folder's NF4 linears are those the
+    // loader makes when it quantizes the GGUF file's dequantized weights, the other tensors are
+    // f32, and the config and tokenizer files are the GGUF file's; the logits agree bit for bit.
+    use qlora::model::gguf::GgufFile;
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/tiny.gguf");
+    let out = scratch("gguf");
+    let s = quantize_model_dir(&src, &out, &QuantizeDirOptions::default()).unwrap();
+    assert_eq!((s.quantized, s.copied), (14, 7));
+    assert_eq!(s.copied_files, ["tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(config_json(&out)["torch_dtype"], "float32");
+    let (config, stored) = load_weights(&out, DType::F32, false);
+    let gguf = GgufFile::open(&src).unwrap();
+    let gguf_config = gguf.config().unwrap();
+    let on_load = LlamaWeights::load_gguf(
+        &gguf,
+        &gguf_config,
+        &LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            quantize: true,
+        },
+    )
+    .unwrap();
+    for (x, y) in linears(&stored).iter().zip(&linears(&on_load)) {
+        match (x, y) {
+            (Linear::Nf4(x), Linear::Nf4(y)) => assert_eq!(x, y),
+            _ => panic!("a linear is not NF4"),
+        }
+    }
+    assert_eq!(logits(config, stored), logits(gguf_config, on_load));
+    let tok = qlora::model::tokenizer::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(
+        tok.encode("hello world", false).unwrap(),
+        gguf.tokenizer()
+            .unwrap()
+            .encode("hello world", false)
+            .unwrap()
+    );
+    fs::remove_dir_all(&out).unwrap();
+}

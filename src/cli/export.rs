@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use crate::cli::merge::{print_base_weights, BaseWeightsArg};
 use crate::model::gguf_write::ExportType;
+use crate::model::source::ModelSource;
 use crate::peft::export::{export_gguf, ExportOptions};
-use crate::peft::merge::{read_adapter, BaseWeights, MergeBase};
+use crate::peft::merge::{read_adapter, BaseWeights};
 use crate::Result;
 
 /// `--type`.
@@ -79,7 +80,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         }
         None => (None, None),
     };
-    let base = MergeBase::open(&args.model)?;
+    let base = ModelSource::open(&args.model)?;
     let options = ExportOptions {
         export: args.export_type.export_type(),
         base_weights: match args.base_weights {

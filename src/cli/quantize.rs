@@ -26,15 +26,19 @@ use crate::{Error, Result};
         pre-quantized folder: the seven linears of every layer in NF4 (the tensors and quant \
         state bitsandbytes saves), embeddings, norms and lm_head copied as stored, \
         `quantization_config` added to config.json as transformers writes it, tokenizer files \
-        copied. transformers (with bitsandbytes) and `qlora` load it without requantizing.\n\n\
+        copied. transformers (with bitsandbytes) and `qlora` load it without requantizing. \
+        --model-dir may be a llama.cpp GGUF file: its tensors are dequantized, the linears \
+        quantized from those values, the rest written in f32, with the config and tokenizer \
+        files `qlora convert` writes.\n\n\
         With --input, every 2-D `*_proj.weight` of one safetensors file is quantized and the \
         other tensors copied. With neither, a built-in 4096×4096 Llama-shaped weight is \
         quantized and the emulated CUDA kernels are checked against the Rust reference."
 )]
 pub struct QuantizeArgs {
     /// A Hugging Face model folder (config.json + model.safetensors or shards with
-    /// model.safetensors.index.json) to turn into a bitsandbytes NF4 folder; needs --output.
-    #[arg(long, value_name = "DIR", conflicts_with = "input")]
+    /// model.safetensors.index.json), or a llama.cpp GGUF file, to turn into a bitsandbytes NF4
+    /// folder; needs --output.
+    #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with = "input")]
     pub model_dir: Option<PathBuf>,
     /// A safetensors file; every 2-D `*_proj.weight` tensor is quantized, others are copied.
     #[arg(long, value_name = "FILE")]
@@ -111,7 +115,11 @@ fn quantize_dir(input: &Path, output: &Path, args: &QuantizeArgs) -> Result<()> 
         println!("wrote {}", f.display());
     }
     if !s.copied_files.is_empty() {
-        println!("copied {}", s.copied_files.join(", "));
+        let verb = match crate::model::gguf::is_gguf(input) {
+            true => "wrote",
+            false => "copied",
+        };
+        println!("{verb} {}", s.copied_files.join(", "));
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod llama;
 pub(crate) mod matmul;
 mod nf4_host;
 pub mod quantize_dir;
+pub mod source;
 pub mod tokenizer;
 pub mod weights;
 

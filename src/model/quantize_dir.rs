@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-use crate::hf::checkpoint::widen;
+use crate::hf::checkpoint::{widen, Checkpoint};
 use crate::hf::folder::{
-    copy_side_files, ordered_names, prepare_output_dir, write_checkpoint, write_config,
-    ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
+    ordered_names, prepare_output_dir, write_checkpoint, write_config, OutTensor,
+    DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{
-    checkpoint_tensor_names, read_folder_config, torch_dtype_name, TorchDtype,
-};
+use crate::model::config::{checkpoint_tensor_names, torch_dtype_name, LlamaConfig, TorchDtype};
+use crate::model::gguf::{gguf_name, hf_tensor_shape, GgufFile};
+use crate::model::source::ModelSource;
 use crate::model::weights::is_linear;
 use crate::quant::bnb::{nf4_to_tensors, quant_state_json, OwnedTensor, QUANT_STATE_SUFFIX};
 use crate::quant::dynamic8;
@@ -160,9 +160,59 @@ fn nf4_layout(header: &Nf4Tensor) -> Vec<(&'static str, Dtype, Vec<usize>)> {
     out
 }
 
-/// Quantizes the model folder `input` into `output` (see the module docs). The input must be a
-/// dense Llama checkpoint (a `quantization_config` already there is refused); linears are
-/// checked against the config's shapes before anything is written.
+/// Where [`quantize_model_dir`] reads tensors: a folder's checkpoint (views into its mapped
+/// shards) or a GGUF file (each tensor dequantized to f32, Q/K rows in Hugging Face order, when
+/// it is read).
+enum Tensors<'a> {
+    Folder(Checkpoint<'a>),
+    Gguf(&'a GgufFile, &'a LlamaConfig),
+}
+
+impl Tensors<'_> {
+    /// The tensor names in state-dict order.
+    fn names(&self) -> Vec<String> {
+        match self {
+            Tensors::Folder(c) => ordered_names(c),
+            Tensors::Gguf(_, config) => checkpoint_tensor_names(config),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Tensors::Folder(c) => c.shard_of.contains_key(name),
+            Tensors::Gguf(g, _) => gguf_name(name).is_some_and(|n| g.has_tensor(&n)),
+        }
+    }
+
+    /// `f` of the tensor `name` (checked to be finite when `finite`; a GGUF tensor always is).
+    fn with<R>(
+        &self,
+        name: &str,
+        finite: bool,
+        f: impl FnOnce(&TensorView<'_>) -> Result<R>,
+    ) -> Result<R> {
+        match self {
+            Tensors::Folder(c) if finite => f(&c.finite_view(name)?),
+            Tensors::Folder(c) => f(&c.view(name)?),
+            Tensors::Gguf(g, config) => {
+                let shape = hf_tensor_shape(config, name);
+                let bytes = f32_bytes(&g.tensor_f32(name, &shape, config)?);
+                let view =
+                    TensorView::new(Dtype::F32, shape, &bytes).map_err(|e| Error::BadTensor {
+                        key: name.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                f(&view)
+            }
+        }
+    }
+}
+
+/// Quantizes the model `input` into the folder `output` (see the module docs): a dense Hugging
+/// Face folder (a `quantization_config` already there is refused), or a llama.cpp GGUF file, whose
+/// tensors are dequantized (the linears quantized from those f32 values, the rest written in f32)
+/// and whose config and tokenizer files are those `qlora convert` writes. Linears are checked
+/// against the config's shapes before anything is written.
 ///
 /// Memory: one tensor at a time. safetensors orders a file's tensors by dtype, so a linear's F32
 /// scales are written before its U8 codes: the layout and the F32 scales come from passes of
@@ -174,66 +224,96 @@ pub fn quantize_model_dir(
 ) -> Result<QuantizeDirSummary> {
     let (input, output) = (input.as_ref(), output.as_ref());
     crate::quant::nf4::check_blocksize("quantize_model_dir", options.blocksize)?;
-    let folder = ModelFolder::open(input)?;
-    let (mut raw_config, config) = read_folder_config(&folder)?;
+    let source = ModelSource::open(input)?;
+    let (mut raw_config, config) = source.config()?;
     if config.quantization.is_some() {
         return Err(Error::Config {
             field: "quantization_config",
             reason: "the model is already quantized".to_string(),
         });
     }
-    let checkpoint = folder.checkpoint()?;
+    let tensors_in = match &source {
+        ModelSource::Folder(folder) => Tensors::Folder(folder.checkpoint()?),
+        ModelSource::Gguf(g) => {
+            raw_config.insert(
+                "torch_dtype".into(),
+                json!(torch_dtype_name(TorchDtype::F32)),
+            );
+            Tensors::Gguf(g, &config)
+        }
+    };
     // Every tensor the config implies must be there before anything is written: a folder with
     // one missing would otherwise quantize "successfully" into a model that cannot load.
     let missing: Vec<String> = checkpoint_tensor_names(&config)
         .into_iter()
-        .filter(|name| !checkpoint.shard_of.contains_key(name))
+        .filter(|name| !tensors_in.contains(name))
         .collect();
     if let Some(first) = missing.first() {
         return Err(Error::CorruptFile {
             path: input.to_path_buf(),
             reason: format!(
-                "the checkpoint lacks {} tensor(s) its config.json implies, first `{first}`",
+                "the checkpoint lacks {} tensor(s) its config implies, first `{first}`",
                 missing.len()
             ),
         });
     }
-    let names = ordered_names(&checkpoint);
+    let names = tensors_in.names();
 
     // One quantized linear at a time, with the error sums of every linear seen so far.
     let cache: RefCell<Option<QuantizedModule>> = RefCell::new(None);
     let error_sums: RefCell<BTreeMap<String, (f64, f64)>> = RefCell::new(BTreeMap::new());
-    let (checkpoint, cache, error_sums) = (&checkpoint, &cache, &error_sums);
+    let (tensors_in, cache, error_sums) = (&tensors_in, &cache, &error_sums);
     let (bs, dq) = (options.blocksize, options.double_quant);
 
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     let (mut quantized, mut copied, mut bytes_in, mut parameters) = (0, 0, 0u64, 0u64);
     for name in &names {
-        let view = checkpoint.finite_view(name)?;
-        bytes_in += view.data().len() as u64;
-        parameters += view.shape().iter().product::<usize>() as u64;
-        if !is_linear(name) {
+        let linear = is_linear(name);
+        // The dtype, shape and size of each tensor, and a linear's NF4 header (scales and quant
+        // state, from a cheap pass of block maxima: enough to lay out its tensors now; the codes
+        // are computed when the shard reaches them).
+        let (dtype, shape, len, header) = tensors_in.with(name, true, |view| {
+            let header = match linear {
+                true => {
+                    let module = name.trim_end_matches(".weight").rsplit('.').next();
+                    let expected =
+                        crate::model::config::linear_shape(&config, module.unwrap_or_default());
+                    if view.shape() != expected {
+                        return Err(Error::BadTensor {
+                            key: name.clone(),
+                            reason: format!(
+                                "shape {:?}, the config gives {expected:?}",
+                                view.shape()
+                            ),
+                        });
+                    }
+                    Some(nf4_header(name, view, bs, dq)?)
+                }
+                false => None,
+            };
+            Ok((
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().len(),
+                header,
+            ))
+        })?;
+        bytes_in += len as u64;
+        parameters += shape.iter().product::<usize>() as u64;
+        let Some(header) = header else {
             copied += 1;
+            let source = name.clone();
             tensors.push(OutTensor {
                 name: name.clone(),
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                produce: Box::new(move || Ok(view.data().to_vec())),
+                dtype,
+                shape,
+                produce: Box::new(move || {
+                    tensors_in.with(&source, false, |view| Ok(view.data().to_vec()))
+                }),
             });
             continue;
-        }
+        };
         let prefix = name.trim_end_matches(".weight").to_string();
-        let module = prefix.rsplit('.').next().unwrap_or_default();
-        let expected = crate::model::config::linear_shape(&config, module);
-        if view.shape() != expected {
-            return Err(Error::BadTensor {
-                key: name.clone(),
-                reason: format!("shape {:?}, the config gives {expected:?}", view.shape()),
-            });
-        }
-        // The codes are computed when the shard reaches them; the header (scales and quant
-        // state) comes from a cheap pass of block maxima, enough to lay out the tensors now.
-        let header = nf4_header(name, &view, bs, dq)?;
         quantized += 1;
         for (suffix, dtype, shape) in nf4_layout(&header) {
             let key = format!("{name}{suffix}");
@@ -244,19 +324,22 @@ pub fn quantize_model_dir(
                     Box::new(|| Ok(f32_bytes(dynamic8::dynamic_map_signed_ref())))
                 }
                 ".nested_absmax" | ".absmax" if dtype == Dtype::F32 => Box::new(move || {
-                    let view = checkpoint.view(&source)?;
-                    Ok(match nf4_header(&source, &view, bs, dq)?.scales {
-                        Nf4Scales::Double(d) => f32_bytes(&d.nested_absmax),
-                        Nf4Scales::F32(absmax) => f32_bytes(&absmax),
+                    tensors_in.with(&source, false, |view| {
+                        Ok(match nf4_header(&source, view, bs, dq)?.scales {
+                            Nf4Scales::Double(d) => f32_bytes(&d.nested_absmax),
+                            Nf4Scales::F32(absmax) => f32_bytes(&absmax),
+                        })
                     })
                 }),
                 _ => Box::new(move || {
                     let mut slot = cache.borrow_mut();
                     if slot.as_ref().is_none_or(|(p, _)| *p != prefix) {
-                        let view = checkpoint.view(&source)?;
-                        let t = quantize_view(&source, &view, bs, dq)?;
-                        let (se, norm) = nf4_error(&t, &view)?;
-                        error_sums.borrow_mut().insert(prefix.clone(), (se, norm));
+                        let (t, errors) = tensors_in.with(&source, false, |view| {
+                            let t = quantize_view(&source, view, bs, dq)?;
+                            let errors = nf4_error(&t, view)?;
+                            Ok((t, errors))
+                        })?;
+                        error_sums.borrow_mut().insert(prefix.clone(), errors);
                         *slot = Some((prefix.clone(), nf4_to_tensors(&prefix, &t)?));
                     }
                     slot.iter()
@@ -282,7 +365,7 @@ pub fn quantize_model_dir(
     prepare_output_dir(output, &[input])?;
     let written = write_checkpoint(output, tensors, options.max_shard_bytes, parameters)?;
     write_config(output, &raw_config)?;
-    let copied_files = copy_side_files(input, output)?;
+    let copied_files = source.write_side_files(output)?;
     let (se, norm) = error_sums
         .borrow()
         .values()

@@ -13,8 +13,9 @@ use crate::model::gguf::{gguf_name, permute_rows};
 use crate::model::gguf_write::{
     hf_tokenizer_metadata, llama_metadata, tensor_type, write_gguf, ExportType, GgufTensorOut,
 };
+use crate::model::source::ModelSource;
 use crate::peft::base_record::BaseRecord;
-use crate::peft::merge::{merge_with, BaseWeights, MergeBase, MergeOptions, MergeStats};
+use crate::peft::merge::{merge_with, BaseWeights, MergeOptions, MergeStats};
 use crate::peft::LoraAdapter;
 use crate::{Error, Result};
 
@@ -43,7 +44,7 @@ pub struct ExportSummary {
 /// under llama.cpp's name in the type [`tensor_type`] gives it for `options.export` (lm_head left
 /// out when the embeddings are tied).
 pub fn export_gguf(
-    base: &MergeBase,
+    base: &ModelSource,
     adapter: Option<&LoraAdapter>,
     record: Option<BaseRecord>,
     out: &Path,
@@ -72,8 +73,8 @@ pub fn export_gguf(
         let mut metadata = llama_metadata(config, &name, options.export)?;
         metadata.extend(match (&options.tokenizer, base) {
             (Some(dir), _) => hf_tokenizer_metadata(dir, config.vocab_size)?,
-            (None, MergeBase::Gguf(g)) => g.tokenizer_metadata(),
-            (None, MergeBase::Folder(f)) => hf_tokenizer_metadata(f.dir(), config.vocab_size)?,
+            (None, ModelSource::Gguf(g)) => g.tokenizer_metadata(),
+            (None, ModelSource::Folder(f)) => hf_tokenizer_metadata(f.dir(), config.vocab_size)?,
         });
         let gqa = config.num_attention_heads / config.num_key_value_heads.max(1);
         let mut tensors = Vec::new();

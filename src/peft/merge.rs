@@ -15,13 +15,12 @@ use serde_json::{Map, Value};
 
 use crate::hf::checkpoint::widen;
 use crate::hf::folder::{
-    copy_side_files, ordered_names, prepare_output_dir, state_dict_order, write_checkpoint,
-    write_config, ModelFolder, OutTensor, DEFAULT_MAX_SHARD_BYTES,
+    ordered_names, prepare_output_dir, state_dict_order, write_checkpoint, write_config, OutTensor,
+    DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::model::config::{
-    checkpoint_tensor_names, read_folder_config, torch_dtype_name, LlamaConfig, TorchDtype,
-};
-use crate::model::gguf::{gguf_name, hf_tensor_shape, is_gguf, GgufFile};
+use crate::model::config::{checkpoint_tensor_names, torch_dtype_name, LlamaConfig, TorchDtype};
+use crate::model::gguf::{gguf_name, hf_tensor_shape};
+use crate::model::source::ModelSource;
 use crate::model::weights::{is_linear, quantize_as_loaded, NF4_LOAD_BLOCKSIZE};
 use crate::peft::base_record::{BaseLinears, BaseRecord, BASE_RECORD_FILE};
 use crate::peft::lora::{LoraAdapter, LoraPair, TargetModule};
@@ -200,61 +199,10 @@ enum BaseLinear {
     Nf4(String),
 }
 
-/// The model an adapter is merged into: a Hugging Face folder (dense or bitsandbytes NF4) or a
-/// llama.cpp GGUF file (each tensor dequantized, Q/K rows in Hugging Face order).
-pub enum MergeBase {
-    Folder(ModelFolder),
-    Gguf(GgufFile),
-}
-
-impl MergeBase {
-    /// Opens `path`: a GGUF file when it starts with GGUF's magic bytes, else a model folder.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        if path.is_file() && is_gguf(path) {
-            Ok(Self::Gguf(GgufFile::open(path)?))
-        } else {
-            Ok(Self::Folder(ModelFolder::open(path)?))
-        }
-    }
-
-    /// The folder or file it was opened from.
-    pub fn path(&self) -> &Path {
-        match self {
-            Self::Folder(f) => f.dir(),
-            Self::Gguf(g) => g.path(),
-        }
-    }
-
-    /// `config.json` as a JSON object (a GGUF file's built from its metadata) and validated.
-    pub fn config(&self) -> Result<(Map<String, Value>, LlamaConfig)> {
-        match self {
-            Self::Folder(f) => read_folder_config(f),
-            Self::Gguf(g) => {
-                let mut raw = g.config_json()?;
-                raw.insert(
-                    "architectures".into(),
-                    Value::from(vec!["LlamaForCausalLM"]),
-                );
-                Ok((raw, g.config()?))
-            }
-        }
-    }
-
-    /// The tokenizer (and generation) files of the base written into `out`: a folder's copied,
-    /// a GGUF file's built from its metadata.
-    pub fn write_side_files(&self, out: &Path) -> Result<Vec<String>> {
-        match self {
-            Self::Folder(f) => copy_side_files(f.dir(), out),
-            Self::Gguf(g) => g.write_tokenizer_files(out),
-        }
-    }
-}
-
 /// A merged model ready to be written: its config and its tensors in Hugging Face names and
 /// order, each produced (merged, converted) when the writer asks for it.
 pub struct MergedModel<'a> {
-    pub base: &'a MergeBase,
+    pub base: &'a ModelSource,
     pub config: &'a LlamaConfig,
     /// `config.json` without `quantization_config`, with `torch_dtype` set to the output dtype.
     pub raw_config: Map<String, Value>,
@@ -284,7 +232,7 @@ pub fn merge_adapter_dir(
 ) -> Result<MergeSummary> {
     let adapter_dir = adapter_dir.as_ref();
     let (adapter, record) = read_adapter(adapter_dir)?;
-    let base = MergeBase::open(base_dir.as_ref())?;
+    let base = ModelSource::open(base_dir.as_ref())?;
     write_folder(
         &base,
         &adapter,
@@ -325,12 +273,12 @@ pub fn merge_adapter(
     out_dir: impl AsRef<Path>,
     options: &MergeOptions,
 ) -> Result<MergeSummary> {
-    let base = MergeBase::open(base_dir.as_ref())?;
+    let base = ModelSource::open(base_dir.as_ref())?;
     write_folder(&base, adapter, out_dir.as_ref(), options, None, &[])
 }
 
 fn write_folder(
-    base: &MergeBase,
+    base: &ModelSource,
     adapter: &LoraAdapter,
     out_dir: &Path,
     options: &MergeOptions,
@@ -369,7 +317,7 @@ fn write_folder(
 /// which writes it (a folder, a GGUF file); the tensors are produced while `sink` runs, so the
 /// returned [`MergeStats`] are complete only after it.
 pub fn merge_with<R>(
-    base: &MergeBase,
+    base: &ModelSource,
     adapter: Option<&LoraAdapter>,
     options: &MergeOptions,
     record: Option<BaseRecord>,
@@ -415,8 +363,8 @@ pub fn merge_with<R>(
         })?;
     }
     let (checkpoint, gguf) = match base {
-        MergeBase::Folder(f) => (Some(f.checkpoint()?), None),
-        MergeBase::Gguf(g) => (None, Some(g)),
+        ModelSource::Folder(f) => (Some(f.checkpoint()?), None),
+        ModelSource::Gguf(g) => (None, Some(g)),
     };
     let names = match &checkpoint {
         Some(c) => ordered_names(c),
