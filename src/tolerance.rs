@@ -120,6 +120,10 @@ pub enum Op {
     /// each step feeds it [`Op::LoraGradDevice`] gradients, and m̂/(√v̂ + eps) turns a relative
     /// gradient error into about the same relative error of the update, carried step to step.
     TrainDevice,
+    /// Llama 3.1's RoPE scaling as llama.cpp stores it (the base inverse frequencies divided by
+    /// `rope_freqs`, computed in f64 and rounded to f32) against transformers' scaled inverse
+    /// frequencies (f32 throughout): a few roundings apart.
+    RopeFreqFactors,
 }
 
 /// Memory plan (`train::plan`) against bytes counted by a global allocator (tests/plan.rs): host
@@ -1068,6 +1072,32 @@ const TABLE: &[(Op, Dtype, Tolerance)] = &[
             rtol: 8e-3,
         },
     ),
+    // Measured 1.13 ulp (tests/gguf.rs, head_dim 64, theta 5e5, all three regions); 4 ulps.
+    (
+        Op::RopeFreqFactors,
+        Dtype::F32,
+        Tolerance {
+            atol: 0.0,
+            rtol: 4.0 * f32::EPSILON,
+        },
+    ),
+    // Frequencies are f32 only; the entries keep the table total.
+    (
+        Op::RopeFreqFactors,
+        Dtype::BF16,
+        Tolerance {
+            atol: 0.0,
+            rtol: 4.0 * f32::EPSILON,
+        },
+    ),
+    (
+        Op::RopeFreqFactors,
+        Dtype::F16,
+        Tolerance {
+            atol: 0.0,
+            rtol: 4.0 * f32::EPSILON,
+        },
+    ),
 ];
 
 /// The tolerance for `op` compared in `dtype`.
@@ -1117,6 +1147,7 @@ mod tests {
             Op::FusedLoss,
             Op::FusedLoraGrad,
             Op::TrainDevice,
+            Op::RopeFreqFactors,
         ] {
             for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let n = TABLE

@@ -371,8 +371,8 @@ pub fn write_gguf(
 /// The `general.*` and `llama.*` metadata of a Llama with `config`, as llama.cpp's converter
 /// writes it: sizes, head counts (and the head size when it is not hidden / heads), RMSNorm
 /// epsilon, RoPE base and linear scaling, context length, vocabulary size, the file type and
-/// quantization version. Llama 3.1's RoPE scaling (llama.cpp stores it as a `rope_freqs` tensor)
-/// is refused.
+/// quantization version. Llama 3.1's RoPE scaling is no metadata but the `rope_freqs` tensor
+/// ([`rope_freq_factors`]).
 pub fn llama_metadata(
     config: &LlamaConfig,
     name: &str,
@@ -448,16 +448,52 @@ pub fn llama_metadata(
                 Value::F32(*factor as f32),
             ));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(Error::Config {
-                field: "rope_scaling",
-                reason: "Llama 3.1's rope scaling (llama3) is not written to GGUF yet (llama.cpp \
-                         keeps it as a rope_freqs tensor)"
-                    .into(),
-            })
-        }
+        // llama.cpp keeps Llama 3.1's scaling as the `rope_freqs` tensor ([`rope_freq_factors`]).
+        RopeScaling::Llama3 { .. } => {}
     }
     Ok(m)
+}
+
+/// The `rope_freqs.weight` tensor llama.cpp's converter writes for Llama 3.1's RoPE scaling
+/// (`rope_type` llama3), `head_dim / 2` divisors of the base inverse frequencies: 1 for short
+/// wavelengths, `factor` for long ones, and between the two `1 / ((1 − smooth) / factor +
+/// smooth)` with `smooth = (original_context / wavelength − low_freq_factor) / (high_freq_factor
+/// − low_freq_factor)`; computed in f64 and rounded once. `None` for other scalings.
+pub fn rope_freq_factors(config: &LlamaConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = config.rope_scaling
+    else {
+        return None;
+    };
+    let old_context = original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = (
+        old_context / low_freq_factor,
+        old_context / high_freq_factor,
+    );
+    let dim = config.head_dim as f64;
+    Some(
+        (0..config.head_dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / config.rope_theta.powf(i as f64 / dim);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let divisor = if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (old_context / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                divisor as f32
+            })
+            .collect(),
+    )
 }
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).

@@ -6,12 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use safetensors::tensor::Dtype;
 
 use crate::model::config::TorchDtype;
 use crate::model::gguf::{gguf_name, permute_rows};
 use crate::model::gguf_write::{
-    hf_tokenizer_metadata, llama_metadata, tensor_type, write_gguf, ExportType, GgufTensorOut,
+    hf_tokenizer_metadata, llama_metadata, rope_freq_factors, tensor_type, write_gguf, ExportType,
+    GgufTensorOut,
 };
 use crate::model::source::ModelSource;
 use crate::peft::base_record::BaseRecord;
@@ -78,6 +80,15 @@ pub fn export_gguf(
         });
         let gqa = config.num_attention_heads / config.num_key_value_heads.max(1);
         let mut tensors = Vec::new();
+        // Llama 3.1's RoPE scaling, first as llama.cpp's converter writes it.
+        if let Some(factors) = rope_freq_factors(config) {
+            tensors.push(GgufTensorOut {
+                name: "rope_freqs.weight".into(),
+                shape: vec![factors.len()],
+                dtype: GgmlDType::F32,
+                produce: Box::new(move || Ok(factors.clone())),
+            });
+        }
         for t in &merged.tensors {
             if config.tie_word_embeddings && t.name == "lm_head.weight" {
                 continue;
