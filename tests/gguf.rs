@@ -1574,3 +1574,40 @@ fn llama3_rope_scaling_is_exported_as_llama_cpps_rope_freqs() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_folder_without_a_tokenizer_needs_one_from_elsewhere() {
+    // No tokenizer.json: a TokenizerFile error naming it, nothing written; with `tokenizer` (the
+    // CLI's --tokenizer) the given folder's tokenizer goes into the file.
+    let (dir, c) = random_folder("no-tokenizer", false);
+    let tok_dir = dir.join("tok");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::rename(dir.join(f), tok_dir.join(f)).unwrap();
+    }
+    let base = ModelSource::open(&dir).unwrap();
+    let mut options = ExportOptions {
+        export: gguf_write::ExportType::F16,
+        base_weights: BaseWeights::Trained,
+        tokenizer: None,
+    };
+    let out = dir.join("x.gguf");
+    match export_gguf(&base, None, None, &out, &options) {
+        Err(Error::TokenizerFile { path, .. }) => assert_eq!(path, dir.join("tokenizer.json")),
+        other => panic!("{:?}", other.map(|s| s.bytes)),
+    }
+    assert!(!out.exists());
+    options.tokenizer = Some(tok_dir.clone());
+    export_gguf(&base, None, None, &out, &options).unwrap();
+    let file = GgufFile::open(&out).unwrap();
+    assert_eq!(file.config().unwrap().vocab_size, c.vocab_size);
+    let want = Tokenizer::from_dir(&tok_dir).unwrap();
+    let got = file.tokenizer().unwrap();
+    for text in ["hello world", "café naïve 東京 🦙", "<s>special</s>"] {
+        assert_eq!(
+            got.encode(text, true).unwrap(),
+            want.encode(text, true).unwrap()
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
