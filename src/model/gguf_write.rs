@@ -17,13 +17,12 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use half::f16;
 use rayon::prelude::*;
 
 use serde_json::Value as Json;
 
 use crate::error::without_backtrace;
-use crate::model::config::{LlamaConfig, RopeScaling};
+use crate::model::config::{LlamaConfig, RopeScaling, TorchDtype};
 use crate::model::gguf::byte_level_pre_tokenizer;
 use crate::model::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -178,13 +177,8 @@ pub fn encode(name: &str, values: &[f32], shape: &[usize], dtype: GgmlDType) -> 
         });
     }
     match dtype {
-        GgmlDType::F32 => return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        GgmlDType::F16 => {
-            return Ok(values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect())
-        }
+        GgmlDType::F32 => return Ok(TorchDtype::F32.encode(values)),
+        GgmlDType::F16 => return Ok(TorchDtype::F16.encode(values)),
         _ => {}
     }
     let rows = numel / cols;

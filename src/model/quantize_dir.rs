@@ -382,7 +382,7 @@ pub fn quantize_model_dir(
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    TorchDtype::F32.encode(values)
 }
 
 /// Squared error and squared norm of `t` dequantized to its original dtype against `view`.

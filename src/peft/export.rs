@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use safetensors::tensor::Dtype;
 
+use crate::hf::checkpoint::widen;
 use crate::model::config::TorchDtype;
 use crate::model::gguf::{gguf_name, permute_rows};
 use crate::model::gguf_write::{
@@ -125,10 +126,7 @@ pub fn export_gguf(
                 dtype,
                 produce: Box::new(move || {
                     let bytes = (t.produce)()?;
-                    let values: Vec<f32> = bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect();
+                    let values: Vec<f32> = widen(Dtype::F32, &bytes).collect();
                     Ok(match heads {
                         Some(h) => permute_rows(&values, &shape, h),
                         None => values,
